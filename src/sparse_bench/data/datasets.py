@@ -1,0 +1,538 @@
+"""Data sets as device-resident tensors.
+
+:func:`build_data` turns the ``dataset`` config group into a :class:`DataBundle`
+of train / validation / test :class:`~sparse_bench.data.loader.DeviceLoader`
+objects.  Supported data sets:
+
+``mnist`` / ``fashion_mnist``
+    Read from the four IDX files (plain or gzipped) with a small numpy parser;
+    both torchvision's layout (``root/MNIST/raw``, ``root/FashionMNIST/raw``,
+    ``root/raw``) and a flat folder are accepted.  ``download=true`` lets
+    torchvision fetch missing files.
+``digits``
+    scikit-learn's bundled 8x8 digits (no network), with a fixed train/test
+    split that depends on ``split_seed`` only.
+``synthetic``
+    Gaussian clusters around random class prototypes; deterministic in
+    ``data_seed`` and learnable by a linear model.
+
+Validation data is always the *last* ``round(val_fraction * n_train)`` training
+samples, in file order (as in the sparse momentum paper).  Every mistake in the
+config is reported as a one-line :class:`~sparse_bench.errors.ConfigError`
+naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sparse_bench.data.loader import DeviceLoader
+from sparse_bench.errors import ConfigError
+
+__all__ = [
+    "DATASETS",
+    "DataBundle",
+    "build_data",
+    "find_idx_files",
+    "load_digits_split",
+    "load_idx_split",
+    "make_synthetic",
+    "read_idx",
+    "resolve_root",
+]
+
+#: Names accepted by ``dataset.name``.
+DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
+
+IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
+IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+
+
+@dataclass(frozen=True)
+class _IdxSpec:
+    """What distinguishes MNIST from Fashion-MNIST on disk and in defaults."""
+
+    label: str  # for messages
+    subdir: str  # torchvision's folder under root
+    torchvision_class: str
+    mean: float
+    std: float
+
+
+_IDX_SPECS = {
+    "mnist": _IdxSpec("MNIST", "MNIST", "MNIST", 0.1307, 0.3081),
+    "fashion_mnist": _IdxSpec("Fashion-MNIST", "FashionMNIST", "FashionMNIST", 0.2860, 0.3530),
+}
+
+#: role -> accepted base names (canonical first, then the dotted variant).
+_IDX_FILES: dict[str, tuple[str, ...]] = {
+    "train_images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
+    "train_labels": ("train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
+    "test_images": ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"),
+    "test_labels": ("t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"),
+}
+
+_DIGITS_MEAN, _DIGITS_STD = 0.3, 0.4
+
+
+@dataclass
+class DataBundle:
+    """Everything the trainer needs to know about the data."""
+
+    train: DeviceLoader
+    val: DeviceLoader | None
+    test: DeviceLoader
+    input_shape: tuple[int, ...]
+    num_classes: int
+    name: str
+
+
+# --------------------------------------------------------------------------- config helpers
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg.get(key, default)`` for DictConfig and plain dicts; ``None`` counts as missing."""
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def _int(cfg: Any, key: str, default: int | None, minimum: int) -> int:
+    value = _get(cfg, key, default)
+    if value is None:
+        raise ConfigError(f"dataset.{key}: missing; set dataset.{key}=<integer >= {minimum}>")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ConfigError(
+                f"dataset.{key}: expected an integer >= {minimum}, got {value!r}; "
+                f"set dataset.{key}=<integer >= {minimum}>"
+            )
+    if int(value) < minimum:
+        raise ConfigError(
+            f"dataset.{key}: must be >= {minimum}, got {value}; set dataset.{key}=<integer >= {minimum}>"
+        )
+    return int(value)
+
+
+def _fraction(cfg: Any, key: str, default: float) -> float:
+    value = _get(cfg, key, default)
+    try:
+        frac = float(value)
+    except (TypeError, ValueError):
+        frac = math.nan
+    if isinstance(value, bool) or not (0.0 <= frac < 1.0):
+        raise ConfigError(
+            f"dataset.{key}: expected a number in [0, 1), got {value!r}; set e.g. dataset.{key}={default}"
+        )
+    return frac
+
+
+def _bool(cfg: Any, key: str, default: bool) -> bool:
+    value = _get(cfg, key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"dataset.{key}: expected true or false, got {value!r}; set dataset.{key}=false")
+    return value
+
+
+def _float_list(value: Any, key: str) -> list[float]:
+    items = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    try:
+        out = [float(v) for v in items]
+    except (TypeError, ValueError):
+        out = []
+    if not out or any(not math.isfinite(v) for v in out):
+        raise ConfigError(f"{key}: expected a number or a list of numbers, got {value!r}; set e.g. {key}=[0.5]")
+    return out
+
+
+def _normalization(cfg: Any, channels: int, default: tuple[float, float] | None) -> tuple[list[float], list[float]] | None:
+    """Per-channel (mean, std) from ``dataset.normalize`` or the data set's default.
+
+    Returns ``None`` when neither the config nor the data set asks for normalisation.
+    """
+    norm = _get(cfg, "normalize", None)
+    if norm is None or (hasattr(norm, "keys") and len(norm) == 0):
+        if default is None:
+            return None
+        return [default[0]], [default[1]]
+    if not hasattr(norm, "get"):
+        raise ConfigError(
+            f"dataset.normalize: expected a mapping with mean and std, got {norm!r}; "
+            "set dataset.normalize={mean: [..], std: [..]}"
+        )
+    d_mean, d_std = default if default is not None else (0.0, 1.0)
+    mean = _float_list(_get(norm, "mean", d_mean), "dataset.normalize.mean")
+    std = _float_list(_get(norm, "std", d_std), "dataset.normalize.std")
+    for key, vals in (("mean", mean), ("std", std)):
+        if len(vals) not in (1, channels):
+            raise ConfigError(
+                f"dataset.normalize.{key}: has {len(vals)} values but the data has {channels} channel(s); "
+                f"give 1 or {channels} values"
+            )
+    if any(s <= 0 for s in std):
+        raise ConfigError(f"dataset.normalize.std: values must be > 0, got {std}; fix dataset.normalize.std")
+    return mean, std
+
+
+def _normalize(x: Tensor, stats: tuple[list[float], list[float]] | None) -> Tensor:
+    """Apply per-channel ``(x - mean) / std`` along dim 1 of a float tensor (in place)."""
+    if stats is None:
+        return x
+    mean, std = stats
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    return x.sub_(m).div_(s)
+
+
+# --------------------------------------------------------------------------- IDX files
+
+
+def resolve_root(root: str | os.PathLike[str]) -> Path:
+    """Absolute path of ``root``: relative to Hydra's original cwd during a Hydra run, else to cwd."""
+    path = os.path.expanduser(str(root))
+    try:
+        from hydra.utils import to_absolute_path
+
+        return Path(to_absolute_path(path))
+    except Exception:  # Hydra missing or not initialised
+        return Path(os.path.abspath(path))
+
+
+def read_idx(path: str | os.PathLike[str], expected_magic: int) -> np.ndarray:
+    """Read an unsigned-byte IDX file (optionally gzipped) into a uint8 array.
+
+    Raises :class:`ConfigError` naming ``path`` when the file is truncated,
+    not gzip despite its name, or has the wrong magic number.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        if raw[:2] == b"\x1f\x8b":  # gzip, whatever the suffix says
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ConfigError(
+            f"dataset.root: cannot read IDX file {path} ({type(exc).__name__}: {exc}); replace the file"
+        ) from None
+    if len(raw) < 4:
+        raise ConfigError(f"dataset.root: corrupt IDX file {path} (only {len(raw)} bytes); replace the file")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected_magic:
+        raise ConfigError(
+            f"dataset.root: corrupt IDX file {path} (magic number 0x{magic:08x}, expected "
+            f"0x{expected_magic:08x}); replace the file"
+        )
+    ndim = expected_magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ConfigError(f"dataset.root: corrupt IDX file {path} (truncated header); replace the file")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        raise ConfigError(
+            f"dataset.root: corrupt IDX file {path} (header says {dims} = {expected} bytes, "
+            f"file has {len(raw)}); replace the file"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _candidate_dirs(root: Path, spec: _IdxSpec) -> list[Path]:
+    return [root, root / spec.subdir / "raw", root / "raw"]
+
+
+def _find_in_dir(folder: Path) -> dict[str, Path]:
+    """Role -> file for each of the four IDX files present in ``folder``."""
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for role, bases in _IDX_FILES.items():
+        for base in bases:
+            for name in (base, base + ".gz"):
+                if (folder / name).is_file():
+                    found[role] = folder / name
+                    break
+            if role in found:
+                break
+    return found
+
+
+def find_idx_files(root: Path, name: str) -> dict[str, Path] | None:
+    """The four IDX files of data set ``name`` under ``root``, or ``None`` if no folder has them all.
+
+    Raises :class:`ConfigError` when a folder holds some but not all four files.
+    """
+    spec = _IDX_SPECS[name]
+    partial: tuple[Path, dict[str, Path]] | None = None
+    for folder in _candidate_dirs(root, spec):
+        found = _find_in_dir(folder)
+        if len(found) == len(_IDX_FILES):
+            return found
+        if found and partial is None:
+            partial = (folder, found)
+    if partial is not None:
+        folder, found = partial
+        missing = ", ".join(f"{_IDX_FILES[r][0]}[.gz]" for r in _IDX_FILES if r not in found)
+        raise ConfigError(
+            f"dataset.root: incomplete {spec.label} files in {folder} (missing {missing}); "
+            "put all four IDX files there or set dataset.download=true"
+        )
+    return None
+
+
+def _missing_message(root: Path, spec: _IdxSpec) -> str:
+    where = ", ".join(str(d) for d in _candidate_dirs(root, spec)[:2])
+    if not root.exists():
+        where += f"; {root} does not exist"
+    return (
+        f"dataset.root: no {spec.label} files found in {root} (looked for {_IDX_FILES['train_images'][0]}[.gz] "
+        f"in {where}); put the four IDX files there or set dataset.download=true"
+    )
+
+
+def _download(root: Path, spec: _IdxSpec) -> None:
+    """Let torchvision fetch the raw files into ``root/<subdir>/raw``."""
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, spec.torchvision_class)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        cls(str(root), train=True, download=True)
+    except Exception as exc:  # network, permissions, checksum ...
+        detail = " ".join(str(exc).split())[:200]
+        raise ConfigError(
+            f"dataset.download: downloading {spec.label} into {root} failed ({type(exc).__name__}: {detail}); "
+            "check network access or put the four IDX files in dataset.root and set dataset.download=false"
+        ) from None
+
+
+def load_idx_split(cfg: Any, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train, y_train, x_test, y_test)`` as CPU uint8 images (N, H, W) and int64 labels."""
+    spec = _IDX_SPECS[name]
+    root_cfg = _get(cfg, "root", None)
+    if root_cfg is None or str(root_cfg).strip() == "":
+        raise ConfigError(f"dataset.root: missing; set dataset.root=<folder with the {spec.label} IDX files>")
+    root = resolve_root(root_cfg)
+    files = find_idx_files(root, name)
+    if files is None:
+        if not _bool(cfg, "download", False):
+            raise ConfigError(_missing_message(root, spec))
+        _download(root, spec)
+        files = find_idx_files(root, name)
+        if files is None:
+            raise ConfigError(_missing_message(root, spec) + " (download finished but wrote no files)")
+
+    arrays = {}
+    for role, path in files.items():
+        magic = IDX_IMAGES_MAGIC if role.endswith("images") else IDX_LABELS_MAGIC
+        arrays[role] = read_idx(path, magic)
+    for split in ("train", "test"):
+        imgs, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if imgs.shape[0] != labels.shape[0]:
+            raise ConfigError(
+                f"dataset.root: {files[f'{split}_images']} has {imgs.shape[0]} images but "
+                f"{files[f'{split}_labels']} has {labels.shape[0]} labels; replace the mismatched file"
+            )
+        if labels.size and int(labels.max()) >= 10:
+            raise ConfigError(
+                f"dataset.root: {files[f'{split}_labels']} has label {int(labels.max())} (expected 0..9); "
+                "replace the file"
+            )
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise ConfigError(
+            f"dataset.root: train images are {arrays['train_images'].shape[1:]} but test images are "
+            f"{arrays['test_images'].shape[1:]}; use matching IDX files"
+        )
+    # np.frombuffer arrays are read-only; torch.from_numpy needs a writable copy.
+    return (
+        torch.from_numpy(arrays["train_images"].copy()),
+        torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+        torch.from_numpy(arrays["test_images"].copy()),
+        torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+    )
+
+
+def _idx_tensors(cfg: Any, name: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MNIST-like data as normalised float32 (N, 1, H, W) on ``device``."""
+    spec = _IDX_SPECS[name]
+    x_tr, y_tr, x_te, y_te = load_idx_split(cfg, name)
+    stats = _normalization(cfg, 1, (spec.mean, spec.std))
+
+    def prep(x: Tensor) -> Tensor:
+        # Move the compact uint8 data, convert on the device.
+        x = x.to(device).unsqueeze(1).to(torch.float32).div_(255.0)
+        return _normalize(x, stats)
+
+    return prep(x_tr), y_tr.to(device), prep(x_te), y_te.to(device)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def load_digits_split(cfg: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's 8x8 digits as CPU float32 (N, 1, 8, 8) in [0, 1] and int64 labels.
+
+    The split is a permutation from a generator seeded with ``dataset.split_seed``
+    (default 0): the last ``round(test_fraction * N)`` permuted samples are the test set.
+    """
+    from sklearn.datasets import load_digits
+
+    split_seed = _int(cfg, "split_seed", 0, 0)
+    test_fraction = _fraction(cfg, "test_fraction", 0.2)
+    digits = load_digits()
+    x = torch.from_numpy(np.asarray(digits.images, dtype=np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(np.asarray(digits.target, dtype=np.int64))
+    n = x.shape[0]
+    n_test = int(round(test_fraction * n))
+    if n_test < 1:
+        raise ConfigError(
+            f"dataset.test_fraction: {test_fraction} leaves no test samples out of {n}; set e.g. dataset.test_fraction=0.2"
+        )
+    gen = torch.Generator().manual_seed(split_seed)
+    perm = torch.randperm(n, generator=gen)
+    tr, te = perm[: n - n_test], perm[n - n_test :]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def _digits_tensors(cfg: Any, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x_tr, y_tr, x_te, y_te = load_digits_split(cfg)
+    stats = _normalization(cfg, 1, (_DIGITS_MEAN, _DIGITS_STD))
+    return (
+        _normalize(x_tr.to(device), stats),
+        y_tr.to(device),
+        _normalize(x_te.to(device), stats),
+        y_te.to(device),
+    )
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _shape(cfg: Any) -> tuple[int, ...]:
+    value = _get(cfg, "input_shape", None)
+    try:
+        shape = tuple(int(v) for v in value) if not isinstance(value, (str, bytes)) else ()
+    except (TypeError, ValueError):
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise ConfigError(
+            f"dataset.input_shape: expected a list of positive integers, got {value!r}; "
+            "set e.g. dataset.input_shape=[1,28,28]"
+        )
+    return shape
+
+
+def make_synthetic(
+    input_shape: Sequence[int],
+    num_classes: int,
+    n_train: int,
+    n_test: int,
+    data_seed: int = 0,
+    noise: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gaussian clusters: ``x = prototype[y] + noise * N(0, 1)``, all on CPU.
+
+    Prototypes are drawn from ``N(0, 1)`` with the input shape; labels are
+    exactly balanced (``i mod num_classes``) and randomly permuted.  Everything
+    comes from one generator seeded with ``data_seed``, independent of the run seed.
+    """
+    gen = torch.Generator().manual_seed(int(data_seed))
+    shape = tuple(int(s) for s in input_shape)
+    protos = torch.randn((num_classes, *shape), generator=gen)
+
+    def draw(n: int) -> tuple[Tensor, Tensor]:
+        y = torch.arange(n, dtype=torch.int64) % num_classes
+        y = y[torch.randperm(n, generator=gen)]
+        x = protos[y] + noise * torch.randn((n, *shape), generator=gen)
+        return x, y
+
+    x_tr, y_tr = draw(n_train)
+    x_te, y_te = draw(n_test)
+    return x_tr, y_tr, x_te, y_te
+
+
+def _synthetic_tensors(cfg: Any, device: torch.device) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
+    shape = _shape(cfg)
+    num_classes = _int(cfg, "num_classes", None, 2)
+    n_train = _int(cfg, "n_train", None, 1)
+    n_test = _int(cfg, "n_test", None, 1)
+    data_seed = _int(cfg, "data_seed", 0, 0)
+    noise_v = _get(cfg, "noise", 1.0)
+    try:
+        noise = float(noise_v)
+    except (TypeError, ValueError):
+        noise = math.nan
+    if isinstance(noise_v, bool) or not (noise >= 0 and math.isfinite(noise)):
+        raise ConfigError(f"dataset.noise: expected a number >= 0, got {noise_v!r}; set e.g. dataset.noise=1.0")
+    x_tr, y_tr, x_te, y_te = make_synthetic(shape, num_classes, n_train, n_test, data_seed, noise)
+    stats = _normalization(cfg, shape[0], None)
+    tensors = (
+        _normalize(x_tr.to(device), stats),
+        y_tr.to(device),
+        _normalize(x_te.to(device), stats),
+        y_te.to(device),
+    )
+    return tensors, num_classes
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_data(cfg: Any, device: torch.device, seed: int) -> DataBundle:
+    """Build the train / val / test loaders described by the ``dataset`` config group.
+
+    Args:
+        cfg: the ``dataset`` group (DictConfig or dict).
+        device: where every tensor lives.
+        seed: run seed; only the training shuffle depends on it.
+    """
+    name = _get(cfg, "name", None)
+    if name not in DATASETS:
+        raise ConfigError(f"dataset.name: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    device = torch.device(device)
+    batch_size = _int(cfg, "batch_size", 128, 1)
+    test_batch_size = _int(cfg, "test_batch_size", 1000, 1)
+    val_fraction = _fraction(cfg, "val_fraction", 0.1)
+
+    if name in _IDX_SPECS:
+        x_tr, y_tr, x_te, y_te = _idx_tensors(cfg, name, device)
+        num_classes = 10
+    elif name == "digits":
+        x_tr, y_tr, x_te, y_te = _digits_tensors(cfg, device)
+        num_classes = 10
+    else:
+        (x_tr, y_tr, x_te, y_te), num_classes = _synthetic_tensors(cfg, device)
+
+    n_train = x_tr.shape[0]
+    n_val = int(round(val_fraction * n_train))
+    if n_val >= n_train:
+        raise ConfigError(
+            f"dataset.val_fraction: {val_fraction} leaves no training samples out of {n_train}; "
+            "lower dataset.val_fraction"
+        )
+    val = None
+    if n_val > 0:
+        cut = n_train - n_val
+        val = DeviceLoader(x_tr[cut:], y_tr[cut:], test_batch_size, shuffle=False)
+        x_tr, y_tr = x_tr[:cut], y_tr[:cut]
+
+    return DataBundle(
+        train=DeviceLoader(x_tr, y_tr, batch_size, shuffle=True, seed=seed, drop_last=False),
+        val=val,
+        test=DeviceLoader(x_te, y_te, test_batch_size, shuffle=False),
+        input_shape=tuple(int(s) for s in x_tr.shape[1:]),
+        num_classes=int(num_classes),
+        name=str(name),
+    )

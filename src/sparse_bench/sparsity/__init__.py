@@ -1,0 +1,1 @@
+"""Masks, initial density distributions, and the sparsity methods."""

@@ -1,0 +1,130 @@
+"""The method interface the trainer calls, and the registry.
+
+A method owns a MaskSet and decides when and how masks change. It knows nothing about data
+loading or logging: every hook returns a dict of metrics (or None) for the trainer to log.
+
+The trainer calls, per optimizer step::
+
+    loss.backward()
+    method.before_optimizer_step(step)
+    optimizer.step()
+    method.after_optimizer_step(step)      # re-apply masks
+    logs = method.on_step_end(step)        # step-cadence mask updates
+
+and after each epoch ``method.on_epoch_end(epoch, step)``. ``setup()`` runs once on a fresh
+run (not on resume) to draw the initial masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..masks import MaskSet
+from ...errors import ConfigError
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+@dataclass
+class MethodContext:
+    """What a method may use: the model, its optimizer, the schedule's length, a seeded RNG."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    density: float
+    epochs: int
+    steps_per_epoch: int
+    device: torch.device
+    generator: torch.Generator  # CPU generator owned by the method (saved in its state)
+    prunable: Any = None  # the prunable rule (types/exclude/include)
+    batches: Callable[[int], list] | None = None  # n -> list of (x, y) training batches
+    loss_fn: Callable | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+class Method:
+    """Base class: holds the masks; subclasses override the hooks they need."""
+
+    name = "base"
+    sparse = True
+
+    def __init__(self, cfg, ctx: MethodContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.masks = MaskSet.from_model(ctx.model, ctx.prunable) if self.sparse else None
+
+    # --- life cycle -------------------------------------------------------------------------
+    def setup(self) -> dict | None:
+        """Draw the initial masks (fresh runs only)."""
+        return None
+
+    def before_forward(self, step: int) -> None:
+        """Called before each training forward pass (e.g. Top-KAST swaps in its forward set)."""
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Called after backward, before the optimizer step (gradients are available)."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.masks is not None:
+            self.masks.apply_()
+
+    def on_step_end(self, step: int) -> dict | None:
+        return None
+
+    def on_epoch_end(self, epoch: int, step: int) -> dict | None:
+        return None
+
+    # --- helpers ----------------------------------------------------------------------------
+    def optimizer_momentum(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The optimizer's first-moment estimate for `param` (SGD momentum, or Adam's m/sqrt(v))."""
+        state = self.ctx.optimizer.state.get(param, {})
+        if "exp_avg" in state:
+            return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
+        if "momentum_buffer" in state and state["momentum_buffer"] is not None:
+            return state["momentum_buffer"]
+        return None
+
+    def density_logs(self) -> dict:
+        if self.masks is None:
+            return {"density/achieved": 1.0}
+        nnz, numels = self.masks.nnz(), self.masks.numels
+        logs = {"density/achieved": sum(nnz) / sum(numels)}
+        for n, k, m in zip(self.masks.names, nnz, numels):
+            logs[f"density/{n}"] = k / m
+        return logs
+
+    def state_dict(self) -> dict:
+        return {
+            "masks": self.masks.state_dict() if self.masks is not None else None,
+            "generator": self.ctx.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.masks is not None and state.get("masks") is not None:
+            self.masks.load_state_dict(state["masks"])
+            self.masks.apply_()
+        self.ctx.generator.set_state(state["generator"])
+
+
+def build_method(cfg, ctx: MethodContext) -> Method:
+    name = cfg.name
+    if name not in METHODS:
+        raise ConfigError(f"method={name} is unknown; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name](cfg, ctx)

@@ -1,0 +1,31 @@
+"""Dense training (no masks) and static sparse training (a fixed random mask)."""
+
+from __future__ import annotations
+
+from ..distributions import random_masks
+from .base import Method, register
+
+
+@register("dense")
+class Dense(Method):
+    """Ordinary dense training; `density` is ignored and the achieved density is 1."""
+
+    sparse = False
+
+
+class RandomInitMixin:
+    """Draws the initial masks from `cfg.init` (uniform / er / erk / bernoulli) at `density`."""
+
+    def init_random_masks(self) -> dict:
+        kind = str(self.cfg.get("init", "uniform"))
+        masks = random_masks(self.masks.shapes, self.ctx.density, kind, self.ctx.generator)
+        self.masks.set_masks(masks)
+        return {"init/distribution": kind}
+
+
+@register("static")
+class Static(RandomInitMixin, Method):
+    """A random mask drawn once at initialisation and never changed."""
+
+    def setup(self):
+        return self.init_random_masks()

@@ -1,0 +1,1 @@
+"""Trainer, optimizer and LR schedules, checkpoints, metric logging."""

@@ -1,0 +1,164 @@
+"""One trainer for every method: train, validate, test, log, checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..sparsity.methods import Method
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .logging import MetricSink, console_line
+from .optim import LRSchedule, set_lr
+
+log = logging.getLogger("sparse_bench")
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule: LRSchedule,
+                 method: Method, data, device: torch.device, epochs: int, loss_fn,
+                 run_dir: Path, progress: bool = True, max_steps_per_epoch: int | None = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.lr_schedule = lr_schedule
+        self.method = method
+        self.data = data
+        self.device = device
+        self.epochs = epochs
+        self.loss_fn = loss_fn
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.max_steps = max_steps_per_epoch
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps done
+        self.best: dict = {}
+        self.train_time = 0.0
+
+    # --- one epoch ----------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict:
+        self.model.train()
+        loader = self.data.train
+        loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        logs: dict = {}
+        n_batches = len(loader) if self.max_steps is None else min(len(loader), self.max_steps)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{self.epochs}", leave=False,
+                   disable=not (self.progress and sys.stderr.isatty()), mininterval=1.0, dynamic_ncols=True)
+        for i, (x, y) in enumerate(loader):
+            if i >= n_batches:
+                break
+            set_lr(self.optimizer, self.lr_schedule(self.step))
+            self.method.before_forward(self.step)
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.method.before_optimizer_step(self.step)
+            self.optimizer.step()
+            self.method.after_optimizer_step(self.step)
+            self.step += 1
+            step_logs = self.method.on_step_end(self.step)
+            if step_logs:
+                logs.update(step_logs)
+            with torch.no_grad():
+                loss_sum += loss.detach() * y.shape[0]
+                correct += (out.argmax(1) == y).sum()
+            seen += y.shape[0]
+            bar.update(1)
+        bar.close()
+        _sync(self.device)
+        elapsed = time.perf_counter() - t0
+        self.train_time += elapsed
+        logs.update({
+            "train/loss": float(loss_sum) / max(seen, 1),
+            "train/acc": float(correct) / max(seen, 1),
+            "time/epoch_s": elapsed,
+            "throughput/samples_per_s": seen / elapsed if elapsed > 0 else 0.0,
+        })
+        return logs
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> tuple[float, float]:
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        n = 0
+        for x, y in loader:
+            out = self.model(x)
+            loss_sum += nn.functional.cross_entropy(out, y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
+            n += y.shape[0]
+        return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
+
+    # --- the loop -----------------------------------------------------------------------------
+    def fit(self, sink: MetricSink) -> dict:
+        for epoch in range(self.epoch + 1, self.epochs + 1):
+            rec = {"epoch": epoch}
+            rec.update(self.train_epoch(epoch))
+            rec["lr"] = self.optimizer.param_groups[0]["lr"]
+            if self.data.val is not None:
+                rec["val/loss"], rec["val/acc"] = self.evaluate(self.data.val)
+            method_logs = self.method.on_epoch_end(epoch, self.step)
+            if method_logs:
+                rec.update(method_logs)
+            rec.update(self.method.density_logs())
+            rec["step"] = self.step
+            self.epoch = epoch
+            if "val/acc" in rec and rec["val/acc"] >= self.best.get("val/acc", -1.0):
+                self.best = {"val/acc": rec["val/acc"], "epoch": epoch}
+            sink.log(rec)
+            log.info(console_line(rec))
+            self.save()
+        return self.finish(sink)
+
+    def finish(self, sink: MetricSink) -> dict:
+        test_loss, test_acc = self.evaluate(self.data.test)
+        rec = {"epoch": self.epoch, "step": self.step, "test/loss": test_loss, "test/acc": test_acc}
+        rec.update(self.method.density_logs())
+        sink.log(rec)
+        log.info(f"test | test/loss {test_loss:.4f} | test/acc {test_acc:.4f} | "
+                 f"density/achieved {rec['density/achieved']:.4f}")
+        return rec
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "best": self.best,
+            "train_time": self.train_time,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def save(self) -> None:
+        save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.best = dict(state.get("best", {}))
+        self.train_time = float(state.get("train_time", 0.0))
+        set_rng_state(state["rng"])
