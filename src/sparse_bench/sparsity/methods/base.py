@@ -5,7 +5,8 @@ loading or logging: every hook returns a dict of metrics (or None) for the train
 
 The trainer calls, per optimizer step::
 
-    loss.backward()
+    method.before_forward(step)
+    loss = loss_fn(model(x), y); loss.backward()
     method.before_optimizer_step(step)
     optimizer.step()
     method.after_optimizer_step(step)      # re-apply masks
