@@ -1,4 +1,14 @@
-"""The sparsity methods, one module each, registered by name."""
+"""The sparsity methods, one module each, registered by name.
+
+Every module in this package is imported here, so adding a method is one file (with
+``@register("name")`` on its class) plus one YAML in conf/method/.
+"""
+
+import importlib
+import pkgutil
 
 from .base import METHODS, Method, MethodContext, build_method, register  # noqa: F401
-from . import dense, sparse_momentum  # noqa: F401  (registration side effects)
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")

@@ -102,6 +102,17 @@ class Method:
             return state["momentum_buffer"]
         return None
 
+    @torch.no_grad()
+    def reset_optimizer_state(self, positions: list[torch.Tensor]) -> None:
+        """Zero the optimizer's per-weight state (momentum, Adam moments) at `positions`.
+
+        `positions` holds one bool tensor per prunable parameter (e.g. the weights just grown).
+        """
+        for p, where in zip(self.masks.params, positions):
+            for value in self.ctx.optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    value.masked_fill_(where, 0)
+
     def density_logs(self) -> dict:
         if self.masks is None:
             return {"density/achieved": 1.0}

@@ -36,10 +36,10 @@ import torch
 
 from ...errors import ConfigError
 from ..distributions import allocate
+from ..ops import largest_inactive, mask_change_logs, smallest_active
 from ..schedules import DECAYS, UpdateCadence, decay
-from .base import register
+from .base import Method, register
 from .dense import RandomInitMixin
-from .base import Method
 
 PRUNE_MODES = ("magnitude", "set", "negativity", "global_magnitude")
 GROWTH_MODES = ("momentum", "random", "momentum_neuron", "global_momentum")
@@ -51,28 +51,6 @@ def _check(cfg, key: str, choices) -> str:
     if value not in choices:
         raise ConfigError(f"method.{key}={value} is unknown; choose one of: {', '.join(choices)}")
     return value
-
-
-def smallest_active(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool tensor marking the `k` active entries of smallest score."""
-    out = torch.zeros_like(mask)
-    if k <= 0:
-        return out
-    s = torch.where(mask, scores, torch.full_like(scores, float("inf"))).flatten()
-    idx = torch.topk(s, k, largest=False, sorted=False).indices
-    out.view(-1)[idx] = True
-    return out
-
-
-def largest_inactive(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool tensor marking the `k` inactive entries of largest score."""
-    out = torch.zeros_like(mask)
-    if k <= 0:
-        return out
-    s = torch.where(mask, torch.full_like(scores, float("-inf")), scores).flatten()
-    idx = torch.topk(s, k, largest=True, sorted=False).indices
-    out.view(-1)[idx] = True
-    return out
 
 
 def spread_budget(targets: list[float], caps: list[float], iterations: int = 1000) -> list[float]:
@@ -246,7 +224,6 @@ class SparseMomentum(RandomInitMixin, Method):
 
         new = [a | g for a, g in zip(after_prune, grown)]
         net_grown = [int((n & ~o).sum()) for n, o in zip(new, old)]
-        net_pruned = [int((o & ~n).sum()) for n, o in zip(new, old)]
         for i, m in enumerate(new):
             masks.masks[i] = m
         masks.apply_()
@@ -263,13 +240,7 @@ class SparseMomentum(RandomInitMixin, Method):
             "old_masks": old,
             "net_grown": net_grown,
         }
-        before = max(sum(nnz), 1)
-        logs = {
-            "sm/prune_rate": p,
-            "mask/pruned": sum(net_pruned),
-            "mask/grown": sum(net_grown),
-            "mask/churn": sum(net_grown) / before,
-        }
+        logs = {"sm/prune_rate": p, **mask_change_logs(masks.names, old, new)}
         for name, s in zip(masks.names, shares):
             logs[f"sm/share/{name}"] = s
         return logs
