@@ -220,6 +220,7 @@ def run(cfg: DictConfig) -> dict:
             "steps": trainer.step,
             "train_time_s": trainer.train_time,
             "wall_time_s": time.perf_counter() - t_start,
+            "wandb": sink.wandb_info,
         }
         atomic_write_json(results_path, results)
         sink.summary(final_metrics)

@@ -10,9 +10,16 @@ import json
 import logging
 import netrc
 import os
+import secrets
+import string
 from pathlib import Path
 
 log = logging.getLogger("sparse_bench")
+
+
+def new_run_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def wandb_mode(cfg_mode) -> str:
@@ -39,6 +46,7 @@ class MetricSink:
                  config: dict, resume_epoch: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb = None
+        self.wandb_info: dict | None = None
         self._truncate(resume_epoch)
         name = str(logger_cfg.get("name", "none"))
         if name == "wandb":
@@ -67,7 +75,7 @@ class MetricSink:
         import wandb
 
         id_file = Path(run_dir) / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else new_run_id()
         id_file.write_text(run_id + "\n")
         mode = wandb_mode(cfg.get("mode"))
         self.wandb = wandb.init(
@@ -82,6 +90,8 @@ class MetricSink:
             id=run_id,
             resume="allow",
         )
+        self.wandb_info = {"id": run_id, "mode": mode, "project": self.wandb.project,
+                           "group": group, "tags": list(self.wandb.tags or [])}
         self.wandb.define_metric("epoch")
         for prefix in ("train/*", "val/*", "test/*", "density/*", "mask/*", "sm/*", "time/*", "lr"):
             self.wandb.define_metric(prefix, step_metric="epoch")

@@ -238,6 +238,8 @@ class SparseMomentum(RandomInitMixin, Method):
             "free": free,
             "nnz_before": nnz,
             "old_masks": old,
+            "pruned": pruned,
+            "grown": grown,
             "net_grown": net_grown,
         }
         logs = {"sm/prune_rate": p, **mask_change_logs(masks.names, old, new)}

@@ -1,0 +1,43 @@
+"""Shared test helpers: config composition and running the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose(overrides: list[str]):
+    """The config `python -m sparse_bench <overrides>` would run, without Hydra's run dir."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "sparse_bench", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def fast_overrides(tmp_path):
+    """Overrides for a tiny CPU run writing into a temporary runs folder."""
+    return ["logger=none", "progress=false", "device=cpu", f"paths.runs={tmp_path / 'runs'}"]

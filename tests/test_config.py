@@ -1,0 +1,76 @@
+"""Every config group option composes; bad input fails early with one clear line."""
+
+import pytest
+
+from sparse_bench.cli import GROUPS, check_overrides, group_options
+from sparse_bench.errors import ConfigError
+from sparse_bench.run import run, validate
+
+from conftest import CONF, cli, compose
+
+OPTIONS = [(g, o) for g in GROUPS if g != "experiment" for o in group_options(g, CONF)]
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert group_options(group, CONF), f"conf/{group} is empty"
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes(group, option):
+    cfg = compose([f"{group}={option}"])
+    assert cfg[group].name == option
+    validate(cfg)
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment", CONF))
+def test_every_experiment_composes(experiment):
+    cfg = compose([f"experiment={experiment}"])
+    validate(cfg)
+
+
+def test_unknown_group_option_is_caught_before_hydra():
+    with pytest.raises(ConfigError, match=r"method=bogus is unknown; choose one of: .*sparse_momentum"):
+        check_overrides(["method=sparse_momentum,bogus"], CONF)
+    check_overrides(["method=static,sparse_momentum", "density=0.1", "+foo=1"], CONF)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("density=1.5", "density=1.5 is outside"),
+    ("density=0", "density=0.0 is outside"),
+    ("density=abc", "density='abc' is not a number"),
+    ("schedule.epochs=0", "schedule.epochs"),
+    ("resume=maybe", "resume=maybe"),
+    ("limit_train_batches=-1", "limit_train_batches"),
+])
+def test_bad_values_fail_validation(override, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(compose([override]))
+
+
+def test_model_that_does_not_fit_fails_before_training(tmp_path, fast_overrides):
+    cfg = compose(["dataset=digits", "model=lenet5_caffe", *fast_overrides])
+    with pytest.raises(ConfigError, match="model=lenet5_caffe does not fit"):
+        run(cfg)
+    assert not (tmp_path / "runs" / cfg.run_name / "metrics.jsonl").exists()
+
+
+def test_missing_mnist_files_say_where_they_looked(tmp_path, fast_overrides):
+    cfg = compose([f"dataset.root={tmp_path / 'nowhere'}", *fast_overrides])
+    with pytest.raises(ConfigError, match="dataset.root") as err:
+        run(cfg)
+    assert "nowhere" in str(err.value) and "download" in str(err.value)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["method=bogus"], "method=bogus is unknown"),
+    (["density=1.5", "dataset=digits", "model=mlp"], "density=1.5 is outside (0, 1]"),
+    (["dataset=digits", "model=lenet300_100"], "model=lenet300_100 does not fit"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, match):
+    proc = cli([*args, "logger=none", f"paths.runs={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert match in err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in proc.stderr
