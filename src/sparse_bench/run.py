@@ -143,10 +143,11 @@ def run(cfg: DictConfig) -> dict:
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
     optimizer = build_optimizer(cfg.optimizer, model)
 
-    epochs = max(1, int(round(cfg.schedule.epochs * float(cfg.schedule.get("multiplier", 1)))))
+    multiplier = float(cfg.schedule.get("multiplier", 1))
+    epochs = max(1, int(round(cfg.schedule.epochs * multiplier)))
     limit = cfg.get("limit_train_batches")
     steps_per_epoch = len(data.train) if limit is None else min(len(data.train), int(limit))
-    lr_schedule = LRSchedule(cfg.schedule, float(cfg.optimizer.lr), steps_per_epoch, epochs)
+    lr_schedule = LRSchedule(cfg.schedule, float(cfg.optimizer.lr), steps_per_epoch, epochs, multiplier)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(cfg.loss.get("label_smoothing", 0.0)))
 
     rule = OmegaConf.to_container(cfg.prunable, resolve=True)
@@ -163,10 +164,12 @@ def run(cfg: DictConfig) -> dict:
 
     ctx = MethodContext(model=model, optimizer=optimizer, density=density, epochs=epochs,
                         steps_per_epoch=steps_per_epoch, device=device, generator=generator,
-                        prunable=rule, batches=batches, loss_fn=loss_fn)
+                        prunable=rule, batches=batches, loss_fn=loss_fn, multiplier=multiplier)
     method = build_method(cfg.method, ctx)
-    trainer = Trainer(model, optimizer, lr_schedule, method, data, device, epochs, loss_fn,
-                      run_dir, progress=bool(cfg.progress), max_steps_per_epoch=steps_per_epoch)
+    trainer = Trainer(model, optimizer, lr_schedule, method, data, device, epochs * method.rounds, loss_fn,
+                      run_dir, progress=bool(cfg.progress), max_steps_per_epoch=steps_per_epoch,
+                      train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),
+                      test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)))
 
     if resume != "false" and ckpt_path.exists():
         trainer.load(ckpt_path)

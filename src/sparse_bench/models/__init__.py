@@ -1,25 +1,24 @@
-"""Model registry: `build_model(cfg.model, input_shape, num_classes)`."""
+"""Model registry: `build_model(cfg.model, input_shape, num_classes)`.
+
+Every module in this package may define ``MODELS = {name: builder}`` where
+``builder(cfg, input_shape, num_classes) -> nn.Module``; they are merged here, so adding a model
+is one module entry plus one YAML in conf/model/.
+"""
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .lenet import MLP, LeNet5Caffe, LeNet300100
 
-_BUILDERS = {
-    "lenet300_100": lambda cfg, shape, nc: LeNet300100(
-        in_features=int(cfg.get("in_features", 784)), num_classes=nc
-    ),
-    "lenet5_caffe": lambda cfg, shape, nc: LeNet5Caffe(in_channels=shape[0], num_classes=nc),
-    "mlp": lambda cfg, shape, nc: MLP(
-        in_features=int(torch.Size(shape).numel()),
-        hidden=list(cfg.get("hidden", [100])),
-        num_classes=nc,
-        dropout=float(cfg.get("dropout", 0.0)),
-    ),
-}
+_BUILDERS: dict = {}
+for _info in pkgutil.iter_modules(__path__):
+    _mod = importlib.import_module(f"{__name__}.{_info.name}")
+    _BUILDERS.update(getattr(_mod, "MODELS", {}))
 
 MODEL_NAMES = tuple(sorted(_BUILDERS))
 

@@ -31,7 +31,9 @@ def mask_change_logs(names, old, new) -> dict:
     """What a researcher reads after a mask update: pruned, grown, churn, per-layer density.
 
     ``mask/pruned`` and ``mask/grown`` count positions that left / joined the active set,
-    ``mask/churn`` is grown / active-before (the fraction of the active set replaced).
+    ``mask/churn`` is grown / active-before (the fraction of the active set replaced),
+    ``mask/change_pct`` the Hamming distance between the masks as a percentage of all prunable
+    weights (Kuznedelev et al.'s mask-change diagnostic).
     """
     pruned = [int((o & ~n).sum()) for o, n in zip(old, new)]
     grown = [int((n & ~o).sum()) for o, n in zip(old, new)]
@@ -40,6 +42,7 @@ def mask_change_logs(names, old, new) -> dict:
         "mask/pruned": sum(pruned),
         "mask/grown": sum(grown),
         "mask/churn": sum(grown) / max(before, 1),
+        "mask/change_pct": 100.0 * (sum(pruned) + sum(grown)) / max(sum(o.numel() for o in old), 1),
     }
     for name, n in zip(names, new):
         logs[f"density/{name}"] = float(n.sum()) / n.numel()

@@ -67,7 +67,7 @@ class MetricSink:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if rec.get("epoch", 0) <= resume_epoch and "test/acc" not in rec:
+                if rec.get("epoch", 0) <= resume_epoch and not rec.get("final"):
                     keep.append(line)
         self.path.write_text("".join(k + "\n" for k in keep))
 
@@ -93,8 +93,7 @@ class MetricSink:
         self.wandb_info = {"id": run_id, "mode": mode, "project": self.wandb.project,
                            "group": group, "tags": list(self.wandb.tags or [])}
         self.wandb.define_metric("epoch")
-        for prefix in ("train/*", "val/*", "test/*", "density/*", "mask/*", "sm/*", "time/*", "lr"):
-            self.wandb.define_metric(prefix, step_metric="epoch")
+        self.wandb.define_metric("*", step_metric="epoch")
 
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -117,7 +116,8 @@ class MetricSink:
 
 def console_line(rec: dict) -> str:
     parts = [f"epoch {rec['epoch']:>3}"]
-    for key, fmt in (("train/loss", "{:.4f}"), ("train/acc", "{:.4f}"), ("val/loss", "{:.4f}"),
+    for key, fmt in (("train/loss", "{:.4f}"), ("train/acc", "{:.4f}"), ("train_eval/acc", "{:.4f}"),
+                     ("val/loss", "{:.4f}"),
                      ("val/acc", "{:.4f}"), ("density/achieved", "{:.4f}"), ("lr", "{:.4g}"),
                      ("throughput/samples_per_s", "{:.0f}")):
         if key in rec:

@@ -42,9 +42,12 @@ class LRSchedule:
     ``step``: multiply by ``gamma`` every ``step_size`` iterations (sparse momentum's MNIST recipe).
     ``multistep``: multiply by ``gamma`` at each epoch in ``milestones``.
     ``cosine``: cosine from the base LR to ``min_lr`` over the steps after warm-up.
+
+    ``multiplier`` (schedule.multiplier) stretches the schedule: `epochs` is already multiplied;
+    milestones and the step interval are multiplied here. The warm-up is not stretched.
     """
 
-    def __init__(self, cfg, base_lr: float, steps_per_epoch: int, epochs: int):
+    def __init__(self, cfg, base_lr: float, steps_per_epoch: int, epochs: int, multiplier: float = 1.0):
         lr_cfg = cfg.lr
         self.kind = str(lr_cfg.kind)
         if self.kind not in LR_KINDS:
@@ -54,10 +57,11 @@ class LRSchedule:
         self.total = steps_per_epoch * epochs
         self.warmup = int(round(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch))
         self.gamma = float(lr_cfg.get("gamma", 0.1))
-        self.step_size = int(lr_cfg.get("step_size", 0) or 0)
+        self.step_size = int(round(int(lr_cfg.get("step_size", 0) or 0) * multiplier))
         if self.kind == "step" and self.step_size <= 0:
             raise ConfigError("schedule.lr.step_size must be a positive number of iterations for kind=step")
-        self.milestones = [int(round(float(m) * steps_per_epoch)) for m in lr_cfg.get("milestones", []) or []]
+        self.milestones = [int(round(float(m) * multiplier * steps_per_epoch))
+                           for m in lr_cfg.get("milestones", []) or []]
         self.min_lr = float(lr_cfg.get("min_lr", 0.0))
 
     def __call__(self, step: int) -> float:

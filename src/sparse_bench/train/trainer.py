@@ -29,7 +29,8 @@ def _sync(device: torch.device) -> None:
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule: LRSchedule,
                  method: Method, data, device: torch.device, epochs: int, loss_fn,
-                 run_dir: Path, progress: bool = True, max_steps_per_epoch: int | None = None):
+                 run_dir: Path, progress: bool = True, max_steps_per_epoch: int | None = None,
+                 train_eval_samples: int = 0, test_every_epoch: bool = False):
         self.model = model
         self.optimizer = optimizer
         self.lr_schedule = lr_schedule
@@ -41,6 +42,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.max_steps = max_steps_per_epoch
+        self.train_eval_samples = int(train_eval_samples or 0)
+        self.test_every_epoch = test_every_epoch
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps done
         self.best: dict = {}
@@ -63,7 +66,7 @@ class Trainer:
         for i, (x, y) in enumerate(loader):
             if i >= n_batches:
                 break
-            set_lr(self.optimizer, self.lr_schedule(self.step))
+            set_lr(self.optimizer, self.lr_schedule(self.method.schedule_step(self.step)))
             self.method.before_forward(self.step)
             out = self.model(x)
             loss = self.loss_fn(out, y)
@@ -94,12 +97,17 @@ class Trainer:
         return logs
 
     @torch.no_grad()
-    def evaluate(self, loader) -> tuple[float, float]:
+    def evaluate(self, loader, max_samples: int | None = None) -> tuple[float, float]:
+        """Mean loss and accuracy in eval mode (over the first `max_samples` when given)."""
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         n = 0
         for x, y in loader:
+            if max_samples is not None:
+                if n >= max_samples:
+                    break
+                x, y = x[: max_samples - n], y[: max_samples - n]
             out = self.model(x)
             loss_sum += nn.functional.cross_entropy(out, y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
@@ -112,8 +120,16 @@ class Trainer:
             rec = {"epoch": epoch}
             rec.update(self.train_epoch(epoch))
             rec["lr"] = self.optimizer.param_groups[0]["lr"]
+            if self.train_eval_samples > 0:
+                # the training set measured like the test set (eval mode, fixed samples): shows
+                # under-training against a dense run, which the running train/loss hides
+                self.data.train.set_epoch(0)
+                rec["train_eval/loss"], rec["train_eval/acc"] = self.evaluate(
+                    self.data.train, self.train_eval_samples)
             if self.data.val is not None:
                 rec["val/loss"], rec["val/acc"] = self.evaluate(self.data.val)
+            if self.test_every_epoch and epoch < self.epochs:
+                rec["test/loss"], rec["test/acc"] = self.evaluate(self.data.test)
             method_logs = self.method.on_epoch_end(epoch, self.step)
             if method_logs:
                 rec.update(method_logs)
@@ -129,7 +145,7 @@ class Trainer:
 
     def finish(self, sink: MetricSink) -> dict:
         test_loss, test_acc = self.evaluate(self.data.test)
-        rec = {"epoch": self.epoch, "step": self.step, "test/loss": test_loss, "test/acc": test_acc}
+        rec = {"epoch": self.epoch, "step": self.step, "final": True, "test/loss": test_loss, "test/acc": test_acc}
         rec.update(self.method.density_logs())
         sink.log(rec)
         log.info(f"test | test/loss {test_loss:.4f} | test/acc {test_acc:.4f} | "

@@ -46,13 +46,14 @@ class MethodContext:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     density: float
-    epochs: int
+    epochs: int  # epochs of one training schedule, after schedule.multiplier
     steps_per_epoch: int
     device: torch.device
     generator: torch.Generator  # CPU generator owned by the method (saved in its state)
     prunable: Any = None  # the prunable rule (types/exclude/include)
     batches: Callable[[int], list] | None = None  # n -> list of (x, y) training batches
     loss_fn: Callable | None = None
+    multiplier: float = 1.0  # schedule.multiplier: scale every epoch-based milestone by it
     extra: dict = field(default_factory=dict)
 
     @property
@@ -65,6 +66,7 @@ class Method:
 
     name = "base"
     sparse = True
+    rounds = 1  # training schedules run back to back (iterative pruning runs several)
 
     def __init__(self, cfg, ctx: MethodContext):
         self.cfg = cfg
@@ -91,6 +93,10 @@ class Method:
 
     def on_epoch_end(self, epoch: int, step: int) -> dict | None:
         return None
+
+    def schedule_step(self, step: int) -> int:
+        """The step the LR schedule sees: it restarts every round (one round by default)."""
+        return step % self.ctx.total_steps if self.rounds > 1 else step
 
     # --- helpers ----------------------------------------------------------------------------
     def optimizer_momentum(self, param: torch.Tensor) -> torch.Tensor | None:
