@@ -16,7 +16,8 @@ from .errors import ConfigError
 from .models import build_model
 from .sparsity.methods import MethodContext, build_method
 from .train.checkpoint import atomic_write_json
-from .train.logging import MetricSink
+from .train import distributed as dist_util
+from .train.logging import MetricSink, NullSink
 from .train.optim import LRSchedule, build_optimizer
 from .train.trainer import CHECKPOINT, Trainer
 
@@ -51,10 +52,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"limit_train_batches={limit} must be null or a positive whole number")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     name = str(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
     try:
@@ -135,7 +138,11 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"resume=true but there is no {CHECKPOINT} in {run_dir}; drop resume=true to start a new run")
 
     seed = int(cfg.seed)
-    device = pick_device(cfg.device)
+    dist = dist_util.from_env()
+    device = pick_device(cfg.device, dist.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist_util.init(dist, device)
     density = float(cfg.density)
     torch.manual_seed(seed)
     data = build_data(cfg.dataset, device, seed)
@@ -167,32 +174,46 @@ def run(cfg: DictConfig) -> dict:
                         prunable=rule, batches=batches, loss_fn=loss_fn, multiplier=multiplier)
     method = build_method(cfg.method, ctx)
     trainer = Trainer(model, optimizer, lr_schedule, method, data, device, epochs * method.rounds, loss_fn,
-                      run_dir, progress=bool(cfg.progress), max_steps_per_epoch=steps_per_epoch,
+                      run_dir, progress=bool(cfg.progress), max_steps_per_epoch=steps_per_epoch, dist=dist,
                       train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),
                       test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)))
 
     if resume != "false" and ckpt_path.exists():
         trainer.load(ckpt_path)
-        log.info(f"resuming {run_dir} after epoch {trainer.epoch} (step {trainer.step})")
+        if dist.is_main:
+            log.info(f"resuming {run_dir} after epoch {trainer.epoch} (step {trainer.step})")
     else:
         setup_logs = method.setup() or {}
-        if setup_logs:
+        dist_util.broadcast_masks(method, optimizer, dist)
+        if setup_logs and dist.is_main:
             log.info(" | ".join(f"{k} {v}" for k, v in setup_logs.items()))
-    atomic_write_json(run_dir / "config.json", resolved)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainer.train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if dist.is_main:
+        atomic_write_json(run_dir / "config.json", resolved)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     prunable = method.masks.describe() if method.masks is not None else {"prunable": {}, "total": 0}
-    log.info(f"run folder {run_dir} | {cfg.method.name} on {cfg.model.name}/{cfg.dataset.name} | "
-             f"density {density} over {prunable['total']} prunable weights in "
-             f"{len(prunable['prunable'])} tensors | {epochs} epochs x {steps_per_epoch} steps | {device}")
+    if dist.is_main:
+        log.info(f"run folder {run_dir} | {cfg.method.name} on {cfg.model.name}/{cfg.dataset.name} | "
+                 f"density {density} over {prunable['total']} prunable weights in "
+                 f"{len(prunable['prunable'])} tensors | {epochs * method.rounds} epochs x "
+                 f"{steps_per_epoch} steps | {device}" + (f" x {dist.world} processes" if dist.enabled else ""))
 
     tags = [f"method:{cfg.method.name}", f"density:{density}", f"model:{cfg.model.name}",
             f"dataset:{cfg.dataset.name}"]
-    sink = MetricSink(run_dir, cfg.logger, str(cfg.run_name), sweep_group(), tags, resolved,
-                      resume_epoch=trainer.epoch)
+    sink = (MetricSink(run_dir, cfg.logger, str(cfg.run_name), sweep_group(), tags, resolved,
+                       resume_epoch=trainer.epoch) if dist.is_main else NullSink())
     ok = False
     try:
         final = trainer.fit(sink)
+        if not dist.is_main:
+            ok = True
+            return {"test/acc": final["test/acc"], "test/loss": final["test/loss"],
+                    "density/achieved": final["density/achieved"]}
         last_train = {}
         metrics_file = run_dir / "metrics.jsonl"
         for line in metrics_file.read_text().splitlines():
@@ -231,3 +252,4 @@ def run(cfg: DictConfig) -> dict:
         return final_metrics
     finally:
         sink.finish(exit_code=0 if ok else 1)
+        dist_util.shutdown(dist)

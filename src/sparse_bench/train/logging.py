@@ -123,3 +123,18 @@ def console_line(rec: dict) -> str:
         if key in rec:
             parts.append(f"{key} " + fmt.format(rec[key]))
     return " | ".join(parts)
+
+
+class NullSink:
+    """What ranks other than 0 log to: nothing."""
+
+    wandb_info = None
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..sparsity.methods import Method
+from . import distributed as dist_util
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .logging import MetricSink, console_line
 from .optim import LRSchedule, set_lr
@@ -30,8 +31,12 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule: LRSchedule,
                  method: Method, data, device: torch.device, epochs: int, loss_fn,
                  run_dir: Path, progress: bool = True, max_steps_per_epoch: int | None = None,
-                 train_eval_samples: int = 0, test_every_epoch: bool = False):
+                 train_eval_samples: int = 0, test_every_epoch: bool = False,
+                 dist: dist_util.Dist | None = None, train_model: nn.Module | None = None):
         self.model = model
+        # the module the training forward runs through (DDP wrapper under torchrun)
+        self.train_model = train_model if train_model is not None else model
+        self.dist = dist or dist_util.Dist()
         self.optimizer = optimizer
         self.lr_schedule = lr_schedule
         self.method = method
@@ -62,13 +67,15 @@ class Trainer:
         _sync(self.device)
         t0 = time.perf_counter()
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{self.epochs}", leave=False,
-                   disable=not (self.progress and sys.stderr.isatty()), mininterval=1.0, dynamic_ncols=True)
+                   disable=not (self.progress and self.dist.is_main and sys.stderr.isatty()),
+                   mininterval=1.0, dynamic_ncols=True)
         for i, (x, y) in enumerate(loader):
             if i >= n_batches:
                 break
+            x, y = self._shard(loader, x, y)
             set_lr(self.optimizer, self.lr_schedule(self.method.schedule_step(self.step)))
             self.method.before_forward(self.step)
-            out = self.model(x)
+            out = self.train_model(x)
             loss = self.loss_fn(out, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -78,6 +85,7 @@ class Trainer:
             self.step += 1
             step_logs = self.method.on_step_end(self.step)
             if step_logs:
+                dist_util.broadcast_masks(self.method, self.optimizer, self.dist)
                 logs.update(step_logs)
             with torch.no_grad():
                 loss_sum += loss.detach() * y.shape[0]
@@ -85,6 +93,10 @@ class Trainer:
             seen += y.shape[0]
             bar.update(1)
         bar.close()
+        seen_t = dist_util.all_reduce_sum(torch.tensor(float(seen), device=self.device), self.dist)
+        dist_util.all_reduce_sum(loss_sum, self.dist)
+        dist_util.all_reduce_sum(correct, self.dist)
+        seen = int(seen_t)
         _sync(self.device)
         elapsed = time.perf_counter() - t0
         self.train_time += elapsed
@@ -108,11 +120,24 @@ class Trainer:
                 if n >= max_samples:
                     break
                 x, y = x[: max_samples - n], y[: max_samples - n]
+            n_global = y.shape[0]
+            x, y = self._shard(loader, x, y)
             out = self.model(x)
             loss_sum += nn.functional.cross_entropy(out, y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
-            n += y.shape[0]
+            n += n_global if not getattr(loader, "sharded", False) else y.shape[0]
+        dist_util.all_reduce_sum(loss_sum, self.dist)
+        dist_util.all_reduce_sum(correct, self.dist)
+        if getattr(loader, "sharded", False):
+            n = int(dist_util.all_reduce_sum(torch.tensor(float(n), device=self.device), self.dist))
         return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
+
+    def _shard(self, loader, x, y):
+        """Under DDP, this rank's slice of a global batch (loaders with their own sampler are
+        already per rank)."""
+        if not self.dist.enabled or getattr(loader, "sharded", False):
+            return x, y
+        return dist_util.shard(x, self.dist), dist_util.shard(y, self.dist)
 
     # --- the loop -----------------------------------------------------------------------------
     def fit(self, sink: MetricSink) -> dict:
@@ -132,6 +157,7 @@ class Trainer:
                 rec["test/loss"], rec["test/acc"] = self.evaluate(self.data.test)
             method_logs = self.method.on_epoch_end(epoch, self.step)
             if method_logs:
+                dist_util.broadcast_masks(self.method, self.optimizer, self.dist)
                 rec.update(method_logs)
             rec.update(self.method.density_logs())
             rec["step"] = self.step
@@ -139,7 +165,8 @@ class Trainer:
             if "val/acc" in rec and rec["val/acc"] >= self.best.get("val/acc", -1.0):
                 self.best = {"val/acc": rec["val/acc"], "epoch": epoch}
             sink.log(rec)
-            log.info(console_line(rec))
+            if self.dist.is_main:
+                log.info(console_line(rec))
             self.save()
         return self.finish(sink)
 
@@ -148,8 +175,9 @@ class Trainer:
         rec = {"epoch": self.epoch, "step": self.step, "final": True, "test/loss": test_loss, "test/acc": test_acc}
         rec.update(self.method.density_logs())
         sink.log(rec)
-        log.info(f"test | test/loss {test_loss:.4f} | test/acc {test_acc:.4f} | "
-                 f"density/achieved {rec['density/achieved']:.4f}")
+        if self.dist.is_main:
+                log.info(f"test | test/loss {test_loss:.4f} | test/acc {test_acc:.4f} | "
+                     f"density/achieved {rec['density/achieved']:.4f}")
         return rec
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -166,7 +194,9 @@ class Trainer:
         }
 
     def save(self) -> None:
-        save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+        dist_util.barrier(self.dist)
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
