@@ -1,0 +1,667 @@
+"""Run folders (and optionally a W&B project) -> the papers' tables, beside the published numbers.
+
+    python -m sparse_bench.tables RUN_OR_SWEEP_DIR [...] [--out DIR] [--wandb-project ENTITY/PROJECT]
+
+Every folder under the inputs that holds a ``config.json`` (or a ``results.json``) is a run. A run
+with ``results.json`` and ``status: complete`` is finished; any other run is shown as
+``running (epoch k/N)``, k being the last epoch in its ``metrics.jsonl`` and N
+``schedule.epochs x schedule.multiplier`` (a crashed run looks the same: it is never dropped).
+
+Grouping. A run whose config has a top-level ``paper:`` block goes to table ``paper.table``, row
+``paper.row`` (default ``<model>/<method>``), and brings the published values of that row::
+
+    paper:
+      source: "Dettmers & Zettlemoyer 2019, Table 1"
+      metric: test/acc          # or test/error (error % = 100 - accuracy %)
+      table: sm_mnist
+      row: LeNet-300-100
+      values: {0.01: {value: 97.64}, 0.05: {value: 98.47, pm: 0.02}}   # density -> percent
+
+Runs without one go to table ``<dataset>-<model>`` with one row per method, metric test/acc.
+``method=dense`` runs sit at density 1.0 whatever ``density`` says.
+
+Layout. One row per row label (sorted by name), one column group per density, densities in
+DESCENDING order (dense on the left, sparsest on the right, i.e. sparsity grows left to right).
+Each density has an ``ours`` cell, ``mean ± SE (n=k)`` in percent with two decimals, where SE is
+the sample standard deviation over seeds divided by sqrt(n) (n=1: no ±); tables with published
+values add ``paper`` (``value`` or ``value ± pm``) and ``Δ`` (ours - paper, in the table's metric)
+columns per density. A published density without any run reads ``missing``; unfinished runs read
+``running (epoch k/N)`` (after the mean when finished seeds exist too).
+
+Outputs, per table, in ``--out`` (default: ``tables/`` inside the first input folder):
+``<table>.md`` (the Markdown printed to stdout too), ``<table>.csv`` (tidy: one line per row and
+density, numbers at full precision) and ``<table>.png`` (metric versus density, log x-axis: ours as
+points with SE error bars joined by a line per row, published values as hollow markers on dashed
+lines in the same colour).
+
+W&B. ``--wandb-project ENTITY/PROJECT`` also reads that project's finished runs (their config and
+summary carry the same keys as the run folders) when wandb is importable, ``WANDB_MODE`` is not
+offline/disabled and credentials exist; otherwise, or when the API fails, one line says so and
+the tables are made from the run folders alone. A W&B run that is also a local run folder (same
+W&B id, or the same config and seed) is counted once.
+
+Exit status: 0 on success, 2 (one line on stderr) when there is nothing to tabulate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import netrc
+import os
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS = ("test/acc", "test/error")
+# config keys that do not change what a run computes (the same as run.py's resume check, plus paper)
+_VOLATILE = ("resume", "logger", "progress", "device", "paths", "run_name", "sweep_name", "paper")
+
+
+class NothingToTabulate(Exception):
+    """No run folders and no W&B runs: one line, exit status 2."""
+
+
+class WandbUnavailable(Exception):
+    """W&B runs cannot be fetched now; the message says why (one line)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# reading runs
+
+
+@dataclass
+class RunRecord:
+    """One run, from a run folder or from W&B."""
+
+    source: str                      # folder path or wandb:<entity/project>/<id>
+    config: dict
+    complete: bool
+    acc: float | None = None         # test/acc as a fraction (complete runs)
+    epoch: int = 0                   # epochs finished (running runs)
+    epochs: int | None = None        # epochs planned
+    wandb_id: str | None = None
+    local: bool = True
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def planned_epochs(config: dict) -> int | None:
+    sched = config.get("schedule") or {}
+    try:
+        return max(1, int(round(float(sched["epochs"]) * float(sched.get("multiplier", 1) or 1))))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def last_epoch(metrics_path: Path) -> int:
+    """The last finished training epoch recorded in metrics.jsonl (0 when none)."""
+    epoch = 0
+    try:
+        lines = Path(metrics_path).read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if isinstance(rec, dict) and not rec.get("final") and isinstance(rec.get("epoch"), (int, float)):
+            epoch = max(epoch, int(rec["epoch"]))
+    return epoch
+
+
+def read_run_folder(folder: Path) -> RunRecord | None:
+    folder = Path(folder)
+    results = _read_json(folder / "results.json")
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        config = results.get("config") if isinstance(results, dict) else None
+    if not isinstance(config, dict):
+        return None
+    wandb_id = None
+    if isinstance(results, dict) and isinstance(results.get("wandb"), dict):
+        wandb_id = results["wandb"].get("id")
+    elif (folder / "wandb_id.txt").exists():
+        wandb_id = (folder / "wandb_id.txt").read_text().strip() or None
+    epochs = planned_epochs(config)
+    if isinstance(results, dict) and results.get("status") == "complete":
+        acc = (results.get("final") or {}).get("test/acc")
+        if isinstance(acc, (int, float)):
+            return RunRecord(str(folder), config, True, acc=float(acc), epoch=epochs or 0, epochs=epochs,
+                             wandb_id=wandb_id)
+    return RunRecord(str(folder), config, False, epoch=last_epoch(folder / "metrics.jsonl"), epochs=epochs,
+                     wandb_id=wandb_id)
+
+
+def find_run_folders(inputs: list[Path]) -> list[Path]:
+    """Every folder at or below the inputs that holds config.json or results.json."""
+    found: dict[Path, None] = {}
+    for root in inputs:
+        root = Path(root)
+        candidates = [root] if root.is_dir() else []
+        for name in ("config.json", "results.json"):
+            candidates += [p.parent for p in sorted(root.rglob(name))] if root.is_dir() else []
+        for folder in candidates:
+            if (folder / "config.json").is_file() or (folder / "results.json").is_file():
+                found.setdefault(folder.resolve(), None)
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------------------------
+# W&B
+
+
+def _unflatten(cfg: dict) -> dict:
+    """W&B configs may come back flat ("method.name") or wrapped ({"value": ...}); nest them."""
+    out: dict = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and set(value) <= {"value", "desc"} and "value" in value:
+            value = value["value"]
+        if isinstance(value, dict):
+            value = _unflatten(value)
+        node = out
+        parts = str(key).split(".") if "." in str(key) and not _is_number(key) else [str(key)]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return any("wandb" in host for host in netrc.netrc().hosts)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _wandb_api_runs(project: str) -> list:
+    """The project's runs from the public API (the one function here that touches the network)."""
+    import wandb
+
+    return list(wandb.Api(timeout=30).runs(project))
+
+
+def fetch_wandb_runs(project: str) -> list[RunRecord]:
+    """Finished (and running) runs of a W&B project; raises WandbUnavailable with the reason."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        raise WandbUnavailable(f"WANDB_MODE={mode}")
+    if not wandb_credentials():
+        raise WandbUnavailable("no W&B credentials (WANDB_API_KEY or ~/.netrc)")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise WandbUnavailable("wandb is not installed") from None
+    try:
+        api_runs = _wandb_api_runs(project)
+    except Exception as exc:  # network, auth, unknown project: all mean "not fetched"
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WandbUnavailable(msg[:200]) from None
+    out = []
+    for r in api_runs:
+        config = _unflatten(dict(getattr(r, "config", {}) or {}))
+        summary = getattr(r, "summary", {}) or {}
+        summary = dict(getattr(summary, "_json_dict", None) or summary)
+        state = str(getattr(r, "state", ""))
+        run_id = str(getattr(r, "id", ""))
+        source = f"wandb:{project}/{run_id}"
+        epochs = planned_epochs(config)
+        acc = summary.get("test/acc")
+        if state == "finished" and isinstance(acc, (int, float)):
+            out.append(RunRecord(source, config, True, acc=float(acc), epoch=epochs or 0, epochs=epochs,
+                                 wandb_id=run_id, local=False))
+        elif state == "running":
+            epoch = summary.get("epoch")
+            out.append(RunRecord(source, config, False, epoch=int(epoch) if isinstance(epoch, (int, float)) else 0,
+                                 epochs=epochs, wandb_id=run_id, local=False))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# grouping
+
+
+def _key(density: float) -> float:
+    return round(float(density), 10)
+
+
+def run_density(config: dict) -> float:
+    method = str((config.get("method") or {}).get("name", ""))
+    if method == "dense":
+        return 1.0
+    return _key(config.get("density", 1.0))
+
+
+def _name(config: dict, group: str) -> str:
+    return str((config.get(group) or {}).get("name", "?"))
+
+
+@dataclass
+class Cell:
+    values: list[float] = field(default_factory=list)     # percent, in the row's metric
+    seeds: list = field(default_factory=list)
+    running: list[tuple[int, int | None]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def se(self) -> float | None:
+        if len(self.values) < 2:
+            return None
+        return statistics.stdev(self.values) / math.sqrt(len(self.values))
+
+
+@dataclass
+class Row:
+    label: str
+    metric: str = "test/acc"
+    paper: dict = field(default_factory=dict)             # density -> (value, pm or None)
+    cells: dict = field(default_factory=dict)             # density -> Cell
+
+
+@dataclass
+class Table:
+    id: str
+    source: str = ""
+    rows: dict = field(default_factory=dict)              # label -> Row
+
+    @property
+    def densities(self) -> list[float]:
+        ds = set()
+        for row in self.rows.values():
+            ds |= set(row.cells) | set(row.paper)
+        return sorted(ds, reverse=True)
+
+    @property
+    def has_paper(self) -> bool:
+        return any(row.paper for row in self.rows.values())
+
+    @property
+    def metrics(self) -> list[str]:
+        return sorted({row.metric for row in self.rows.values()})
+
+
+def _paper_values(values) -> dict:
+    out = {}
+    if not isinstance(values, dict):
+        return out
+    for density, entry in values.items():
+        try:
+            d = _key(density)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(entry, dict):
+            value, pm = entry.get("value"), entry.get("pm")
+        else:
+            value, pm = entry, None
+        if isinstance(value, (int, float)):
+            out[d] = (float(value), float(pm) if isinstance(pm, (int, float)) else None)
+    return out
+
+
+def placement(config: dict, notes: list[str], where: str) -> tuple[str, str, str, str, dict]:
+    """(table id, row label, metric, source, published values) of a run."""
+    dataset, model, method = _name(config, "dataset"), _name(config, "model"), _name(config, "method")
+    paper = config.get("paper")
+    if not isinstance(paper, dict):
+        return f"{dataset}-{model}", method, "test/acc", "", {}
+    metric = str(paper.get("metric", "test/acc"))
+    if metric not in METRICS:
+        notes.append(f"note: paper.metric={metric} in {where} is unknown (test/acc or test/error); using test/acc")
+        metric = "test/acc"
+    table = str(paper.get("table") or f"{dataset}-{model}")
+    row = str(paper.get("row") or f"{model}/{method}")
+    return table, row, metric, str(paper.get("source") or ""), _paper_values(paper.get("values"))
+
+
+def _flat(d, prefix="") -> dict:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def _fingerprint(config: dict) -> str:
+    return json.dumps({k: v for k, v in config.items() if k not in _VOLATILE}, sort_keys=True, default=str)
+
+
+def dedupe(runs: list[RunRecord], notes: list[str]) -> list[RunRecord]:
+    """Drop copies of one run (same W&B id, or the same config and seed): local before W&B,
+    finished before unfinished, the most advanced unfinished one otherwise."""
+    def rank(r: RunRecord):
+        return (r.complete, r.local, r.epoch)
+
+    best: dict[str, RunRecord] = {}
+    ids: dict[str, str] = {}
+    dropped = 0
+    for r in runs:
+        key = _fingerprint(r.config)
+        if r.wandb_id and r.wandb_id in ids:
+            key = ids[r.wandb_id]
+        if key in best:
+            dropped += 1
+            if rank(r) > rank(best[key]):
+                best[key] = r
+        else:
+            best[key] = r
+        if r.wandb_id:
+            ids.setdefault(r.wandb_id, key)
+    if dropped:
+        notes.append(f"note: {dropped} duplicate run(s) (same W&B id, or same config and seed) counted once")
+    return list(best.values())
+
+
+def build_tables(runs: list[RunRecord], notes: list[str] | None = None) -> dict[str, Table]:
+    notes = [] if notes is None else notes
+    tables: dict[str, Table] = {}
+    configs: dict[tuple, list[dict]] = {}
+    for r in dedupe(runs, notes):
+        tid, label, metric, source, published = placement(r.config, notes, r.source)
+        table = tables.setdefault(tid, Table(tid))
+        table.source = table.source or source
+        row = table.rows.setdefault(label, Row(label, metric))
+        if published:
+            row.metric = metric
+            row.paper.update(published)
+        d = run_density(r.config)
+        cell = row.cells.setdefault(d, Cell())
+        cell.sources.append(r.source)
+        if r.complete:
+            pct = 100.0 * r.acc
+            cell.values.append(100.0 - pct if metric == "test/error" else pct)
+            cell.seeds.append(r.config.get("seed"))
+            configs.setdefault((tid, label, d, str(r.config.get("seed"))), []).append(r.config)
+        else:
+            cell.running.append((r.epoch, r.epochs))
+    for (tid, label, d, seed), cfgs in configs.items():
+        if len(cfgs) > 1:
+            flats = [_flat({k: v for k, v in c.items() if k not in _VOLATILE}) for c in cfgs]
+            keys = sorted(k for k in set().union(*flats) if len({json.dumps(f.get(k), default=str) for f in flats}) > 1)
+            notes.append(f"note: {tid} / {label} / density {d:g}: {len(cfgs)} runs with seed {seed} and different "
+                         f"configs (differ in {', '.join(keys[:4]) or '?'}); all are averaged")
+    for table in tables.values():
+        table.rows = dict(sorted(table.rows.items(), key=lambda kv: kv[0].lower()))
+    return dict(sorted(tables.items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting
+
+
+def fmt_density(d: float) -> str:
+    return f"{d:g}"
+
+
+def _running_text(running: list[tuple[int, int | None]]) -> str:
+    parts = [f"{k}/{n}" if n else f"{k}" for k, n in sorted(running, reverse=True)]
+    if len(parts) == 1:
+        return f"running (epoch {parts[0]})"
+    return f"{len(parts)} running (epochs {', '.join(parts)})"
+
+
+def ours_text(row: Row, d: float) -> str:
+    cell = row.cells.get(d)
+    if cell is None or (not cell.values and not cell.running):
+        return "missing" if d in row.paper else ""
+    parts = []
+    if cell.values:
+        text = f"{cell.mean:.2f}"
+        if cell.se is not None:
+            text += f" ± {cell.se:.2f}"
+        parts.append(f"{text} (n={cell.n})")
+    if cell.running:
+        parts.append(_running_text(cell.running))
+    return "; ".join(parts)
+
+
+def paper_text(row: Row, d: float) -> str:
+    if d not in row.paper:
+        return ""
+    value, pm = row.paper[d]
+    return f"{value:.2f}" + (f" ± {pm:.2f}" if pm is not None else "")
+
+
+def delta(row: Row, d: float) -> float | None:
+    cell = row.cells.get(d)
+    if d not in row.paper or cell is None or not cell.values:
+        return None
+    return cell.mean - row.paper[d][0]
+
+
+def delta_text(row: Row, d: float) -> str:
+    value = delta(row, d)
+    return "" if value is None else f"{value:+.2f}"
+
+
+def metric_words(metric: str) -> str:
+    return "test error (%)" if metric == "test/error" else "test accuracy (%)"
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown(table: Table) -> str:
+    metrics = table.metrics
+    mixed = len(metrics) > 1
+    what = metric_words(metrics[0]) if not mixed else "test accuracy or error (%), per row"
+    lines = [f"### {table.id}", ""]
+    desc = f"{what}: mean ± SE over seeds (n = seeds); densities descending"
+    if table.has_paper:
+        desc += "; paper = published" + (f" ({table.source})" if table.source else "") + "; Δ = ours − paper"
+    lines += [desc, ""]
+    header = ["row"]
+    for d in table.densities:
+        header.append(f"d={fmt_density(d)}")
+        if table.has_paper:
+            header += ["paper", "Δ"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for row in table.rows.values():
+        label = row.label + (" [error]" if mixed and row.metric == "test/error" else "")
+        cells = [_md_escape(label)]
+        for d in table.densities:
+            cells.append(ours_text(row, d))
+            if table.has_paper:
+                cells += [paper_text(row, d), delta_text(row, d)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ("table", "row", "metric", "density", "mean", "se", "n", "seeds", "status", "running",
+              "paper", "paper_pm", "delta", "source")
+
+
+def _seed_order(seed):
+    return (0, float(seed), "") if isinstance(seed, (int, float)) else (1, 0.0, str(seed))
+
+
+def _num(x) -> str:
+    return "" if x is None else repr(float(x))
+
+
+def csv_text(table: Table) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for row in table.rows.values():
+        for d in table.densities:
+            cell = row.cells.get(d) or Cell()
+            if not cell.values and not cell.running and d not in row.paper:
+                continue
+            if cell.values:
+                status = "complete+running" if cell.running else "complete"
+            else:
+                status = "running" if cell.running else "missing"
+            value, pm = row.paper.get(d, (None, None))
+            w.writerow({
+                "table": table.id, "row": row.label, "metric": row.metric, "density": repr(d),
+                "mean": _num(cell.mean), "se": _num(cell.se), "n": cell.n,
+                "seeds": ";".join(str(s) for s in sorted(cell.seeds, key=_seed_order)), "status": status,
+                "running": ";".join(f"{k}/{n}" if n else str(k) for k, n in sorted(cell.running, reverse=True)),
+                "paper": _num(value), "paper_pm": _num(pm), "delta": _num(delta(row, d)),
+                "source": table.source,
+            })
+    return buf.getvalue()
+
+
+def plot(table: Table, path: Path) -> None:
+    """Metric versus density (log x): ours with SE bars and solid lines, published hollow/dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    plotted = False
+    for i, row in enumerate(table.rows.values()):
+        color = colors[i % len(colors)]
+        ours = sorted((d, c.mean, c.se or 0.0) for d, c in row.cells.items() if c.values)
+        if ours:
+            xs, ys, es = zip(*ours)
+            ax.errorbar(xs, ys, yerr=es, fmt="o-", color=color, capsize=3, markersize=5, label=f"{row.label} (ours)")
+            plotted = True
+        pub = sorted((d, v, pm or 0.0) for d, (v, pm) in row.paper.items())
+        if pub:
+            xs, ys, es = zip(*pub)
+            ax.errorbar(xs, ys, yerr=es if any(es) else None, fmt="s--", color=color, mfc="none", capsize=3,
+                        markersize=6, alpha=0.9, label=f"{row.label} (paper)")
+            plotted = True
+    ax.set_xscale("log")
+    densities = table.densities
+    if densities:
+        ax.set_xticks(densities)
+        ax.set_xticklabels([fmt_density(d) for d in densities])
+        ax.minorticks_off()
+    ax.set_xlabel("density (fraction of prunable weights kept)")
+    ax.set_ylabel(metric_words(table.metrics[0]) if len(table.metrics) == 1 else "test accuracy / error (%)")
+    title = table.id + (f" — {table.source}" if table.source else "")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    if plotted:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no finished runs yet", transform=ax.transAxes, ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def safe_name(table_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", table_id).strip("._") or "table"
+
+
+def write_tables(tables: dict[str, Table], out: Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for table in tables.values():
+        stem = safe_name(table.id)
+        md, csv_path, png = out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.png"
+        md.write_text(markdown(table))
+        csv_path.write_text(csv_text(table))
+        plot(table, png)
+        written += [md, csv_path, png]
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(
+        prog="python -m sparse_bench.tables",
+        description="Tables (Markdown, CSV, PNG) from run folders, sweep folders and optionally a W&B project, "
+                    "beside the published numbers of each experiment's `paper:` block.")
+    p.add_argument("inputs", nargs="*", type=Path, metavar="RUN_DIRS_OR_SWEEP_DIR",
+                   help="run folders, or folders searched recursively for run folders (config.json)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: tables/ in the first input)")
+    p.add_argument("--wandb-project", default=None, metavar="ENTITY/PROJECT",
+                   help="also gather finished runs of this W&B project (skipped when offline)")
+    return p.parse_args(argv)
+
+
+def gather(inputs: list[Path], wandb_project: str | None, notes: list[str]) -> list[RunRecord]:
+    missing = [str(p) for p in inputs if not Path(p).exists()]
+    if missing:
+        raise NothingToTabulate(f"no such folder: {', '.join(missing)}")
+    runs = []
+    for folder in find_run_folders(inputs):
+        rec = read_run_folder(folder)
+        if rec is None:
+            notes.append(f"note: {folder} has an unreadable config.json; skipped")
+        else:
+            runs.append(rec)
+    if wandb_project:
+        try:
+            fetched = fetch_wandb_runs(wandb_project)
+            notes.append(f"W&B: {len(fetched)} run(s) fetched from {wandb_project}")
+            runs += fetched
+        except WandbUnavailable as exc:
+            notes.append(f"W&B runs of {wandb_project} were not fetched ({exc}); using run folders only")
+    if not runs:
+        where = ", ".join(str(p) for p in inputs) or "(no folders given)"
+        raise NothingToTabulate(f"no run folders (folders with config.json) found under {where}")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    notes: list[str] = []
+    try:
+        if not args.inputs and not args.wandb_project:
+            raise NothingToTabulate("give run or sweep folders (or --wandb-project ENTITY/PROJECT)")
+        try:
+            runs = gather(args.inputs, args.wandb_project, notes)
+        finally:
+            for line in notes:
+                print(line, file=sys.stderr)
+            notes.clear()
+    except NothingToTabulate as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    tables = build_tables(runs, notes)
+    for line in notes:
+        print(line, file=sys.stderr)
+    out = args.out if args.out is not None else (Path(args.inputs[0]) / "tables" if args.inputs else Path("tables"))
+    write_tables(tables, out)
+    print("\n".join(markdown(t) for t in tables.values()), end="")
+    n_runs = sum(len(c.sources) for t in tables.values() for r in t.rows.values() for c in r.cells.values())
+    print(f"{len(tables)} table(s) from {n_runs} run(s) written to {out}/ (.md, .csv, .png)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
