@@ -1,0 +1,138 @@
+"""Wide ResNets (WRN-d-k) of the sparse momentum paper.
+
+As in the official sparse_learning code (TimDettmers/sparse_learning, models.py, WideResNet):
+
+- stem: 3x3 conv to 16 channels (no bias);
+- three groups of n = (d - 4) / 6 pre-activation basic blocks with 16k, 32k, 64k channels, the
+  first block of groups 2 and 3 with stride 2. A block computes BN-ReLU-conv3x3-BN-ReLU-
+  dropout(0.3)-conv3x3 and adds the shortcut. Where the block changes the channel count the
+  shortcut is a 1x1 conv (no bias, masked like every conv) applied to the *activated* input
+  BN-ReLU(x), and the first conv reads that same activated input; otherwise the shortcut is x.
+- head: BN-ReLU, global average pool, Linear(64k, C).
+- init: conv weights N(0, sqrt(2 / (k*k*out_channels))), BN weight 1 / bias 0, linear bias 0
+  (linear weight keeps PyTorch's default).
+
+Masked weights at C = 10: WRN-16-8 10.95M, WRN-16-10 17.11M, WRN-22-8 17.15M, WRN-28-2 1.46M
+(the paper's numbers; the tests pin them).
+
+Differences: the reference returns log-softmax, we return logits (same loss under
+cross-entropy); it pools with a fixed 8x8 window, we pool globally (identical on 32x32 inputs);
+a block also gets the 1x1 shortcut when only its stride changes (never happens for valid d, k).
+
+Options: ``model.depth`` (d, 6n + 4) and ``model.widen_factor`` (k, an integer), ``model.dropout``.
+The named variants (``wrn16_8``...) fix d and k: change them with ``model=wrn`` instead, so the
+run folder name says which network ran.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ConfigError
+from .zoo import int_option, no_width, require_image
+
+
+class WideBasicBlock(nn.Module):
+    """Pre-activation basic block with dropout between its two convolutions."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.dropout = dropout
+        self.shortcut = None
+        if in_planes != out_planes or stride != 1:
+            self.shortcut = nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = F.relu(self.bn1(x))
+        out = F.relu(self.bn2(self.conv1(act)))
+        if self.dropout > 0:
+            out = F.dropout(out, p=self.dropout, training=self.training)
+        out = self.conv2(out)
+        return out + (x if self.shortcut is None else self.shortcut(act))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-widen_factor for small images."""
+
+    def __init__(self, depth: int = 16, widen_factor: int = 8, in_channels: int = 3, num_classes: int = 10,
+                 dropout: float = 0.3):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise ConfigError(f"model.depth={depth} is not a WRN depth (6n + 4, n >= 1); use e.g. model.depth=16, 22 or 28")
+        if widen_factor < 1:
+            raise ConfigError(f"model.widen_factor={widen_factor} must be a positive integer; use e.g. model.widen_factor=8")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
+        groups = []
+        in_planes = widths[0]
+        for g, stride in enumerate((1, 2, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(WideBasicBlock(in_planes, widths[g + 1], stride if i == 0 else 1, dropout))
+                in_planes = widths[g + 1]
+            groups.append(nn.Sequential(*blocks))
+        self.block1, self.block2, self.block3 = groups
+        self.bn = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = F.relu(self.bn(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+def _dropout(cfg) -> float:
+    p = float(cfg.get("dropout", 0.3))
+    if not 0 <= p < 1:
+        raise ConfigError(f"model.dropout={p} must be in [0, 1); set e.g. model.dropout=0.3")
+    return p
+
+
+
+def _generic(cfg, input_shape, num_classes):
+    no_width(cfg, "wrn")
+    require_image("wrn", input_shape)
+    depth = int_option(cfg, "depth", 28, "wrn")
+    k = int_option(cfg, "widen_factor", 2, "wrn")
+    return WideResNet(depth, k, input_shape[0], num_classes, _dropout(cfg))
+
+
+def _named(depth: int, k: int):
+    name = f"wrn{depth}_{k}"
+
+    def build(cfg, input_shape, num_classes):
+        no_width(cfg, name)
+        require_image(name, input_shape)
+        for key, fixed in (("depth", depth), ("widen_factor", k)):
+            if int_option(cfg, key, fixed, name) != fixed:
+                raise ConfigError(
+                    f"model.{key}={cfg.get(key)} contradicts model={name} (WRN-{depth}-{k}); "
+                    f"use model=wrn model.depth=D model.widen_factor=K for other sizes"
+                )
+        return WideResNet(depth, k, input_shape[0], num_classes, _dropout(cfg))
+
+    return name, build
+
+
+MODELS = {"wrn": _generic}
+MODELS.update(_named(d, k) for d, k in ((16, 8), (16, 10), (22, 8), (28, 2), (28, 10)))
