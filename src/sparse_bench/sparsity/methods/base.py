@@ -138,7 +138,8 @@ class Method:
         if self.masks is not None and state.get("masks") is not None:
             self.masks.load_state_dict(state["masks"])
             self.masks.apply_()
-        self.ctx.generator.set_state(state["generator"])
+        # a checkpoint loaded with map_location=cuda carries the CPU generator's state on the GPU
+        self.ctx.generator.set_state(state["generator"].cpu())
 
 
 def build_method(cfg, ctx: MethodContext) -> Method:
