@@ -1,0 +1,160 @@
+"""SET: Sparse Evolutionary Training (Mocanu et al. 2018), as the sparse-training baselines use it.
+
+What the reference does, step by step, and what this module does the same way:
+
+* Masks start at the requested density with an Erdos-Renyi layer distribution (``init: er``;
+  the paper's epsilon * (n_in + n_out) / (n_in * n_out), here scaled so the global density is
+  exact). Weights keep their default init, times the mask.
+* Training is ordinary SGD on the masked weights; inactive weights are re-zeroed after every
+  optimizer step.
+* At the end of every epoch but the last (``update_every: epoch``, or every N steps), per layer:
+  1. remove the fraction ``zeta`` (``prune_rate``, 0.3) of the active weights closest to zero:
+     ``prune: magnitude`` ranks them by |w| (the RigL/sparse momentum baseline),
+     ``prune: set`` is the original SET rule: zeta of the positive weights (the smallest)
+     and zeta of the negative weights (the closest to zero), each sign separately;
+  2. add as many new connections as were removed, uniformly at random among all positions
+     that are inactive after the removal (a just-removed position may be drawn again);
+  3. new connections start at exactly 0 (as in the RigL code's SET baseline; the original SET
+     code drew small random values) and their optimizer state (momentum, Adam moments) is
+     zeroed, so a new connection starts from scratch.
+* ``decay`` optionally anneals zeta over the mini-batches to ``prune_rate_min`` (cosine or
+  linear, as the RigL baseline does); SET itself keeps it constant (the default).
+
+Exactness: layer l removes k_l = floor(zeta * nnz_l) weights (the RigL convention) and regrows
+exactly k_l, so every layer's count, and the global density, never change. With
+``prune: set`` the k_l removals are split between the signs in proportion to how many active
+weights each sign has (largest-remainder rounding), which is the paper's per-sign fraction made
+exact. A position removed and drawn again in the same update is re-initialised like any new
+connection (weight 0, optimizer state zeroed), as in the paper, where the removed weight is gone
+and the new one is a fresh connection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...errors import ConfigError
+from ..distributions import allocate
+from ..ops import largest_inactive, mask_change_logs, smallest_active
+from ..schedules import DECAYS, UpdateCadence, decay
+from .base import Method, register
+from .dense import RandomInitMixin
+
+PRUNE_MODES = ("magnitude", "set")
+
+
+def _choice(cfg, key: str, default: str, choices) -> str:
+    value = str(cfg.get(key, default))
+    if value not in choices:
+        raise ConfigError(f"method.{key}={value} is unknown; choose one of: {', '.join(choices)}")
+    return value
+
+
+def _fraction(cfg, key: str, default: float, low_open: bool = False) -> float:
+    try:
+        value = float(cfg.get(key, default))
+    except (TypeError, ValueError):
+        raise ConfigError(f"method.{key}={cfg.get(key)} is not a number; pass e.g. method.{key}={default}") from None
+    ok = (0.0 < value < 1.0) if low_open else (0.0 <= value < 1.0)
+    if not ok:
+        interval = "(0, 1)" if low_open else "[0, 1)"
+        raise ConfigError(f"method.{key}={value} must be in {interval}; the default is {default}")
+    return value
+
+
+@torch.no_grad()
+def prune_by_sign(w: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
+    """SET's removal: k active weights, split between the signs in proportion to their counts.
+
+    Within the positive weights (w >= 0, so an active exact zero counts as the smallest positive)
+    the smallest go; within the negative weights those closest to zero go.
+    """
+    pos = m & (w >= 0)
+    neg = m & (w < 0)
+    n_pos, n_neg = int(pos.sum()), int(neg.sum())
+    total = n_pos + n_neg
+    if k <= 0 or total == 0:
+        return torch.zeros_like(m)
+    k_pos, k_neg = allocate([k * n_pos / total, k * n_neg / total], [n_pos, n_neg], min(k, total))
+    return smallest_active(w, pos, k_pos) | smallest_active(-w, neg, k_neg)
+
+
+@register("set")
+class SET(RandomInitMixin, Method):
+    """Prune the smallest-magnitude fraction per layer, regrow as many at random (at zero)."""
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.prune_mode = _choice(cfg, "prune", "magnitude", PRUNE_MODES)
+        self.decay_kind = _choice(cfg, "decay", "constant", DECAYS)
+        self.p0 = _fraction(cfg, "prune_rate", 0.3, low_open=True)
+        self.p_min = _fraction(cfg, "prune_rate_min", 0.0)
+        try:
+            self.cadence = UpdateCadence(cfg.get("update_every", "epoch"), ctx.total_steps)
+        except (TypeError, ValueError):
+            raise ConfigError("method.update_every must be 'epoch' or a positive number of steps") from None
+        self.last_update: dict = {}
+
+    def setup(self):
+        return self.init_random_masks()
+
+    def prune_rate(self, step: int) -> float:
+        return decay(self.decay_kind, self.p0, self.p_min, step, self.ctx.total_steps)
+
+    def on_step_end(self, step):
+        if self.cadence.at_step(step):
+            return self.update(step)
+        return None
+
+    def on_epoch_end(self, epoch, step):
+        if self.cadence.at_epoch_end(epoch, self.ctx.epochs, step):
+            return self.update(step)
+        return None
+
+    @torch.no_grad()
+    def update(self, step: int) -> dict:
+        """One SET update: remove k_l smallest, add k_l random new connections at 0, per layer."""
+        masks = self.masks
+        old = [m.clone() for m in masks.masks]
+        weights = [p.data for p in masks.params]
+        nnz = masks.nnz()
+        zeta = self.prune_rate(step)
+        counts = [min(int(math.floor(zeta * k)), k) for k in nnz]
+
+        if self.prune_mode == "magnitude":
+            pruned = [smallest_active(w.abs(), m, k) for w, m, k in zip(weights, old, counts)]
+        else:
+            pruned = [prune_by_sign(w, m, k) for w, m, k in zip(weights, old, counts)]
+        after = [m & ~d for m, d in zip(old, pruned)]
+
+        grown = []
+        for m, k in zip(after, counts):
+            scores = torch.rand(m.shape, generator=self.ctx.generator).to(m.device)
+            grown.append(largest_inactive(scores, m, k))
+
+        new = [a | g for a, g in zip(after, grown)]
+        for i, (w, g) in enumerate(zip(weights, grown)):
+            masks.masks[i] = new[i]
+            w.masked_fill_(g, 0.0)
+        masks.apply_()
+        self.reset_optimizer_state(grown)
+
+        self.last_update = {
+            "step": step,
+            "prune_rate": zeta,
+            "counts": counts,
+            "old_masks": old,
+            "pruned": pruned,
+            "grown": grown,
+        }
+        logs = {"set/prune_rate": zeta, "set/rewired": sum(counts),
+                **mask_change_logs(masks.names, old, new)}
+        return logs
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        # a checkpoint loaded with map_location=cuda carries the generator state on the device
+        state["generator"] = state["generator"].detach().to("cpu", torch.uint8)
+        super().load_state_dict(state)
