@@ -1,0 +1,67 @@
+"""SNIP: single-shot network pruning by connection sensitivity (Lee et al. 2019).
+
+What the paper and its reference code do, step by step:
+
+1. At initialisation, take one mini-batch of training data (``batches``: 1).
+2. Compute the gradient of the loss with respect to a multiplicative mask c = 1 on every
+   prunable weight; dL/dc = g ⊙ θ, so the connection sensitivity is |g ⊙ θ| (normalised by its
+   sum over all weights, which does not change the ranking).
+3. Keep the k = density * #weights connections of largest sensitivity, ranked over all layers
+   at once; prune the rest.
+4. Train the pruned network with the mask fixed.
+
+This module: ``setup`` scores a private copy of the model in train mode (as at the start of
+training) over ``batches`` training batches (the gradient is averaged over them), keeps exactly
+round(density * total) weights by global top-k (``scope: layer`` ranks inside every layer at a
+uniform density instead), and then trains statically: the masks never change and are
+re-applied after every optimizer step. Kept weights keep their initial values; biases and norm
+layers are not pruned; the model, its BN statistics, its gradients, the optimizer and the global
+RNG are left exactly as they were by the scoring.
+
+Differences from the reference: the reference PyTorch ports re-initialise the scored copy with
+Xavier-normal weights before scoring (and the paper uses variance-scaling init); here the
+model's own initialisation is scored and kept. The kept count is exact (the reference
+thresholds, keeping ties). With several batches the gradient is averaged (the reference sums:
+the same ranking).
+"""
+
+from __future__ import annotations
+
+from ..ops import mask_change_logs
+from ..saliency import SCOPES, choice, keep_top, positive_int, preserved_rng, scoring_batches, snip_scores
+from .base import Method, register
+
+
+class PruneAtInit(Method):
+    """Shared by SNIP / GraSP / SynFlow: score once in `setup`, keep the top weights, stay static."""
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.scope = choice(cfg, "scope", "global", SCOPES)
+
+    def n_keep(self) -> int:
+        return int(round(self.ctx.density * sum(self.masks.numels)))
+
+    def prune_masks(self) -> tuple[list, dict]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def setup(self):
+        old = [m.clone() for m in self.masks.masks]
+        with preserved_rng(self.ctx.device):
+            new, logs = self.prune_masks()
+        self.masks.set_masks(new)
+        return {**logs, **mask_change_logs(self.masks.names, old, self.masks.masks)}
+
+
+@register("snip")
+class SNIP(PruneAtInit):
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.n_batches = positive_int(cfg, "batches", 1, "the paper scores one mini-batch")
+        self.train_mode = bool(cfg.get("train_mode", True))
+
+    def prune_masks(self):
+        batches = scoring_batches(self.ctx, self.n_batches, "snip")
+        scores = snip_scores(self.ctx.model, self.masks.names, batches, self.ctx.loss_fn, self.train_mode)
+        return keep_top(scores, self.n_keep(), self.scope), {"snip/batches": len(batches)}
