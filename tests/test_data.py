@@ -239,9 +239,9 @@ def test_config_mistakes_are_config_errors(overrides, key):
 
 def test_unknown_name_lists_choices():
     with pytest.raises(ConfigError) as exc:
-        build_data(cfg(name="imagenet"), CPU, seed=0)
+        build_data(cfg(name="svhn"), CPU, seed=0)
     msg = single_line_error(exc)
-    for choice in ("mnist", "fashion_mnist", "digits", "synthetic"):
+    for choice in ("mnist", "fashion_mnist", "digits", "synthetic", "cifar10", "cifar100", "imagenet"):
         assert choice in msg
 
 

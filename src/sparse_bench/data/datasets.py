@@ -15,9 +15,17 @@ objects.  Supported data sets:
 ``synthetic``
     Gaussian clusters around random class prototypes; deterministic in
     ``data_seed`` and learnable by a linear model.
+``cifar10`` / ``cifar100``
+    torchvision's python-pickle files (:mod:`sparse_bench.data.cifar`), kept as
+    ``uint8`` on the device and augmented there batch by batch
+    (:mod:`sparse_bench.data.augment`).
+``imagenet``
+    ``root/train/<wnid>/*``, ``root/val/<wnid>/*`` through a multi-worker
+    ``DataLoader`` (:mod:`sparse_bench.data.imagenet`).
 
-Validation data is always the *last* ``round(val_fraction * n_train)`` training
-samples, in file order (as in the sparse momentum paper).  Every mistake in the
+Validation data is the *last* ``round(val_fraction * n_train)`` training
+samples, in file order (as in the sparse momentum paper); for ImageNet, whose
+file order is by class, the last files of every class.  Every mistake in the
 config is reported as a one-line :class:`~sparse_bench.errors.ConfigError`
 naming the key and the fix.
 """
@@ -53,7 +61,8 @@ __all__ = [
 ]
 
 #: Names accepted by ``dataset.name``.
-DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic")
+DATASETS = ("mnist", "fashion_mnist", "digits", "synthetic", "cifar10", "cifar100", "imagenet")
+_CIFAR = ("cifar10", "cifar100")
 
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
@@ -88,14 +97,25 @@ _DIGITS_MEAN, _DIGITS_STD = 0.3, 0.4
 
 @dataclass
 class DataBundle:
-    """Everything the trainer needs to know about the data."""
+    """Everything the trainer needs to know about the data.
 
-    train: DeviceLoader
-    val: DeviceLoader | None
-    test: DeviceLoader
+    Loaders follow one protocol (:class:`DeviceLoader`, or
+    :class:`~sparse_bench.data.imagenet.ImageFolderLoader` for ImageNet): ``len()``
+    batches, ``set_epoch(epoch)``, ``num_samples``, and iteration yielding
+    ``(inputs, int64 labels)`` on the training device.
+
+    ``train_eval`` is the training data with the evaluation transform (no
+    augmentation, fixed order), for measuring the training set like the test
+    set; ``None`` when ``train`` itself is not augmented.
+    """
+
+    train: Any
+    val: Any | None
+    test: Any
     input_shape: tuple[int, ...]
     num_classes: int
     name: str
+    train_eval: Any | None = None
 
 
 # --------------------------------------------------------------------------- config helpers
@@ -157,7 +177,7 @@ def _float_list(value: Any, key: str) -> list[float]:
     return out
 
 
-def _normalization(cfg: Any, channels: int, default: tuple[float, float] | None) -> tuple[list[float], list[float]] | None:
+def _normalization(cfg: Any, channels: int, default: tuple[Any, Any] | None) -> tuple[list[float], list[float]] | None:
     """Per-channel (mean, std) from ``dataset.normalize`` or the data set's default.
 
     Returns ``None`` when neither the config nor the data set asks for normalisation.
@@ -184,6 +204,19 @@ def _normalization(cfg: Any, channels: int, default: tuple[float, float] | None)
     if any(s <= 0 for s in std):
         raise ConfigError(f"dataset.normalize.std: values must be > 0, got {std}; fix dataset.normalize.std")
     return mean, std
+
+
+def _channel_stats(
+    cfg: Any, channels: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[list[float], list[float]]:
+    """Per-channel ``(mean, std)``, ``channels`` values each: ``dataset.normalize`` over the given defaults."""
+    norm = _get(cfg, "normalize", None)
+    if norm is None or (hasattr(norm, "keys") and len(norm) == 0):
+        return [float(m) for m in mean], [float(s) for s in std]
+    stats = _normalization(cfg, channels, (list(mean), list(std)))
+    assert stats is not None
+    m, s = stats
+    return (m * channels if len(m) == 1 else m), (s * channels if len(s) == 1 else s)
 
 
 def _normalize(x: Tensor, stats: tuple[list[float], list[float]] | None) -> Tensor:
@@ -490,13 +523,56 @@ def _synthetic_tensors(cfg: Any, device: torch.device) -> tuple[tuple[Tensor, Te
 # --------------------------------------------------------------------------- entry point
 
 
+def _split_val(x: Tensor, y: Tensor, val_fraction: float) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(x_train, y_train, x_val, y_val)``: validation is the last ``round(val_fraction * n)`` samples."""
+    n_train = x.shape[0]
+    n_val = int(round(val_fraction * n_train))
+    if n_val >= n_train:
+        raise ConfigError(
+            f"dataset.val_fraction: {val_fraction} leaves no training samples out of {n_train}; "
+            "lower dataset.val_fraction"
+        )
+    if n_val == 0:
+        return x, y, None, None
+    cut = n_train - n_val
+    return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+def _cifar_bundle(
+    cfg: Any, name: str, device: torch.device, seed: int, batch_size: int, test_batch_size: int, val_fraction: float
+) -> DataBundle:
+    from sparse_bench.data.cifar import IMAGE_SHAPE, CIFAR_SPECS, cifar_transforms, load_cifar_split
+
+    spec = CIFAR_SPECS[name]
+    train_tf, eval_tf = cifar_transforms(cfg, name)  # config mistakes before any file is read
+    drop_last = _bool(cfg, "drop_last", False)
+    x_tr, y_tr, x_te, y_te = load_cifar_split(cfg, name)
+    # uint8 on the device (4x smaller than float); the transforms convert and normalise per batch
+    x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
+    x_tr, y_tr, x_va, y_va = _split_val(x_tr, y_tr, val_fraction)
+    val = None
+    if x_va is not None:
+        val = DeviceLoader(x_va, y_va, test_batch_size, shuffle=False, transform=eval_tf)
+    augmented = train_tf is not eval_tf
+    return DataBundle(
+        train=DeviceLoader(x_tr, y_tr, batch_size, shuffle=True, seed=seed, drop_last=drop_last, transform=train_tf),
+        val=val,
+        test=DeviceLoader(x_te, y_te, test_batch_size, shuffle=False, transform=eval_tf),
+        input_shape=IMAGE_SHAPE,
+        num_classes=spec.num_classes,
+        name=name,
+        train_eval=DeviceLoader(x_tr, y_tr, test_batch_size, shuffle=True, seed=seed, transform=eval_tf)
+        if augmented else None,
+    )
+
+
 def build_data(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     """Build the train / val / test loaders described by the ``dataset`` config group.
 
     Args:
         cfg: the ``dataset`` group (DictConfig or dict).
-        device: where every tensor lives.
-        seed: run seed; only the training shuffle depends on it.
+        device: where every batch is delivered (and where tensor data sets live).
+        seed: run seed; only the training order (and augmentation) depends on it.
     """
     name = _get(cfg, "name", None)
     if name not in DATASETS:
@@ -504,7 +580,15 @@ def build_data(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     device = torch.device(device)
     batch_size = _int(cfg, "batch_size", 128, 1)
     test_batch_size = _int(cfg, "test_batch_size", 1000, 1)
-    val_fraction = _fraction(cfg, "val_fraction", 0.1)
+    default_val = 0.0 if name in _CIFAR or name == "imagenet" else 0.1
+    val_fraction = _fraction(cfg, "val_fraction", default_val)
+
+    if name in _CIFAR:
+        return _cifar_bundle(cfg, name, device, seed, batch_size, test_batch_size, val_fraction)
+    if name == "imagenet":
+        from sparse_bench.data.imagenet import build_imagenet
+
+        return build_imagenet(cfg, device, seed, batch_size, test_batch_size, val_fraction)
 
     if name in _IDX_SPECS:
         x_tr, y_tr, x_te, y_te = _idx_tensors(cfg, name, device)
@@ -515,18 +599,10 @@ def build_data(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     else:
         (x_tr, y_tr, x_te, y_te), num_classes = _synthetic_tensors(cfg, device)
 
-    n_train = x_tr.shape[0]
-    n_val = int(round(val_fraction * n_train))
-    if n_val >= n_train:
-        raise ConfigError(
-            f"dataset.val_fraction: {val_fraction} leaves no training samples out of {n_train}; "
-            "lower dataset.val_fraction"
-        )
+    x_tr, y_tr, x_va, y_va = _split_val(x_tr, y_tr, val_fraction)
     val = None
-    if n_val > 0:
-        cut = n_train - n_val
-        val = DeviceLoader(x_tr[cut:], y_tr[cut:], test_batch_size, shuffle=False)
-        x_tr, y_tr = x_tr[:cut], y_tr[:cut]
+    if x_va is not None:
+        val = DeviceLoader(x_va, y_va, test_batch_size, shuffle=False)
 
     return DataBundle(
         train=DeviceLoader(x_tr, y_tr, batch_size, shuffle=True, seed=seed, drop_last=False),

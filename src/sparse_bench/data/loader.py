@@ -9,17 +9,25 @@ Shuffling is reproducible without hidden state: the order used in epoch ``e``
 is ``torch.randperm`` drawn from a fresh CPU generator seeded from
 ``(seed, e)`` alone, so a run resumed at epoch ``e`` sees exactly the batches
 an uninterrupted run would have seen.
+
+An optional ``transform(xb, generator)`` runs on every batch on the device
+(augmentation, dtype conversion, normalisation).  Its ``generator`` lives on the
+data device and is re-seeded for every batch from ``(seed, epoch, batch index)``
+(:func:`mix_seed`), so random augmentation is as reproducible as the order.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["DeviceLoader", "epoch_seed"]
+__all__ = ["BatchTransform", "DeviceLoader", "epoch_seed", "mix_seed"]
+
+#: ``transform(xb, generator) -> xb``: applied to every batch; ``generator`` is on the data device.
+BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
 
 #: Multiplier that spreads run seeds apart so that (seed, epoch) pairs do not collide
 #: for any realistic number of epochs.
@@ -34,6 +42,30 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (int(seed) * _SEED_STRIDE + int(epoch)) % (2**63)
 
 
+_MASK64 = (1 << 64) - 1
+#: Tag that keeps the per-batch augmentation stream apart from other uses of :func:`mix_seed`.
+AUGMENT_STREAM = 0x417567
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def mix_seed(*values: int) -> int:
+    """A well-spread seed in ``[0, 2**63)`` from a tuple of integers (e.g. seed, epoch, batch).
+
+    Pure integer arithmetic (splitmix64 over the values in turn), so it is the
+    same on every machine and Python version; different tuples give unrelated seeds.
+    """
+    h = _splitmix64(len(values))
+    for v in values:
+        h = _splitmix64(h ^ (int(v) & _MASK64))
+    return h >> 1
+
+
 class DeviceLoader:
     """Iterate over ``(x, y)`` in mini-batches without leaving the device.
 
@@ -45,6 +77,10 @@ class DeviceLoader:
         shuffle: draw a new permutation every epoch (see :meth:`set_epoch`).
         seed: run seed; with the epoch number it fully determines the order.
         drop_last: drop the final incomplete batch.
+        transform: optional ``transform(xb, generator) -> xb`` applied to every
+            batch of inputs on the device; ``generator`` is a generator on the
+            data device seeded from ``(seed, epoch, batch index)``.  Without it,
+            batches are views / copies of ``x`` as stored.
     """
 
     def __init__(
@@ -55,6 +91,7 @@ class DeviceLoader:
         shuffle: bool,
         seed: int = 0,
         drop_last: bool = False,
+        transform: BatchTransform | None = None,
     ) -> None:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
@@ -68,6 +105,7 @@ class DeviceLoader:
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.transform = transform
         self.epoch = 0
 
     @property
@@ -104,22 +142,33 @@ class DeviceLoader:
         perm = torch.randperm(self.num_samples, generator=gen)
         return perm.to(self.device)
 
+    def batch_seed(self, batch: int, epoch: int | None = None) -> int:
+        """Seed of the transform generator for ``batch`` of ``epoch`` (default: the current one)."""
+        e = self.epoch if epoch is None else int(epoch)
+        return mix_seed(self.seed, e, int(batch), AUGMENT_STREAM)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         perm = self.order()
         n = self.num_samples
         bs = self.batch_size
+        epoch = self.epoch
+        gen = torch.Generator(device=self.device) if self.transform is not None else None
         for b in range(len(self)):
             start = b * bs
             stop = min(start + bs, n)
             if perm is None:
-                yield self.x[start:stop], self.y[start:stop]
+                xb, yb = self.x[start:stop], self.y[start:stop]
             else:
                 idx = perm[start:stop]
-                yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+                xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            if gen is not None:
+                gen.manual_seed(self.batch_seed(b, epoch))
+                xb = self.transform(xb, gen)
+            yield xb, yb
 
     def __repr__(self) -> str:
         return (
             f"DeviceLoader(num_samples={self.num_samples}, batch_size={self.batch_size}, "
             f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
-            f"epoch={self.epoch}, device={self.device})"
+            f"epoch={self.epoch}, device={self.device}, transform={self.transform!r})"
         )

@@ -1,0 +1,477 @@
+"""ImageNet (ILSVRC-2012) from class folders, decoded by DataLoader worker processes.
+
+Layout (what the usual preparation scripts produce)::
+
+    <root>/train/<wnid>/*.JPEG      1,281,167 images in 1,000 class folders
+    <root>/val/<wnid>/*.JPEG        50,000 images, sorted into the same class folders
+
+Class indices follow the sorted folder names of ``train/`` (torchvision's
+``ImageFolder`` convention, so index 0 is n01440764 on the real data); ``val/``
+is scanned with the same mapping.  Any of torchvision's image extensions is
+accepted, so tests can use small PNGs.
+
+Pipeline: ``ImageFolder``'s scan gives the file list, which is stored compactly
+(one bytes blob + offsets, so forked workers do not copy a million Python
+objects); ``torch.utils.data.DataLoader`` with ``num_workers`` worker processes
+(persistent, pinned memory on CUDA) decodes with PIL and transforms:
+
+* train: random resized crop to ``image_size`` (scale 0.08-1, aspect 3/4-4/3,
+  torchvision's algorithm: ten tries, then a centre crop), horizontal flip with
+  probability 1/2, ``ToTensor``, normalise with the ImageNet mean/std;
+* evaluation: resize the shorter side to ``round(image_size / 0.875)`` (256 for
+  224), centre crop ``image_size``, ``ToTensor``, normalise.
+
+Determinism: the sampler draws the epoch's order from a ``torch.Generator``
+seeded by ``(seed, epoch)`` (a ``RandomSampler``, or a ``DistributedSampler``
+when ``torch.distributed`` is initialised), and hands every index to the workers
+together with a per-sample seed derived from ``(seed, epoch, index)``; the random
+crop and flip draw from a generator with that seed, never from a worker's global
+RNG.  So the batches of an epoch are the same for any ``num_workers`` and after a
+resume.  Validation (``val_fraction > 0``) holds out the last
+``round(val_fraction * n_c)`` training files of every class ``c`` (file order
+within a class folder), since ImageFolder order is by class; the test split is ``val/``.
+
+Under ``torch.distributed`` the loaders are *sharded*: each rank reads its own
+samples, the training batch per rank is ``batch_size / world_size`` (so
+``dataset.batch_size`` stays the global batch) and evaluation splits the files
+without padding.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+
+from sparse_bench.data.datasets import DataBundle, _bool, _channel_stats, _get, _int, resolve_root
+from sparse_bench.data.loader import _SEED_STRIDE, _splitmix64, epoch_seed, mix_seed
+from sparse_bench.errors import ConfigError
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "EvalTransform",
+    "ImageFolderLoader",
+    "ImageList",
+    "TrainTransform",
+    "build_imagenet",
+    "scan_split",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Tag separating the per-sample augmentation seeds from other uses of ``mix_seed``.
+_SAMPLE_STREAM = 0x696D67
+
+
+# --------------------------------------------------------------------------- file lists
+
+
+class ImageList:
+    """``(path, class index)`` pairs stored as one bytes blob, offsets and an int64 array."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]]) -> None:
+        encoded = [os.fsencode(p) for p, _ in samples]
+        self._blob = b"".join(encoded)
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self.targets = np.asarray([t for _, t in samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def path(self, i: int) -> str:
+        return os.fsdecode(self._blob[self._offsets[i] : self._offsets[i + 1]])
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageList:
+        return ImageList([(self.path(int(i)), int(self.targets[i])) for i in indices])
+
+
+def _image_extensions() -> tuple[str, ...]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return IMG_EXTENSIONS
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
+def scan_split(folder: Path, class_to_idx: dict[str, int] | None = None) -> tuple[ImageList, list[str]]:
+    """Scan ``folder/<class>/*`` like ``torchvision.datasets.ImageFolder``.
+
+    With ``class_to_idx`` (from the training split), the folder's classes must be a
+    subset of it and labels use that mapping.  Raises :class:`ConfigError`.
+    """
+    from torchvision.datasets.folder import make_dataset
+
+    exts = _image_extensions()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"dataset.root: {folder} is missing; dataset.root must hold train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
+        )
+    classes = _class_folders(folder)
+    if not classes:
+        loose = sum(1 for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(exts))
+        hint = (f" but {loose} loose images: sort them into one folder per class (wnid)" if loose else "")
+        raise ConfigError(
+            f"dataset.root: no class folders in {folder}{hint}; dataset.root must hold "
+            "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
+        )
+    if class_to_idx is None:
+        mapping = {c: i for i, c in enumerate(classes)}
+    else:
+        unknown = [c for c in classes if c not in class_to_idx]
+        if unknown:
+            raise ConfigError(
+                f"dataset.root: {folder} has class folders not in train/ ({', '.join(unknown[:3])}"
+                f"{', ...' if len(unknown) > 3 else ''}); use the same class folders in train/ and val/"
+            )
+        mapping = {c: class_to_idx[c] for c in classes}
+    try:
+        samples = make_dataset(str(folder), mapping, extensions=exts, allow_empty=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"dataset.root: cannot scan {folder} ({type(exc).__name__}: {exc}); fix the folder") from None
+    if class_to_idx is None:
+        counts = np.bincount(np.asarray([t for _, t in samples], dtype=np.int64), minlength=len(mapping))
+        empty = [c for c, i in mapping.items() if counts[i] == 0]
+        if empty:
+            raise ConfigError(
+                f"dataset.root: class folder(s) without images in {folder} ({', '.join(empty[:3])}"
+                f"{', ...' if len(empty) > 3 else ''}; extensions {', '.join(exts)}); remove them or add images"
+            )
+    if not samples:
+        raise ConfigError(f"dataset.root: no images in the class folders of {folder}; add images ({', '.join(exts)})")
+    return ImageList(samples), sorted(mapping, key=mapping.__getitem__)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def _load_rgb(path: str):
+    from PIL import Image
+
+    with open(path, "rb") as fh:
+        img = Image.open(fh)
+        return img.convert("RGB")
+
+
+class TrainTransform:
+    """Random resized crop + horizontal flip + ToTensor + normalise, drawing from a given generator."""
+
+    random = True
+
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip: bool = True,
+    ) -> None:
+        self.size = int(size)
+        self.mean, self.std = list(mean), list(std)
+        self.scale, self.ratio, self.flip = scale, ratio, bool(flip)
+
+    def crop_params(self, height: int, width: int, u: list[float]) -> tuple[int, int, int, int]:
+        """torchvision's RandomResizedCrop parameters ``(top, left, h, w)`` from 40 uniforms."""
+        area = height * width
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for t in range(10):
+            a, r, ui, uj = u[4 * t : 4 * t + 4]
+            target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * a)
+            aspect = math.exp(lo + (hi - lo) * r)
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return int(ui * (height - h + 1)), int(uj * (width - w + 1)), h, w
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            h, w = height, int(round(height * max(self.ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img, generator: torch.Generator) -> Tensor:
+        import torchvision.transforms.functional as TF
+
+        u = torch.rand(41, generator=generator, dtype=torch.float64).tolist()
+        top, left, h, w = self.crop_params(img.height, img.width, u)
+        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+        if self.flip and u[40] < 0.5:
+            img = TF.hflip(img)
+        return TF.normalize(TF.to_tensor(img), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"TrainTransform(size={self.size}, scale={self.scale}, flip={self.flip})"
+
+
+class EvalTransform:
+    """Resize the shorter side, centre crop, ToTensor, normalise (no randomness)."""
+
+    random = False
+
+    def __init__(self, size: int, resize: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size, self.resize = int(size), int(resize)
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, img, generator: torch.Generator | None = None) -> Tensor:
+        import torchvision.transforms.functional as TF
+
+        img = TF.center_crop(TF.resize(img, self.resize, antialias=True), [self.size, self.size])
+        return TF.normalize(TF.to_tensor(img), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(resize={self.resize}, size={self.size})"
+
+
+# --------------------------------------------------------------------------- dataset / sampler
+
+
+class _SeededImages(Dataset):
+    """Items are fetched by ``(index, sample_seed)`` so augmentation never touches global RNG."""
+
+    def __init__(self, images: ImageList, transform: TrainTransform | EvalTransform) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
+        index, sample_seed = key
+        img = _load_rgb(self.images.path(index))
+        gen = torch.Generator().manual_seed(sample_seed) if self.transform.random else None
+        return self.transform(img, gen), int(self.images.targets[index])
+
+
+class _Range:
+    """A sized stand-in for the data set, all a sampler needs."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _SeededSampler(Sampler):
+    """Yields ``(index, sample_seed)``; the order and seeds depend on ``(seed, epoch)`` only."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int, world: int, distributed: bool) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world, self.distributed = rank, world, distributed
+        self.epoch = 0
+        self._gen = torch.Generator()
+        if shuffle and distributed:
+            # DistributedSampler seeds with seed + epoch: the same (seed, epoch) -> order mapping as epoch_seed
+            self.base: Sampler = DistributedSampler(
+                _Range(n), num_replicas=world, rank=rank, shuffle=True,
+                seed=(seed * _SEED_STRIDE) % (2**63), drop_last=False,
+            )
+        elif shuffle:
+            self.base = RandomSampler(_Range(n), generator=self._gen)
+        else:
+            self.base = None  # sequential; a strided shard of it under DDP
+
+    def __len__(self) -> int:
+        if self.base is not None:
+            return len(self.base)
+        return len(range(self.rank, self.n, self.world))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if isinstance(self.base, DistributedSampler):
+            self.base.set_epoch(self.epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.base is None:
+            indices: Iterator[int] = iter(range(self.rank, self.n, self.world))
+        else:
+            self._gen.manual_seed(epoch_seed(self.seed, self.epoch))
+            indices = iter(self.base)
+        key = mix_seed(self.seed, self.epoch, _SAMPLE_STREAM)
+        for i in indices:
+            yield i, _splitmix64(key ^ i) >> 1
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def _dist_info() -> tuple[bool, int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return True, dist.get_rank(), dist.get_world_size()
+    return False, 0, 1
+
+
+class ImageFolderLoader:
+    """The trainer's loader protocol over image files: ``len``, ``set_epoch``, ``num_samples``,
+    and iteration yielding ``(x, y)`` already on ``device``.
+
+    Args:
+        images: the split's files and labels.
+        transform: :class:`TrainTransform` or :class:`EvalTransform`.
+        batch_size: global batch size (divided among ranks under DDP).
+        shuffle: new order each epoch from ``(seed, epoch)``.
+        device: where batches are delivered (``non_blocking`` copies from pinned memory on CUDA).
+        num_workers, persistent_workers, prefetch_factor: passed to ``DataLoader``.
+        batch_key: config key of ``batch_size``; when given, it must divide among the
+            ranks exactly (training), else each rank takes the ceiling (evaluation).
+    """
+
+    def __init__(
+        self,
+        images: ImageList,
+        transform: TrainTransform | EvalTransform,
+        batch_size: int,
+        shuffle: bool,
+        device: torch.device,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_workers: int = 8,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+        batch_key: str | None = None,
+    ) -> None:
+        self.images = images
+        self.transform = transform
+        self.device = torch.device(device)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.num_workers = int(num_workers)
+        self.sharded, rank, world = _dist_info()
+        if batch_key is not None and batch_size % world:
+            raise ConfigError(
+                f"{batch_key}: {batch_size} is not divisible by the {world} processes; "
+                f"set {batch_key} to a multiple of {world}"
+            )
+        self.batch_size = -(-int(batch_size) // world)  # per rank
+        self.global_batch_size = int(batch_size)
+        self.sampler = _SeededSampler(len(images), self.shuffle, self.seed, rank, world, self.sharded)
+        self.epoch = 0
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs["persistent_workers"] = bool(persistent_workers)
+            if prefetch_factor is not None:
+                kwargs["prefetch_factor"] = int(prefetch_factor)
+        self.loader = DataLoader(
+            _SeededImages(images, transform),
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=self.drop_last,
+            **kwargs,
+        )
+
+    @property
+    def num_samples(self) -> int:
+        """Images in this split (all ranks together)."""
+        return len(self.images)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.sampler.set_epoch(self.epoch)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        self.sampler.set_epoch(self.epoch)
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageFolderLoader(num_samples={self.num_samples}, batch_size={self.batch_size}, "
+            f"shuffle={self.shuffle}, seed={self.seed}, epoch={self.epoch}, workers={self.num_workers}, "
+            f"device={self.device}, transform={self.transform!r})"
+        )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _holdout(images: ImageList, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, val)``: the last ``round(fraction * n_c)`` files of every class go to val."""
+    targets = images.targets
+    train_idx, val_idx = [], []
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        k = int(round(fraction * idx.size))
+        train_idx.append(idx[: idx.size - k])
+        val_idx.append(idx[idx.size - k :])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def build_imagenet(
+    cfg: Any, device: torch.device, seed: int, batch_size: int, test_batch_size: int, val_fraction: float
+) -> DataBundle:
+    """ImageNet loaders from ``dataset.root`` (see the module docstring)."""
+    root_cfg = _get(cfg, "root", None)
+    if root_cfg is None or str(root_cfg).strip() == "":
+        raise ConfigError(
+            "dataset.root: missing; set dataset.root=<folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG>"
+        )
+    root = resolve_root(root_cfg)
+    if not root.is_dir():
+        raise ConfigError(
+            f"dataset.root: {root} does not exist; set dataset.root to the folder holding train/ and val/"
+            + (" (ImageNet cannot be downloaded automatically)" if _bool(cfg, "download", False) else "")
+        )
+    image_size = _int(cfg, "image_size", 224, 1)
+    resize = _int(cfg, "val_resize", int(round(image_size / 0.875)), image_size)
+    num_workers = _int(cfg, "num_workers", 8, 0)
+    persistent = _bool(cfg, "persistent_workers", True)
+    prefetch = _get(cfg, "prefetch_factor", None)
+    prefetch = None if prefetch is None else _int(cfg, "prefetch_factor", None, 1)
+    drop_last = _bool(cfg, "drop_last", False)
+    mean, std = _channel_stats(cfg, 3, IMAGENET_MEAN, IMAGENET_STD)
+
+    train_images, classes = scan_split(root / "train")
+    test_images, _ = scan_split(root / "val", {c: i for i, c in enumerate(classes)})
+    val_images = None
+    if val_fraction > 0:
+        tr, va = _holdout(train_images, val_fraction)
+        if va.size == 0:
+            raise ConfigError(
+                f"dataset.val_fraction: {val_fraction} holds out no image of {len(train_images)}; "
+                "raise dataset.val_fraction or set it to 0"
+            )
+        if tr.size == 0:
+            raise ConfigError(f"dataset.val_fraction: {val_fraction} leaves no training images; lower it")
+        train_images, val_images = train_images.subset(tr), train_images.subset(va)
+
+    train_tf = TrainTransform(image_size, mean, std)
+    eval_tf = EvalTransform(image_size, resize, mean, std)
+    common = {"device": device, "num_workers": num_workers, "prefetch_factor": prefetch}
+
+    def eval_loader(images: ImageList, shuffle: bool = False, persistent: bool = persistent) -> ImageFolderLoader:
+        return ImageFolderLoader(images, eval_tf, test_batch_size, shuffle=shuffle, seed=seed,
+                                 persistent_workers=persistent, **common)
+
+    return DataBundle(
+        train=ImageFolderLoader(train_images, train_tf, batch_size, shuffle=True, seed=seed, drop_last=drop_last,
+                                persistent_workers=persistent, batch_key="dataset.batch_size", **common),
+        val=eval_loader(val_images) if val_images is not None else None,
+        test=eval_loader(test_images),
+        input_shape=(3, image_size, image_size),
+        num_classes=len(classes),
+        name="imagenet",
+        # the training images seen like the test set: a fixed random subset first (epoch 0 order)
+        train_eval=eval_loader(train_images, shuffle=True, persistent=False),
+    )
