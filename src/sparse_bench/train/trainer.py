@@ -148,9 +148,11 @@ class Trainer:
             if self.train_eval_samples > 0:
                 # the training set measured like the test set (eval mode, fixed samples): shows
                 # under-training against a dense run, which the running train/loss hides
-                self.data.train.set_epoch(0)
-                rec["train_eval/loss"], rec["train_eval/acc"] = self.evaluate(
-                    self.data.train, self.train_eval_samples)
+                # (without augmentation where the data set augments, in a fixed order)
+                loader = getattr(self.data, "train_eval", None)
+                loader = self.data.train if loader is None else loader
+                loader.set_epoch(0)
+                rec["train_eval/loss"], rec["train_eval/acc"] = self.evaluate(loader, self.train_eval_samples)
             if self.data.val is not None:
                 rec["val/loss"], rec["val/acc"] = self.evaluate(self.data.val)
             if self.test_every_epoch and epoch < self.epochs:
