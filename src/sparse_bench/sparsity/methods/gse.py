@@ -1,0 +1,445 @@
+"""Always-sparse training with guided stochastic exploration (GSE; Heddes et al. 2024).
+
+What the reference (mikeheddes/guided-stochastic-exploration, ``our_training.py``, ``grow.py``,
+``prune.py``, ``layers.py``) does, step by step, and what this module does:
+
+* Masks: Erdos-Renyi per layer (density_l proportional to (fan_in + fan_out) / (fan_in *
+  fan_out), fan_in = C_in*kh*kw) over every Linear and Conv2d weight (``init: er``). Active
+  weights are re-initialised U(-1, 1) * sqrt(3 / sparse fan-in of their output unit), the
+  sparse fan-in being that unit's number of active inputs (at least 1); the bias of the unit is
+  drawn with the same bound (``reinit: fan_in``).
+* Every ``update_every`` (1000) optimizer steps while the step is before ``end_fraction`` (0.6,
+  epoch 120 of 200) of training, with ``alpha_t = alpha (1 + cos(pi t / T_end))`` (alpha 0.1,
+  so at most 0.2 of the active connections change per update):
+  1. Per layer, ``round(gamma * |A_l|)`` (gamma 1) pairs ``(output unit i, input unit j)`` are
+     drawn with replacement, i from g over outputs and j from f over inputs (``sampling``):
+     ``uniform`` both uniform (the paper's headline method); ``grabo`` f_j ~ sum_r |x_rj|,
+     g_i ~ sum_r |delta_ri|; ``graest`` f_j ~ |sum_r s_r x_rj|, g_i ~ |sum_r s_r delta_ri| with a
+     random sign s_r per row, shared by inputs and outputs. Rows are the statistics batches'
+     samples; for a conv every output position of every sample is a row (its input the image
+     patch). Draws that hit an active connection and duplicates are dropped. A layer already at
+     least ``all_candidates_density`` (0.5) dense takes all its inactive connections as
+     candidates instead, as the reference does.
+  2. The loss gradient is computed for the candidates only: ``g_ij = sum_r delta_ri x_rj``
+     (``candidate_grad.candidate_gradients``, unfolded patches for convs, in bounded blocks).
+  3. ``k = min(ceil(alpha_t |A|), |S|)`` candidates of largest |gradient| are grown (weights
+     start at exactly 0, their optimizer momentum is zeroed, as the reference's
+     ``reset_momentum``) and the ``k`` active weights of smallest |w| (among those active
+     before this update, so never one just grown) are pruned. With ``scope: global`` (the
+     reference's default) gradients and magnitudes are ranked across all layers, so layer
+     densities move while the total stays exact; ``scope: layer`` ranks within each layer.
+* Statistics come from ``stat_batches`` (1) training batches (the reference takes 10 samples per
+  class, which is one batch of 128 on CIFAR-10).
+
+Where this implementation differs, and why:
+
+* The reference simulates the method: it computes the dense gradient of every layer and hides
+  the non-sampled entries. Here the dense weight gradient is never formed. On update steps
+  only, forward hooks on the prunable modules capture each layer's input and output for the
+  statistics batches; ``torch.autograd.grad(loss, outputs)`` then yields the output gradients
+  delta without computing (or touching) any parameter's ``.grad``, and the candidates'
+  gradients are evaluated directly from those rows. The hooks return a copy of the output, so
+  an in-place op after the layer (``ReLU(inplace=True)``) cannot alter the captured graph
+  (full backward hooks fail on such models, and ``loss.backward()`` would compute the dense
+  weight gradients). The hooks are removed after the pass, parameters' ``.grad`` stay what the
+  trainer left, buffers (batch-norm running statistics) are restored and the global RNG is
+  forked, so the extra pass leaves no trace on training.
+* Pruning ranks the |w| of the active weights only (gathered), not a dense score tensor.
+* Masks hit the target density exactly (the reference's Bernoulli masks and ER clipping are
+  exact only in expectation) and k is ``ceil(alpha_t |A|)`` rather than the reference's
+  integer truncation of ``|A| (1 + alpha_t)``.
+* GraEst's random signs are drawn from the run's generator (the reference hashes the row index
+  with a 4-wise independent hash); for convs the reference sums only the first sample's output
+  gradients in g (an indexing slip), here every row counts, as the paper defines it.
+* With ``stat_batches > 1`` and a guided sampler the statistics batches are run twice (first
+  for f and g, then for the candidates' gradients) under the same per-batch seeds, so memory
+  holds one batch's activations at a time.
+* The update runs after optimizer step t (the reference runs it before step t + 1: the same
+  weights).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError
+from ..candidate_grad import (
+    DEFAULT_CHUNK,
+    candidate_gradients,
+    check_layer,
+    num_rows,
+    unit_scores,
+    weight_matrix_shape,
+)
+from ..ops import mask_change_logs
+from ..schedules import UpdateCadence, decay
+from .base import Method, register
+from .dense import RandomInitMixin
+
+SAMPLINGS = ("uniform", "grabo", "graest")
+SCOPES = ("global", "layer")
+REINITS = ("fan_in", "none")
+
+
+def _choice(cfg, key: str, choices, default: str) -> str:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) and key == "reinit":
+        value = "fan_in" if value else "none"
+    value = str(value)
+    if value not in choices:
+        raise ConfigError(f"method.{key}={value} is unknown; choose one of: {', '.join(choices)}")
+    return value
+
+
+def sampling_distribution(scores: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Normalised probabilities over `n` units from non-negative scores (uniform if degenerate)."""
+    if scores is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    p = scores.detach().abs().to(device="cpu", dtype=torch.float64)
+    total = float(p.sum())
+    if not math.isfinite(total) or total <= 0.0:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    return p / total
+
+
+def sample_candidates(
+    p_out: torch.Tensor | None,
+    p_in: torch.Tensor | None,
+    n_out: int,
+    fan_in: int,
+    n: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` independent draws (output unit from p_out, input unit from p_in); None = uniform.
+
+    Returns CPU int64 tensors. Uniform draws use ``randint`` (no probability vector at all).
+    """
+    if p_out is None:
+        o = torch.randint(n_out, (n,), generator=generator)
+    else:
+        o = torch.multinomial(p_out, n, replacement=True, generator=generator)
+    if p_in is None:
+        j = torch.randint(fan_in, (n,), generator=generator)
+    else:
+        j = torch.multinomial(p_in, n, replacement=True, generator=generator)
+    return o, j
+
+
+@register("gse")
+class GSE(RandomInitMixin, Method):
+    """Guided stochastic exploration: grow the sampled candidates of largest |gradient|."""
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx)
+        self.sampling = _choice(cfg, "sampling", SAMPLINGS, "uniform")
+        self.scope = _choice(cfg, "scope", SCOPES, "global")
+        self.reinit = _choice(cfg, "reinit", REINITS, "fan_in")
+        self.alpha = float(cfg.get("alpha", 0.1))
+        if not 0.0 < self.alpha <= 0.5:
+            raise ConfigError(f"method.alpha={self.alpha} must be in (0, 0.5]; the paper uses 0.1 (at most 0.2 per update)")
+        self.gamma = float(cfg.get("gamma", 1.0))
+        if not self.gamma > 0.0:
+            raise ConfigError(f"method.gamma={self.gamma} must be > 0; the paper uses 1 (CIFAR) or 2 (ImageNet)")
+        self.end_fraction = float(cfg.get("end_fraction", 0.6))
+        if not 0.0 < self.end_fraction <= 1.0:
+            raise ConfigError(f"method.end_fraction={self.end_fraction} must be in (0, 1]; the paper uses 0.6")
+        self.stat_batches = int(cfg.get("stat_batches", 1))
+        if self.stat_batches < 1:
+            raise ConfigError(f"method.stat_batches={self.stat_batches} must be a positive whole number")
+        self.chunk_size = int(cfg.get("chunk_size", DEFAULT_CHUNK))
+        if self.chunk_size < 1:
+            raise ConfigError(f"method.chunk_size={self.chunk_size} must be a positive number of elements")
+        self.all_candidates_density = float(cfg.get("all_candidates_density", 0.5))
+        self.t_end = int(round(self.end_fraction * ctx.total_steps))
+        try:
+            self.cadence = UpdateCadence(cfg.get("update_every", 1000), ctx.total_steps, end=self.t_end)
+        except ValueError:
+            raise ConfigError("method.update_every must be a positive number of steps or 'epoch'") from None
+        self.modules = self._find_modules()
+        self.last_update: dict = {}
+
+    def _find_modules(self) -> list[nn.Module]:
+        owner = {}
+        for name, mod in self.ctx.model.named_modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(w, nn.Parameter):
+                owner.setdefault(id(w), (name, mod))
+        modules = []
+        for pname, p in zip(self.masks.names, self.masks.params):
+            if id(p) not in owner:
+                raise ConfigError(
+                    f"method=gse: {pname} is not a module's weight; GSE handles Linear and Conv2d "
+                    f"weights only, drop it from prunable.include"
+                )
+            mname, mod = owner[id(p)]
+            check_layer(mod, mname or pname.rsplit(".", 1)[0])
+            modules.append(mod)
+        return modules
+
+    # --- initialisation -----------------------------------------------------------------------
+    def setup(self):
+        logs = self.init_random_masks()
+        if self.reinit == "fan_in":
+            self.reinit_fan_in()
+        logs["init/reinit"] = self.reinit
+        return logs
+
+    @torch.no_grad()
+    def reinit_fan_in(self) -> None:
+        """Active weights ~ U(-1, 1) * sqrt(3 / sparse fan-in of the output unit); bias likewise."""
+        gen = self.ctx.generator
+        for mod, p, m in zip(self.modules, self.masks.params, self.masks.masks):
+            n_out, fan_in = weight_matrix_shape(mod)
+            m2 = m.reshape(n_out, fan_in)
+            fan = m2.sum(1, keepdim=True).clamp_min(1).to(torch.float64)
+            bound = (3.0 / fan).sqrt()
+            u = torch.rand((n_out, fan_in), generator=gen, dtype=torch.float64) * 2 - 1
+            w = (u * bound.cpu()).to(device=p.device, dtype=p.dtype) * m2
+            p.data.copy_(w.view_as(p))
+            bias = getattr(mod, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                ub = torch.rand((n_out,), generator=gen, dtype=torch.float64) * 2 - 1
+                bias.data.copy_((ub * bound.squeeze(1).cpu()).to(device=bias.device, dtype=bias.dtype))
+        self.masks.apply_()
+
+    # --- schedule -----------------------------------------------------------------------------
+    def alpha_at(self, step: int) -> float:
+        """alpha (1 + cos(pi t / T_end)): 2 alpha at t = 0, 0 from T_end on."""
+        return decay("cosine", 2.0 * self.alpha, 0.0, step, self.t_end)
+
+    def on_step_end(self, step):
+        if self.cadence.at_step(step):
+            return self.update(step)
+        return None
+
+    def on_epoch_end(self, epoch, step):
+        if self.cadence.at_epoch_end(epoch, self.ctx.epochs, step):
+            return self.update(step)
+        return None
+
+    # --- the statistics pass ------------------------------------------------------------------
+    @contextmanager
+    def _quiet_pass(self):
+        """Fork the global RNG and restore the model's buffers afterwards."""
+        model = self.ctx.model
+        saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+        dev = self.ctx.device
+        devices = []
+        if torch.device(dev).type == "cuda":
+            devices = [torch.device(dev).index if torch.device(dev).index is not None else torch.cuda.current_device()]
+        try:
+            with torch.random.fork_rng(devices=devices):
+                yield
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    if n in saved:
+                        b.copy_(saved[n])
+
+    def _layer_calls(self, x, y, seed: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One forward/backward: per prunable module, the (input, output-gradient) of each call."""
+        captured: list[list] = [[] for _ in self.modules]
+        handles = []
+
+        def make_hook(i):
+            def hook(mod, args, out):
+                captured[i].append((args[0].detach(), out))
+                return out.clone()  # later in-place ops act on the copy, not on `out`
+
+            return hook
+
+        try:
+            for i, mod in enumerate(self.modules):
+                handles.append(mod.register_forward_hook(make_hook(i)))
+            torch.manual_seed(seed)
+            with torch.enable_grad():
+                loss_fn = self.ctx.loss_fn or nn.functional.cross_entropy
+                loss = loss_fn(self.ctx.model(x), y)
+                outs = [o for calls in captured for _, o in calls if o.requires_grad]
+                grads = iter(torch.autograd.grad(loss, outs, allow_unused=True)) if outs else iter(())
+        finally:
+            for h in handles:
+                h.remove()
+        result = []
+        for calls in captured:
+            layer = []
+            for inp, out in calls:
+                d = next(grads) if out.requires_grad else None
+                if d is not None:
+                    layer.append((inp, d.detach()))
+            result.append(layer)
+        return result
+
+    def _scores(self, calls_per_layer, scores):
+        """Accumulate GraBo / GraEst unit sums (g, f) for one batch into `scores`."""
+        gen = self.ctx.generator
+        for i, (mod, calls) in enumerate(zip(self.modules, calls_per_layer)):
+            for inp, d in calls:
+                signs = None
+                if self.sampling == "graest":
+                    signs = (torch.randint(0, 2, (num_rows(mod, d),), generator=gen) * 2 - 1).to(inp.device)
+                g, f = unit_scores(mod, inp, d, self.sampling, signs, self.chunk_size)
+                if scores[i] is None:
+                    scores[i] = [g, f]
+                else:
+                    scores[i][0] += g
+                    scores[i][1] += f
+
+    # --- candidates ---------------------------------------------------------------------------
+    def _candidates(self, scores, nnz):
+        """Per layer (out_idx, in_idx) of distinct inactive candidates, plus counts for the logs."""
+        gen = self.ctx.generator
+        cands, drawn, hit, dup = [], 0, 0, 0
+        for i, (mod, m) in enumerate(zip(self.modules, self.masks.masks)):
+            n_out, fan_in = weight_matrix_shape(mod)
+            numel = n_out * fan_in
+            flat = m.reshape(-1)
+            if nnz[i] >= numel:
+                empty = torch.zeros(0, dtype=torch.long, device=m.device)
+                cands.append((empty, empty))
+                continue
+            if nnz[i] / numel >= self.all_candidates_density:
+                lin = (~flat).nonzero().squeeze(1)
+            else:
+                n = int(round(self.gamma * nnz[i]))
+                if scores is None or scores[i] is None:
+                    p_out = p_in = None
+                    if scores is not None:  # guided sampler, layer never reached: uniform
+                        p_out = sampling_distribution(None, n_out)
+                        p_in = sampling_distribution(None, fan_in)
+                else:
+                    p_out = sampling_distribution(scores[i][0], n_out)
+                    p_in = sampling_distribution(scores[i][1], fan_in)
+                o, j = sample_candidates(p_out, p_in, n_out, fan_in, n, gen)
+                lin = (o * fan_in + j).to(m.device)
+                active = flat[lin]
+                n_active = int(active.sum())
+                lin = torch.unique(lin[~active])
+                drawn += n
+                hit += n_active
+                dup += n - n_active - lin.numel()
+            cands.append((lin // fan_in, lin % fan_in))
+        return cands, {"drawn": drawn, "already_active": hit, "duplicate": dup}
+
+    def _candidate_grads(self, calls_per_layer, cands, acc):
+        for i, (mod, calls) in enumerate(zip(self.modules, calls_per_layer)):
+            o, j = cands[i]
+            for inp, d in calls:
+                g = candidate_gradients(mod, inp, d, o, j, self.chunk_size)
+                acc[i] = g if acc[i] is None else acc[i] + g
+
+    # --- one update ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, step: int) -> dict:
+        masks = self.masks
+        nnz = masks.nnz()
+        alpha = self.alpha_at(step)
+        old = [m.clone() for m in masks.masks]
+        batches = self.ctx.batches(self.stat_batches) if self.ctx.batches is not None else []
+        if not batches:
+            raise ConfigError("method=gse needs training batches for its statistics (ctx.batches)")
+        seeds = [int(s) for s in torch.randint(0, 2**62, (len(batches),), generator=self.ctx.generator)]
+
+        grads: list = [None] * len(self.modules)
+        with self._quiet_pass():
+            if self.sampling == "uniform":
+                cands, counts = self._candidates(None, nnz)
+                for (x, y), seed in zip(batches, seeds):
+                    self._candidate_grads(self._layer_calls(x, y, seed), cands, grads)
+            else:
+                scores: list = [None] * len(self.modules)
+                cached = None
+                for (x, y), seed in zip(batches, seeds):
+                    calls = self._layer_calls(x, y, seed)
+                    self._scores(calls, scores)
+                    cached = calls if len(batches) == 1 else None
+                    del calls
+                cands, counts = self._candidates(scores, nnz)
+                if cached is not None:
+                    self._candidate_grads(cached, cands, grads)
+                else:
+                    for (x, y), seed in zip(batches, seeds):
+                        self._candidate_grads(self._layer_calls(x, y, seed), cands, grads)
+                del cached
+        scores_abs = [
+            g.abs() if g is not None else torch.zeros(c[0].numel(), device=c[0].device)
+            for g, c in zip(grads, cands)
+        ]
+        sizes = [c[0].numel() for c in cands]
+
+        # choose the k candidates to grow and the k active weights to prune
+        grow_idx: list[torch.Tensor] = []
+        prune_idx: list[torch.Tensor] = []
+        active_idx = [m.reshape(-1).nonzero().squeeze(1) for m in old]
+        active_mag = [p.data.reshape(-1)[a].abs() for p, a in zip(masks.params, active_idx)]
+        if self.scope == "layer":
+            ks = [min(math.ceil(alpha * a), s) for a, s in zip(nnz, sizes)]
+            for k, sc, a_mag, a_idx, (o, j), mod in zip(ks, scores_abs, active_mag, active_idx, cands, self.modules):
+                fan_in = weight_matrix_shape(mod)[1]
+                top = torch.topk(sc, k, largest=True, sorted=False).indices
+                grow_idx.append(o[top] * fan_in + j[top])
+                low = torch.topk(a_mag, k, largest=False, sorted=False).indices
+                prune_idx.append(a_idx[low])
+            k_total = sum(ks)
+        else:
+            k_total = min(math.ceil(alpha * sum(nnz)), sum(sizes))
+            flat_sc = torch.cat([s.to(self.ctx.device) for s in scores_abs]) if sizes else torch.zeros(0)
+            flat_mag = torch.cat([a.to(flat_sc.dtype).to(self.ctx.device) for a in active_mag])
+            top = torch.topk(flat_sc, k_total, largest=True, sorted=False).indices
+            low = torch.topk(flat_mag, k_total, largest=False, sorted=False).indices
+            c_off = _offsets(sizes)
+            a_off = _offsets([a.numel() for a in active_idx])
+            for i, ((o, j), mod, a_idx) in enumerate(zip(cands, self.modules, active_idx)):
+                fan_in = weight_matrix_shape(mod)[1]
+                sel = top[(top >= c_off[i]) & (top < c_off[i + 1])] - c_off[i]
+                grow_idx.append(o[sel.to(o.device)] * fan_in + j[sel.to(o.device)])
+                dsel = low[(low >= a_off[i]) & (low < a_off[i + 1])] - a_off[i]
+                prune_idx.append(a_idx[dsel.to(a_idx.device)])
+
+        new, grown_masks = [], []
+        for p, m, gi, pi in zip(masks.params, old, grow_idx, prune_idx):
+            nm = m.clone()
+            flat = nm.view(-1)
+            flat[pi] = False
+            flat[gi] = True
+            p.data.view(-1)[gi] = 0.0  # grown weights start at exactly 0
+            p.data.view(-1)[pi] = 0.0
+            gm = torch.zeros_like(m)
+            gm.view(-1)[gi] = True
+            new.append(nm)
+            grown_masks.append(gm)
+        for i, nm in enumerate(new):
+            masks.masks[i] = nm
+        masks.apply_()
+        self.reset_optimizer_state(grown_masks)
+
+        n_cand = sum(sizes)
+        self.last_update = {
+            "step": step,
+            "alpha": alpha,
+            "k": k_total,
+            "candidates": cands,
+            "grown": grow_idx,
+            "pruned": prune_idx,
+        }
+        logs = {
+            "gse/alpha": alpha,
+            "gse/candidates": n_cand,
+            "gse/candidates_drawn": counts["drawn"],
+            "gse/candidates_already_active": counts["already_active"] / max(counts["drawn"], 1),
+            "gse/candidates_duplicate": counts["duplicate"] / max(counts["drawn"], 1),
+            "gse/grown": k_total,
+            **mask_change_logs(masks.names, old, new),
+        }
+        return logs
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out = [0]
+    for s in sizes:
+        out.append(out[-1] + s)
+    return out
