@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import ConfigError
 from .distributions import allocate
@@ -117,7 +118,9 @@ def grasp_scores(model: nn.Module, names: Sequence[str], batches, loss_fn, tempe
     g = [t / len(batches) for t in g]
     hg = [torch.zeros_like(p) for p in params]
     for x, y in batches:
-        grads = _grads(loss_fn(net(x) / temperature, y), params, create_graph=True)
+        # double backward: the fused attention kernels have no second derivative, the math one has
+        with sdpa_kernel(SDPBackend.MATH):
+            grads = _grads(loss_fn(net(x) / temperature, y), params, create_graph=True)
         z = sum((gi * fi).sum() for gi, fi in zip(g, grads) if fi.requires_grad)
         if not torch.is_tensor(z) or not z.requires_grad:
             continue  # the loss is linear in every scored weight: H g = 0
