@@ -1,0 +1,69 @@
+"""Every experiment file composes and carries its paper block, and every distinct (model, method,
+input shape) among them trains on synthetic data of its real input shape with tiny limits (one
+epoch of two batches of two samples). Experiments that differ only in their schedule, density,
+number of classes or paper numbers share one training run, which keeps `make test` short."""
+
+import math
+
+import pytest
+
+from sparse_bench.cli import group_options
+from sparse_bench.run import run, validate
+
+from conftest import CONF, compose
+
+EXPERIMENTS = [e for e in group_options("experiment", CONF)]
+SHAPES = {"mnist": [1, 28, 28], "fashion_mnist": [1, 28, 28], "digits": [1, 8, 8],
+          "cifar10": [3, 32, 32], "cifar100": [3, 32, 32], "imagenet": [3, 224, 224]}
+CLASSES = {"mnist": 10, "fashion_mnist": 10, "digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000}
+# the few settings that must shrink with a one-epoch run (the run itself is otherwise the experiment's)
+SMOKE = {
+    "synflow": ["method.iterations=2"],
+    "acdc": ["method.warmup_epochs=0", "method.phase_length=1", "method.final_dense=0", "method.final_sparse=1",
+             "method.scale_with_multiplier=false"],
+    "lottery": ["method.n_rounds=1"],
+}
+
+
+def test_there_is_an_experiment_for_every_paper():
+    names = set(EXPERIMENTS)
+    for prefix in ("sm_mnist_", "sm_cifar10_", "sm_imagenet_", "cmp_mnist_", "cmp_cifar10_", "gse_cifar10_",
+                   "gse_cifar100_", "gse_imagenet_", "acdc_imagenet_", "gmp_imagenet_", "acdc_cifar100_"):
+        assert any(n.startswith(prefix) for n in names), prefix
+
+
+@pytest.mark.parametrize("name", [e for e in EXPERIMENTS if e != "demo"])
+def test_experiment_has_a_paper_block(name):
+    cfg = compose([f"experiment={name}"])
+    validate(cfg)
+    paper = cfg.paper
+    assert paper.source and paper.table and paper.row and paper.metric in ("test/acc", "test/error")
+    assert int(paper.seeds) >= 1
+    for density, v in (paper.get("values") or {}).items():
+        assert 0 < float(density) <= 1 and math.isfinite(float(v.value))
+
+
+def _distinct() -> list[str]:
+    seen, out = set(), []
+    for name in EXPERIMENTS:
+        cfg = compose([f"experiment={name}"])
+        key = (cfg.model.name, cfg.method.name, tuple(SHAPES[cfg.dataset.name]))
+        if key not in seen:
+            seen.add(key)
+            out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("name", _distinct())
+def test_experiment_trains_two_steps_on_its_input_shape(name, tmp_path):
+    real = compose([f"experiment={name}"])
+    ds, method = real.dataset.name, real.method.name
+    over = [f"experiment={name}", "dataset=synthetic", f"dataset.input_shape={SHAPES[ds]}",
+            f"dataset.num_classes={CLASSES[ds]}", "dataset.n_train=4", "dataset.n_test=2", "dataset.batch_size=2",
+            "dataset.test_batch_size=2", "dataset.val_fraction=0", "schedule.epochs=1", "limit_train_batches=2",
+            "eval.train_samples=0", "logger=none", "progress=false", "device=cpu", f"paths.runs={tmp_path}",
+            *SMOKE.get(method, [])]
+    final = run(compose(over))
+    assert math.isfinite(final["test/loss"])
+    if method != "dense":
+        assert final["density/achieved"] < 1.0
