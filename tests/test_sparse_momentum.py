@@ -63,7 +63,7 @@ def test_cycle_keeps_the_count_exact_and_grown_weights_at_zero(over):
     target = round(0.2 * sum(m.masks.numels))
     assert before == target
     old = [k.clone() for k in m.masks.masks]
-    logs = m.cycle(step=SPE)
+    logs = m.update(step=SPE)
     assert sum(m.masks.nnz()) == before
     grown_any = 0
     for p, o, n in zip(m.masks.params, old, m.masks.masks):
@@ -80,8 +80,8 @@ def test_cycle_keeps_the_count_exact_and_grown_weights_at_zero(over):
 def test_pruned_weights_are_the_smallest_active_ones():
     model, opt, m = make()
     w_before = [p.detach().clone() for p in m.masks.params]
-    m.cycle(step=SPE)
-    c = m.last_cycle
+    m.update(step=SPE)
+    c = m.last_update
     for w, o, d, r, rate in zip(w_before, c["old_masks"], c["pruned"], c["removed"], c["layer_rates"]):
         survivors = o & ~d
         assert int(d.sum()) == r == min(math.ceil(rate * int(o.sum())), int(o.sum()))
@@ -91,8 +91,8 @@ def test_pruned_weights_are_the_smallest_active_ones():
 def test_growth_takes_the_largest_momentum_among_free_slots():
     model, opt, m = make()
     mom = [momentum(opt, p).clone() for p in m.masks.params]
-    m.cycle(step=SPE)
-    c = m.last_cycle
+    m.update(step=SPE)
+    c = m.last_update
     for g, o, d, grown, k in zip(mom, c["old_masks"], c["pruned"], c["grown"], c["regrow"]):
         free = ~(o & ~d)
         assert int(grown.sum()) == k
@@ -106,8 +106,8 @@ def test_shares_are_mean_momentum_of_active_weights_and_budget_follows_them():
     model, opt, m = make(density=0.05)
     masks = [k.clone() for k in m.masks.masks]
     raw = [float(momentum(opt, p).abs()[k].mean()) for p, k in zip(m.masks.params, masks)]
-    m.cycle(step=SPE)
-    c = m.last_cycle
+    m.update(step=SPE)
+    c = m.last_update
     assert c["shares"] == pytest.approx([r / sum(raw) for r in raw])
     total = sum(c["removed"])
     caps = [0.99 * f for f in c["free"]]
@@ -121,8 +121,8 @@ def test_cap_at_099_of_free_slots_and_overflow_spread_over_other_layers():
     model, opt, m = make()
     last = m.masks.params[-1]
     momentum(opt, last).fill_(1e3)  # the last layer claims nearly all regrowth
-    m.cycle(step=SPE)
-    c = m.last_cycle
+    m.update(step=SPE)
+    c = m.last_update
     total = sum(c["removed"])
     assert c["shares"][-1] > 0.99
     assert c["shares"][-1] * total > 0.99 * c["free"][-1], "precondition: the cap binds"
@@ -142,8 +142,8 @@ def test_dense_layer_guard():
     momentum(opt, m.masks.params[-1]).fill_(10.0)  # large share for the last layer only
     momentum(opt, m.masks.params[0]).mul_(1e-6)
     nnz = m.masks.nnz()
-    m.cycle(step=SPE)
-    c = m.last_cycle
+    m.update(step=SPE)
+    c = m.last_update
     p = c["prune_rate"]
     sparsity_last = 1 - nnz[-1] / m.masks.numels[-1]
     assert c["shares"][-1] > 1 / 3 and c["layer_rates"][-1] == pytest.approx(min(sparsity_last, p))
@@ -157,7 +157,7 @@ def test_momentum_buffers_are_not_masked():
         assert torch.all(p[~k] == 0)
         assert buf[~k].abs().sum() > 0, "inactive weights keep accumulating momentum"
     bufs = [momentum(opt, p).clone() for p in m.masks.params]
-    m.cycle(step=SPE)
+    m.update(step=SPE)
     for p, b in zip(m.masks.params, bufs):
         assert torch.equal(momentum(opt, p), b), "a cycle leaves the momentum buffers alone"
 
@@ -183,17 +183,17 @@ def test_cycles_at_the_end_of_every_epoch_but_the_last():
 def test_determinism_and_state_round_trip():
     _, _, a = make(growth="random")
     _, _, b = make(growth="random")
-    a.cycle(SPE)
-    b.cycle(SPE)
+    a.update(SPE)
+    b.update(SPE)
     assert all(torch.equal(x, y) for x, y in zip(a.masks.masks, b.masks.masks))
     _, _, c = make(growth="random", seed=1)
-    c.cycle(SPE)
+    c.update(SPE)
     assert not all(torch.equal(x, y) for x, y in zip(a.masks.masks, c.masks.masks))
     state = a.state_dict()
     _, _, d = make(growth="random")
     d.load_state_dict(state)
-    a.cycle(2 * SPE)  # d's model was trained identically, so only the method state matters
-    d.cycle(2 * SPE)
+    a.update(2 * SPE)  # d's model was trained identically, so only the method state matters
+    d.update(2 * SPE)
     assert all(torch.equal(x, y) for x, y in zip(a.masks.masks, d.masks.masks))
 
 

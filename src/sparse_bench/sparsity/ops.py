@@ -27,6 +27,12 @@ def largest_inactive(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.
     return out
 
 
+def random_inactive(mask: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Bool tensor marking `k` inactive entries drawn uniformly at random (CPU generator)."""
+    scores = torch.rand(mask.shape, generator=generator).to(mask.device)
+    return largest_inactive(scores, mask, k)
+
+
 def mask_change_logs(names, old, new) -> dict:
     """What a researcher reads after a mask update: pruned, grown, churn, per-layer density.
 

@@ -24,8 +24,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..masks import MaskSet
 from ...errors import ConfigError
+from ..masks import MaskSet
+from ..schedules import UpdateCadence
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -109,6 +110,15 @@ class Method:
         return None
 
     @torch.no_grad()
+    def commit_masks(self, new: list[torch.Tensor], grown: list[torch.Tensor]) -> None:
+        """Install `new` masks: grown weights start at exactly 0 with zeroed optimizer state."""
+        for i, (p, g) in enumerate(zip(self.masks.params, grown)):
+            self.masks.masks[i] = new[i]
+            p.data.masked_fill_(g, 0.0)
+        self.masks.apply_()
+        self.reset_optimizer_state(grown)
+
+    @torch.no_grad()
     def reset_optimizer_state(self, positions: list[torch.Tensor]) -> None:
         """Zero the optimizer's per-weight state (momentum, Adam moments) at `positions`.
 
@@ -140,6 +150,29 @@ class Method:
             self.masks.apply_()
         # a checkpoint loaded with map_location=cuda carries the CPU generator's state on the GPU
         self.ctx.generator.set_state(state["generator"].cpu())
+
+
+def cadence_from(cfg, ctx: MethodContext, default, end: int | None = None) -> UpdateCadence:
+    """The update cadence from `method.update_every` ('epoch' or a number of steps)."""
+    try:
+        return UpdateCadence(cfg.get("update_every", default), ctx.total_steps, end=end)
+    except (TypeError, ValueError):
+        raise ConfigError("method.update_every must be 'epoch' or a positive number of steps") from None
+
+
+class ScheduledUpdates:
+    """Mixin: a mask update, `self.update(step)`, whenever `self.cadence` says so."""
+
+    cadence: UpdateCadence
+
+    def update(self, step: int) -> dict:  # pragma: no cover - every user overrides it
+        raise NotImplementedError
+
+    def on_step_end(self, step):
+        return self.update(step) if self.cadence.at_step(step) else None
+
+    def on_epoch_end(self, epoch, step):
+        return self.update(step) if self.cadence.at_epoch_end(epoch, self.ctx.epochs, step) else None
 
 
 def build_method(cfg, ctx: MethodContext) -> Method:

@@ -41,9 +41,8 @@ import torch
 
 from ...errors import ConfigError
 from ..distributions import allocate
-from ..ops import largest_inactive, mask_change_logs
-from ..schedules import UpdateCadence
-from .base import Method, register
+from ..ops import mask_change_logs, random_inactive
+from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
 
 
@@ -58,7 +57,7 @@ def _number(cfg, key: str, default: float) -> float:
 
 
 @register("dsr")
-class DSR(RandomInitMixin, Method):
+class DSR(ScheduledUpdates, RandomInitMixin, Method):
     """Global adaptive magnitude threshold; regrowth shared by the layers' surviving counts."""
 
     def __init__(self, cfg, ctx):
@@ -72,24 +71,11 @@ class DSR(RandomInitMixin, Method):
         self.delta = _number(cfg, "delta", 0.1)
         if not 0.0 <= self.delta < 1.0:
             raise ConfigError(f"method.delta={self.delta} must be in [0, 1); the paper uses 0.1")
-        try:
-            self.cadence = UpdateCadence(cfg.get("update_every", 100), ctx.total_steps)
-        except (TypeError, ValueError):
-            raise ConfigError("method.update_every must be 'epoch' or a positive number of steps") from None
+        self.cadence = cadence_from(cfg, ctx, 100)
         self.last_update: dict = {}
 
     def setup(self):
         return self.init_random_masks()
-
-    def on_step_end(self, step):
-        if self.cadence.at_step(step):
-            return self.update(step)
-        return None
-
-    def on_epoch_end(self, epoch, step):
-        if self.cadence.at_epoch_end(epoch, self.ctx.epochs, step):
-            return self.update(step)
-        return None
 
     @staticmethod
     def adjust_threshold(threshold: float, pruned: int, target: float, delta: float) -> float:
@@ -148,16 +134,9 @@ class DSR(RandomInitMixin, Method):
 
         # 3. regrow exactly k_total, shared by the surviving counts, at random positions, at 0
         regrow = self.regrowth_counts(surviving, free, k_total)
-        grown = []
-        for m, k in zip(after, regrow):
-            scores = torch.rand(m.shape, generator=self.ctx.generator).to(m.device)
-            grown.append(largest_inactive(scores, m, k))
+        grown = [random_inactive(m, k, self.ctx.generator) for m, k in zip(after, regrow)]
         new = [a | g for a, g in zip(after, grown)]
-        for i, (w, g) in enumerate(zip(weights, grown)):
-            masks.masks[i] = new[i]
-            w.masked_fill_(g, 0.0)
-        masks.apply_()
-        self.reset_optimizer_state(grown)
+        self.commit_masks(new, grown)
 
         self.last_update = {
             "step": step,

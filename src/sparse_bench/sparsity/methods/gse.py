@@ -76,8 +76,8 @@ from ..candidate_grad import (
     weight_matrix_shape,
 )
 from ..ops import mask_change_logs
-from ..schedules import UpdateCadence, decay
-from .base import Method, register
+from ..schedules import decay
+from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
 
 SAMPLINGS = ("uniform", "grabo", "graest")
@@ -130,7 +130,7 @@ def sample_candidates(
 
 
 @register("gse")
-class GSE(RandomInitMixin, Method):
+class GSE(ScheduledUpdates, RandomInitMixin, Method):
     """Guided stochastic exploration: grow the sampled candidates of largest |gradient|."""
 
     def __init__(self, cfg, ctx):
@@ -155,10 +155,7 @@ class GSE(RandomInitMixin, Method):
             raise ConfigError(f"method.chunk_size={self.chunk_size} must be a positive number of elements")
         self.all_candidates_density = float(cfg.get("all_candidates_density", 0.5))
         self.t_end = int(round(self.end_fraction * ctx.total_steps))
-        try:
-            self.cadence = UpdateCadence(cfg.get("update_every", 1000), ctx.total_steps, end=self.t_end)
-        except ValueError:
-            raise ConfigError("method.update_every must be a positive number of steps or 'epoch'") from None
+        self.cadence = cadence_from(cfg, ctx, 1000, end=self.t_end)
         self.modules = self._find_modules()
         self.last_update: dict = {}
 
@@ -210,16 +207,6 @@ class GSE(RandomInitMixin, Method):
     def alpha_at(self, step: int) -> float:
         """alpha (1 + cos(pi t / T_end)): 2 alpha at t = 0, 0 from T_end on."""
         return decay("cosine", 2.0 * self.alpha, 0.0, step, self.t_end)
-
-    def on_step_end(self, step):
-        if self.cadence.at_step(step):
-            return self.update(step)
-        return None
-
-    def on_epoch_end(self, epoch, step):
-        if self.cadence.at_epoch_end(epoch, self.ctx.epochs, step):
-            return self.update(step)
-        return None
 
     # --- the statistics pass ------------------------------------------------------------------
     @contextmanager

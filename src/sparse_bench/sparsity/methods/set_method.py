@@ -37,9 +37,9 @@ import torch
 
 from ...errors import ConfigError
 from ..distributions import allocate
-from ..ops import largest_inactive, mask_change_logs, smallest_active
-from ..schedules import DECAYS, UpdateCadence, decay
-from .base import Method, register
+from ..ops import mask_change_logs, random_inactive, smallest_active
+from ..schedules import DECAYS, decay
+from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
 
 PRUNE_MODES = ("magnitude", "set")
@@ -82,7 +82,7 @@ def prune_by_sign(w: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @register("set")
-class SET(RandomInitMixin, Method):
+class SET(ScheduledUpdates, RandomInitMixin, Method):
     """Prune the smallest-magnitude fraction per layer, regrow as many at random (at zero)."""
 
     def __init__(self, cfg, ctx):
@@ -91,10 +91,7 @@ class SET(RandomInitMixin, Method):
         self.decay_kind = _choice(cfg, "decay", "constant", DECAYS)
         self.p0 = _fraction(cfg, "prune_rate", 0.3, low_open=True)
         self.p_min = _fraction(cfg, "prune_rate_min", 0.0)
-        try:
-            self.cadence = UpdateCadence(cfg.get("update_every", "epoch"), ctx.total_steps)
-        except (TypeError, ValueError):
-            raise ConfigError("method.update_every must be 'epoch' or a positive number of steps") from None
+        self.cadence = cadence_from(cfg, ctx, "epoch")
         self.last_update: dict = {}
 
     def setup(self):
@@ -102,16 +99,6 @@ class SET(RandomInitMixin, Method):
 
     def prune_rate(self, step: int) -> float:
         return decay(self.decay_kind, self.p0, self.p_min, step, self.ctx.total_steps)
-
-    def on_step_end(self, step):
-        if self.cadence.at_step(step):
-            return self.update(step)
-        return None
-
-    def on_epoch_end(self, epoch, step):
-        if self.cadence.at_epoch_end(epoch, self.ctx.epochs, step):
-            return self.update(step)
-        return None
 
     @torch.no_grad()
     def update(self, step: int) -> dict:
@@ -129,17 +116,9 @@ class SET(RandomInitMixin, Method):
             pruned = [prune_by_sign(w, m, k) for w, m, k in zip(weights, old, counts)]
         after = [m & ~d for m, d in zip(old, pruned)]
 
-        grown = []
-        for m, k in zip(after, counts):
-            scores = torch.rand(m.shape, generator=self.ctx.generator).to(m.device)
-            grown.append(largest_inactive(scores, m, k))
-
+        grown = [random_inactive(m, k, self.ctx.generator) for m, k in zip(after, counts)]
         new = [a | g for a, g in zip(after, grown)]
-        for i, (w, g) in enumerate(zip(weights, grown)):
-            masks.masks[i] = new[i]
-            w.masked_fill_(g, 0.0)
-        masks.apply_()
-        self.reset_optimizer_state(grown)
+        self.commit_masks(new, grown)
 
         self.last_update = {
             "step": step,

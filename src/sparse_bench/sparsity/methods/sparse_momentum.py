@@ -36,9 +36,9 @@ import torch
 
 from ...errors import ConfigError
 from ..distributions import allocate
-from ..ops import largest_inactive, mask_change_logs, smallest_active
-from ..schedules import DECAYS, UpdateCadence, decay
-from .base import Method, register
+from ..ops import largest_inactive, mask_change_logs, random_inactive, smallest_active
+from ..schedules import DECAYS, decay
+from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
 
 PRUNE_MODES = ("magnitude", "set", "negativity", "global_magnitude")
@@ -73,7 +73,7 @@ def spread_budget(targets: list[float], caps: list[float], iterations: int = 100
 
 
 @register("sparse_momentum")
-class SparseMomentum(RandomInitMixin, Method):
+class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.prune_mode = _check(cfg, "prune", PRUNE_MODES)
@@ -87,11 +87,8 @@ class SparseMomentum(RandomInitMixin, Method):
         self.guard_density = float(cfg.get("dense_guard", 0.8))
         self.regrow_cap = float(cfg.get("regrow_cap", 0.99))
         self.nonzero_threshold = float(cfg.get("nonzero_threshold", 0.0))
-        try:
-            self.cadence = UpdateCadence(cfg.get("update_every", "epoch"), ctx.total_steps)
-        except ValueError:
-            raise ConfigError("method.update_every must be 'epoch' or a positive number of steps") from None
-        self.last_cycle: dict = {}
+        self.cadence = cadence_from(cfg, ctx, "epoch")
+        self.last_update: dict = {}
 
     def setup(self):
         return self.init_random_masks()
@@ -99,17 +96,7 @@ class SparseMomentum(RandomInitMixin, Method):
     def prune_rate(self, step: int) -> float:
         return decay(self.decay_kind, self.p0, self.p_min, step, self.ctx.total_steps)
 
-    def on_step_end(self, step):
-        if self.cadence.at_step(step):
-            return self.cycle(step)
-        return None
-
-    def on_epoch_end(self, epoch, step):
-        if self.cadence.at_epoch_end(epoch, self.ctx.epochs, step):
-            return self.cycle(step)
-        return None
-
-    # --- one prune / redistribute / grow cycle ------------------------------------------------
+    # --- one prune / redistribute / grow cycle (the update) ---------------------------------
     def growth_signal(self, param: torch.Tensor) -> torch.Tensor:
         m = self.optimizer_momentum(param)
         if m is None:  # no momentum (plain SGD): fall back to the last gradient
@@ -148,8 +135,7 @@ class SparseMomentum(RandomInitMixin, Method):
 
     def grow_layer(self, g: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
         if self.growth_mode == "random":
-            scores = torch.rand(m.shape, generator=self.ctx.generator).to(m.device)
-            return largest_inactive(scores, m, k)
+            return random_inactive(m, k, self.ctx.generator)
         if self.growth_mode == "momentum_neuron" and m.dim() >= 2 and k > 0:
             a = g.abs()
             rows = a.flatten(1)
@@ -167,7 +153,7 @@ class SparseMomentum(RandomInitMixin, Method):
         return largest_inactive(g.abs(), m, k)
 
     @torch.no_grad()
-    def cycle(self, step: int) -> dict:
+    def update(self, step: int) -> dict:
         masks = self.masks
         old = [m.clone() for m in masks.masks]
         weights = [p.data for p in masks.params]
@@ -228,7 +214,7 @@ class SparseMomentum(RandomInitMixin, Method):
             masks.masks[i] = m
         masks.apply_()
 
-        self.last_cycle = {
+        self.last_update = {
             "step": step,
             "prune_rate": p,
             "layer_rates": rates,
