@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(BIN)/python -m sparse_bench experiment=demo
+	$(BIN)/python -m sparse_bench experiment=demo resume=false
 
 test: install
 	$(BIN)/python -m pytest -q
