@@ -265,3 +265,16 @@ def test_wandb_runs_are_merged_and_deduplicated(sweep, tmp_path, capsys, monkeyp
     assert rows["LeNet-300-100"][10:13] == ["97.00 (n=1)", "97.64", "-0.64"]
     mean, se = _mean_se(ACCS[("LeNet-300-100", 0.05)])
     assert rows["LeNet-300-100"][4] == f"{mean:.2f} ± {se:.2f} (n=3)"  # the W&B copy did not count
+
+
+def test_running_label_uses_the_planned_epochs_the_trainer_records(tmp_path, capsys):
+    # an iterative method (lottery) trains several rounds: 3 rounds x 5 epochs, recorded per epoch
+    root = tmp_path / "runs"
+    paper = {"table": "t", "row": "r", "values": {"0.1": {"value": 90.0}}}
+    folder = root / "a"
+    _write_run(folder, _config("mlp", "lottery", 0.1, 0, paper), epochs_done=7)
+    recs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({**r, "epochs": 15}) + "\n" for r in recs))
+    _run_main(root, tmp_path / "out", capsys)
+    _, rows = _md_rows((tmp_path / "out" / "t.md").read_text())
+    assert rows["r"][1] == "running (epoch 7/15)"
