@@ -104,13 +104,14 @@ def planned_epochs(config: dict) -> int | None:
         return None
 
 
-def last_epoch(metrics_path: Path) -> int:
-    """The last finished training epoch recorded in metrics.jsonl (0 when none)."""
-    epoch = 0
+def progress(metrics_path: Path) -> tuple[int, int | None]:
+    """The last finished training epoch in metrics.jsonl (0 when none) and the planned total the
+    trainer records with it (None in older files; iterative methods train several rounds)."""
+    epoch, planned = 0, None
     try:
         lines = Path(metrics_path).read_text().splitlines()
     except OSError:
-        return 0
+        return 0, None
     for line in lines:
         try:
             rec = json.loads(line)
@@ -118,7 +119,10 @@ def last_epoch(metrics_path: Path) -> int:
             continue  # a line cut short by a crash
         if isinstance(rec, dict) and not rec.get("final") and isinstance(rec.get("epoch"), (int, float)):
             epoch = max(epoch, int(rec["epoch"]))
-    return epoch
+            if isinstance(rec.get("epochs"), int):
+                planned = rec["epochs"]
+    return epoch, planned
+
 
 
 def read_run_folder(folder: Path) -> RunRecord | None:
@@ -140,8 +144,8 @@ def read_run_folder(folder: Path) -> RunRecord | None:
         if isinstance(acc, (int, float)):
             return RunRecord(str(folder), config, True, acc=float(acc), epoch=epochs or 0, epochs=epochs,
                              wandb_id=wandb_id)
-    return RunRecord(str(folder), config, False, epoch=last_epoch(folder / "metrics.jsonl"), epochs=epochs,
-                     wandb_id=wandb_id)
+    done, planned = progress(folder / "metrics.jsonl")
+    return RunRecord(str(folder), config, False, epoch=done, epochs=planned or epochs, wandb_id=wandb_id)
 
 
 def find_run_folders(inputs: list[Path]) -> list[Path]:

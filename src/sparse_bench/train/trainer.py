@@ -142,7 +142,7 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def fit(self, sink: MetricSink) -> dict:
         for epoch in range(self.epoch + 1, self.epochs + 1):
-            rec = {"epoch": epoch}
+            rec = {"epoch": epoch, "epochs": self.epochs}
             rec.update(self.train_epoch(epoch))
             rec["lr"] = self.optimizer.param_groups[0]["lr"]
             if self.train_eval_samples > 0:
