@@ -463,3 +463,18 @@ def test_cli_run(tmp_path, name):
     target = res["density"]["target"]
     assert res["density"]["achieved"] == round(target * total) / total
     assert res["steps"] == 10
+
+
+def test_dsr_default_period_lengthens_like_the_reference():
+    from pathlib import Path
+
+    from sparse_bench.sparsity.methods import MethodContext, build_method
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "method" / "dsr.yaml")
+    model = nn.Sequential(nn.Linear(4, 4))
+    ctx = MethodContext(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                        density=0.5, epochs=200, steps_per_epoch=10, device=CPU,
+                        generator=torch.Generator().manual_seed(0))
+    m = build_method(cfg, ctx)
+    fired = [s for s in range(1, 2001) if m.cadence.at_step(s)]
+    assert fired == [100, 200, 300, 400, 600, 800, 1200]  # x2 at epochs 40, 80, 120; none from 160

@@ -63,3 +63,14 @@ def test_update_cadence():
     assert [s for s in range(1, 1001) if c.at_step(s)] == [100, 200, 300, 400, 500, 600, 700]
     e = UpdateCadence("epoch", total_steps=40)
     assert [ep for ep in range(1, 5) if e.at_epoch_end(ep, 4, ep * 10)] == [1, 2, 3]
+
+
+def test_lengthening_steps_double_the_period_and_stop():
+    from sparse_bench.sparsity.schedules import StepList, lengthening_steps
+
+    # DSR on 200 epochs x 10 steps: period 100, x2 at epochs 40/80/120, none from 160 on
+    steps = lengthening_steps(100, 2000, doublings=[400, 800, 1200], end=1600)
+    assert steps == [100, 200, 300, 400, 600, 800, 1200]
+    c = StepList(steps)
+    assert c.at_step(600) and not c.at_step(500) and not c.at_epoch_end(1, 2, 10)
+    assert lengthening_steps(3, 10) == [3, 6, 9]

@@ -52,3 +52,34 @@ class UpdateCadence:
     def at_epoch_end(self, epoch: int, epochs: int, step: int) -> bool:
         """Whether to update after `epoch` (1-based) finished, `step` steps done."""
         return self.per_epoch and epoch < epochs and self.start <= step < max(self.end, self.start + 1)
+
+
+def lengthening_steps(period: int, total_steps: int, doublings=(), end: int | None = None) -> list[int]:
+    """Update steps every `period` steps, the period doubling once for each step in `doublings`
+    already reached, and none from `end` on (DSR's reallocation schedule)."""
+    if period <= 0:
+        raise ValueError("update interval must be positive")
+    end = total_steps if end is None else end
+    marks = sorted(int(d) for d in doublings)
+    steps, last = [], 0
+    while True:
+        nxt = last + period * 2 ** sum(m <= last for m in marks)
+        if nxt >= end:
+            return steps
+        steps.append(nxt)
+        last = nxt
+
+
+class StepList:
+    """A cadence given by an explicit list of update steps (no epoch-end updates)."""
+
+    per_epoch = False
+
+    def __init__(self, steps):
+        self.steps = frozenset(int(s) for s in steps)
+
+    def at_step(self, step: int) -> bool:
+        return step in self.steps
+
+    def at_epoch_end(self, epoch: int, epochs: int, step: int) -> bool:
+        return False

@@ -28,7 +28,10 @@ Where this differs from the reference and why:
   10% of the active weights, the default here; the paper's absolute N_p values (e.g. 20,000 of
   WRN-28-2's ~150k active weights at 90% sparsity) are of the same order.
 * The reference lengthens the period during training (x2 at epochs 40, 80, 120 and no updates
-  after epoch 160 of 200 on CIFAR); here the period is fixed (``update_every``).
+  after epoch 160 of 200 on CIFAR). Here the same happens at fractions of training:
+  ``period_doublings`` ([0.2, 0.4, 0.6]) and ``end_fraction`` (0.8), so the schedule follows
+  the run's length (``schedule.multiplier`` included); ``period_doublings: []`` and
+  ``end_fraction: 1.0`` give a fixed period.
 * If every weight of the network fell under H (sum(R) = 0), regrowth is spread over the layers in
   proportion to their free slots instead (the reference would divide by zero).
 """
@@ -42,6 +45,7 @@ import torch
 from ...errors import ConfigError
 from ..distributions import allocate
 from ..ops import mask_change_logs, random_inactive
+from ..schedules import StepList, lengthening_steps
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
 
@@ -71,8 +75,30 @@ class DSR(ScheduledUpdates, RandomInitMixin, Method):
         self.delta = _number(cfg, "delta", 0.1)
         if not 0.0 <= self.delta < 1.0:
             raise ConfigError(f"method.delta={self.delta} must be in [0, 1); the paper uses 0.1")
-        self.cadence = cadence_from(cfg, ctx, 100)
+        self.cadence = self._cadence(cfg, ctx)
         self.last_update: dict = {}
+
+    @staticmethod
+    def _cadence(cfg, ctx):
+        every = cfg.get("update_every", 100)
+        doublings = list(cfg.get("period_doublings", []) or [])
+        end_fraction = float(cfg.get("end_fraction", 1.0))
+        if not 0.0 < end_fraction <= 1.0 or any(not 0.0 <= float(d) <= 1.0 for d in doublings):
+            raise ConfigError("method.end_fraction must be in (0, 1] and method.period_doublings fractions "
+                              "of training in [0, 1], e.g. [0.2, 0.4, 0.6]")
+        if str(every) == "epoch":
+            if doublings:
+                raise ConfigError("method.period_doublings needs a step interval: set method.update_every to "
+                                  "a number of steps or method.period_doublings=[]")
+            return cadence_from(cfg, ctx, "epoch", end=int(round(end_fraction * ctx.total_steps)))
+        try:
+            period = int(every)
+            steps = lengthening_steps(period, ctx.total_steps,
+                                      [round(float(d) * ctx.total_steps) for d in doublings],
+                                      end=int(round(end_fraction * ctx.total_steps)))
+        except (TypeError, ValueError):
+            raise ConfigError("method.update_every must be 'epoch' or a positive number of steps") from None
+        return StepList(steps)
 
     def setup(self):
         return self.init_random_masks()
