@@ -26,6 +26,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..masks import MaskSet
+from ..ops import random_inactive
 from ..schedules import UpdateCadence
 
 METHODS: dict[str, type["Method"]] = {}
@@ -117,6 +118,14 @@ class Method:
             p.data.masked_fill_(g, 0.0)
         self.masks.apply_()
         self.reset_optimizer_state(grown)
+
+    @torch.no_grad()
+    def grow_random(self, after: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+        """Grow `counts[l]` random inactive positions per layer on top of `after`, commit them
+        (at 0, optimizer state zeroed) and return the grown positions."""
+        grown = [random_inactive(m, k, self.ctx.generator) for m, k in zip(after, counts)]
+        self.commit_masks([a | g for a, g in zip(after, grown)], grown)
+        return grown
 
     @torch.no_grad()
     def reset_optimizer_state(self, positions: list[torch.Tensor]) -> None:

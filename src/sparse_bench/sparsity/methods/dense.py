@@ -14,7 +14,11 @@ class Dense(Method):
 
 
 class RandomInitMixin:
-    """Draws the initial masks from `cfg.init` (uniform / er / erk / bernoulli) at `density`."""
+    """Draws the initial masks from `cfg.init` (uniform / er / erk / bernoulli) at `density`;
+    that is the whole `setup()` unless a method overrides it."""
+
+    def setup(self):
+        return self.init_random_masks()
 
     def init_random_masks(self) -> dict:
         kind = str(self.cfg.get("init", "uniform"))
@@ -26,6 +30,3 @@ class RandomInitMixin:
 @register("static")
 class Static(RandomInitMixin, Method):
     """A random mask drawn once at initialisation and never changed."""
-
-    def setup(self):
-        return self.init_random_masks()

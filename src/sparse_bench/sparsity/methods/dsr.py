@@ -44,7 +44,7 @@ import torch
 
 from ...errors import ConfigError
 from ..distributions import allocate
-from ..ops import mask_change_logs, random_inactive
+from ..ops import mask_change_logs
 from ..schedules import StepList, lengthening_steps
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
@@ -99,9 +99,6 @@ class DSR(ScheduledUpdates, RandomInitMixin, Method):
         except (TypeError, ValueError):
             raise ConfigError("method.update_every must be 'epoch' or a positive number of steps") from None
         return StepList(steps)
-
-    def setup(self):
-        return self.init_random_masks()
 
     @staticmethod
     def adjust_threshold(threshold: float, pruned: int, target: float, delta: float) -> float:
@@ -160,9 +157,7 @@ class DSR(ScheduledUpdates, RandomInitMixin, Method):
 
         # 3. regrow exactly k_total, shared by the surviving counts, at random positions, at 0
         regrow = self.regrowth_counts(surviving, free, k_total)
-        grown = [random_inactive(m, k, self.ctx.generator) for m, k in zip(after, regrow)]
-        new = [a | g for a, g in zip(after, grown)]
-        self.commit_masks(new, grown)
+        grown = self.grow_random(after, regrow)
 
         self.last_update = {
             "step": step,
@@ -179,7 +174,7 @@ class DSR(ScheduledUpdates, RandomInitMixin, Method):
             "dsr/threshold": self.threshold,
             "dsr/pruned": k_total,
             "dsr/np_target": target,
-            **mask_change_logs(masks.names, old, new),
+            **mask_change_logs(masks.names, old, masks.masks),
         }
         for name, g in zip(masks.names, regrow):
             logs[f"dsr/regrow/{name}"] = g

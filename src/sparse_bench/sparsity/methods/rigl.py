@@ -102,9 +102,6 @@ class RigL(RandomInitMixin, Method):
         self._grow_scores: list[torch.Tensor | None] | None = None
         self.last_update: dict = {}
 
-    def setup(self):
-        return self.init_random_masks()
-
     def drop_fraction(self, step: int) -> float:
         """alpha_t: `drop_fraction` decayed to 0 at `end_step` (0 from there on)."""
         if step >= self.end_step:

@@ -37,7 +37,7 @@ import torch
 
 from ...errors import ConfigError
 from ..distributions import allocate
-from ..ops import mask_change_logs, random_inactive, smallest_active
+from ..ops import mask_change_logs, smallest_active
 from ..schedules import DECAYS, decay
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
@@ -94,9 +94,6 @@ class SET(ScheduledUpdates, RandomInitMixin, Method):
         self.cadence = cadence_from(cfg, ctx, "epoch")
         self.last_update: dict = {}
 
-    def setup(self):
-        return self.init_random_masks()
-
     def prune_rate(self, step: int) -> float:
         return decay(self.decay_kind, self.p0, self.p_min, step, self.ctx.total_steps)
 
@@ -116,9 +113,7 @@ class SET(ScheduledUpdates, RandomInitMixin, Method):
             pruned = [prune_by_sign(w, m, k) for w, m, k in zip(weights, old, counts)]
         after = [m & ~d for m, d in zip(old, pruned)]
 
-        grown = [random_inactive(m, k, self.ctx.generator) for m, k in zip(after, counts)]
-        new = [a | g for a, g in zip(after, grown)]
-        self.commit_masks(new, grown)
+        grown = self.grow_random(after, counts)
 
         self.last_update = {
             "step": step,
@@ -129,7 +124,7 @@ class SET(ScheduledUpdates, RandomInitMixin, Method):
             "grown": grown,
         }
         logs = {"set/prune_rate": zeta, "set/rewired": sum(counts),
-                **mask_change_logs(masks.names, old, new)}
+                **mask_change_logs(masks.names, old, masks.masks)}
         return logs
 
     def load_state_dict(self, state: dict) -> None:

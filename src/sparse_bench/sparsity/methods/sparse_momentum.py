@@ -90,9 +90,6 @@ class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
         self.cadence = cadence_from(cfg, ctx, "epoch")
         self.last_update: dict = {}
 
-    def setup(self):
-        return self.init_random_masks()
-
     def prune_rate(self, step: int) -> float:
         return decay(self.decay_kind, self.p0, self.p_min, step, self.ctx.total_steps)
 
