@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from sparse_bench.cli import conf_dir
 from sparse_bench.models import build_model
 from sparse_bench.sparsity.methods import MethodContext, build_method
 
@@ -32,7 +33,7 @@ def bench(model_name: str, method: str, density: float, steps: int, batch: int, 
     torch.manual_seed(0)
     model = build_model(OmegaConf.create({"name": model_name, "in_features": 784}), (1, 28, 28), 10).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    cfg = OmegaConf.load(f"conf/method/{method}.yaml")
+    cfg = OmegaConf.load(conf_dir() / "method" / f"{method}.yaml")
     ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=1, steps_per_epoch=steps,
                         device=device, generator=torch.Generator().manual_seed(1), loss_fn=nn.CrossEntropyLoss())
     m = build_method(cfg, ctx)

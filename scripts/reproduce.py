@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 import yaml
+from sparse_bench.cli import conf_dir
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "experiment"
+CONF = conf_dir() / "experiment"
 
 
 def command(experiment: str, seeds: int | None, method: str | None, extra: list[str]) -> list[str]:

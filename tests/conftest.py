@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from sparse_bench.cli import conf_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = conf_dir()
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -19,8 +19,9 @@ from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.methods.acdc import acdc_phases
 
 from conftest import cli, read_jsonl
+from sparse_bench.cli import conf_dir
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+CONF = conf_dir() / "method"
 SPE = 4  # steps per epoch
 
 

@@ -18,8 +18,9 @@ from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity import candidate_grad as cg
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.methods import gse as gse_mod
+from sparse_bench.cli import conf_dir
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "method" / "gse.yaml"
+CONF = conf_dir() / "method" / "gse.yaml"
 EPOCHS, SPE = 5, 20  # 100 steps; end_fraction 0.6 -> updates before step 60
 
 

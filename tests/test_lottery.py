@@ -17,8 +17,9 @@ from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.train import trainer as trainer_mod
 
 from conftest import compose, read_jsonl
+from sparse_bench.cli import conf_dir
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "method" / "lottery.yaml"
+CONF = conf_dir() / "method" / "lottery.yaml"
 EPOCHS, SPE = 2, 4
 
 

@@ -17,6 +17,7 @@ from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity.distributions import allocate
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.methods.dsr import DSR
+from sparse_bench.cli import conf_dir
 
 CPU = torch.device("cpu")
 STEPS_PER_EPOCH = 6
@@ -470,7 +471,7 @@ def test_dsr_default_period_lengthens_like_the_reference():
 
     from sparse_bench.sparsity.methods import MethodContext, build_method
 
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "method" / "dsr.yaml")
+    cfg = OmegaConf.load(conf_dir() / "method" / "dsr.yaml")
     model = nn.Sequential(nn.Linear(4, 4))
     ctx = MethodContext(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
                         density=0.5, epochs=200, steps_per_epoch=10, device=CPU,

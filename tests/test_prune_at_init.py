@@ -15,8 +15,9 @@ from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.saliency import SynFlowScorer, grasp_scores, snip_scores
 
 from conftest import cli
+from sparse_bench.cli import conf_dir
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
+CONF = conf_dir() / "method"
 METHODS = ["snip", "grasp", "synflow"]
 
 

@@ -9,8 +9,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from sparse_bench.sparsity.methods import MethodContext, build_method
+from sparse_bench.cli import conf_dir
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "method" / "sparse_momentum.yaml"
+CONF = conf_dir() / "method" / "sparse_momentum.yaml"
 EPOCHS, SPE = 4, 10
 
 

@@ -6,7 +6,6 @@ one line naming the key and the choices instead of a composition traceback.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -16,11 +15,8 @@ GROUPS = ("model", "dataset", "method", "schedule", "optimizer", "logger", "expe
 
 
 def conf_dir() -> Path:
-    """The project's conf/ folder (next to src/ in a checkout or editable install)."""
-    env = os.environ.get("SPARSE_BENCH_CONF")
-    if env:
-        return Path(env).resolve()
-    return (Path(__file__).resolve().parents[2] / "conf").resolve()
+    """The package's own config folder (shipped inside the package, so it is found from any folder)."""
+    return Path(__file__).resolve().parent / "conf"
 
 
 def group_options(group: str, root: Path | None = None) -> list[str]:

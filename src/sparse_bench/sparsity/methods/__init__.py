@@ -1,7 +1,7 @@
 """The sparsity methods, one module each, registered by name.
 
 Every module in this package is imported here, so adding a method is one file (with
-``@register("name")`` on its class) plus one YAML in conf/method/.
+``@register("name")`` on its class) plus one YAML in src/sparse_bench/conf/method/.
 """
 
 import importlib

@@ -16,7 +16,7 @@ IST-DASLab's AC/DC / WoodFisher code that Kuznedelev et al. build on), step by s
   the weights after every optimizer step. Momentum is left alone: pruned weights never return,
   so their (masked, decaying) momentum has no effect.
 
-Defaults (``conf/method/gmp.yaml``): events at epoch ends every 2 epochs, ``start`` at 10% and
+Defaults (``conf/method/gmp.yaml`` in the package): events at epoch ends every 2 epochs, ``start`` at 10% and
 ``end`` at 80% of the run (10 and 80 of a 100-epoch ImageNet ResNet-50 run, the common GMP
 recipe; STR's GMP uses 20-79), initial sparsity 0, cubic schedule, global scope. Explicit
 ``start``/``end`` are in units of the base (1x) schedule and multiplied by
