@@ -10,6 +10,7 @@ from sparse_bench.run import run
 from sparse_bench.train import trainer as trainer_mod
 from sparse_bench.train.checkpoint import save_checkpoint
 
+from sparse_bench.train.checkpoint import load_checkpoint
 from conftest import FASHION, cli, compose, read_jsonl
 
 TINY = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=3", "density=0.3"]
@@ -113,13 +114,14 @@ def test_resume_after_a_crash_ends_bit_identical(tmp_path, fast_overrides, monke
         run(cfg)
     monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
     folder_b = tmp_path / "b" / cfg.run_name
-    assert not (folder_b / "results.json").exists()
+    crashed = _results(folder_b)
+    assert crashed["status"] == "failed" and "killed after epoch 1" in crashed["error"]
     assert len(read_jsonl(folder_b / "metrics.jsonl")) == 1
     run(cfg)  # resume=auto picks up the checkpoint
 
     assert _strip(read_jsonl(folder_a / "metrics.jsonl")) == _strip(read_jsonl(folder_b / "metrics.jsonl"))
-    ca = torch.load(folder_a / "checkpoint.pt", weights_only=False)
-    cb = torch.load(folder_b / "checkpoint.pt", weights_only=False)
+    ca = load_checkpoint(folder_a / "checkpoint.pt")
+    cb = load_checkpoint(folder_b / "checkpoint.pt")
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
     for ma, mb in zip(ca["method"]["masks"]["masks"], cb["method"]["masks"]["masks"]):
@@ -155,5 +157,5 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(OSError):
         save_checkpoint(path, {"epoch": 2})
-    assert torch.load(path, weights_only=False) == {"epoch": 1}
+    assert load_checkpoint(path) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

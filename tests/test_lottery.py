@@ -16,6 +16,7 @@ from sparse_bench.run import run
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.train import trainer as trainer_mod
 
+from sparse_bench.train.checkpoint import load_checkpoint
 from conftest import compose, read_jsonl
 from sparse_bench.cli import conf_dir
 
@@ -188,13 +189,13 @@ def test_rounds_restart_the_lr_and_resume_is_bit_identical(tmp_path, fast_overri
         run(cfg)
     monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
     folder_b = tmp_path / "b" / cfg.run_name
-    ck = torch.load(folder_b / "checkpoint.pt", weights_only=False)
+    ck = load_checkpoint(folder_b / "checkpoint.pt")
     assert ck["method"]["lottery"]["round"] == 2 and ck["method"]["lottery"]["rewind"] is not None
     run(cfg)
 
     assert _strip(read_jsonl(folder_a / "metrics.jsonl")) == _strip(read_jsonl(folder_b / "metrics.jsonl"))
-    ca = torch.load(folder_a / "checkpoint.pt", weights_only=False)
-    cb = torch.load(folder_b / "checkpoint.pt", weights_only=False)
+    ca = load_checkpoint(folder_a / "checkpoint.pt")
+    cb = load_checkpoint(folder_b / "checkpoint.pt")
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
     for ma, mb in zip(ca["method"]["masks"]["masks"], cb["method"]["masks"]["masks"]):

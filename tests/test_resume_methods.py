@@ -7,6 +7,7 @@ import torch
 from sparse_bench.run import run
 from sparse_bench.train import trainer as trainer_mod
 
+from sparse_bench.train.checkpoint import load_checkpoint
 from conftest import compose, read_jsonl
 
 BASE = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=4", "density=0.3",
@@ -62,7 +63,7 @@ def test_resume_is_bit_identical(method, tmp_path, monkeypatch):
     if method not in ("snip", "synflow"):  # one-shot methods never change their masks again
         assert any(r.get("mask/pruned", 0) > 0 or r.get("mask/grown", 0) > 0 for r in ra[crash_after:]), \
             "the resumed half must contain mask updates for this test to mean anything"
-    ca = torch.load(fa / "checkpoint.pt", weights_only=False)
-    cb = torch.load(fb / "checkpoint.pt", weights_only=False)
+    ca = load_checkpoint(fa / "checkpoint.pt")
+    cb = load_checkpoint(fb / "checkpoint.pt")
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k

@@ -1,17 +1,31 @@
-"""Command line: check the overrides, then hand over to Hydra and `run(cfg)`.
+"""Command line: check the command, then hand over to Hydra and `run(cfg)`.
 
-Unknown config-group options are caught here, before Hydra composes anything, so the user gets
-one line naming the key and the choices instead of a composition traceback.
+Before Hydra creates a run folder, the command is checked with Hydra's own machinery, on the
+same search path Hydra will use (the package's config, ``--config-dir``, ``hydra.searchpath``):
+an unknown group option, an override that does not parse, a config that does not compose or a
+value `validate` refuses ends in one line naming the key and the fix, and exit status 2, with
+no folder left behind.
+
+Inside a sweep, a job that fails does not end the sweep: its folder gets a results.json with
+``status: failed`` and the reason, the other jobs run, and the sweep ends with exit status 1
+naming the failed jobs, whatever the launcher.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import sys
+import time
+import traceback
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, RunFailed
 
 GROUPS = ("model", "dataset", "method", "schedule", "optimizer", "logger", "experiment")
+
+log = logging.getLogger("sparse_bench")
 
 
 def conf_dir() -> Path:
@@ -20,12 +34,13 @@ def conf_dir() -> Path:
 
 
 def group_options(group: str, root: Path | None = None) -> list[str]:
+    """The options of a config group in one config folder (the package's by default)."""
     folder = (root or conf_dir()) / group
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
 def check_overrides(argv: list[str], root: Path | None = None) -> None:
-    """Raise ConfigError for `group=option` overrides whose option file does not exist."""
+    """Raise ConfigError for `group=option` overrides whose option file is not in `root`."""
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -39,28 +54,233 @@ def check_overrides(argv: list[str], root: Path | None = None) -> None:
                 raise ConfigError(f"{key}={option} is unknown; choose one of: {', '.join(choices)}")
 
 
+# --- the check before Hydra ---------------------------------------------------------------------
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def _hydra_for(args):
+    """A Hydra instance on the search path `python -m sparse_bench` uses (plus --config-dir)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+
+    search_path = create_automatic_config_search_path(None, __name__, args.config_path or "conf")
+    if args.config_dir is not None:
+        folder = Path(args.config_dir).expanduser().resolve()
+        if not folder.is_dir():
+            raise ConfigError(f"--config-dir {args.config_dir}: no such folder; pass a folder of config groups")
+        search_path.prepend(provider="command-line", path=f"file://{folder}",
+                            anchor=SearchPathQuery(provider="schema"))
+    return Hydra.create_main_hydra2(task_name="sparse_bench", config_search_path=search_path)
+
+
+def _check_groups(hydra, config_name: str, parsed, searchpath_overrides: list[str]) -> None:
+    """Every `group=option` (and each option of a `group=a,b` sweep) names an existing option."""
+    from hydra.core.object_type import ObjectType
+
+    groups = set(hydra.list_all_config_groups())
+    for ov in parsed:
+        key = ov.key_or_group
+        if key not in groups or ov.is_delete():
+            continue
+        if ov.is_sweep_override():
+            if not hasattr(ov.value(), "list"):
+                continue  # ranges and globs: Hydra reports those itself
+            values = [str(v) for v in ov.value().list]
+        else:
+            values = [str(ov.value())]
+        options = hydra.config_loader.get_group_options(key, ObjectType.CONFIG, config_name, searchpath_overrides)
+        for v in values:
+            if v not in options and v != "null":
+                raise ConfigError(f"{key}={v} is unknown; choose one of: {', '.join(options)}")
+
+
+def precheck(argv: list[str]) -> dict:
+    """Check a command line as Hydra will run it. Returns what the run needs to know
+    (``run_dir`` and whether it existed before, for a single run)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, MissingConfigException
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.cfg or args.shell_completion or args.info:
+        return {}
+    config_name = args.config_name or "config"
+    GlobalHydra.instance().clear()
+    try:
+        hydra = _hydra_for(args)
+        try:
+            parsed = OverridesParser.create().parse_overrides(args.overrides)
+        except HydraException as exc:
+            raise ConfigError(f"the command line does not parse: {_one_line(exc)}") from None
+        searchpath = [o for o in args.overrides if o.lstrip("+~").startswith("hydra.searchpath")]
+        _check_groups(hydra, config_name, parsed, searchpath)
+        mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN
+        try:
+            cfg = hydra.compose_config(config_name, args.overrides, run_mode=mode, with_log_configuration=False,
+                                       validate_sweep_overrides=False)
+        except MissingConfigException as exc:
+            raise ConfigError(_one_line(exc)) from None
+        except (HydraException, OmegaConfBaseException, ValueError) as exc:
+            raise ConfigError(f"the config does not compose: {_one_line(exc)}") from None
+        if mode == RunMode.MULTIRUN:
+            return {}
+        from .run import validate
+
+        validate(cfg)
+        try:
+            run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
+        except OmegaConfBaseException:
+            return {}
+        run_dir = run_dir.resolve()
+        new = [d for d in [run_dir, *run_dir.parents] if not d.exists()]
+        return {"run_dir": run_dir, "existed": run_dir.exists(), "new_folders": new}
+    finally:
+        GlobalHydra.instance().clear()
+
+
+# --- running a job ----------------------------------------------------------------------------
+_STATE: dict = {"precheck": {}, "failures": []}
+
+
+def _log_to_file(message: str, level: int = logging.ERROR) -> None:
+    """Write `message` to the run's log file only (the console already shows it)."""
+    record = logging.LogRecord("sparse_bench", level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _is_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):
+        return False
+
+
+def _remove_if_new(run_dir: Path) -> None:
+    """A single run refused at start leaves no folder: remove the one Hydra just made for it."""
+    pre = _STATE["precheck"]
+    if not pre or pre.get("existed", True) or Path(pre.get("run_dir", "")) != run_dir.resolve():
+        return
+    ours = {".hydra", "sparse_bench.log"}
+    if run_dir.is_dir() and all(p.name in ours for p in run_dir.iterdir()):
+        logging.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for folder in pre.get("new_folders", [])[1:]:  # parents made for it, while still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def run_job(cfg):
+    """One job: `run(cfg)`; failures become one line (single runs) or a recorded failed job (sweeps)."""
+    from omegaconf import OmegaConf
+
+    from .run import record_failure, run, run_dir_of
+
+    multirun = _is_multirun()
+    run_dir = run_dir_of(cfg)
+    try:
+        result = run(cfg)
+    except (ConfigError, RunFailed) as exc:
+        message = str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        _log_to_file(f"error: {message}")
+        if multirun:
+            record_failure(run_dir, OmegaConf.to_container(cfg, resolve=False), message)
+            _STATE["failures"].append((run_dir, message))
+            return None
+        if isinstance(exc, ConfigError):
+            _remove_if_new(run_dir)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    except Exception as exc:  # noqa: BLE001 - a bug: keep the traceback, but let the sweep go on
+        if not multirun:
+            _log_to_file(traceback.format_exc())
+            raise
+        message = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        _log_to_file(traceback.format_exc())
+        record_failure(run_dir, OmegaConf.to_container(cfg, resolve=False), message)
+        _STATE["failures"].append((run_dir, message))
+        return None
+    metric = cfg.get("optimized_metric")
+    return (result or {}).get(str(metric)) if metric else None
+
+
+class SweepReport:
+    """Hydra callback: after a sweep, collect the jobs whose results.json says ``failed``.
+
+    It runs in the launching process for every launcher (basic, joblib, submitit), reading the
+    job folders, so failures of jobs that ran in other processes are found too.
+    """
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        found = []
+        for path in sorted(sweep_dir.glob("*/results.json")):
+            try:
+                if path.stat().st_mtime + 1 < self.started:
+                    continue  # from an earlier sweep into the same folder
+                res = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if res.get("status") == "failed":
+                found.append((path.parent, str(res.get("error", ""))))
+        known = {Path(d).resolve() for d, _ in _STATE["failures"]}
+        _STATE["failures"] += [(d, m) for d, m in found if d.resolve() not in known]
+
+    # Hydra calls these too
+    def on_run_start(self, config, **kwargs) -> None:
+        pass
+
+    def on_run_end(self, config, **kwargs) -> None:
+        pass
+
+    def on_job_start(self, config, **kwargs) -> None:
+        pass
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        check_overrides(argv)
+        _STATE["precheck"] = precheck(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    _STATE["failures"] = []
 
     import hydra
-    from omegaconf import DictConfig
 
-    from .run import run
-
-    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
-    def _entry(cfg: DictConfig) -> float | None:
-        try:
-            result = run(cfg)
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        return (result or {}).get("test/acc")
+    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    def _entry(cfg):
+        return run_job(cfg)
 
     sys.argv = [sys.argv[0]] + argv
     _entry()
+    failures = _STATE["failures"]
+    if failures:
+        print(f"error: {len(failures)} job(s) of the sweep failed:", file=sys.stderr)
+        for folder, message in failures:
+            print(f"  {folder}: {message}", file=sys.stderr)
+        return 1
     return 0

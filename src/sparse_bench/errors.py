@@ -2,4 +2,11 @@
 
 
 class ConfigError(Exception):
-    """Bad input: the message names the key and the fix; no traceback is shown."""
+    """Bad input: the message names the key and the fix; no traceback is shown (exit status 2)."""
+
+
+class RunFailed(Exception):
+    """A run that started and could not go on (e.g. a non-finite loss): one line, exit status 1.
+
+    The run folder keeps its last good checkpoint and gets a results.json with ``status: failed``.
+    """

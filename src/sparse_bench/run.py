@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -12,10 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .data import build_data
-from .errors import ConfigError
+from .errors import ConfigError, RunFailed
 from .models import build_model
 from .sparsity.methods import MethodContext, build_method
-from .train.checkpoint import atomic_write_json
+from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, load_checkpoint
 from .train import distributed as dist_util
 from .train.logging import MetricSink, NullSink
 from .train.optim import LRSchedule, build_optimizer
@@ -50,6 +51,12 @@ def validate(cfg: DictConfig) -> None:
     limit = cfg.get("limit_train_batches")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"limit_train_batches={limit} must be null or a positive whole number")
+    check_run_name("run_name", cfg.run_name)
+    check_run_name("sweep_name", cfg.sweep_name)
+    if str(cfg.logger.get("name")) == "wandb":
+        from .train.logging import wandb_mode
+
+        wandb_mode(cfg.logger.get("mode"))
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -102,29 +109,87 @@ def _diff(a, b, prefix="") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
 
 
+# files this tool writes into a run folder (resume=false removes these, and only these)
+OWN_FILES = (CHECKPOINT, "results.json", "metrics.jsonl", "wandb_id.txt", "config.json", "config.yaml")
+
+
+def check_run_name(key: str, name: str) -> None:
+    """A run or sweep name is a relative path that stays inside its parent folder."""
+    parts = Path(str(name)).parts
+    if not parts or not str(name).strip() or Path(str(name)).is_absolute() or ".." in parts:
+        raise ConfigError(f"{key}={name!r} must be a plain name (or a relative path without '..') that "
+                          f"stays inside paths.runs; pass e.g. {key}=my-run")
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run folder and make sure this process can write there (one line if not)."""
+    from .train.checkpoint import WriteError, describe_os_error
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise WriteError(f"cannot write the run folder {run_dir}: {describe_os_error(exc)}; choose a "
+                         f"writable folder with paths.runs=DIR") from None
+
+
+def record_failure(run_dir: Path, resolved: dict, message: str, epochs_done: int | None = None) -> None:
+    """results.json with status failed and the reason (never over a finished run's results)."""
+    path = run_dir / "results.json"
+    try:
+        if path.exists() and json.loads(path.read_text()).get("status") == "complete":
+            return
+    except (OSError, ValueError):
+        pass
+    try:
+        atomic_write_json(path, {"status": "failed", "error": message, "config": resolved,
+                                 "epochs": epochs_done})
+    except (ConfigError, OSError):
+        pass  # the folder itself is what failed; the message still reaches the console and log
+
+
+def _start_over(run_dir: Path) -> None:
+    """resume=false: remove what an earlier run of this tool left in this exact folder."""
+    if not (run_dir / "config.json").exists() and not (run_dir / CHECKPOINT).exists():
+        return  # not one of our run folders (or empty): touch nothing
+    ours_wandb = (run_dir / "wandb_id.txt").exists()  # the W&B folder is ours only with our id file
+    for name in OWN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    if ours_wandb:
+        shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+
+
 def run(cfg: DictConfig) -> dict:
     """Train one configuration; return the final test metrics."""
     validate(cfg)
     t_start = time.perf_counter()
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(run_dir)
+    clean_stale_temporaries(run_dir, (CHECKPOINT, "results.json", "config.json"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    config_fp = fingerprint(_comparable(resolved))
     results_path = run_dir / "results.json"
     ckpt_path = run_dir / CHECKPOINT
     resume = str(cfg.resume).lower()
 
     if resume == "false":
-        for name in (CHECKPOINT, "results.json", "metrics.jsonl", "wandb_id.txt"):
-            (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+        _start_over(run_dir)
     elif results_path.exists():
-        done = json.loads(results_path.read_text())
+        try:
+            done = json.loads(results_path.read_text())
+        except ValueError:
+            done = {}
         if done.get("status") == "complete":
             changed = _diff(_comparable(done.get("config", {})), _comparable(resolved))
             if not changed:
                 log.info(f"run already complete: {results_path} (test/acc "
                          f"{done['final'].get('test/acc')}); pass resume=false to train again")
                 return done["final"]
+            raise ConfigError(
+                f"run folder {run_dir} holds a finished run with another config ({'; '.join(changed[:3])}); "
+                f"pass run_name=NEW for a new folder, or resume=false to replace it")
     if resume != "false" and ckpt_path.exists():
         old_cfg = run_dir / "config.json"
         if old_cfg.exists():
@@ -142,6 +207,9 @@ def run(cfg: DictConfig) -> dict:
     device = pick_device(cfg.device, dist.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # a corrupt, foreign or mismatched checkpoint is refused before any data is read
+    ckpt_state = (load_checkpoint(ckpt_path, map_location=device, config_fingerprint=config_fp)
+                  if resume != "false" and ckpt_path.exists() else None)
     dist_util.init(dist, device)
     density = float(cfg.density)
     torch.manual_seed(seed)
@@ -176,10 +244,12 @@ def run(cfg: DictConfig) -> dict:
     trainer = Trainer(model, optimizer, lr_schedule, method, data, device, epochs * method.rounds, loss_fn,
                       run_dir, progress=bool(cfg.progress), max_steps_per_epoch=steps_per_epoch, dist=dist,
                       train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),
-                      test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)))
+                      test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)),
+                      fingerprint=config_fp)
 
-    if resume != "false" and ckpt_path.exists():
-        trainer.load(ckpt_path)
+    if ckpt_state is not None:
+        trainer.load_state(ckpt_state)
+        del ckpt_state
         if dist.is_main:
             log.info(f"resuming {run_dir} after epoch {trainer.epoch} (step {trainer.step})")
     else:
@@ -209,7 +279,13 @@ def run(cfg: DictConfig) -> dict:
                        resume_epoch=trainer.epoch) if dist.is_main else NullSink())
     ok = False
     try:
-        final = trainer.fit(sink)
+        try:
+            final = trainer.fit(sink)
+        except Exception as exc:
+            if dist.is_main:
+                text = str(exc) if isinstance(exc, (RunFailed, ConfigError)) else f"{type(exc).__name__}: {exc}"
+                record_failure(run_dir, resolved, text, trainer.epoch)
+            raise
         if not dist.is_main:
             ok = True
             return {"test/acc": final["test/acc"], "test/loss": final["test/loss"],

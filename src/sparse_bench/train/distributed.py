@@ -54,27 +54,56 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 @torch.no_grad()
-def broadcast_masks(method, optimizer, d: Dist) -> int:
-    """Rank 0's masks, prunable weights and their optimizer state, everywhere.
-
-    Returns how many tensors differed on this rank before the broadcast (the "everyone checks"
-    half: decisions are deterministic across ranks, so anything but 0 points to a bug).
-    """
+def broadcast_masks(method, optimizer, d: Dist) -> None:
+    """Rank 0's masks, prunable weights and their optimizer state, everywhere (after set-up)."""
     if not d.enabled or method.masks is None:
-        return 0
-    differed = 0
+        return
     for i, p in enumerate(method.masks.params):
-        mine = method.masks.masks[i].clone()
         m = method.masks.masks[i].to(torch.uint8)
         dist.broadcast(m, src=0)
         method.masks.masks[i] = m.bool()
-        differed += int(not torch.equal(mine, method.masks.masks[i]))
         dist.broadcast(p.data, src=0)
         for value in optimizer.state.get(p, {}).values():
             if torch.is_tensor(value) and value.shape == p.shape:
                 dist.broadcast(value, src=0)
     method.masks.apply_()
-    return differed
+    verify_masks(method, d, 0)
+
+
+_HASH_MULT, _HASH_MOD = 1_000_003, 2_147_483_647
+
+
+@torch.no_grad()
+def mask_checksums(masks) -> torch.Tensor:
+    """Per mask: (active count, a hash of the active positions), as one int64 tensor."""
+    out = []
+    for m in masks:
+        idx = m.reshape(-1).nonzero().squeeze(1)
+        out.append(idx.numel() + torch.zeros((), dtype=torch.long, device=m.device))
+        out.append(((idx * _HASH_MULT + 12_345) % _HASH_MOD).sum())  # int64 wraps the same everywhere
+    return torch.stack(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+@torch.no_grad()
+def verify_masks(method, d: Dist, step: int) -> None:
+    """Every rank decides each mask update itself (same gradients, same seeds); all ranks
+    compare checksums of the result and stop with one line if any mask differs."""
+    if not d.enabled or method.masks is None:
+        return
+    mine = mask_checksums(method.masks.masks)
+    everyone = [torch.empty_like(mine) for _ in range(d.world)]
+    dist.all_gather(everyone, mine)
+    for rank, theirs in enumerate(everyone):
+        if not torch.equal(theirs, everyone[0]):
+            diff = (theirs != everyone[0]).nonzero().flatten().tolist()
+            layer = method.masks.names[diff[0] // 2]
+            counts = (int(everyone[0][diff[0] // 2 * 2]), int(theirs[diff[0] // 2 * 2]))
+            from ..errors import RunFailed
+
+            raise RunFailed(
+                f"masks differ between processes after the mask update at step {step}: {layer} has "
+                f"{counts[0]} active weights on rank 0 and {counts[1]} on rank {rank}; the ranks no longer "
+                f"train the same model (a non-deterministic kernel or unequal gradients)")
 
 
 def barrier(d: Dist) -> None:

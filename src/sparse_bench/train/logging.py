@@ -22,12 +22,25 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "shared", "run")
+
+
 def wandb_mode(cfg_mode) -> str:
-    """Explicit `logger.mode`, else $WANDB_MODE, else online with credentials, offline without."""
-    if cfg_mode:
-        return str(cfg_mode)
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+    """Explicit `logger.mode`, else $WANDB_MODE, else online with credentials, offline without.
+
+    An empty $WANDB_MODE counts as unset (and is removed, since wandb itself rejects it); a mode
+    wandb does not know is refused with one line.
+    """
+    if "WANDB_MODE" in os.environ and not os.environ["WANDB_MODE"].strip():
+        del os.environ["WANDB_MODE"]
+    mode = str(cfg_mode) if cfg_mode else os.environ.get("WANDB_MODE")
+    if mode:
+        if mode not in WANDB_MODES:
+            from ..errors import ConfigError
+
+            where = "logger.mode" if cfg_mode else "the environment variable WANDB_MODE"
+            raise ConfigError(f"{where}={mode} is not a W&B mode; use one of: {', '.join(WANDB_MODES)}")
+        return mode
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     try:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..errors import RunFailed
 from ..sparsity.methods import Method
 from . import distributed as dist_util
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -20,6 +21,14 @@ from .optim import LRSchedule, set_lr
 log = logging.getLogger("sparse_bench")
 
 CHECKPOINT = "checkpoint.pt"
+
+
+def summed_loss(loss_fn):
+    """The loss summed over the batch instead of averaged (same criterion, same options)."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return nn.CrossEntropyLoss(weight=loss_fn.weight, ignore_index=loss_fn.ignore_index,
+                                   reduction="sum", label_smoothing=loss_fn.label_smoothing)
+    return lambda out, y: loss_fn(out, y) * y.shape[0]
 
 
 def _sync(device: torch.device) -> None:
@@ -32,7 +41,8 @@ class Trainer:
                  method: Method, data, device: torch.device, epochs: int, loss_fn,
                  run_dir: Path, progress: bool = True, max_steps_per_epoch: int | None = None,
                  train_eval_samples: int = 0, test_every_epoch: bool = False,
-                 dist: dist_util.Dist | None = None, train_model: nn.Module | None = None):
+                 dist: dist_util.Dist | None = None, train_model: nn.Module | None = None,
+                 fingerprint: str = "", nonfinite_check_every: int = 100):
         self.model = model
         # the module the training forward runs through (DDP wrapper under torchrun)
         self.train_model = train_model if train_model is not None else model
@@ -53,6 +63,13 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.best: dict = {}
         self.train_time = 0.0
+        self.fingerprint = fingerprint  # the run config's hash, written into every checkpoint
+        # under DDP every rank's loss is weighted by its share of the global batch
+        self._sum_loss = getattr(loss_fn, "summed", None)
+        # a non-finite loss is caught at the step it happens; on CUDA the flag is read every
+        # `nonfinite_check_every` steps (and before every checkpoint) to keep the step sync-free
+        self.nonfinite_check_every = 1 if device.type == "cpu" else int(nonfinite_check_every)
+        self._first_bad = None
 
     # --- one epoch ----------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
@@ -72,27 +89,39 @@ class Trainer:
         for i, (x, y) in enumerate(loader):
             if i >= n_batches:
                 break
+            global_n = y.shape[0]
             x, y = self._shard(loader, x, y)
             set_lr(self.optimizer, self.lr_schedule(self.method.schedule_step(self.step)))
             self.method.before_forward(self.step)
             out = self.train_model(x)
-            loss = self.loss_fn(out, y)
+            if self.dist.enabled:
+                # DDP averages the ranks' gradients equally; weighting each rank's summed loss by
+                # world / global batch makes that average the single-process mean gradient,
+                # whatever the split (an odd batch, a short last batch, an empty slice)
+                batch_loss = self._summed_loss(out, y)
+                loss = batch_loss * (self.dist.world / self._global_count(loader, global_n, y))
+                loss_detached = batch_loss.detach()
+            else:
+                loss = self.loss_fn(out, y)
+                loss_detached = loss.detach() * y.shape[0]
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.method.before_optimizer_step(self.step)
             self.optimizer.step()
             self.method.after_optimizer_step(self.step)
             self.step += 1
+            self._watch_loss(loss_detached, epoch)
             step_logs = self.method.on_step_end(self.step)
             if step_logs:
-                dist_util.broadcast_masks(self.method, self.optimizer, self.dist)
+                dist_util.verify_masks(self.method, self.dist, self.step)
                 logs.update(step_logs)
             with torch.no_grad():
-                loss_sum += loss.detach() * y.shape[0]
+                loss_sum += loss_detached
                 correct += (out.argmax(1) == y).sum()
             seen += y.shape[0]
             bar.update(1)
         bar.close()
+        self._check_loss(epoch, force=True)
         seen_t = dist_util.all_reduce_sum(torch.tensor(float(seen), device=self.device), self.dist)
         dist_util.all_reduce_sum(loss_sum, self.dist)
         dist_util.all_reduce_sum(correct, self.dist)
@@ -132,6 +161,43 @@ class Trainer:
             n = int(dist_util.all_reduce_sum(torch.tensor(float(n), device=self.device), self.dist))
         return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
 
+    # --- guards -----------------------------------------------------------------------------
+    def _summed_loss(self, out, y):
+        if self._sum_loss is None:
+            self._sum_loss = summed_loss(self.loss_fn)
+        return self._sum_loss(out, y)
+
+    def _global_count(self, loader, global_n: int, y) -> float:
+        """Samples in this step's global batch (a sum over ranks for per-rank loaders)."""
+        if not getattr(loader, "sharded", False):
+            return float(global_n)
+        n = torch.tensor(float(y.shape[0]), device=self.device)
+        return float(dist_util.all_reduce_sum(n, self.dist))
+
+    def _watch_loss(self, loss: torch.Tensor, epoch: int) -> None:
+        """Remember the first step whose loss is not finite (on the device), and stop there."""
+        bad = ~torch.isfinite(loss)
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self._first_bad = torch.where(bad & (self._first_bad < 0), self.step, self._first_bad)
+        if self.step % self.nonfinite_check_every == 0:
+            self._check_loss(epoch)
+
+    def _check_loss(self, epoch: int, force: bool = False) -> None:
+        if self._first_bad is None or not (force or self.step % self.nonfinite_check_every == 0):
+            return
+        first = int(self._first_bad)
+        if first < 0:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        kept = (f"its last checkpoint is the end of epoch {self.epoch}" if self.epoch > 0
+                else "no epoch had finished, so there is no checkpoint")
+        raise RunFailed(
+            f"the training loss became non-finite (nan or inf) at epoch {epoch}, step {first}; the run stopped "
+            f"there and {kept}. Likely cause: the learning rate "
+            f"({lr:.4g} at that point) is too high for this model; lower optimizer.lr or add a warm-up "
+            f"(schedule.warmup_epochs)")
+
     def _shard(self, loader, x, y):
         """Under DDP, this rank's slice of a global batch (loaders with their own sampler are
         already per rank)."""
@@ -159,7 +225,7 @@ class Trainer:
                 rec["test/loss"], rec["test/acc"] = self.evaluate(self.data.test)
             method_logs = self.method.on_epoch_end(epoch, self.step)
             if method_logs:
-                dist_util.broadcast_masks(self.method, self.optimizer, self.dist)
+                dist_util.verify_masks(self.method, self.dist, self.step)
                 rec.update(method_logs)
             rec.update(self.method.density_logs())
             rec["step"] = self.step
@@ -197,11 +263,13 @@ class Trainer:
 
     def save(self) -> None:
         if self.dist.is_main:
-            save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+            save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict(), self.fingerprint)
         dist_util.barrier(self.dist)
 
     def load(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
+        self.load_state(load_checkpoint(path, map_location=self.device, config_fingerprint=self.fingerprint))
+
+    def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
