@@ -5,6 +5,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+
+import torch
 from pathlib import Path
 
 import pytest
@@ -33,3 +36,99 @@ def test_two_processes_match_one(tmp_path):
     assert a["final"]["train/loss"] == pytest.approx(b["final"]["train/loss"], rel=1e-3)
     # only rank 0 writes: one metrics record per epoch plus the final test record
     assert len((tmp_path / "ddp" / name / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def _torchrun(tmp_path, args, port, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    return subprocess.Popen([torchrun, "--nproc_per_node=2", f"--master_port={port}", "-m", "sparse_bench", *args],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun is not installed beside this Python")
+def test_odd_batches_and_mask_updates_match_one_process(tmp_path):
+    """Batch 65 splits 33/32 and the last batch (58 of 1293) 29/29; RigL's growth reads the
+    averaged gradient every 4 steps: masks must be identical and weights equal to float error."""
+    from sparse_bench.train.checkpoint import load_checkpoint
+
+    args = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=2", "density=0.3",
+            "dataset.batch_size=65", "method=rigl", "method.update_every=4", "logger=none", "progress=false",
+            "device=cpu", "run_name=r"]
+    proc = _torchrun(tmp_path, [*args, f"paths.runs={tmp_path / 'ddp'}"], 29563)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    one = subprocess.run([sys.executable, "-m", "sparse_bench", *args, f"paths.runs={tmp_path / 'one'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "ddp" / "r" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "one" / "r" / "checkpoint.pt")
+    for ma, mb in zip(a["method"]["masks"]["masks"], b["method"]["masks"]["masks"]):
+        assert torch.equal(ma, mb)
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4), k
+    ra = json.loads((tmp_path / "ddp" / "r" / "results.json").read_text())
+    rb = json.loads((tmp_path / "one" / "r" / "results.json").read_text())
+    assert ra["final"]["train/loss"] == pytest.approx(rb["final"]["train/loss"], rel=1e-4)
+    assert ra["final"]["test/acc"] == pytest.approx(rb["final"]["test/acc"], abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun is not installed beside this Python")
+def test_a_dead_rank_ends_the_job_within_seconds(tmp_path):
+    args = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=200", "density=0.3",
+            "logger=none", "progress=false", "device=cpu", f"paths.runs={tmp_path}"]
+    proc = _torchrun(tmp_path, args, 29565)
+    lines = []
+    for line in proc.stdout:  # wait until training is under way
+        lines.append(line)
+        if "epoch   2" in line:
+            break
+    children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+    assert len(children) == 2, "".join(lines)
+    os.kill(children[-1], 9)
+    t0 = time.monotonic()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 60
+
+
+def _verify_worker(rank, world, store_path, result_path):
+    import torch.distributed as tdist
+
+    from sparse_bench.errors import RunFailed
+    from sparse_bench.train import distributed as du
+
+    tdist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+
+    class FakeMasks:
+        names = ["a.weight", "b.weight"]
+        masks = [torch.tensor([True, False, True]), torch.tensor([True, True, False, False])]
+
+    class FakeMethod:
+        masks = FakeMasks()
+
+    du.verify_masks(FakeMethod(), du.Dist(rank, world), step=7)  # identical: passes
+    if rank == 1:
+        FakeMethod.masks.masks[1] = torch.tensor([True, False, True, False])  # same count, other place
+    try:
+        du.verify_masks(FakeMethod(), du.Dist(rank, world), step=8)
+        outcome = "passed"
+    except RunFailed as exc:
+        outcome = str(exc)
+    Path(f"{result_path}.{rank}").write_text(outcome)
+    tdist.destroy_process_group()
+
+
+def test_ranks_whose_masks_differ_stop_with_one_line(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_verify_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2, join=True)
+    for rank in (0, 1):
+        text = (tmp_path / f"out.{rank}").read_text()
+        assert "masks differ between processes after the mask update at step 8" in text
+        assert "b.weight" in text and "\n" not in text

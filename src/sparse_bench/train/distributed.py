@@ -100,10 +100,11 @@ def verify_masks(method, d: Dist, step: int) -> None:
             counts = (int(everyone[0][diff[0] // 2 * 2]), int(theirs[diff[0] // 2 * 2]))
             from ..errors import RunFailed
 
+            where = (f"{counts[0]} active weights on rank 0 and {counts[1]} on rank {rank}" if counts[0] != counts[1]
+                     else f"{counts[0]} active weights on ranks 0 and {rank}, at different positions")
             raise RunFailed(
-                f"masks differ between processes after the mask update at step {step}: {layer} has "
-                f"{counts[0]} active weights on rank 0 and {counts[1]} on rank {rank}; the ranks no longer "
-                f"train the same model (a non-deterministic kernel or unequal gradients)")
+                f"masks differ between processes after the mask update at step {step}: {layer} has {where}; "
+                f"the ranks no longer train the same model (a non-deterministic kernel or unequal gradients)")
 
 
 def barrier(d: Dist) -> None:
