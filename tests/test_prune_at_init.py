@@ -241,7 +241,7 @@ def test_cli_run_per_method_hits_the_density(tmp_path):
             "sweep_name=pai", "progress=false", "eval.train_samples=0"]
     proc = cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    folders = {p.name.split("-", 1)[1]: p for p in (tmp_path / "multirun" / "pai").iterdir() if p.is_dir()}
+    folders = {p.name: p for p in (tmp_path / "multirun" / "pai").iterdir() if p.is_dir()}
     for name in METHODS:
         res = json.loads((folders[f"digits-mlp-{name}-d0.2-s0"] / "results.json").read_text())
         total = res["prunable"]["total"]

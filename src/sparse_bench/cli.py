@@ -97,6 +97,25 @@ def _check_groups(hydra, config_name: str, parsed, searchpath_overrides: list[st
                 raise ConfigError(f"{key}={v} is unknown; choose one of: {', '.join(options)}")
 
 
+# keys a run name already says (or that do not change a run): left out of sweep job folder names
+NAMED_KEYS = ("density", "seed", "method", "model", "model.arch", "dataset", "paths.runs", "run_name", "sweep_name",
+              "logger", "logger.mode", "progress", "device", "resume", "threads")
+
+
+def sweep_dirname_override(argv: list[str]) -> list[str]:
+    """For a multirun: name job folders by the swept keys only (plus the run name), so a key
+    fixed for the whole sweep does not lengthen every folder name."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    if any(a.startswith("hydra.job.config.override_dirname") for a in overrides):
+        return []
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    fixed = [o.key_or_group for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    keys = list(dict.fromkeys([*NAMED_KEYS, *fixed]))
+    return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"]
+
+
 def precheck(argv: list[str]) -> dict:
     """Check a command line as Hydra will run it. Returns what the run needs to know
     (``run_dir`` and whether it existed before, for a single run)."""
@@ -172,7 +191,7 @@ def _remove_if_new(run_dir: Path) -> None:
     pre = _STATE["precheck"]
     if not pre or pre.get("existed", True) or Path(pre.get("run_dir", "")) != run_dir.resolve():
         return
-    ours = {".hydra", "sparse_bench.log"}
+    ours = {".hydra", "sparse_bench.log", ".sparse_bench.lock"}
     if run_dir.is_dir() and all(p.name in ours for p in run_dir.iterdir()):
         logging.shutdown()
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -275,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     def _entry(cfg):
         return run_job(cfg)
 
+    if "-m" in argv or "--multirun" in argv:
+        argv = argv + sweep_dirname_override(argv)
     sys.argv = [sys.argv[0]] + argv
     _entry()
     failures = _STATE["failures"]

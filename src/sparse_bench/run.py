@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -14,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .data import build_data
 from .errors import ConfigError, RunFailed
+from .resolvers import DENSE_METHODS
 from .models import build_model
 from .sparsity.methods import MethodContext, build_method
 from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, load_checkpoint
@@ -97,7 +100,9 @@ def sweep_group() -> str | None:
 
 
 def _comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in _VOLATILE}
+    """The keys that define a run (a dense run does not depend on `density`)."""
+    dense = (cfg.get("method") or {}).get("name") in DENSE_METHODS
+    return {k: v for k, v in cfg.items() if k not in _VOLATILE and not (dense and k == "density")}
 
 
 def _diff(a, b, prefix="") -> list[str]:
@@ -161,12 +166,36 @@ def _start_over(run_dir: Path) -> None:
         shutil.rmtree(run_dir / "wandb", ignore_errors=True)
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path, main: bool):
+    """Hold an exclusive lock on the run folder: two processes given the same run (identical
+    jobs of a parallel sweep) take turns, and the second finds the first one's results."""
+    if not main:
+        yield
+        return
+    with open(run_dir / ".sparse_bench.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info(f"another process is running {run_dir}; waiting for it to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run(cfg: DictConfig) -> dict:
     """Train one configuration; return the final test metrics."""
     validate(cfg)
-    t_start = time.perf_counter()
     run_dir = run_dir_of(cfg)
     prepare_run_dir(run_dir)
+    with run_lock(run_dir, dist_util.from_env().is_main):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict:
+    t_start = time.perf_counter()
     clean_stale_temporaries(run_dir, (CHECKPOINT, "results.json", "config.json"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     config_fp = fingerprint(_comparable(resolved))
@@ -268,9 +297,10 @@ def run(cfg: DictConfig) -> dict:
 
     prunable = method.masks.describe() if method.masks is not None else {"prunable": {}, "total": 0}
     if dist.is_main:
+        sparsity = (f"density {density} over {prunable['total']} prunable weights in "
+                    f"{len(prunable['prunable'])} tensors" if method.masks is not None else "dense (no masks)")
         log.info(f"run folder {run_dir} | {cfg.method.name} on {cfg.model.name}/{cfg.dataset.name} | "
-                 f"density {density} over {prunable['total']} prunable weights in "
-                 f"{len(prunable['prunable'])} tensors | {epochs * method.rounds} epochs x "
+                 f"{sparsity} | {epochs * method.rounds} epochs x "
                  f"{steps_per_epoch} steps | {device}" + (f" x {dist.world} processes" if dist.enabled else ""))
 
     tags = [f"method:{cfg.method.name}", f"density:{density}", f"model:{cfg.model.name}",
