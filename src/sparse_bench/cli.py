@@ -210,6 +210,8 @@ def run_job(cfg):
 
     multirun = _is_multirun()
     run_dir = run_dir_of(cfg)
+    metric = cfg.get("optimized_metric")
+    failed = float("nan") if metric else None  # what a failed job gives a sweeper (Optuna: a failed trial)
     try:
         result = run(cfg)
     except (ConfigError, RunFailed) as exc:
@@ -219,7 +221,7 @@ def run_job(cfg):
         if multirun:
             record_failure(run_dir, OmegaConf.to_container(cfg, resolve=False), message)
             _STATE["failures"].append((run_dir, message))
-            return None
+            return failed
         if isinstance(exc, ConfigError):
             _remove_if_new(run_dir)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
@@ -232,9 +234,17 @@ def run_job(cfg):
         _log_to_file(traceback.format_exc())
         record_failure(run_dir, OmegaConf.to_container(cfg, resolve=False), message)
         _STATE["failures"].append((run_dir, message))
+        return failed
+    if not metric:
         return None
-    metric = cfg.get("optimized_metric")
-    return (result or {}).get(str(metric)) if metric else None
+    value = (result or {}).get(str(metric))
+    if value is None:
+        message = (f"optimized_metric={metric} is not among this run's final metrics "
+                   f"({', '.join(sorted(result or {}))}); a validation metric needs dataset.val_fraction > 0")
+        print(f"error: {message}", file=sys.stderr)
+        _STATE["failures"].append((run_dir, message))
+        return failed
+    return float(value)
 
 
 class SweepReport:
@@ -305,3 +315,4 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {folder}: {message}", file=sys.stderr)
         return 1
     return 0
+

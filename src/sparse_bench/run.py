@@ -56,10 +56,35 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"limit_train_batches={limit} must be null or a positive whole number")
     check_run_name("run_name", cfg.run_name)
     check_run_name("sweep_name", cfg.sweep_name)
+    threads = cfg.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads={threads} must be null (automatic) or a positive whole number")
+    metric = cfg.get("optimized_metric")
+    if metric is not None and not str(metric).startswith(("val/", "train/", "train_eval/")):
+        raise ConfigError(f"optimized_metric={metric} must be a validation (or training) metric such as val/acc; "
+                          f"tuning on the test set would make the test result meaningless")
     if str(cfg.logger.get("name")) == "wandb":
         from .train.logging import wandb_mode
 
         wandb_mode(cfg.logger.get("mode"))
+
+
+def job_threads(cfg) -> int | None:
+    """torch threads for this job: `threads`, or the cores shared by a joblib sweep's parallel jobs."""
+    if cfg.get("threads") is not None:
+        return int(cfg.threads)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        launcher = HydraConfig.get().launcher
+    except (ImportError, ValueError):
+        return None
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n_jobs = int(launcher.get("n_jobs", -1) or -1)
+    parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
+    return max(1, cores // min(parallel, cores))
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -232,6 +257,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(f"resume=true but there is no {CHECKPOINT} in {run_dir}; drop resume=true to start a new run")
 
     seed = int(cfg.seed)
+    threads = job_threads(cfg)
+    if threads is not None:
+        torch.set_num_threads(threads)
     dist = dist_util.from_env()
     device = pick_device(cfg.device, dist.local_rank)
     if device.type == "cuda":
@@ -301,7 +329,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
                     f"{len(prunable['prunable'])} tensors" if method.masks is not None else "dense (no masks)")
         log.info(f"run folder {run_dir} | {cfg.method.name} on {cfg.model.name}/{cfg.dataset.name} | "
                  f"{sparsity} | {epochs * method.rounds} epochs x "
-                 f"{steps_per_epoch} steps | {device}" + (f" x {dist.world} processes" if dist.enabled else ""))
+                 f"{steps_per_epoch} steps | {device}" + (f" x {dist.world} processes" if dist.enabled else "")
+                 + f" | {torch.get_num_threads()} threads")
 
     tags = [f"method:{cfg.method.name}", f"density:{density}", f"model:{cfg.model.name}",
             f"dataset:{cfg.dataset.name}"]

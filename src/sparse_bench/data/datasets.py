@@ -574,6 +574,14 @@ def build_data(cfg: Any, device: torch.device, seed: int) -> DataBundle:
         device: where every batch is delivered (and where tensor data sets live).
         seed: run seed; only the training order (and augmentation) depends on it.
     """
+    from sparse_bench.plugins import target_of
+
+    builder = target_of(cfg, "dataset")  # a user's data set, named by dataset._target_
+    if builder is not None:
+        bundle = builder(cfg, torch.device(device), seed)
+        if not isinstance(bundle, DataBundle):
+            raise ConfigError(f"dataset._target_={cfg.get('_target_')} must return a sparse_bench.data.DataBundle")
+        return bundle
     name = _get(cfg, "name", None)
     if name not in DATASETS:
         raise ConfigError(f"dataset.name: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..plugins import target_of
 
 _BUILDERS: dict = {}
 for _info in pkgutil.iter_modules(__path__):
@@ -31,9 +32,10 @@ def build_model(cfg, input_shape, num_classes: int) -> nn.Module:
     fails here, before any training, with one line naming both.
     """
     name = cfg.name
-    if name not in _BUILDERS:
+    builder = target_of(cfg, "model")  # a user's model, named by model._target_
+    if builder is None and name not in _BUILDERS:
         raise ConfigError(f"model={name} is unknown; choose one of: {', '.join(MODEL_NAMES)}")
-    model = _BUILDERS[name](cfg, tuple(input_shape), int(num_classes))
+    model = (builder or _BUILDERS[name])(cfg, tuple(input_shape), int(num_classes))
     shape_txt = "x".join(str(s) for s in input_shape)
     was_training = model.training
     model.eval()

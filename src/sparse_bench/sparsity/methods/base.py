@@ -185,6 +185,13 @@ class ScheduledUpdates:
 
 
 def build_method(cfg, ctx: MethodContext) -> Method:
+    from ...plugins import target_of
+
+    cls = target_of(cfg, "method")  # a user's method, named by method._target_
+    if cls is not None:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise ConfigError(f"method._target_={cfg._target_} is not a subclass of sparse_bench's Method")
+        return cls(cfg, ctx)
     name = cfg.name
     if name not in METHODS:
         raise ConfigError(f"method={name} is unknown; choose one of: {', '.join(sorted(METHODS))}")

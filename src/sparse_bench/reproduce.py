@@ -1,0 +1,61 @@
+"""Launch the sweep behind one paper table row: every published density x the paper's seed count.
+
+    sparse-bench-reproduce sm_mnist_lenet300_100            # runs the sweep (also: python -m sparse_bench.reproduce)
+    sparse-bench-reproduce sm_mnist_lenet300_100 --dry-run  # prints the command
+    sparse-bench-reproduce gse_cifar100_resnet56 --method rigl --seeds 1 -- hydra/launcher=submitit_slurm
+
+The experiment file's `paper:` block names the densities (`values`) and `seeds`; anything after
+`--` is passed to Hydra unchanged. Afterwards `sparse-bench-tables runs/multirun/<name>`
+builds the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+
+import yaml
+
+from .cli import conf_dir
+
+CONF = conf_dir() / "experiment"
+
+
+def command(experiment: str, seeds: int | None, method: str | None, extra: list[str]) -> list[str]:
+    path = CONF / f"{experiment}.yaml"
+    if not path.exists():
+        choices = ", ".join(sorted(p.stem for p in CONF.glob("*.yaml")))
+        raise SystemExit(f"error: experiment={experiment} is unknown; choose one of: {choices}")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    paper = cfg.get("paper") or {}
+    densities = sorted({float(d) for d in (paper.get("values") or {})}) or [float(cfg.get("density", 0.05))]
+    n = seeds if seeds is not None else int(paper.get("seeds", 1))
+    args = [sys.executable, "-m", "sparse_bench", "-m", f"experiment={experiment}",
+            "density=" + ",".join(f"{d:g}" for d in densities), "seed=" + ",".join(str(s) for s in range(n)),
+            f"sweep_name={experiment}" + (f"-{method}" if method else "")]
+    if method:
+        args.append(f"method={method}")
+    return args + extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("experiment")
+    ap.add_argument("--seeds", type=int, default=None, help="override the paper's seed count")
+    ap.add_argument("--method", default=None, help="run a baseline method on this row's setup")
+    ap.add_argument("--dry-run", action="store_true")
+    a = ap.parse_args(own)
+    cmd = command(a.experiment, a.seeds, a.method, extra)
+    print(shlex.join(cmd))
+    if a.dry_run:
+        return 0
+    return subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
