@@ -270,3 +270,42 @@ def test_sweep_survives_a_bad_job(tmp_path):
     assert status[1.5]["status"] == "failed" and "density=1.5" in status[1.5]["error"]
     assert "1 job(s) of the sweep failed" in proc.stderr and "density=1.5" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- densities and widths that leave nothing to train ------------------------------------------
+def test_density_that_empties_a_layer_is_refused_with_the_smallest_usable_one(tmp_path):
+    proc = cli(["density=1e-6", "dataset=digits", "model=mlp", "method=static", "logger=none",
+                f"paths.runs={tmp_path / 'r'}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "density=1e-06 leaves net." in line and "use density >=" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_min_density_keeps_a_weight_in_every_layer():
+    from sparse_bench.sparsity.distributions import layer_counts, min_density
+
+    shapes = [(300, 784), (100, 300), (10, 100)]
+    for kind in ("uniform", "er", "erk"):
+        d = min_density(shapes, kind)
+        assert min(layer_counts(shapes, d * 1.01, kind)) >= 1
+        with pytest.raises(ConfigError, match="without a single active weight"):
+            layer_counts(shapes, d * 0.5, kind)
+
+
+def test_zero_width_layer_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="has no weights"):
+        run(compose([*TINY, "model.hidden=[0]", f"paths.runs={tmp_path}"]))
+
+
+def test_lr_milestones_the_run_never_reaches_are_warned_about():
+    from omegaconf import OmegaConf
+
+    from sparse_bench.train.optim import LRSchedule
+
+    multi = OmegaConf.create({"warmup_epochs": 0, "lr": {"kind": "multistep", "milestones": [2, 80, 120]}})
+    assert "never happen" in LRSchedule(multi, 0.1, 10, 5).warnings()[0]
+    assert LRSchedule(multi, 0.1, 10, 200).warnings() == []
+    step = OmegaConf.create({"warmup_epochs": 0, "lr": {"kind": "step", "step_size": 25000}})
+    assert "never drops" in LRSchedule(step, 0.1, 540, 5).warnings()[0]
+    assert LRSchedule(step, 0.1, 540, 100).warnings() == []

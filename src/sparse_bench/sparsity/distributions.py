@@ -103,12 +103,36 @@ def layer_densities(shapes: Sequence[Sequence[int]], density: float, kind: str) 
     return out
 
 
-def layer_counts(shapes: Sequence[Sequence[int]], density: float, kind: str) -> list[int]:
-    """Active weights per layer, summing exactly to round(density * total)."""
+def layer_counts(shapes: Sequence[Sequence[int]], density: float, kind: str,
+                 names: Sequence[str] | None = None) -> list[int]:
+    """Active weights per layer, summing exactly to round(density * total).
+
+    A density so low that some layer would get no weight at all is refused (the network would
+    be cut in two), naming the layer and the smallest density that gives every layer a weight.
+    """
     numels = [math.prod(s) for s in shapes]
     dens = layer_densities(shapes, density, kind)
     total = int(round(density * sum(numels)))
-    return allocate([d * n for d, n in zip(dens, numels)], numels, total)
+    counts = allocate([d * n for d, n in zip(dens, numels)], numels, total)
+    if 0 in counts:
+        i = counts.index(0)
+        layer = names[i] if names is not None else f"prunable tensor {i} (shape {list(shapes[i])})"
+        raise ConfigError(f"density={density:g} leaves {layer} without a single active weight under init={kind}; "
+                          f"use density >= {min_density(shapes, kind):.3g}")
+    return counts
+
+
+def min_density(shapes: Sequence[Sequence[int]], kind: str) -> float:
+    """About the smallest global density at which every layer keeps at least one weight."""
+    numels = [math.prod(s) for s in shapes]
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # bisection on the real-valued layer densities
+        mid = (lo + hi) / 2
+        if all(d * n >= 1.0 for d, n in zip(layer_densities(shapes, mid, kind), numels)):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def random_masks(
@@ -116,12 +140,13 @@ def random_masks(
     density: float,
     kind: str,
     generator: torch.Generator,
+    names: Sequence[str] | None = None,
 ) -> list[torch.Tensor]:
     """Bool masks (on CPU) with the distribution's counts placed uniformly at random per layer."""
     if kind == "bernoulli":
         return [torch.rand(tuple(s), generator=generator) < density for s in shapes]
     masks = []
-    for shape, k in zip(shapes, layer_counts(shapes, density, kind)):
+    for shape, k in zip(shapes, layer_counts(shapes, density, kind, names)):
         n = math.prod(shape)
         flat = torch.zeros(n, dtype=torch.bool)
         flat[torch.randperm(n, generator=generator)[:k]] = True

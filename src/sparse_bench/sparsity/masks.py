@@ -58,6 +58,10 @@ class MaskSet:
     def __init__(self, named_params: Sequence[tuple[str, nn.Parameter]]):
         if not named_params:
             raise ConfigError("prunable: the rule selects no parameters in this model; check prunable.types/exclude")
+        empty = [n for n, p in named_params if p.numel() == 0]
+        if empty:
+            raise ConfigError(f"prunable: {empty[0]} has no weights (a layer of width 0?); give every layer a "
+                              f"positive width, e.g. model.hidden=[300,100]")
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]

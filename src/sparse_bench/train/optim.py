@@ -6,6 +6,7 @@ resumed run continues the schedule exactly with no scheduler state to restore.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -15,6 +16,8 @@ from ..errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_KINDS = ("step", "multistep", "cosine", "constant")
+
+log = logging.getLogger("sparse_bench")
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
@@ -63,6 +66,24 @@ class LRSchedule:
         self.milestones = [int(round(float(m) * multiplier * steps_per_epoch))
                            for m in lr_cfg.get("milestones", []) or []]
         self.min_lr = float(lr_cfg.get("min_lr", 0.0))
+        for warning in self.warnings():
+            log.warning(warning)
+
+    def warnings(self) -> list[str]:
+        """Settings that are legal but almost surely a mistake (milestones the run never reaches)."""
+        out = []
+        if self.kind == "multistep":
+            late = [m for m in self.milestones if m >= self.total]
+            if late:
+                out.append(f"schedule.lr.milestones: {len(late)} of the LR drops come at or after the last "
+                           f"step ({self.total}), so they never happen; scale them to schedule.epochs")
+        if self.kind == "step" and self.step_size >= self.total:
+            out.append(f"schedule.lr.step_size={self.step_size} iterations is not shorter than the run "
+                       f"({self.total} steps), so the LR never drops")
+        if self.warmup >= self.total > 0:
+            out.append(f"schedule.warmup_epochs covers the whole run ({self.total} steps); the LR never "
+                       f"reaches its base value after warm-up")
+        return out
 
     def __call__(self, step: int) -> float:
         """LR used for optimizer step number `step` (0-based)."""

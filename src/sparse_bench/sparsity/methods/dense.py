@@ -22,7 +22,7 @@ class RandomInitMixin:
 
     def init_random_masks(self) -> dict:
         kind = str(self.cfg.get("init", "uniform"))
-        masks = random_masks(self.masks.shapes, self.ctx.density, kind, self.ctx.generator)
+        masks = random_masks(self.masks.shapes, self.ctx.density, kind, self.ctx.generator, self.masks.names)
         self.masks.set_masks(masks)
         return {"init/distribution": kind}
 
