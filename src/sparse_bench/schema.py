@@ -1,0 +1,439 @@
+"""One typed schema for the whole config, checked in one place before any data is read.
+
+Every config group option has a dataclass here (its keys, their types and their allowed
+ranges); the YAML files in ``conf/`` give the values. :func:`check` merges the composed config
+into the schema in OmegaConf's struct mode, so
+
+* a value of the wrong type (``seed=abc``, ``optimizer.lr=abc``) is refused, naming the key;
+* a key the schema does not know (``+densty=0.1``, ``method.prune_rat=0.3``) is refused;
+* a value outside its range (``optimizer.lr=-1``, ``optimizer.momentum=1.5``,
+  ``loss.label_smoothing=1.0``, ``model.hidden=[0]``, ...) is refused;
+
+each with one line naming the key and the fix (:class:`~sparse_bench.errors.ConfigError`). The
+result is the typed config the readers, models and methods receive: they read values, they do
+not parse them. Options that name their own implementation with ``_target_`` (a user's method,
+model or data set) are checked for their ``name`` only.
+
+Ranges are declared beside the types with :func:`num` (``num(0.1, gt=0)`` means a float default
+0.1 that must be > 0), :func:`count` (whole numbers), :func:`choice` and :func:`widths`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+# --- declaring ranges ---------------------------------------------------------------------------
+
+
+def num(default=MISSING, *, gt=None, ge=None, lt=None, le=None, hint: str = "", nullable: bool = False):
+    """A number field with bounds (``gt``/``ge``/``lt``/``le``) checked after the merge."""
+    return field(default=default, metadata={"gt": gt, "ge": ge, "lt": lt, "le": le, "hint": hint,
+                                            "nullable": nullable})
+
+
+def count(default=MISSING, *, ge=None, gt=None, le=None, hint: str = "", nullable: bool = False):
+    """A whole-number field with bounds."""
+    return num(default, gt=gt, ge=ge, le=le, hint=hint, nullable=nullable)
+
+
+def choice(default=MISSING, choices=(), hint: str = ""):
+    """A string field that must be one of `choices`."""
+    return field(default=default, metadata={"choices": tuple(choices), "hint": hint})
+
+
+def widths(default=MISSING, *, hint: str = ""):
+    """A list of positive whole numbers (layer widths)."""
+    return field(default_factory=(lambda: list(default)) if default is not MISSING else (lambda: MISSING),
+                 metadata={"items_gt": 0, "hint": hint})
+
+
+def numbers(default=MISSING, *, items_gt=None, items_ge=None, items_le=None, hint: str = ""):
+    """A list of numbers with bounds on every item."""
+    return field(default_factory=(lambda: list(default)) if default is not MISSING else (lambda: MISSING),
+                 metadata={"items_gt": items_gt, "items_ge": items_ge, "items_le": items_le, "hint": hint})
+
+
+def _bounds_text(meta) -> str:
+    parts = []
+    for key, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if meta.get(key) is not None:
+            parts.append(f"{sym} {meta[key]:g}")
+    return " and ".join(parts)
+
+
+# --- top level ----------------------------------------------------------------------------------
+@dataclass
+class Loss:
+    label_smoothing: float = num(0.0, ge=0.0, lt=1.0, hint="e.g. loss.label_smoothing=0.1")
+
+
+@dataclass
+class Eval:
+    train_samples: int = count(10000, ge=0, hint="0 turns train_eval/* off")
+    test_every_epoch: bool = False
+
+
+@dataclass
+class Prunable:
+    types: List[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Conv3d"])
+    exclude: List[str] = field(default_factory=list)
+    include: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Paths:
+    runs: str = "runs"
+
+
+@dataclass
+class Root:
+    """The top-level keys (the groups are checked by their own schemas)."""
+
+    density: float = num(MISSING, gt=0.0, le=1.0, hint="pass e.g. density=0.05")
+    seed: int = count(0, ge=0, hint="pass e.g. seed=0")
+    device: str = "auto"
+    resume: str = choice("auto", ("auto", "true", "false"), hint="auto continues an unfinished run")
+    progress: bool = True
+    limit_train_batches: Optional[int] = count(None, ge=1, nullable=True, hint="null = whole epochs")
+    threads: Optional[int] = count(None, ge=1, nullable=True, hint="null = automatic")
+    optimized_metric: Optional[str] = None
+    loss: Loss = field(default_factory=Loss)
+    eval: Eval = field(default_factory=Eval)
+    prunable: Prunable = field(default_factory=Prunable)
+    paths: Paths = field(default_factory=Paths)
+    run_name: str = MISSING
+    sweep_name: str = MISSING
+    paper: Optional[Dict[str, Any]] = None  # an experiment's published numbers (read by the tables)
+
+
+# --- optimizer, schedule, logger ----------------------------------------------------------------
+@dataclass
+class SGD:
+    name: str = "sgd"
+    lr: float = num(MISSING, gt=0.0, hint="pass e.g. optimizer.lr=0.1")
+    momentum: float = num(0.9, ge=0.0, lt=1.0, hint="e.g. optimizer.momentum=0.9")
+    nesterov: bool = False
+    weight_decay: float = num(0.0, ge=0.0, hint="e.g. optimizer.weight_decay=5e-4")
+
+
+@dataclass
+class Adam:
+    name: str = "adam"
+    lr: float = num(MISSING, gt=0.0, hint="pass e.g. optimizer.lr=1e-3")
+    betas: List[float] = numbers([0.9, 0.999], items_ge=0.0, hint="two numbers in [0, 1), e.g. [0.9, 0.999]")
+    weight_decay: float = num(0.0, ge=0.0, hint="e.g. optimizer.weight_decay=0")
+
+
+@dataclass
+class LR:
+    kind: str = choice(MISSING, ("step", "multistep", "cosine", "constant"))
+    step_size: int = count(0, ge=0, hint="iterations between drops for kind=step")
+    milestones: List[float] = numbers([], items_ge=0.0, hint="epochs, e.g. [80, 120]")
+    gamma: float = num(0.1, gt=0.0, hint="e.g. schedule.lr.gamma=0.1")
+    min_lr: float = num(0.0, ge=0.0)
+
+
+@dataclass
+class Schedule:
+    name: str = MISSING
+    epochs: int = count(MISSING, ge=1, hint="pass e.g. schedule.epochs=10")
+    multiplier: float = num(1.0, gt=0.0, hint="e.g. schedule.multiplier=2")
+    warmup_epochs: float = num(0.0, ge=0.0, hint="e.g. schedule.warmup_epochs=5")
+    lr: LR = field(default_factory=LR)
+
+
+@dataclass
+class WandbLogger:
+    name: str = "wandb"
+    project: str = "sparse_bench"
+    entity: Optional[str] = None
+    mode: Optional[str] = choice(None, ("online", "offline", "disabled", "dryrun", "shared", "run"))
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class NoLogger:
+    name: str = "none"
+
+
+# --- data sets ----------------------------------------------------------------------------------
+@dataclass
+class Normalize:
+    mean: List[float] = numbers(MISSING)
+    std: List[float] = numbers(MISSING, items_gt=0.0, hint="standard deviations are > 0")
+
+
+@dataclass
+class _Data:
+    name: str = MISSING
+    val_fraction: float = num(0.1, ge=0.0, lt=1.0, hint="e.g. dataset.val_fraction=0.1")
+    batch_size: int = count(MISSING, ge=1, hint="e.g. dataset.batch_size=128")
+    test_batch_size: int = count(1000, ge=1)
+    drop_last: bool = False
+    normalize: Optional[Normalize] = None
+
+
+@dataclass
+class IdxData(_Data):
+    root: str = MISSING
+    download: bool = False
+
+
+@dataclass
+class DigitsData(_Data):
+    test_fraction: float = num(0.2, gt=0.0, lt=1.0)
+    split_seed: int = count(0, ge=0)
+
+
+@dataclass
+class SyntheticData(_Data):
+    input_shape: List[int] = widths([1, 28, 28], hint="e.g. [1,28,28] or [3,32,32]")
+    num_classes: int = count(10, ge=2)
+    n_train: int = count(2000, ge=1)
+    n_test: int = count(500, ge=1)
+    data_seed: int = count(0, ge=0)
+    noise: float = num(1.0, ge=0.0)
+
+
+@dataclass
+class Augment:
+    crop: bool = True
+    padding: int = count(4, ge=0, le=31, hint="pixels of padding for the random crop, e.g. 4")
+    pad_mode: str = choice("zeros", ("zeros", "reflect"), hint="zeros (GSE) or reflect (sparse momentum)")
+    flip: bool = True
+
+
+@dataclass
+class CifarData(_Data):
+    root: str = MISSING
+    download: bool = False
+    augment: Augment = field(default_factory=Augment)
+
+
+@dataclass
+class ImageNetData(_Data):
+    root: str = MISSING
+    download: bool = False
+    image_size: int = count(224, ge=1)
+    val_resize: Optional[int] = count(None, ge=1, nullable=True)
+    num_workers: int = count(8, ge=0)
+    persistent_workers: bool = True
+    prefetch_factor: Optional[int] = count(None, ge=1, nullable=True)
+
+
+DATASETS = {"mnist": IdxData, "fashion_mnist": IdxData, "digits": DigitsData, "synthetic": SyntheticData,
+            "cifar10": CifarData, "cifar100": CifarData, "imagenet": ImageNetData}
+
+
+# --- models -------------------------------------------------------------------------------------
+@dataclass
+class _Model:
+    name: str = MISSING
+    dense_params: List[str] = field(default_factory=list)  # parameter patterns the recipe keeps dense
+
+
+@dataclass
+class LeNet300(_Model):
+    in_features: int = count(784, ge=1)
+
+
+@dataclass
+class MLP(_Model):
+    hidden: List[int] = widths([128, 64], hint="positive widths, e.g. model.hidden=[300,100]")
+    dropout: float = num(0.0, ge=0.0, lt=1.0, hint="e.g. model.dropout=0.1")
+
+
+@dataclass
+class Widthed(_Model):
+    width: float = num(1.0, gt=0.0, hint="a channel multiplier, e.g. model.width=2")
+
+
+@dataclass
+class ResNetCifar(Widthed):
+    depth: int = count(20, ge=8, hint="6n + 2: 20, 32, 44, 56, 110")
+
+
+@dataclass
+class VGGSmall(Widthed):
+    dropout: float = num(0.5, ge=0.0, lt=1.0)
+
+
+@dataclass
+class ViT(Widthed):
+    patch_size: int = count(4, ge=1)
+    dim: int = count(512, ge=1)
+    depth: int = count(4, ge=1)
+    heads: int = count(6, ge=1)
+    dim_head: int = count(64, ge=1)
+    mlp_dim: int = count(256, ge=1)
+
+
+@dataclass
+class WRN(_Model):
+    depth: int = count(28, ge=10, hint="6n + 4, e.g. 16, 22, 28")
+    widen_factor: int = count(2, ge=1)
+    dropout: float = num(0.3, ge=0.0, lt=1.0)
+
+
+@dataclass
+class Timm(_Model):
+    arch: str = MISSING
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+MODELS = {"lenet300_100": LeNet300, "lenet5_caffe": _Model, "mlp": MLP, "alexnet_s": _Model, "alexnet_b": _Model,
+          "vgg16_c": _Model, "vgg16_d": _Model, "vgg16_like": _Model, "vgg16_small": VGGSmall,
+          "resnet56": Widthed, "resnet_cifar": ResNetCifar, "vit_cifar": ViT, "resnet50": _Model, "timm": Timm,
+          "wrn": WRN, "wrn16_8": WRN, "wrn16_10": WRN, "wrn22_8": WRN, "wrn28_2": WRN, "wrn28_10": WRN}
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": Adam}
+LOGGERS = {"wandb": WandbLogger, "none": NoLogger}
+
+#: group -> {option name: schema}; `schedule` has one schema for every option
+GROUPS: Dict[str, Any] = {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "logger": LOGGERS,
+                          "schedule": Schedule}
+#: filled by sparsity.methods.schemas: method name -> schema
+METHODS: Dict[str, Any] = {}
+
+
+# --- checking -----------------------------------------------------------------------------------
+_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _shown(value) -> str:
+    return "null" if value is None else str(value)
+
+
+def _hints(schema) -> dict:
+    return typing.get_type_hints(schema)
+
+
+def _plain(typ):
+    """X for Optional[X], else the type itself."""
+    args = getattr(typ, "__args__", ())
+    if getattr(typ, "__origin__", None) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return typ
+
+
+def _field_of(schema, dotted: str):
+    """(field, declared type) of a dotted key inside `schema`, or (None, None)."""
+    obj, f = schema, None
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(obj):
+            return None, None
+        fields = {x.name: x for x in dataclasses.fields(obj)}
+        if part not in fields:
+            return None, None
+        f, obj = fields[part], _plain(_hints(obj)[part])
+    return f, obj
+
+
+def _merge(schema, node, prefix: str) -> DictConfig:
+    """`node` merged into `schema` (struct mode): unknown keys and wrong types are refused."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), node)
+    except OmegaConfBaseException as exc:
+        sub = str(getattr(exc, "full_key", "") or "")
+        key = f"{prefix}{sub}" if sub else prefix.rstrip(".")
+        f, typ = _field_of(schema, sub) if sub else (None, None)
+        if f is None:  # a key the schema does not have
+            parent = sub.rsplit(".", 1)[0] if "." in sub else ""
+            _, owner = _field_of(schema, parent) if parent else (None, schema)
+            known = ", ".join(x.name for x in dataclasses.fields(owner)) if dataclasses.is_dataclass(owner) else ""
+            where = f"{prefix}{parent}".rstrip(".") or "the top level"
+            raise ConfigError(f"{key} is not a config key; the keys of {where} are: {known}") from None
+        value = getattr(exc, "value", None)
+        want = _TYPE_WORDS.get(typ, f"of type {getattr(typ, '__name__', typ)}")
+        hint = f"; {f.metadata['hint']}" if f.metadata.get("hint") else ""
+        raise ConfigError(f"{key}={_shown(value)} is not {want}{hint}") from None
+
+
+def _check_ranges(schema, node: DictConfig, prefix: str) -> None:
+    hints = _hints(schema)
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        meta = f.metadata
+        hint = f"; {meta['hint']}" if meta.get("hint") else ""
+        if OmegaConf.is_missing(node, f.name):
+            raise ConfigError(f"{key} is not set{hint or '; give it a value'}")
+        value = node[f.name]
+        sub = _plain(hints[f.name])
+        if dataclasses.is_dataclass(sub):
+            if isinstance(value, DictConfig):
+                _check_ranges(sub, value, f"{key}.")
+            continue
+        if value is None:
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{key}={value} is not one of: {', '.join(meta['choices'])}{hint}")
+        if any(meta.get(k) is not None for k in ("gt", "ge", "lt", "le")):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key}={value} must be a finite number{hint}")
+            if not _within(value, meta):
+                raise ConfigError(f"{key}={value} must be {_bounds_text(meta)}{hint}")
+        items = {k[len("items_"):]: meta[k] for k in ("items_gt", "items_ge", "items_le") if meta.get(k) is not None}
+        if items and any(not _within(v, items) for v in value):
+            raise ConfigError(f"{key}={list(value)}: every value must be {_bounds_text(items)}{hint}")
+
+
+def _within(value, meta) -> bool:
+    return not ((meta.get("gt") is not None and not value > meta["gt"])
+                or (meta.get("ge") is not None and not value >= meta["ge"])
+                or (meta.get("lt") is not None and not value < meta["lt"])
+                or (meta.get("le") is not None and not value <= meta["le"]))
+
+
+def check_group(group: str, node, schema) -> DictConfig:
+    """One group option checked against its schema (typed result)."""
+    merged = _merge(schema, node, f"{group}.")
+    _check_ranges(schema, merged, f"{group}.")
+    return merged
+
+
+def _schema_for(group: str, node):
+    table = METHODS if group == "method" else GROUPS[group]
+    if not isinstance(table, dict):
+        return table
+    name = node.get("name")
+    if name not in table:
+        raise ConfigError(f"{group}.name={name} is not a known {group}; choose one of: {', '.join(sorted(table))} "
+                          f"(or name your own implementation with {group}._target_)")
+    return table[name]
+
+
+def check(cfg) -> DictConfig:
+    """The whole config (without its `hydra` node) checked against the schema, resolved and typed."""
+    if not METHODS:
+        from .sparsity.methods import schemas  # noqa: F401  (registers the method schemas)
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    plain.pop("hydra", None)
+    try:
+        data = OmegaConf.to_container(plain, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{getattr(exc, 'full_key', '') or 'the config'}: {str(exc).splitlines()[0]}") from None
+    groups = ("method", *GROUPS)
+    top = {k: v for k, v in data.items() if k not in groups}
+    if isinstance(top.get("resume"), bool):  # `resume=true` arrives as a bool
+        top["resume"] = str(top["resume"]).lower()
+    root = _merge(Root, top, "")
+    _check_ranges(Root, root, "")
+    out = OmegaConf.to_container(root)
+    for group in groups:
+        node = data.get(group)
+        if not isinstance(node, dict):
+            raise ConfigError(f"{group} is not chosen; pass e.g. {group}=<option>")
+        if node.get("_target_"):  # a user's implementation: its own keys are its business
+            out[group] = node
+            continue
+        out[group] = OmegaConf.to_container(check_group(group, node, _schema_for(group, node)))
+    return OmegaConf.create(out)
