@@ -356,4 +356,13 @@ def test_figure_is_also_svg_and_says_what_its_bars_are(sweep, tmp_path, capsys):
     assert "standard error" in svg and "n = 3 seeds per point" in svg
     assert "Dettmers" in svg and "test accuracy by density" in svg
     tables_mod = tables.build_tables([tables.read_run_folder(p) for p in tables.find_run_folders([sweep])])
-    assert tables.title(tables_mod["digits-mlp"]) == "scikit-learn digits, MLP"
+    assert tables.title(tables_mod["digits-mlp"]) == "scikit-learn digits, MLP, 5 epochs"
+
+
+def test_mask_update_records_do_not_count_as_finished_epochs(tmp_path):
+    folder = tmp_path / "run"
+    _write_run(folder, _config("mlp", "rigl", 0.1, 0), epochs_done=2)
+    with (folder / "metrics.jsonl").open("a") as f:  # an update during epoch 3, then a crash
+        f.write(json.dumps({"epoch": 3, "step": 25, "update": True, "mask/pruned": 4}) + "\n")
+    assert tables.progress(folder / "metrics.jsonl") == (2, None)
+    assert tables.read_run_folder(folder).epoch == 2

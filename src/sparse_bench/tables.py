@@ -352,6 +352,7 @@ class Table:
     rows: dict = field(default_factory=dict)              # label -> Row
     dataset: str = ""
     model: str = ""
+    epochs: set = field(default_factory=set)              # planned epochs of its runs
 
     @property
     def has_flops(self) -> bool:
@@ -420,7 +421,11 @@ def _flat(d, prefix="") -> dict:
 
 
 def _fingerprint(config: dict) -> str:
-    return json.dumps({k: v for k, v in config.items() if k not in _VOLATILE}, sort_keys=True, default=str)
+    """What a run computed: its config without the volatile keys (and without `density` for dense
+    runs, which ignore it)."""
+    dense = str((config.get("method") or {}).get("name")) == "dense"
+    return json.dumps({k: v for k, v in config.items() if k not in _VOLATILE and not (dense and k == "density")},
+                      sort_keys=True, default=str)
 
 
 def dedupe(runs: list[RunRecord], notes: list[str]) -> list[RunRecord]:
@@ -541,6 +546,7 @@ def build_tables(runs: list[RunRecord], notes: list[str] | None = None) -> dict[
             table.dataset = table.dataset or _name(first, "dataset")
             table.model = table.model or _name(first, "model")
             table.source = table.source or g.source
+            table.epochs |= {r.epochs for r in g.runs if r.epochs}
             row = table.rows.setdefault(row_label, Row(row_label, g.metric, departs=bool(g.departures),
                                                        method=_name(first, "method")))
             # published values only for runs that follow the recipe (or whose recipe is unknown and
@@ -660,7 +666,10 @@ def title(table: Table) -> str:
     if table.source:
         return table.source
     if table.dataset and table.model:
-        return f"{DATASET_NAMES.get(table.dataset, table.dataset)}, {MODEL_NAMES.get(table.model, table.model)}"
+        text = f"{DATASET_NAMES.get(table.dataset, table.dataset)}, {MODEL_NAMES.get(table.model, table.model)}"
+        if len(table.epochs) == 1:
+            text += f", {next(iter(table.epochs))} epochs"
+        return text
     return table.id
 
 
@@ -757,12 +766,32 @@ def _is_dense_row(row: Row) -> bool:
     return row.method == "dense" and set(row.cells) == {1.0} and not row.paper
 
 
-def plot(table: Table, path: Path, also: tuple[str, ...] = ()) -> None:
-    """The metric against density, ordered as the table (dense left, sparsest right), log axis.
+def _main_range(values: list[float]) -> tuple[float, float]:
+    """The y-range that shows the bulk of the points: a value far below the others (a collapsed
+    run, e.g. static training at 1%) would squash every difference that matters into a few
+    pixels, so it is left out of the range (and drawn at the axis' edge with its value)."""
+    vals = sorted(values)
+    while len(vals) >= 3:
+        rest = vals[1:]
+        span = max(rest) - min(rest)
+        if rest[0] - vals[0] > 2.0 * max(span, 0.5):
+            vals = rest
+        else:
+            break
+    lo, hi = min(vals), max(vals)
+    pad = max(0.15 * (hi - lo), 0.3)
+    return lo - pad, hi + pad
 
-    Ours: mean with ±1 SE bars over seeds, one solid line per row; the seeds per point are in the
-    caption (or beside each point when they differ). Published values: hollow squares on dashed
-    lines in the row's colour. A dense row is a horizontal band (mean ± SE) across the plot.
+
+def plot(table: Table, path: Path, also: tuple[str, ...] = ()) -> None:
+    """The metric against density, ordered as the table (dense on the left, sparsest on the right),
+    on a log axis; beside it, when the runs counted FLOPs, the metric against training FLOPs.
+
+    Ours: mean with ±1 SE bars over seeds, one solid line per row, rows nudged sideways so their
+    bars do not hide each other; the seeds per point are in the caption (or beside each point
+    when they differ). Published values: hollow squares on dashed lines in the row's colour.
+    A dense row is a horizontal band (mean ± SE) across the plot. A point far below all others is
+    drawn as a triangle on the lower edge with its value, so the others keep a readable scale.
     The figure is saved to `path` and to the same name with each suffix in `also` (e.g. ".svg").
     """
     import matplotlib
@@ -770,72 +799,125 @@ def plot(table: Table, path: Path, also: tuple[str, ...] = ()) -> None:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8.0, 4.8), dpi=130)
-    ax = fig.add_subplot(1, 1, 1)
+    rows = list(table.rows.values())
+    flops = table.has_flops
+    fig = Figure(figsize=(11.5 if flops else 8.0, 4.8), dpi=130)
+    ax = fig.add_subplot(1, 2 if flops else 1, 1)
+    ax2 = fig.add_subplot(1, 2, 2, sharey=ax) if flops else None
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
-    plotted = False
-    ns: set[int] = set()
-    for i, row in enumerate(table.rows.values()):
-        for c in row.cells.values():
-            if c.values:
-                ns.add(c.n)
+    ns = {c.n for row in rows for c in row.cells.values() if c.values}
     one_n = len(ns) == 1
-    for i, row in enumerate(table.rows.values()):
+    curves = [row for row in rows if not _is_dense_row(row)]
+    values = [c.mean for row in rows for c in row.cells.values() if c.values]
+    values += [v for row in rows for v, _ in row.paper.values()]
+    lo, hi = _main_range(values) if values else (0.0, 1.0)
+    off_axis: list[tuple] = []  # (axis, x, y, color, text)
+
+    def draw(axis, xs, ys, es, color, **kw):
+        inside = [(x, y, e) for x, y, e in zip(xs, ys, es) if y >= lo]
+        for x, y, e in zip(xs, ys, es):
+            if y < lo:
+                off_axis.append((axis, x, y, e, color))
+        line_x = [x if y >= lo else x for x, y in zip(xs, ys)]
+        line_y = [y if y >= lo else lo for y in ys]
+        axis.plot(line_x, line_y, color=color, linestyle=kw.pop("linestyle", "-"), linewidth=1.5,
+                  alpha=kw.pop("line_alpha", 1.0))
+        if inside:
+            ix, iy, ie = zip(*inside)
+            axis.errorbar(ix, iy, yerr=ie if any(ie) else None, fmt=kw.pop("fmt", "o"), color=color, capsize=3,
+                          markersize=kw.pop("markersize", 5), **kw)
+
+    plotted = False
+    for i, row in enumerate(rows):
         color = colors[i % len(colors)]
         if _is_dense_row(row) and row.cells[1.0].values:
             c = row.cells[1.0]
-            ax.axhline(c.mean, color=color, linestyle=":", linewidth=1.5, label=f"{row.label} (n={c.n})"
-                       if not one_n else row.label)
-            if c.se:
-                ax.axhspan(c.mean - c.se, c.mean + c.se, color=color, alpha=0.12, linewidth=0)
+            for axis in (ax, ax2) if flops else (ax,):
+                axis.axhline(c.mean, color=color, linestyle=":", linewidth=1.5)
+                if c.se:
+                    axis.axhspan(c.mean - c.se, c.mean + c.se, color=color, alpha=0.12, linewidth=0)
+            ax.plot([], [], color=color, linestyle=":", linewidth=1.5, label=row.label + (
+                f" (n={c.n})" if not one_n else ""))
+            if flops and c.train_flops:
+                ax2.errorbar([statistics.fmean(c.train_flops)], [c.mean], yerr=[c.se or 0.0], fmt="D", color=color,
+                             capsize=3, markersize=5)
             plotted = True
             continue
-        ours = sorted((d, c.mean, c.se or 0.0, c.n) for d, c in row.cells.items() if c.values)
+        k = curves.index(row)
+        nudge = 1.0 + 0.02 * (k - (len(curves) - 1) / 2)  # sideways, in log space
+        ours = sorted((d, c.mean, c.se or 0.0, c.n, c) for d, c in row.cells.items() if c.values)
         if ours:
-            xs, ys, es, n = zip(*ours)
-            ax.errorbar(xs, ys, yerr=es, fmt="o-", color=color, capsize=3, markersize=5, linewidth=1.5,
-                        label=row.label if not row.paper else f"{row.label} (ours)")
+            xs, ys, es, n, cells = zip(*ours)
+            draw(ax, [x * nudge for x in xs], ys, es, color)
+            ax.plot([], [], "o-", color=color, label=row.label if not row.paper else f"{row.label} (ours)")
             if not one_n:
-                for x, y, k in zip(xs, ys, n):
-                    ax.annotate(f"n={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                                color=color)
+                for x, y, kk in zip(xs, ys, n):
+                    if y >= lo:
+                        ax.annotate(f"n={kk}", (x * nudge, y), textcoords="offset points", xytext=(4, 4),
+                                    fontsize=7, color=color)
+            if flops:
+                pts = [(statistics.fmean(c.train_flops), c.mean, c.se or 0.0) for c in cells if c.train_flops]
+                if pts:
+                    fx, fy, fe = zip(*sorted(pts))
+                    draw(ax2, fx, fy, fe, color)
             plotted = True
         pub = sorted((d, v, pm or 0.0) for d, (v, pm) in row.paper.items())
         if pub:
             xs, ys, es = zip(*pub)
-            ax.errorbar(xs, ys, yerr=es if any(es) else None, fmt="s--", color=color, mfc="none", capsize=3,
-                        markersize=6, alpha=0.9, label=f"{row.label} (paper)")
+            draw(ax, [x * nudge for x in xs], ys, es, color, fmt="s", mfc="none", markersize=6, linestyle="--",
+                 line_alpha=0.9)
+            ax.plot([], [], "s--", color=color, mfc="none", label=f"{row.label} (paper)")
             plotted = True
+    for axis, x, y, e, color in off_axis:
+        axis.plot([x], [lo], marker="v", color=color, markersize=8, clip_on=False, zorder=5)
+        axis.annotate(f"{y:.1f}" + (f" ± {e:.1f}" if e else ""), (x, lo), textcoords="offset points",
+                      xytext=(6, 3), fontsize=8, color=color)
+    ax.set_ylim(lo, hi)
     ax.set_xscale("log")
-    densities = table.densities
+    densities = [d for d in table.densities if any(d in row.cells or d in row.paper for row in curves)]
+    densities = densities or table.densities
     if densities:
         ax.set_xticks(densities)
         ax.set_xticklabels([fmt_density(d) for d in densities])
         ax.minorticks_off()
-        lo, hi = min(densities), max(densities)
-        ax.set_xlim(hi * 1.25, lo / 1.25)  # inverted: dense on the left, as in the table
-    ax.set_xlabel("density (fraction of prunable weights kept; log scale, sparser to the right)")
+        dmin, dmax = min(densities), max(densities)
+        ax.set_xlim(dmax * 1.35, dmin / 1.35)  # inverted: dense on the left, as in the table
+    ax.set_xlabel("density (fraction of prunable weights kept, log scale)")
     ax.set_ylabel(metric_words(table.metrics[0]) if len(table.metrics) == 1 else "test accuracy / error (%)")
     what = "test error" if table.metrics == ["test/error"] else "test accuracy"
-    ax.set_title(f"{title(table)}: {what} by density", fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
+    if flops:
+        from matplotlib.ticker import FuncFormatter
+
+        ax2.set_xscale("log")
+        ax2.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}×"))
+        ax2.set_xlabel("training FLOPs (multiple of dense training, log scale)")
+        ax2.grid(True, which="major", alpha=0.3)
+        ax2.tick_params(labelleft=False)
+        ax.set_title("by density", fontsize=10)
+        ax2.set_title("by training cost (RigL's FLOP convention)", fontsize=10)
+        fig.suptitle(f"{title(table)}: {what}", fontsize=12)
+    else:
+        ax.set_title(f"{title(table)}: {what} by density", fontsize=11)
     caption = ("points: mean over seeds, bars: ±1 standard error"
                + (f", n = {next(iter(ns))} seed{'s' if next(iter(ns)) != 1 else ''} per point" if one_n else
                   " (n = seeds, beside each point)"))
-    if any(row.paper for row in table.rows.values()):
+    if any(row.paper for row in rows):
         caption += "; hollow squares, dashed: published"
-    if any(_is_dense_row(row) for row in table.rows.values()):
+    if any(_is_dense_row(row) for row in rows):
         caption += "; dotted line and band: dense (mean ± SE)"
+    if off_axis:
+        caption += "; ▼ below the axis, with its value"
     fig.text(0.01, 0.01, caption, fontsize=8, color="0.3", ha="left", va="bottom")
     if plotted:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
+        (ax2 or ax).legend(*ax.get_legend_handles_labels(), fontsize=8, loc="upper left",
+                           bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     else:
         ax.text(0.5, 0.5, "no finished runs yet", transform=ax.transAxes, ha="center", va="center")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path)
     for suffix in also:
-        other = Path(path).with_suffix(suffix)
-        fig.savefig(other, metadata={"Date": None} if suffix == ".svg" else {"CreationDate": None})
+        fig.savefig(Path(path).with_suffix(suffix), metadata={"Date": None} if suffix == ".svg" else {})
 
 
 def safe_name(table_id: str) -> str:

@@ -145,7 +145,8 @@ class MetricSink:
     def summary(self, values: dict) -> None:
         if self.wandb is not None:
             for k, v in values.items():
-                self.wandb.summary[k] = v
+                if v is not None:
+                    self.wandb.summary[k] = v
 
     def table(self, key: str, columns: list[str], rows: list[list]) -> None:
         """A W&B table (e.g. the final per-layer densities), logged once."""
