@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from sparse_bench.models import build_model
-from sparse_bench.sparsity.flops import DENSE, SPARSE, FlopMeter, LayerFlops, Passes
+from sparse_bench.sparsity.flops import FlopMeter, LayerFlops, Passes
 from sparse_bench.sparsity.methods import MethodContext, build_method
 
 from conftest import cli, read_jsonl

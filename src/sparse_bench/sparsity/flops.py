@@ -7,8 +7,9 @@ The convention:
   ``torch.utils.flop_counter.FlopCounterMode`` reports for it on one sample (2 x its
   multiply-adds); at density ``d_l`` it costs ``d_l F_l`` (activations stay dense). Operations
   without a prunable weight (attention's matrix products, a dense layer kept out of the mask)
-  cost the same at any density. Batch norm, activations, the loss and the mask updates
-  themselves are not counted (RigL counts them nowhere either).
+  cost the same at any density. Batch norm, activations, the loss, the mask updates'
+  bookkeeping and the one-off scoring passes of SNIP / GraSP / SynFlow at initialisation are
+  not counted (RigL counts SNIP like static training too).
 * The backward pass costs 2x the forward: one pass for the input gradients, one for the weight
   gradients. A training step is therefore three passes, each at the density of the weights it
   touches: dense training ``3 f_D``; static / SET / SNIP / DeepR / DSR ``3 f_S``; sparse momentum
