@@ -1,5 +1,6 @@
 # sparse_bench: `make demo` trains a sparse model on data that needs no network,
-# `make test` runs the test suite. Both create the virtual environment first.
+# `make example` regenerates the README's worked example, `make test` runs the test suite.
+# All create the virtual environment first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 # e.g. make install TORCH_SPEC="torch==2.9.1 torchvision==0.24.1"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo example test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +20,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: install
 	$(BIN)/python -m sparse_bench experiment=demo resume=false
+
+# the README's worked example on real data (Fashion-MNIST from Debian's dataset-fashion-mnist):
+# 22 short runs on 2 worker processes, then docs/example/ and the README's example section
+example: install
+	$(BIN)/python scripts/example.py
 
 test: install
 	$(BIN)/python -m pytest -q

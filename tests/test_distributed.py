@@ -34,8 +34,10 @@ def test_two_processes_match_one(tmp_path):
     assert a["density"]["achieved"] == b["density"]["achieved"]
     assert a["final"]["test/acc"] == pytest.approx(b["final"]["test/acc"], abs=0.02)
     assert a["final"]["train/loss"] == pytest.approx(b["final"]["train/loss"], rel=1e-3)
-    # only rank 0 writes: one metrics record per epoch plus the final test record
-    assert len((tmp_path / "ddp" / name / "metrics.jsonl").read_text().splitlines()) == 3
+    # only rank 0 writes: one metrics record per epoch plus the final test record (and the update's)
+    recs = [json.loads(line) for line in (tmp_path / "ddp" / name / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in recs if not r.get("update")]) == 3
+    assert len([r for r in recs if r.get("update")]) == 1  # sparse momentum after epoch 1 of 2
 
 
 def _torchrun(tmp_path, args, port, **kw):

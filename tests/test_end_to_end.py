@@ -31,14 +31,27 @@ def test_digits_run_with_offline_wandb(tmp_path):
     assert res["final"]["test/acc"] > 0.5
     recs = read_jsonl(folder / "metrics.jsonl")
     assert [r["epoch"] for r in recs if "train/loss" in r] == [1, 2, 3]
+    epochs = [r for r in recs if "train/loss" in r]
     for key in ("train/loss", "train/acc", "val/acc", "density/achieved", "density/net.0.weight", "lr"):
-        assert key in recs[0]
+        assert key in epochs[0]
     assert "test/acc" in recs[-1] and "test/loss" in recs[-1]
-    assert 0.0 <= recs[0]["train/acc"] <= 1.0
+    assert 0.0 <= epochs[0]["train/acc"] <= 1.0
+    # sparse momentum's epoch-end updates (after epochs 1 and 2) are records of their own too
+    assert [(r["epoch"], r["step"]) for r in recs if r.get("update")] == [(1, epochs[0]["step"]),
+                                                                          (2, epochs[1]["step"])]
     assert res["wandb"]["mode"] == "offline"
     assert "method:sparse_momentum" in res["wandb"]["tags"] and "density:0.3" in res["wandb"]["tags"]
     assert list((folder / "wandb").glob("offline-run-*")), "an offline W&B run is left in the run folder"
-    assert "epoch   3" in proc.stderr + proc.stdout
+    assert "epoch 3/3  loss " in proc.stderr + proc.stdout
+    assert max(len(line) for line in (proc.stderr + proc.stdout).splitlines() if "] epoch " in line) <= 105
+    # provenance: the code, the packages and the command that made the result
+    prov = res["provenance"]
+    assert len(prov["git"]["commit"] or "x" * 40) == 40 and prov["git"]["dirty"] in (True, False, None)
+    assert {"torch", "hydra-core", "wandb", "timm", "sparse_bench"} <= set(prov["versions"])
+    assert prov["command"].startswith("python -m sparse_bench ") and "density=0.3" in prov["command"]
+    assert prov["experiment"] is None and prov["recipe_departures"] is None
+    assert json.loads((folder / "provenance.json").read_text()) == prov
+    assert res["flops"]["train_multiple"] == pytest.approx(2 / 3 * 0.3 + 1 / 3, rel=0.01)  # SNFS: 2 f_S + f_D
 
 
 def test_synthetic_run(tmp_path):
@@ -116,7 +129,7 @@ def test_resume_after_a_crash_ends_bit_identical(tmp_path, fast_overrides, monke
     folder_b = tmp_path / "b" / cfg.run_name
     crashed = _results(folder_b)
     assert crashed["status"] == "failed" and "killed after epoch 1" in crashed["error"]
-    assert len(read_jsonl(folder_b / "metrics.jsonl")) == 1
+    assert len([r for r in read_jsonl(folder_b / "metrics.jsonl") if not r.get("update")]) == 1
     run(cfg)  # resume=auto picks up the checkpoint
 
     assert _strip(read_jsonl(folder_a / "metrics.jsonl")) == _strip(read_jsonl(folder_b / "metrics.jsonl"))

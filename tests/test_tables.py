@@ -278,3 +278,91 @@ def test_running_label_uses_the_planned_epochs_the_trainer_records(tmp_path, cap
     _run_main(root, tmp_path / "out", capsys)
     _, rows = _md_rows((tmp_path / "out" / "t.md").read_text())
     assert rows["r"][1] == "running (epoch 7/15)"
+
+
+def _write_full(folder: Path, cfg: dict, acc: float, departures=None, flops=None):
+    """A finished run as run.py writes it: results.json with provenance and FLOP figures."""
+    _write_run(folder, cfg, acc)
+    res = json.loads((folder / "results.json").read_text())
+    res["provenance"] = {"experiment": "e" if "paper" in cfg else None, "recipe_departures": departures}
+    if flops is not None:
+        res["flops"] = {"train_multiple": flops[0], "test_multiple": flops[1], "train_total": 1.0}
+    (folder / "results.json").write_text(json.dumps(res))
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_never_averaged(tmp_path, capsys):
+    root = tmp_path / "runs"
+    a = _config("mlp", "set", 0.1, 0, dataset="digits")
+    b = dict(_config("mlp", "set", 0.1, 1, dataset="digits"))
+    b["method"] = {"name": "set", "prune_rate": 0.5}
+    _write_full(root / "a0", a, 0.90)
+    _write_full(root / "a1", _config("mlp", "set", 0.1, 1, dataset="digits"), 0.92)
+    _write_full(root / "b1", b, 0.50)
+    # the same recipe from elsewhere (other data folder, other logger): averaged with the first two
+    c = dict(_config("mlp", "set", 0.1, 2, dataset="digits"), logger={"name": "none"})
+    c["dataset"] = {"name": "digits", "root": "/elsewhere"}
+    _write_full(root / "c2", c, 0.94)
+    captured = _run_main(root, tmp_path / "out", capsys)
+    _, rows = _md_rows((tmp_path / "out" / "digits-mlp.md").read_text())
+    assert rows["set [method.prune_rate=(unset)]"][1] == "92.00 ± 1.15 (n=3)"
+    assert rows["set [method.prune_rate=0.5]"][1] == "50.00 (n=1)"
+    assert "digits-mlp / set: runs that differ in method.prune_rate are shown as separate rows" in captured.err
+
+
+def test_a_run_departing_from_its_recipe_gets_its_own_marked_row_without_paper(tmp_path, capsys):
+    root = tmp_path / "runs"
+    paper = {"table": "sm_mnist", "row": "LeNet-300-100", "metric": "test/acc", "source": "S",
+             "values": {"0.05": {"value": 98.0}}}
+    for seed, acc in enumerate([0.981, 0.983]):
+        _write_full(root / f"r{seed}", _config("lenet300_100", "sparse_momentum", 0.05, seed, paper), acc,
+                    departures=[], flops=(0.53, 0.05))
+    away = _config("lenet300_100", "sparse_momentum", 0.05, 0, paper, dataset="fashion_mnist", epochs=1)
+    _write_full(root / "away", away, 0.84, departures=["dataset=fashion_mnist", "schedule.epochs=1"],
+                flops=(0.53, 0.05))
+    captured = _run_main(root, tmp_path / "out", capsys)
+    md = (tmp_path / "out" / "sm_mnist.md").read_text()
+    header, rows = _md_rows(md)
+    assert header == ["row", "d=0.05", "paper", "Δ", "FLOPs"]
+    assert rows["LeNet-300-100"][1:] == ["98.20 ± 0.10 (n=2)", "98.00", "+0.20", "0.53× / 0.050×"]
+    marked = "LeNet-300-100 † [dataset=fashion_mnist, schedule.epochs=1]"
+    assert rows[marked][1:] == ["84.00 (n=1)", "", "", "0.53× / 0.050×"]
+    assert list(rows)[-1] == marked  # after the rows that follow the recipe
+    assert "† = departs from the experiment's recipe" in md
+    assert "depart from the experiment's recipe (dataset=fashion_mnist, schedule.epochs=1)" in captured.err
+    with open(tmp_path / "out" / "sm_mnist.csv", newline="") as f:
+        by = {r["row"]: r for r in csv.DictReader(f)}
+    assert by[marked]["departs"] == "yes" and by[marked]["paper"] == "" and by[marked]["delta"] == ""
+    assert float(by["LeNet-300-100"]["train_flops_multiple"]) == 0.53
+
+
+def test_timm_models_are_named_by_architecture(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for i, arch in enumerate(["resnet18", "convnext_tiny"]):
+        cfg = _config("timm", "static", 0.1, 0, dataset="cifar10")
+        cfg["model"] = {"name": "timm", "arch": arch}
+        _write_full(root / f"t{i}", cfg, 0.8 + 0.01 * i)
+    _run_main(root, tmp_path / "out", capsys)
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.md")) == ["cifar10-convnext_tiny", "cifar10-resnet18"]
+    _, rows = _md_rows((tmp_path / "out" / "cifar10-resnet18.md").read_text())
+    assert rows["static"][1] == "80.00 (n=1)"
+
+
+def test_figure_is_also_svg_and_says_what_its_bars_are(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    _run_main(sweep, out, capsys)
+    svg = (out / "sm_mnist.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    # matplotlib writes the text of the figure into the SVG as comments/ids we can search
+    assert "standard error" in svg and "n = 3 seeds per point" in svg
+    assert "Dettmers" in svg and "test accuracy by density" in svg
+    tables_mod = tables.build_tables([tables.read_run_folder(p) for p in tables.find_run_folders([sweep])])
+    assert tables.title(tables_mod["digits-mlp"]) == "scikit-learn digits, MLP, 5 epochs"
+
+
+def test_mask_update_records_do_not_count_as_finished_epochs(tmp_path):
+    folder = tmp_path / "run"
+    _write_run(folder, _config("mlp", "rigl", 0.1, 0), epochs_done=2)
+    with (folder / "metrics.jsonl").open("a") as f:  # an update during epoch 3, then a crash
+        f.write(json.dumps({"epoch": 3, "step": 25, "update": True, "mask/pruned": 4}) + "\n")
+    assert tables.progress(folder / "metrics.jsonl") == (2, None)
+    assert tables.read_run_folder(folder).epoch == 2

@@ -17,7 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from .data import build_data
 from .errors import ConfigError, RunFailed
 from .resolvers import DENSE_METHODS
+from .tables import model_label, paper_comparison
 from .models import build_model
+from .provenance import provenance as make_provenance
+from .sparsity.flops import build_meter
 from .sparsity.methods import MethodContext, build_method
 from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, load_checkpoint
 from .train import distributed as dist_util
@@ -28,7 +31,8 @@ from .train.trainer import CHECKPOINT, Trainer
 log = logging.getLogger("sparse_bench")
 
 # keys that may differ between a run and its resumption
-_VOLATILE = ("resume", "logger", "progress", "device", "paths", "run_name", "sweep_name")
+_VOLATILE = ("resume", "logger", "progress", "device", "paths", "run_name", "sweep_name", "log_every", "threads",
+             "optimized_metric")
 
 
 def _float(cfg, key: str) -> float:
@@ -67,6 +71,9 @@ def validate(cfg: DictConfig) -> None:
         from .train.logging import wandb_mode
 
         wandb_mode(cfg.logger.get("mode"))
+    every = cfg.get("log_every", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"log_every={every} must be a whole number of batches (0 = no progress lines)")
 
 
 def job_threads(cfg) -> int | None:
@@ -110,18 +117,53 @@ def run_dir_of(cfg: DictConfig) -> Path:
         return Path(cfg.paths.runs) / str(cfg.run_name)
 
 
-def sweep_group() -> str | None:
-    """The W&B group: the sweep folder's name for multirun jobs, None for single runs."""
+def _sweep_label(task: list[str], cfg: DictConfig) -> str:
+    """What a sweep is about, from its command line (`multirun.yaml`'s unexpanded overrides):
+    the experiment, else dataset-model-method (values not on the command line come from the
+    config, where every job agrees)."""
+    given = {}
+    for o in task:
+        key, _, value = o.partition("=")
+        given[key.lstrip("+~")] = value
+    if given.get("experiment"):
+        return given["experiment"]
+    parts = []
+    for key in ("dataset", "model", "method"):
+        value = given.get(key) or str(cfg[key].name)
+        names = value.split(",")
+        parts.append(",".join(names[:3]) + (f"+{len(names) - 3}" if len(names) > 3 else ""))
+    return "-".join(parts)
+
+
+def sweep_group(cfg: DictConfig | None = None) -> str | None:
+    """The W&B group of a multirun job, None for single runs: `sweep_name` when it was given,
+    else what the sweep runs followed by its time stamp (e.g. `sm_mnist_lenet300_100-2025-01-01_10-00-00`)."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN:
-            return Path(hc.sweep.dir).name
+        if hc.mode != RunMode.MULTIRUN:
+            return None
     except (ImportError, ValueError):
+        return None
+    sweep_dir = Path(hc.sweep.dir)
+    task = list(hc.overrides.task or [])
+    try:
+        saved = OmegaConf.load(sweep_dir / "multirun.yaml")
+        task = list(saved.hydra.overrides.task)
+    except Exception:  # no multirun.yaml (a launcher that does not write one): the job's overrides
         pass
-    return None
+    if any(o.split("=", 1)[0].lstrip("+~") == "sweep_name" for o in task) or cfg is None:
+        return sweep_dir.name
+    return f"{_sweep_label(task, cfg)}-{sweep_dir.name}"
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 def _comparable(cfg: dict) -> dict:
@@ -140,7 +182,8 @@ def _diff(a, b, prefix="") -> list[str]:
 
 
 # files this tool writes into a run folder (resume=false removes these, and only these)
-OWN_FILES = (CHECKPOINT, "results.json", "metrics.jsonl", "wandb_id.txt", "config.json", "config.yaml")
+OWN_FILES = (CHECKPOINT, "results.json", "metrics.jsonl", "wandb_id.txt", "wandb_step.txt", "provenance.json",
+             "config.json", "config.yaml")
 
 
 def check_run_name(key: str, name: str) -> None:
@@ -298,11 +341,13 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
                         steps_per_epoch=steps_per_epoch, device=device, generator=generator,
                         prunable=rule, batches=batches, loss_fn=loss_fn, multiplier=multiplier)
     method = build_method(cfg.method, ctx)
+    flops = build_meter(model, data.input_shape, method, device)
     trainer = Trainer(model, optimizer, lr_schedule, method, data, device, epochs * method.rounds, loss_fn,
                       run_dir, progress=bool(cfg.progress), max_steps_per_epoch=steps_per_epoch, dist=dist,
                       train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),
                       test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)),
-                      fingerprint=config_fp)
+                      fingerprint=config_fp, log_every=int(cfg.get("log_every", 0) or 0), flops=flops,
+                      base_epochs=int(cfg.schedule.epochs))
 
     if ckpt_state is not None:
         trainer.load_state(ckpt_state)
@@ -319,9 +364,14 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
 
         trainer.train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    prov = make_provenance(resolved) if dist.is_main else {}
     if dist.is_main:
         atomic_write_json(run_dir / "config.json", resolved)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_json(run_dir / "provenance.json", prov)
+        if prov.get("recipe_departures"):
+            log.info(f"experiment={prov['experiment']} with departures from its recipe: "
+                     f"{', '.join(prov['recipe_departures'])}; tables show this run in its own row")
 
     prunable = method.masks.describe() if method.masks is not None else {"prunable": {}, "total": 0}
     if dist.is_main:
@@ -332,9 +382,15 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
                  f"{steps_per_epoch} steps | {device}" + (f" x {dist.world} processes" if dist.enabled else "")
                  + f" | {torch.get_num_threads()} threads")
 
-    tags = [f"method:{cfg.method.name}", f"density:{density}", f"model:{cfg.model.name}",
+    tags = [f"method:{cfg.method.name}", f"density:{density}", f"model:{model_label(resolved)}",
             f"dataset:{cfg.dataset.name}"]
-    sink = (MetricSink(run_dir, cfg.logger, str(cfg.run_name), sweep_group(), tags, resolved,
+    if prov.get("experiment"):
+        tags.append(f"experiment:{prov['experiment']}")
+    # W&B's config: the resolved config plus what a reader filters by that is not a config key
+    wandb_config = {**resolved, "experiment": prov.get("experiment"), "prunable_rule": rule,
+                    "recipe_departures": prov.get("recipe_departures"),
+                    "git_commit": (prov.get("git") or {}).get("commit")}
+    sink = (MetricSink(run_dir, cfg.logger, str(cfg.run_name), sweep_group(cfg), tags, wandb_config,
                        resume_epoch=trainer.epoch) if dist.is_main else NullSink())
     ok = False
     try:
@@ -363,6 +419,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             "val/acc": last_train.get("val/acc"),
             "density/achieved": final["density/achieved"],
         }
+        flop_figures = trainer.flop_summary()
+        per_layer = {k[len("density/"):]: v for k, v in final.items()
+                     if k.startswith("density/") and k != "density/achieved"}
+        paper = paper_comparison(resolved, final["test/acc"], prov.get("recipe_departures"))
         results = {
             "status": "complete",
             "config": resolved,
@@ -371,18 +431,26 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             "density": {
                 "target": density if method.masks is not None else 1.0,
                 "achieved": final["density/achieved"],
-                "per_layer": {k[len("density/"):]: v for k, v in final.items()
-                              if k.startswith("density/") and k != "density/achieved"},
+                "per_layer": per_layer,
             },
+            "flops": {k[len("flops/"):]: v for k, v in flop_figures.items()},
+            "paper": paper,
             "prunable": prunable,
             "epochs": trainer.epoch,
             "steps": trainer.step,
             "train_time_s": trainer.train_time,
             "wall_time_s": time.perf_counter() - t_start,
             "wandb": sink.wandb_info,
+            "provenance": prov,
         }
         atomic_write_json(results_path, results)
-        sink.summary(final_metrics)
+        sink.summary({**final_metrics, **{k: v for k, v in flop_figures.items() if v is not None},
+                      **{f"paper/{k}": v for k, v in (paper or {}).items()},
+                      "experiment": prov.get("experiment")})
+        shapes = prunable["prunable"]
+        sink.table("density/final_per_layer", ["layer", "shape", "weights", "active", "density"],
+                   [[name, "x".join(str(s) for s in shapes.get(name, [])), _numel(shapes.get(name, [])),
+                     round(d * _numel(shapes.get(name, []))), d] for name, d in per_layer.items()])
         ok = True
         return final_metrics
     finally:

@@ -17,22 +17,36 @@ Grouping. A run whose config has a top-level ``paper:`` block goes to table ``pa
       row: LeNet-300-100
       values: {0.01: {value: 97.64}, 0.05: {value: 98.47, pm: 0.02}}   # density -> percent
 
-Runs without one go to table ``<dataset>-<model>`` with one row per method, metric test/acc.
-``method=dense`` runs sit at density 1.0 whatever ``density`` says.
+Runs without one go to table ``<dataset>-<model>`` with one row per method, metric test/acc
+(a timm model is named by its ``model.arch``). ``method=dense`` runs sit at density 1.0 whatever
+``density`` says.
+
+Only like runs share a row. Runs are grouped into rows by their resolved config without the
+seed, the density and the keys that do not change what is trained (where the data lives,
+logging, device, measurement extras): a cell averages runs that differ in the seed alone. When
+one row label would hold runs that differ otherwise, each group gets its own row, labelled with
+the settings that tell them apart (``set [method.prune_rate=0.5]``), and a note says so. A run of
+an experiment whose config departs from the experiment's recipe (its ``provenance`` lists
+``recipe_departures``: another dataset, fewer epochs, other method options ...) is shown in its
+own row marked ``†`` with the departures, and is never given a paper value or difference.
 
 Layout. One row per row label (sorted by name), one column group per density, densities in
 DESCENDING order (dense on the left, sparsest on the right, i.e. sparsity grows left to right).
 Each density has an ``ours`` cell, ``mean ± SE (n=k)`` in percent with two decimals, where SE is
 the sample standard deviation over seeds divided by sqrt(n) (n=1: no ±); tables with published
 values add ``paper`` (``value`` or ``value ± pm``) and ``Δ`` (ours - paper, in the table's metric)
-columns per density. A published density without any run reads ``missing``; unfinished runs read
+columns per density, and tables whose runs counted FLOPs add ``FLOPs`` (training / inference
+FLOPs as multiples of dense, RigL's convention, ``sparsity/flops.py``; means over the cell's
+runs). A published density without any run reads ``missing``; unfinished runs read
 ``running (epoch k/N)`` (after the mean when finished seeds exist too).
 
 Outputs, per table, in ``--out`` (default: ``tables/`` inside the first input folder):
 ``<table>.md`` (the Markdown printed to stdout too), ``<table>.csv`` (tidy: one line per row and
-density, numbers at full precision) and ``<table>.png`` (metric versus density, log x-axis: ours as
-points with SE error bars joined by a line per row, published values as hollow markers on dashed
-lines in the same colour).
+density, numbers at full precision) and ``<table>.png`` with the same figure as ``<table>.svg``:
+the metric against density on a log axis ordered as the table (dense on the left, sparser to the
+right), ours as points with ±1 SE bars joined by a line per row, the seeds per point in the
+caption, published values as hollow markers on dashed lines in the same colour, and dense runs
+as a horizontal band (mean ± SE) across the plot.
 
 W&B. ``--wandb-project ENTITY/PROJECT`` also reads that project's finished runs (their config and
 summary carry the same keys as the run folders) when wandb is importable, ``WANDB_MODE`` is not
@@ -59,8 +73,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 METRICS = ("test/acc", "test/error")
-# config keys that do not change what a run computes (the same as run.py's resume check, plus paper)
-_VOLATILE = ("resume", "logger", "progress", "device", "paths", "run_name", "sweep_name", "paper")
+# config keys that do not change what a run computes (the same as run.py's resume check, plus
+# paper and what run.py adds to the W&B config)
+_VOLATILE = ("resume", "logger", "progress", "device", "paths", "run_name", "sweep_name", "log_every", "paper",
+             "experiment", "prunable_rule", "recipe_departures", "git_commit")
+DAGGER = "†"
 
 
 class NothingToTabulate(Exception):
@@ -87,6 +104,8 @@ class RunRecord:
     epochs: int | None = None        # epochs planned
     wandb_id: str | None = None
     local: bool = True
+    flops: dict = field(default_factory=dict)           # train_multiple, test_multiple (complete runs)
+    departures: list | None = None                     # from the experiment's recipe; None = unknown
 
 
 def _read_json(path: Path):
@@ -117,7 +136,8 @@ def progress(metrics_path: Path) -> tuple[int, int | None]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
-        if isinstance(rec, dict) and not rec.get("final") and isinstance(rec.get("epoch"), (int, float)):
+        if (isinstance(rec, dict) and not rec.get("final") and not rec.get("update")
+                and isinstance(rec.get("epoch"), (int, float))):
             epoch = max(epoch, int(rec["epoch"]))
             if isinstance(rec.get("epochs"), int):
                 planned = rec["epochs"]
@@ -139,13 +159,29 @@ def read_run_folder(folder: Path) -> RunRecord | None:
     elif (folder / "wandb_id.txt").exists():
         wandb_id = (folder / "wandb_id.txt").read_text().strip() or None
     epochs = planned_epochs(config)
+    prov = results.get("provenance") if isinstance(results, dict) else None
+    if not isinstance(prov, dict):
+        prov = _read_json(folder / "provenance.json")
+    departures = prov.get("recipe_departures") if isinstance(prov, dict) else None
+    departures = list(departures) if isinstance(departures, list) else None
     if isinstance(results, dict) and results.get("status") == "complete":
         acc = (results.get("final") or {}).get("test/acc")
+        flops = results.get("flops") if isinstance(results.get("flops"), dict) else {}
         if isinstance(acc, (int, float)):
             return RunRecord(str(folder), config, True, acc=float(acc), epoch=epochs or 0, epochs=epochs,
-                             wandb_id=wandb_id)
+                             wandb_id=wandb_id, flops=_flop_multiples(flops), departures=departures)
     done, planned = progress(folder / "metrics.jsonl")
-    return RunRecord(str(folder), config, False, epoch=done, epochs=planned or epochs, wandb_id=wandb_id)
+    return RunRecord(str(folder), config, False, epoch=done, epochs=planned or epochs, wandb_id=wandb_id,
+                     departures=departures)
+
+
+def _flop_multiples(flops: dict, prefix: str = "") -> dict:
+    out = {}
+    for key in ("train_multiple", "test_multiple"):
+        value = flops.get(prefix + key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[key] = float(value)
+    return out
 
 
 def find_run_folders(inputs: list[Path]) -> list[Path]:
@@ -232,13 +268,16 @@ def fetch_wandb_runs(project: str) -> list[RunRecord]:
         source = f"wandb:{project}/{run_id}"
         epochs = planned_epochs(config)
         acc = summary.get("test/acc")
+        deps = config.get("recipe_departures")
+        deps = list(deps) if isinstance(deps, list) else None
         if state == "finished" and isinstance(acc, (int, float)):
             out.append(RunRecord(source, config, True, acc=float(acc), epoch=epochs or 0, epochs=epochs,
-                                 wandb_id=run_id, local=False))
+                                 wandb_id=run_id, local=False, flops=_flop_multiples(summary, "flops/"),
+                                 departures=deps))
         elif state == "running":
             epoch = summary.get("epoch")
             out.append(RunRecord(source, config, False, epoch=int(epoch) if isinstance(epoch, (int, float)) else 0,
-                                 epochs=epochs, wandb_id=run_id, local=False))
+                                 epochs=epochs, wandb_id=run_id, local=False, departures=deps))
     return out
 
 
@@ -258,7 +297,18 @@ def run_density(config: dict) -> float:
 
 
 def _name(config: dict, group: str) -> str:
+    if group == "model":
+        return model_label(config)
     return str((config.get(group) or {}).get("name", "?"))
+
+
+def model_label(config: dict) -> str:
+    """The model's name; a timm model goes by its architecture (``model.arch``)."""
+    model = config.get("model") or {}
+    name = str(model.get("name", "?"))
+    if name == "timm" and model.get("arch"):
+        return str(model["arch"])
+    return name
 
 
 @dataclass
@@ -267,6 +317,8 @@ class Cell:
     seeds: list = field(default_factory=list)
     running: list[tuple[int, int | None]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    train_flops: list[float] = field(default_factory=list)  # multiples of dense, per finished run
+    test_flops: list[float] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -289,6 +341,8 @@ class Row:
     metric: str = "test/acc"
     paper: dict = field(default_factory=dict)             # density -> (value, pm or None)
     cells: dict = field(default_factory=dict)             # density -> Cell
+    departs: bool = False                                 # departs from the experiment's recipe
+    method: str = ""
 
 
 @dataclass
@@ -296,6 +350,17 @@ class Table:
     id: str
     source: str = ""
     rows: dict = field(default_factory=dict)              # label -> Row
+    dataset: str = ""
+    model: str = ""
+    epochs: set = field(default_factory=set)              # planned epochs of its runs
+
+    @property
+    def has_flops(self) -> bool:
+        return any(c.train_flops or c.test_flops for row in self.rows.values() for c in row.cells.values())
+
+    @property
+    def has_departures(self) -> bool:
+        return any(row.departs for row in self.rows.values())
 
     @property
     def densities(self) -> list[float]:
@@ -356,7 +421,11 @@ def _flat(d, prefix="") -> dict:
 
 
 def _fingerprint(config: dict) -> str:
-    return json.dumps({k: v for k, v in config.items() if k not in _VOLATILE}, sort_keys=True, default=str)
+    """What a run computed: its config without the volatile keys (and without `density` for dense
+    runs, which ignore it)."""
+    dense = str((config.get("method") or {}).get("name")) == "dense"
+    return json.dumps({k: v for k, v in config.items() if k not in _VOLATILE and not (dense and k == "density")},
+                      sort_keys=True, default=str)
 
 
 def dedupe(runs: list[RunRecord], notes: list[str]) -> list[RunRecord]:
@@ -385,37 +454,145 @@ def dedupe(runs: list[RunRecord], notes: list[str]) -> list[RunRecord]:
     return list(best.values())
 
 
+# keys that never split a row: what does not change what is trained (provenance.NOT_RECIPE:
+# where the data lives, logging, device, measurement extras) besides seed and density
+_NOT_TRAINING = ("seed", "density", "eval", "execution", "dataset.root", "dataset.download", "dataset.num_workers",
+                 "dataset.persistent_workers", "dataset.prefetch_factor", "dataset.test_batch_size")
+
+
+def _recipe_flat(config: dict) -> dict:
+    flat = _flat({k: v for k, v in config.items() if k not in _VOLATILE})
+    return {k: v for k, v in flat.items()
+            if not any(k == x or k.startswith(x + ".") for x in _NOT_TRAINING)}
+
+
+def _same_recipe(a: dict, b: dict, lenient: bool = False) -> bool:
+    """Flat configs agree on every key; `lenient` (a run from W&B, whose config may come back
+    without some keys): on every key both have."""
+    keys = a.keys() & b.keys() if lenient else a.keys() | b.keys()
+    return all(k in a and k in b and json.dumps(a[k], default=str) == json.dumps(b[k], default=str) for k in keys)
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
+def _listing(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (", …" if len(items) > n else "")
+
+
+@dataclass
+class _Group:
+    """Runs of one row: same table and label, same recipe but for seed and density."""
+
+    table: str
+    label: str
+    metric: str
+    source: str
+    published: dict
+    departures: list | None
+    flat: dict
+    runs: list = field(default_factory=list)
+    local: bool = True
+
+
 def build_tables(runs: list[RunRecord], notes: list[str] | None = None) -> dict[str, Table]:
     notes = [] if notes is None else notes
-    tables: dict[str, Table] = {}
-    configs: dict[tuple, list[dict]] = {}
+    groups: list[_Group] = []
     for r in dedupe(runs, notes):
         tid, label, metric, source, published = placement(r.config, notes, r.source)
-        table = tables.setdefault(tid, Table(tid))
-        table.source = table.source or source
-        row = table.rows.setdefault(label, Row(label, metric))
-        if published:
-            row.metric = metric
-            row.paper.update(published)
-        d = run_density(r.config)
-        cell = row.cells.setdefault(d, Cell())
-        cell.sources.append(r.source)
-        if r.complete:
-            pct = 100.0 * r.acc
-            cell.values.append(100.0 - pct if metric == "test/error" else pct)
-            cell.seeds.append(r.config.get("seed"))
-            configs.setdefault((tid, label, d, str(r.config.get("seed"))), []).append(r.config)
-        else:
-            cell.running.append((r.epoch, r.epochs))
-    for (tid, label, d, seed), cfgs in configs.items():
-        if len(cfgs) > 1:
-            flats = [_flat({k: v for k, v in c.items() if k not in _VOLATILE}) for c in cfgs]
-            keys = sorted(k for k in set().union(*flats) if len({json.dumps(f.get(k), default=str) for f in flats}) > 1)
-            notes.append(f"note: {tid} / {label} / density {d:g}: {len(cfgs)} runs with seed {seed} and different "
-                         f"configs (differ in {', '.join(keys[:4]) or '?'}); all are averaged")
+        flat = _recipe_flat(r.config)
+        deps = r.departures
+        home = None
+        for g in groups:
+            if (g.table == tid and g.label == label and (g.departures or []) == (deps or [])
+                    and _same_recipe(g.flat, flat, lenient=not (r.local and g.local))):
+                home = g
+                break
+        if home is None:
+            home = _Group(tid, label, metric, source, published, deps, flat, local=r.local)
+            groups.append(home)
+        elif deps is not None and home.departures is None:
+            home.departures = deps
+        home.flat = {**flat, **home.flat}
+        home.runs.append(r)
+
+    tables: dict[str, Table] = {}
+    by_label: dict[tuple[str, str], list[_Group]] = {}
+    for g in groups:
+        by_label.setdefault((g.table, g.label), []).append(g)
+    for (tid, label), gs in by_label.items():
+        plain = [g for g in gs if not g.departures]
+        # what tells the like-recipe groups of one label apart
+        keys = sorted(k for k in set().union(*(g.flat for g in plain))
+                      if len({json.dumps(g.flat[k], default=str) if k in g.flat else "unset" for g in plain}) > 1
+                      ) if len(plain) > 1 else []
+        if keys:
+            notes.append(f"note: {tid} / {label}: runs that differ in {_listing(keys, 4)} are shown as separate rows")
+        for g in gs:
+            if g.departures:
+                row_label = f"{label} {DAGGER} [{_listing(g.departures)}]"
+            elif keys:
+                shown = [f"{k}={_short(g.flat[k])}" if k in g.flat else f"{k}=(unset)" for k in keys]
+                row_label = f"{label} [{_listing(shown)}]"
+            else:
+                row_label = label
+            table = tables.setdefault(tid, Table(tid))
+            first = g.runs[0].config
+            table.dataset = table.dataset or _name(first, "dataset")
+            table.model = table.model or _name(first, "model")
+            table.source = table.source or g.source
+            table.epochs |= {r.epochs for r in g.runs if r.epochs}
+            row = table.rows.setdefault(row_label, Row(row_label, g.metric, departs=bool(g.departures),
+                                                       method=_name(first, "method")))
+            # published values only for runs that follow the recipe (or whose recipe is unknown and
+            # that are alone under their label)
+            if g.published and not g.departures and (g.departures is not None or not keys):
+                row.metric = g.metric
+                row.paper.update(g.published)
+            for r in g.runs:
+                d = run_density(r.config)
+                cell = row.cells.setdefault(d, Cell())
+                cell.sources.append(r.source)
+                if r.complete:
+                    pct = 100.0 * r.acc
+                    cell.values.append(100.0 - pct if row.metric == "test/error" else pct)
+                    cell.seeds.append(r.config.get("seed"))
+                    if "train_multiple" in r.flops:
+                        cell.train_flops.append(r.flops["train_multiple"])
+                    if "test_multiple" in r.flops:
+                        cell.test_flops.append(r.flops["test_multiple"])
+                else:
+                    cell.running.append((r.epoch, r.epochs))
+    for (tid, _label), gs in by_label.items():
+        for g in gs:
+            if g.departures:
+                notes.append(f"note: {tid} / {g.label}: {len(g.runs)} run(s) depart from the experiment's recipe "
+                             f"({_listing(g.departures, 6)}); own row, no paper comparison")
     for table in tables.values():
-        table.rows = dict(sorted(table.rows.items(), key=lambda kv: kv[0].lower()))
+        table.rows = dict(sorted(table.rows.items(), key=lambda kv: (kv[1].departs, kv[0].lower())))
     return dict(sorted(tables.items()))
+
+
+def paper_comparison(config: dict, acc: float, departures) -> dict | None:
+    """The published value of an experiment run's row at its density and ours beside it (percent, in
+    the row's metric), for the W&B summary and results.json; None for runs without a `paper:`
+    block, at densities the paper does not report, or that depart from the recipe."""
+    paper = config.get("paper")
+    if not isinstance(paper, dict) or departures:
+        return None
+    metric = str(paper.get("metric", "test/acc"))
+    value = _paper_values(paper.get("values")).get(run_density(config))
+    if value is None or metric not in METRICS:
+        return None
+    ours = 100.0 * float(acc)
+    ours = 100.0 - ours if metric == "test/error" else ours
+    return {"metric": metric, "value": value[0], "pm": value[1], "ours": ours, "diff": ours - value[0],
+            "table": paper.get("table"), "row": paper.get("row")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,20 +652,61 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+                 "imagenet": "ImageNet", "digits": "scikit-learn digits", "synthetic": "synthetic data"}
+MODEL_NAMES = {"lenet300_100": "LeNet-300-100", "lenet5_caffe": "LeNet-5-Caffe", "mlp": "MLP",
+               "alexnet_s": "AlexNet-s", "alexnet_b": "AlexNet-b", "vgg16_c": "VGG16-C", "vgg16_d": "VGG16-D",
+               "vgg16_like": "VGG16-like", "vgg16_small": "VGG-16 (small)", "wrn16_8": "WRN-16-8",
+               "wrn16_10": "WRN-16-10", "wrn22_8": "WRN-22-8", "wrn28_2": "WRN-28-2", "wrn28_10": "WRN-28-10",
+               "resnet50": "ResNet-50", "resnet56": "ResNet-56", "vit_cifar": "ViT (CIFAR)"}
+
+
+def title(table: Table) -> str:
+    """A human title: the paper source for experiment tables, else "<dataset>, <model>"."""
+    if table.source:
+        return table.source
+    if table.dataset and table.model:
+        text = f"{DATASET_NAMES.get(table.dataset, table.dataset)}, {MODEL_NAMES.get(table.model, table.model)}"
+        if len(table.epochs) == 1:
+            text += f", {next(iter(table.epochs))} epochs"
+        return text
+    return table.id
+
+
+def _mult(x: float) -> str:
+    return f"{x:.2f}×" if x >= 0.095 else f"{x:.3f}×"
+
+
+def flops_text(row: Row, d: float) -> str:
+    cell = row.cells.get(d)
+    if cell is None or not (cell.train_flops or cell.test_flops):
+        return ""
+    train = _mult(statistics.fmean(cell.train_flops)) if cell.train_flops else "?"
+    test = _mult(statistics.fmean(cell.test_flops)) if cell.test_flops else "?"
+    return f"{train} / {test}"
+
+
 def markdown(table: Table) -> str:
     metrics = table.metrics
     mixed = len(metrics) > 1
     what = metric_words(metrics[0]) if not mixed else "test accuracy or error (%), per row"
     lines = [f"### {table.id}", ""]
-    desc = f"{what}: mean ± SE over seeds (n = seeds); densities descending"
+    desc = f"{title(table)}. " if not table.source else ""
+    desc += f"{what}: mean ± SE over seeds (n = seeds); densities descending"
     if table.has_paper:
         desc += "; paper = published" + (f" ({table.source})" if table.source else "") + "; Δ = ours − paper"
+    if table.has_flops:
+        desc += "; FLOPs = training / inference FLOPs as multiples of dense (RigL's convention)"
+    if table.has_departures:
+        desc += f"; {DAGGER} = departs from the experiment's recipe (in brackets), not compared with the paper"
     lines += [desc, ""]
     header = ["row"]
     for d in table.densities:
         header.append(f"d={fmt_density(d)}")
         if table.has_paper:
             header += ["paper", "Δ"]
+        if table.has_flops:
+            header.append("FLOPs")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for row in table.rows.values():
@@ -498,12 +716,14 @@ def markdown(table: Table) -> str:
             cells.append(ours_text(row, d))
             if table.has_paper:
                 cells += [paper_text(row, d), delta_text(row, d)]
+            if table.has_flops:
+                cells.append(flops_text(row, d))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 CSV_FIELDS = ("table", "row", "metric", "density", "mean", "se", "n", "seeds", "status", "running",
-              "paper", "paper_pm", "delta", "source")
+              "paper", "paper_pm", "delta", "train_flops_multiple", "test_flops_multiple", "departs", "source")
 
 
 def _seed_order(seed):
@@ -534,52 +754,170 @@ def csv_text(table: Table) -> str:
                 "seeds": ";".join(str(s) for s in sorted(cell.seeds, key=_seed_order)), "status": status,
                 "running": ";".join(f"{k}/{n}" if n else str(k) for k, n in sorted(cell.running, reverse=True)),
                 "paper": _num(value), "paper_pm": _num(pm), "delta": _num(delta(row, d)),
+                "train_flops_multiple": _num(statistics.fmean(cell.train_flops) if cell.train_flops else None),
+                "test_flops_multiple": _num(statistics.fmean(cell.test_flops) if cell.test_flops else None),
+                "departs": "yes" if row.departs else "",
                 "source": table.source,
             })
     return buf.getvalue()
 
 
-def plot(table: Table, path: Path) -> None:
-    """Metric versus density (log x): ours with SE bars and solid lines, published hollow/dashed."""
+def _is_dense_row(row: Row) -> bool:
+    return row.method == "dense" and set(row.cells) == {1.0} and not row.paper
+
+
+def _main_range(values: list[float]) -> tuple[float, float]:
+    """The y-range that shows the bulk of the points: a value far below the others (a collapsed
+    run, e.g. static training at 1%) would squash every difference that matters into a few
+    pixels, so it is left out of the range (and drawn at the axis' edge with its value)."""
+    vals = sorted(values)
+    while len(vals) >= 3:
+        rest = vals[1:]
+        span = max(rest) - min(rest)
+        if rest[0] - vals[0] > 2.0 * max(span, 0.5):
+            vals = rest
+        else:
+            break
+    lo, hi = min(vals), max(vals)
+    pad = max(0.15 * (hi - lo), 0.3)
+    return lo - pad, hi + pad
+
+
+def plot(table: Table, path: Path, also: tuple[str, ...] = ()) -> None:
+    """The metric against density, ordered as the table (dense on the left, sparsest on the right),
+    on a log axis; beside it, when the runs counted FLOPs, the metric against training FLOPs.
+
+    Ours: mean with ±1 SE bars over seeds, one solid line per row, rows nudged sideways so their
+    bars do not hide each other; the seeds per point are in the caption (or beside each point
+    when they differ). Published values: hollow squares on dashed lines in the row's colour.
+    A dense row is a horizontal band (mean ± SE) across the plot. A point far below all others is
+    drawn as a triangle on the lower edge with its value, so the others keep a readable scale.
+    The figure is saved to `path` and to the same name with each suffix in `also` (e.g. ".svg").
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), dpi=120)
-    ax = fig.add_subplot(1, 1, 1)
+    rows = list(table.rows.values())
+    flops = table.has_flops
+    fig = Figure(figsize=(11.5 if flops else 8.0, 4.8), dpi=130)
+    ax = fig.add_subplot(1, 2 if flops else 1, 1)
+    ax2 = fig.add_subplot(1, 2, 2, sharey=ax) if flops else None
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    ns = {c.n for row in rows for c in row.cells.values() if c.values}
+    one_n = len(ns) == 1
+    curves = [row for row in rows if not _is_dense_row(row)]
+    values = [c.mean for row in rows for c in row.cells.values() if c.values]
+    values += [v for row in rows for v, _ in row.paper.values()]
+    lo, hi = _main_range(values) if values else (0.0, 1.0)
+    off_axis: list[tuple] = []  # (axis, x, y, color, text)
+
+    def draw(axis, xs, ys, es, color, **kw):
+        inside = [(x, y, e) for x, y, e in zip(xs, ys, es) if y >= lo]
+        for x, y, e in zip(xs, ys, es):
+            if y < lo:
+                off_axis.append((axis, x, y, e, color))
+        line_x = [x if y >= lo else x for x, y in zip(xs, ys)]
+        line_y = [y if y >= lo else lo for y in ys]
+        axis.plot(line_x, line_y, color=color, linestyle=kw.pop("linestyle", "-"), linewidth=1.5,
+                  alpha=kw.pop("line_alpha", 1.0))
+        if inside:
+            ix, iy, ie = zip(*inside)
+            axis.errorbar(ix, iy, yerr=ie if any(ie) else None, fmt=kw.pop("fmt", "o"), color=color, capsize=3,
+                          markersize=kw.pop("markersize", 5), **kw)
+
     plotted = False
-    for i, row in enumerate(table.rows.values()):
+    for i, row in enumerate(rows):
         color = colors[i % len(colors)]
-        ours = sorted((d, c.mean, c.se or 0.0) for d, c in row.cells.items() if c.values)
+        if _is_dense_row(row) and row.cells[1.0].values:
+            c = row.cells[1.0]
+            for axis in (ax, ax2) if flops else (ax,):
+                axis.axhline(c.mean, color=color, linestyle=":", linewidth=1.5)
+                if c.se:
+                    axis.axhspan(c.mean - c.se, c.mean + c.se, color=color, alpha=0.12, linewidth=0)
+            ax.plot([], [], color=color, linestyle=":", linewidth=1.5, label=row.label + (
+                f" (n={c.n})" if not one_n else ""))
+            if flops and c.train_flops:
+                ax2.errorbar([statistics.fmean(c.train_flops)], [c.mean], yerr=[c.se or 0.0], fmt="D", color=color,
+                             capsize=3, markersize=5)
+            plotted = True
+            continue
+        k = curves.index(row)
+        nudge = 1.0 + 0.02 * (k - (len(curves) - 1) / 2)  # sideways, in log space
+        ours = sorted((d, c.mean, c.se or 0.0, c.n, c) for d, c in row.cells.items() if c.values)
         if ours:
-            xs, ys, es = zip(*ours)
-            ax.errorbar(xs, ys, yerr=es, fmt="o-", color=color, capsize=3, markersize=5, label=f"{row.label} (ours)")
+            xs, ys, es, n, cells = zip(*ours)
+            draw(ax, [x * nudge for x in xs], ys, es, color)
+            ax.plot([], [], "o-", color=color, label=row.label if not row.paper else f"{row.label} (ours)")
+            if not one_n:
+                for x, y, kk in zip(xs, ys, n):
+                    if y >= lo:
+                        ax.annotate(f"n={kk}", (x * nudge, y), textcoords="offset points", xytext=(4, 4),
+                                    fontsize=7, color=color)
+            if flops:
+                pts = [(statistics.fmean(c.train_flops), c.mean, c.se or 0.0) for c in cells if c.train_flops]
+                if pts:
+                    fx, fy, fe = zip(*sorted(pts))
+                    draw(ax2, fx, fy, fe, color)
             plotted = True
         pub = sorted((d, v, pm or 0.0) for d, (v, pm) in row.paper.items())
         if pub:
             xs, ys, es = zip(*pub)
-            ax.errorbar(xs, ys, yerr=es if any(es) else None, fmt="s--", color=color, mfc="none", capsize=3,
-                        markersize=6, alpha=0.9, label=f"{row.label} (paper)")
+            draw(ax, [x * nudge for x in xs], ys, es, color, fmt="s", mfc="none", markersize=6, linestyle="--",
+                 line_alpha=0.9)
+            ax.plot([], [], "s--", color=color, mfc="none", label=f"{row.label} (paper)")
             plotted = True
+    for axis, x, y, e, color in off_axis:
+        axis.plot([x], [lo], marker="v", color=color, markersize=8, clip_on=False, zorder=5)
+        axis.annotate(f"{y:.1f}" + (f" ± {e:.1f}" if e else ""), (x, lo), textcoords="offset points",
+                      xytext=(6, 3), fontsize=8, color=color)
+    ax.set_ylim(lo, hi)
     ax.set_xscale("log")
-    densities = table.densities
+    densities = [d for d in table.densities if any(d in row.cells or d in row.paper for row in curves)]
+    densities = densities or table.densities
     if densities:
         ax.set_xticks(densities)
         ax.set_xticklabels([fmt_density(d) for d in densities])
         ax.minorticks_off()
-    ax.set_xlabel("density (fraction of prunable weights kept)")
+        dmin, dmax = min(densities), max(densities)
+        ax.set_xlim(dmax * 1.35, dmin / 1.35)  # inverted: dense on the left, as in the table
+    ax.set_xlabel("density (fraction of prunable weights kept, log scale)")
     ax.set_ylabel(metric_words(table.metrics[0]) if len(table.metrics) == 1 else "test accuracy / error (%)")
-    title = table.id + (f" — {table.source}" if table.source else "")
-    ax.set_title(title, fontsize=10)
+    what = "test error" if table.metrics == ["test/error"] else "test accuracy"
     ax.grid(True, which="major", alpha=0.3)
+    if flops:
+        from matplotlib.ticker import FuncFormatter
+
+        ax2.set_xscale("log")
+        ax2.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}×"))
+        ax2.set_xlabel("training FLOPs (multiple of dense training, log scale)")
+        ax2.grid(True, which="major", alpha=0.3)
+        ax2.tick_params(labelleft=False)
+        ax.set_title("by density", fontsize=10)
+        ax2.set_title("by training cost (RigL's FLOP convention)", fontsize=10)
+        fig.suptitle(f"{title(table)}: {what}", fontsize=12)
+    else:
+        ax.set_title(f"{title(table)}: {what} by density", fontsize=11)
+    caption = ("points: mean over seeds, bars: ±1 standard error"
+               + (f", n = {next(iter(ns))} seed{'s' if next(iter(ns)) != 1 else ''} per point" if one_n else
+                  " (n = seeds, beside each point)"))
+    if any(row.paper for row in rows):
+        caption += "; hollow squares, dashed: published"
+    if any(_is_dense_row(row) for row in rows):
+        caption += "; dotted line and band: dense (mean ± SE)"
+    if off_axis:
+        caption += "; ▼ below the axis, with its value"
+    fig.text(0.01, 0.01, caption, fontsize=8, color="0.3", ha="left", va="bottom")
     if plotted:
-        ax.legend(fontsize=8)
+        (ax2 or ax).legend(*ax.get_legend_handles_labels(), fontsize=8, loc="upper left",
+                           bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     else:
         ax.text(0.5, 0.5, "no finished runs yet", transform=ax.transAxes, ha="center", va="center")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path)
+    for suffix in also:
+        fig.savefig(Path(path).with_suffix(suffix), metadata={"Date": None} if suffix == ".svg" else {})
 
 
 def safe_name(table_id: str) -> str:
@@ -595,8 +933,8 @@ def write_tables(tables: dict[str, Table], out: Path) -> list[Path]:
         md, csv_path, png = out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.png"
         md.write_text(markdown(table))
         csv_path.write_text(csv_text(table))
-        plot(table, png)
-        written += [md, csv_path, png]
+        plot(table, png, also=(".svg",))
+        written += [md, csv_path, png, png.with_suffix(".svg")]
     return written
 
 
@@ -663,7 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
     write_tables(tables, out)
     print("\n".join(markdown(t) for t in tables.values()), end="")
     n_runs = sum(len(c.sources) for t in tables.values() for r in t.rows.values() for c in r.cells.values())
-    print(f"{len(tables)} table(s) from {n_runs} run(s) written to {out}/ (.md, .csv, .png)", file=sys.stderr)
+    print(f"{len(tables)} table(s) from {n_runs} run(s) written to {out}/ (.md, .csv, .png, .svg)", file=sys.stderr)
     return 0
 
 

@@ -1,17 +1,27 @@
 """Where metrics go: metrics.jsonl in the run folder, the console, and Weights & Biases.
 
 The same names are used everywhere: ``train/loss``, ``train/acc``, ``val/acc``, ``test/acc``,
-``test/loss``, ``density/achieved``, ``density/<layer>``; accuracies are fractions.
+``test/loss``, ``density/achieved``, ``density/<layer>``, ``flops/*``; accuracies are fractions.
+
+Records are of three kinds: mask updates (``"update": true``), epochs, and the last one
+(``"final": true``); each carries ``step`` (optimizer steps done) and ``epoch``. In W&B the
+update keys, ``density/*`` and ``flops/*`` are charted over ``step``, everything else over
+``epoch`` (``define_metric`` per key, the first time a key is logged). W&B's own step is a
+counter of logged records kept in ``wandb_step.txt``, never reset, so the segments of a resumed
+run append to one history (offline folders too, synced together).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import netrc
 import os
 import secrets
 import string
+import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger("sparse_bench")
@@ -52,14 +62,21 @@ def wandb_mode(cfg_mode) -> str:
     return "offline"
 
 
+STEP_AXIS_PREFIXES = ("density/", "flops/")
+FLAGS = ("update", "final")
+
+
 class MetricSink:
-    """Appends one JSON line per epoch and mirrors every record to W&B when enabled."""
+    """Appends one JSON line per record and mirrors every record to W&B when enabled."""
 
     def __init__(self, run_dir: Path, logger_cfg, run_name: str, group: str | None, tags: list[str],
                  config: dict, resume_epoch: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb = None
         self.wandb_info: dict | None = None
+        self._defined: set[str] = set()
+        self._step_file = Path(run_dir) / "wandb_step.txt"
+        self._wb_step = 0
         self._truncate(resume_epoch)
         name = str(logger_cfg.get("name", "none"))
         if name == "wandb":
@@ -80,6 +97,7 @@ class MetricSink:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                # an update record carries the epoch in progress: those of the epoch being redone go
                 if rec.get("epoch", 0) <= resume_epoch and not rec.get("final"):
                     keep.append(line)
         self.path.write_text("".join(k + "\n" for k in keep))
@@ -91,11 +109,13 @@ class MetricSink:
         run_id = id_file.read_text().strip() if id_file.exists() else new_run_id()
         id_file.write_text(run_id + "\n")
         mode = wandb_mode(cfg.get("mode"))
+        job_type = cfg.get("job_type", "train")
         self.wandb = wandb.init(
             project=str(cfg.get("project", "sparse_bench")),
             entity=cfg.get("entity"),
             name=run_name,
             group=group,
+            job_type=str(job_type) if job_type else None,
             tags=[str(t) for t in tags] + [str(t) for t in (cfg.get("tags") or [])],
             config=config,
             dir=str(run_dir),
@@ -103,21 +123,54 @@ class MetricSink:
             id=run_id,
             resume="allow",
         )
+        try:
+            saved = int(self._step_file.read_text().strip()) if self._step_file.exists() else 0
+        except ValueError:
+            saved = 0
+        self._wb_step = max(saved, int(getattr(self.wandb, "step", 0) or 0))
         self.wandb_info = {"id": run_id, "mode": mode, "project": self.wandb.project,
-                           "group": group, "tags": list(self.wandb.tags or [])}
+                           "group": group, "job_type": job_type, "tags": list(self.wandb.tags or [])}
+        self.wandb.define_metric("step")
         self.wandb.define_metric("epoch")
-        self.wandb.define_metric("*", step_metric="epoch")
 
-    def log(self, record: dict) -> None:
+    def _axis(self, key: str, record: dict) -> str:
+        if record.get("update") or key.startswith(STEP_AXIS_PREFIXES):
+            return "step"
+        return "epoch"
+
+    def log(self, record: dict, wandb_skip=()) -> None:
+        """Append `record`; W&B gets it without the flags and without the keys in `wandb_skip`
+        (already sent in an update record at the same step)."""
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(record)
+        if self.wandb is None:
+            return
+        payload = {k: v for k, v in record.items() if k not in FLAGS and k not in wandb_skip
+                   and (isinstance(v, (int, float)) or k in ("step", "epoch"))}
+        for key in payload:
+            if key not in self._defined and key not in ("step", "epoch"):
+                self.wandb.define_metric(key, step_metric=self._axis(key, record))
+                self._defined.add(key)
+        self.wandb.log(payload, step=self._wb_step)
+        self._wb_step += 1
+        self._step_file.write_text(f"{self._wb_step}\n")
 
     def summary(self, values: dict) -> None:
         if self.wandb is not None:
             for k, v in values.items():
-                self.wandb.summary[k] = v
+                if v is not None:
+                    self.wandb.summary[k] = v
+
+    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        """A W&B table (e.g. the final per-layer densities), logged once."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        self.wandb.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])},
+                       step=self._wb_step)
+        self._wb_step += 1
+        self._step_file.write_text(f"{self._wb_step}\n")
 
     def finish(self, exit_code: int = 0) -> None:
         if self.wandb is not None:
@@ -127,15 +180,105 @@ class MetricSink:
                 self.wandb = None
 
 
+def _rate(samples_per_s: float) -> str:
+    if samples_per_s >= 1e6:
+        return f"{samples_per_s / 1e6:.1f}M/s"
+    if samples_per_s >= 1e4:
+        return f"{samples_per_s / 1e3:.0f}k/s"
+    if samples_per_s >= 1e3:
+        return f"{samples_per_s / 1e3:.1f}k/s"
+    return f"{samples_per_s:.0f}/s"
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(max(seconds, 0.0)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 def console_line(rec: dict) -> str:
-    parts = [f"epoch {rec['epoch']:>3}"]
-    for key, fmt in (("train/loss", "{:.4f}"), ("train/acc", "{:.4f}"), ("train_eval/acc", "{:.4f}"),
-                     ("val/loss", "{:.4f}"),
-                     ("val/acc", "{:.4f}"), ("density/achieved", "{:.4f}"), ("lr", "{:.4g}"),
-                     ("throughput/samples_per_s", "{:.0f}")):
+    """One epoch in at most about 100 characters with the log prefix: train loss and accuracy,
+    train_eval and val accuracy, density, lr and the epoch's time (full precision and throughput
+    are in metrics.jsonl)."""
+    epochs = rec.get("epochs")
+    epoch = f"{rec['epoch']:>{len(str(epochs))}}/{epochs}" if epochs else f"{rec['epoch']:>3}"
+    parts = [f"epoch {epoch}"]
+    if "train/loss" in rec:
+        parts.append(f"loss {rec['train/loss']:.4f} acc {rec.get('train/acc', float('nan')):.3f}")
+    for key, label in (("train_eval/acc", "train_eval"), ("val/acc", "val"), ("test/acc", "test")):
         if key in rec:
-            parts.append(f"{key} " + fmt.format(rec[key]))
-    return " | ".join(parts)
+            parts.append(f"{label} {rec[key]:.3f}")
+    if "density/achieved" in rec:
+        parts.append(f"density {rec['density/achieved']:.4f}")
+    if "lr" in rec:
+        parts.append(f"lr {rec['lr']:.3g}")
+    if "time/epoch_s" in rec:
+        parts.append(f"{rec['time/epoch_s']:.1f}s")
+    return "  ".join(parts)
+
+
+def _multiple(x: float) -> str:
+    return f"{x:.2f}x" if x >= 0.095 else f"{x:.3f}x"
+
+
+def final_line(rec: dict) -> str:
+    """The end of a run: test metrics, achieved density and the FLOP multiples."""
+    parts = [f"test  loss {rec['test/loss']:.4f} acc {rec['test/acc']:.4f}",
+             f"density {rec['density/achieved']:.4f}"]
+    if rec.get("flops/train_multiple") is not None:
+        parts.append(f"FLOPs vs dense: train {_multiple(rec['flops/train_multiple'])}")
+    if rec.get("flops/test_multiple") is not None:
+        parts.append(f"inference {_multiple(rec['flops/test_multiple'])}")
+    return "  ".join(parts)
+
+
+class Progress:
+    """What a person watching an epoch sees.
+
+    On a terminal: a tqdm bar with the running loss and accuracy (read from the device about
+    once a second). Elsewhere (SLURM, nohup, CI): a log line every `log_every` batches with the
+    running loss and accuracy, throughput and the time left in the epoch and in the run.
+    Disabled: nothing, and no host sync at all.
+    """
+
+    def __init__(self, epoch: int, epochs: int, n_batches: int, enabled: bool, log_every: int = 0,
+                 tty: bool | None = None):
+        self.epoch, self.epochs, self.n_batches = epoch, epochs, n_batches
+        tty = sys.stderr.isatty() if tty is None else tty
+        self.bar = None
+        self.log_every = int(log_every) if enabled and not tty else 0
+        self.t0 = self.last = time.perf_counter()
+        if enabled and tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{epochs}", leave=False,
+                            mininterval=1.0, dynamic_ncols=True)
+
+    def update(self, done: int, loss_sum, correct, seen: int, step: int, total_steps: int) -> None:
+        """`done` batches of this epoch are done (`seen` samples); `step` of `total_steps` in the run."""
+        if self.bar is not None:
+            self.bar.update(1)
+            now = time.perf_counter()
+            if now - self.last >= 1.0 or done == self.n_batches:
+                self.last = now
+                self.bar.set_postfix_str(f"loss {float(loss_sum) / max(seen, 1):.4f} "
+                                         f"acc {float(correct) / max(seen, 1):.4f}", refresh=False)
+        elif self.log_every and (done % self.log_every == 0 or done == self.n_batches):
+            loss, acc = float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1)  # one sync
+            elapsed = time.perf_counter() - self.t0
+            per_batch = elapsed / max(done, 1)
+            width = len(str(self.n_batches))
+            log.info(f"epoch {self.epoch}/{self.epochs} batch {done:>{width}}/{self.n_batches}  "
+                     f"loss {loss:.4f} acc {acc:.4f}  {_rate(seen / elapsed if elapsed > 0 else 0.0)}  "
+                     f"ETA epoch {_duration(per_batch * (self.n_batches - done))} "
+                     f"run {_duration(per_batch * (total_steps - step))}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class NullSink:
@@ -143,10 +286,13 @@ class NullSink:
 
     wandb_info = None
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, wandb_skip=()) -> None:
         pass
 
     def summary(self, values: dict) -> None:
+        pass
+
+    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
         pass
 
     def finish(self, exit_code: int = 0) -> None:

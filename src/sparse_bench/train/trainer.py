@@ -1,21 +1,27 @@
-"""One trainer for every method: train, validate, test, log, checkpoint."""
+"""One trainer for every method: train, validate, test, log, checkpoint.
+
+What it writes, in order (metrics.jsonl, and W&B when enabled): one record per mask update,
+as it happens (``"update": true`` with its ``step`` and ``epoch``, the epoch in progress), one
+record per finished epoch (``train/*``, ``val/*``, ``density/*``, ``flops/train_total`` so far,
+plus the epoch-end update's keys for readers that look there) and a last ``"final": true``
+record with the test metrics and FLOP figures.
+"""
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..errors import RunFailed
+from ..sparsity.flops import FlopMeter
 from ..sparsity.methods import Method
 from . import distributed as dist_util
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .logging import MetricSink, console_line
+from .logging import MetricSink, NullSink, Progress, console_line, final_line
 from .optim import LRSchedule, set_lr
 
 log = logging.getLogger("sparse_bench")
@@ -42,7 +48,8 @@ class Trainer:
                  run_dir: Path, progress: bool = True, max_steps_per_epoch: int | None = None,
                  train_eval_samples: int = 0, test_every_epoch: bool = False,
                  dist: dist_util.Dist | None = None, train_model: nn.Module | None = None,
-                 fingerprint: str = "", nonfinite_check_every: int = 100):
+                 fingerprint: str = "", nonfinite_check_every: int = 100,
+                 log_every: int = 0, flops: FlopMeter | None = None, base_epochs: int | None = None):
         self.model = model
         # the module the training forward runs through (DDP wrapper under torchrun)
         self.train_model = train_model if train_model is not None else model
@@ -59,6 +66,9 @@ class Trainer:
         self.max_steps = max_steps_per_epoch
         self.train_eval_samples = int(train_eval_samples or 0)
         self.test_every_epoch = test_every_epoch
+        self.log_every = int(log_every or 0)
+        self.flops = flops
+        self.base_epochs = int(base_epochs or epochs)  # the 1x schedule dense FLOPs are counted over
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps done
         self.best: dict = {}
@@ -72,24 +82,26 @@ class Trainer:
         self._first_bad = None
 
     # --- one epoch ----------------------------------------------------------------------------
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int, sink: MetricSink | None = None) -> dict:
+        """Train one epoch; every mask update goes to `sink` as its own record right away."""
+        sink = NullSink() if sink is None else sink
         self.model.train()
         loader = self.data.train
         loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
-        logs: dict = {}
         n_batches = len(loader) if self.max_steps is None else min(len(loader), self.max_steps)
+        per_rank = self.dist.world if self.dist.enabled and getattr(loader, "sharded", False) else 1
         _sync(self.device)
         t0 = time.perf_counter()
-        bar = tqdm(total=n_batches, desc=f"epoch {epoch}/{self.epochs}", leave=False,
-                   disable=not (self.progress and self.dist.is_main and sys.stderr.isatty()),
-                   mininterval=1.0, dynamic_ncols=True)
+        bar = Progress(epoch, self.epochs, n_batches, enabled=self.progress and self.dist.is_main,
+                       log_every=self.log_every)
         for i, (x, y) in enumerate(loader):
             if i >= n_batches:
                 break
-            global_n = y.shape[0]
+            global_n = int(y.shape[0])
+            samples = global_n * per_rank  # the global batch, before this rank's slice (FLOP count)
             x, y = self._shard(loader, x, y)
             set_lr(self.optimizer, self.lr_schedule(self.method.schedule_step(self.step)))
             self.method.before_forward(self.step)
@@ -109,17 +121,19 @@ class Trainer:
             self.method.before_optimizer_step(self.step)
             self.optimizer.step()
             self.method.after_optimizer_step(self.step)
+            if self.flops is not None:
+                self.flops.step(self.step, samples)
             self.step += 1
             self._watch_loss(loss_detached, epoch)
             step_logs = self.method.on_step_end(self.step)
             if step_logs:
                 dist_util.verify_masks(self.method, self.dist, self.step)
-                logs.update(step_logs)
+                self._log_update(sink, epoch, step_logs)
             with torch.no_grad():
                 loss_sum += loss_detached
                 correct += (out.argmax(1) == y).sum()
             seen += y.shape[0]
-            bar.update(1)
+            bar.update(i + 1, loss_sum, correct, seen, self.step, self.epochs * n_batches)
         bar.close()
         self._check_loss(epoch, force=True)
         seen_t = dist_util.all_reduce_sum(torch.tensor(float(seen), device=self.device), self.dist)
@@ -129,13 +143,20 @@ class Trainer:
         _sync(self.device)
         elapsed = time.perf_counter() - t0
         self.train_time += elapsed
-        logs.update({
+        logs = {
             "train/loss": float(loss_sum) / max(seen, 1),
             "train/acc": float(correct) / max(seen, 1),
             "time/epoch_s": elapsed,
             "throughput/samples_per_s": seen / elapsed if elapsed > 0 else 0.0,
-        })
+        }
         return logs
+
+    def _log_update(self, sink, epoch: int, logs: dict) -> None:
+        """A mask update: its own record (step, epoch in progress), then the FLOP meter counts
+        the new masks."""
+        if self.flops is not None:
+            self.flops.update(self.step)
+        sink.log({"epoch": epoch, "step": self.step, "update": True, **logs})
 
     @torch.no_grad()
     def evaluate(self, loader, max_samples: int | None = None) -> tuple[float, float]:
@@ -209,7 +230,7 @@ class Trainer:
     def fit(self, sink: MetricSink) -> dict:
         for epoch in range(self.epoch + 1, self.epochs + 1):
             rec = {"epoch": epoch, "epochs": self.epochs}
-            rec.update(self.train_epoch(epoch))
+            rec.update(self.train_epoch(epoch, sink))
             rec["lr"] = self.optimizer.param_groups[0]["lr"]
             if self.train_eval_samples > 0:
                 # the training set measured like the test set (eval mode, fixed samples): shows
@@ -226,26 +247,34 @@ class Trainer:
             method_logs = self.method.on_epoch_end(epoch, self.step)
             if method_logs:
                 dist_util.verify_masks(self.method, self.dist, self.step)
-                rec.update(method_logs)
+                self._log_update(sink, epoch, method_logs)
+                rec.update(method_logs)  # also in the epoch record, where older readers look
             rec.update(self.method.density_logs())
+            if self.flops is not None:
+                rec["flops/train_total"] = self.flops.train_total
             rec["step"] = self.step
             self.epoch = epoch
             if "val/acc" in rec and rec["val/acc"] >= self.best.get("val/acc", -1.0):
                 self.best = {"val/acc": rec["val/acc"], "epoch": epoch}
-            sink.log(rec)
+            sink.log(rec, wandb_skip=method_logs or ())
             if self.dist.is_main:
                 log.info(console_line(rec))
             self.save()
         return self.finish(sink)
 
+    def flop_summary(self) -> dict:
+        if self.flops is None:
+            return {}
+        return self.flops.summary(self.epoch, self.base_epochs)
+
     def finish(self, sink: MetricSink) -> dict:
         test_loss, test_acc = self.evaluate(self.data.test)
         rec = {"epoch": self.epoch, "step": self.step, "final": True, "test/loss": test_loss, "test/acc": test_acc}
         rec.update(self.method.density_logs())
+        rec.update(self.flop_summary())
         sink.log(rec)
         if self.dist.is_main:
-                log.info(f"test | test/loss {test_loss:.4f} | test/acc {test_acc:.4f} | "
-                     f"density/achieved {rec['density/achieved']:.4f}")
+            log.info(final_line(rec))
         return rec
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -258,6 +287,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "method": self.method.state_dict(),
+            "flops": self.flops.state_dict() if self.flops is not None else None,
             "rng": rng_state(),
         }
 
@@ -277,4 +307,6 @@ class Trainer:
         self.step = int(state["step"])
         self.best = dict(state.get("best", {}))
         self.train_time = float(state.get("train_time", 0.0))
+        if self.flops is not None and state.get("flops") is not None:
+            self.flops.load_state_dict(state["flops"])
         set_rng_state(state["rng"])

@@ -14,6 +14,12 @@ The trainer calls, per optimizer step::
 
 and after each epoch ``method.on_epoch_end(epoch, step)``. ``setup()`` runs once on a fresh
 run (not on resume) to draw the initial masks.
+
+Cost: ``step_passes(step)`` says what a training step computes (forward, input-gradient and
+weight-gradient passes, each over the active weights or all of them) and ``update_cost(step)``
+what a mask update adds on top; ``sparsity/flops.py`` turns that into FLOPs by RigL's
+convention. A method overrides them next to its algorithm when it differs from the default
+(every pass over the active weights; all dense for a method without masks).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ..flops import DENSE_STEP, SPARSE_STEP, Extra, Passes
 from ..masks import MaskSet
 from ..ops import random_inactive
 from ..schedules import UpdateCadence
@@ -99,6 +106,20 @@ class Method:
     def schedule_step(self, step: int) -> int:
         """The step the LR schedule sees: it restarts every round (one round by default)."""
         return step % self.ctx.total_steps if self.rounds > 1 else step
+
+    # --- cost (sparsity/flops.py counts it) ----------------------------------------------------
+    def step_passes(self, step: int) -> Passes:
+        """The passes training step `step` (0-based, as `before_optimizer_step`) runs."""
+        return SPARSE_STEP if self.masks is not None else DENSE_STEP
+
+    def update_cost(self, step: int) -> list[Extra]:
+        """Passes a mask update after `step` steps ran beyond the training step (none by default;
+        RigL's convention leaves the drop/grow bookkeeping itself uncounted)."""
+        return []
+
+    def weight_set(self, name: str) -> list[float]:
+        """Per-layer densities of a weight set this method names in `step_passes`."""
+        raise KeyError(f"method={self.name} names no weight set '{name}'")
 
     # --- helpers ----------------------------------------------------------------------------
     def optimizer_momentum(self, param: torch.Tensor) -> torch.Tensor | None:

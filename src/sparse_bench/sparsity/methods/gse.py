@@ -75,6 +75,7 @@ from ..candidate_grad import (
     unit_scores,
     weight_matrix_shape,
 )
+from ..flops import SPARSE, Extra
 from ..ops import mask_change_logs
 from ..schedules import decay
 from .base import Method, ScheduledUpdates, cadence_from, register
@@ -158,6 +159,7 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         self.cadence = cadence_from(cfg, ctx, 1000, end=self.t_end)
         self.modules = self._find_modules()
         self.last_update: dict = {}
+        self._last_cost: list[Extra] = []
 
     def _find_modules(self) -> list[nn.Module]:
         owner = {}
@@ -332,6 +334,7 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         seeds = [int(s) for s in torch.randint(0, 2**62, (len(batches),), generator=self.ctx.generator)]
 
         grads: list = [None] * len(self.modules)
+        runs = 1 if self.sampling == "uniform" or len(batches) == 1 else 2
         with self._quiet_pass():
             if self.sampling == "uniform":
                 cands, counts = self._candidates(None, nnz)
@@ -405,6 +408,13 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         self.reset_optimizer_state(grown_masks)
 
         n_cand = sum(sizes)
+        # what this update computed beyond the training step, for sparsity/flops.py: `runs`
+        # sparse forward passes and output-gradient (input-gradient sized) passes over the
+        # statistics samples, and the candidates' gradients (a weight-gradient pass at the
+        # candidates' density)
+        samples = sum(int(y.shape[0]) for _, y in batches)
+        self._last_cost = [Extra(samples, SPARSE, 2.0 * runs),
+                           Extra(samples, [s / n for s, n in zip(sizes, masks.numels)], 1.0)]
         self.last_update = {
             "step": step,
             "alpha": alpha,
@@ -423,6 +433,11 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
             **mask_change_logs(masks.names, old, new),
         }
         return logs
+
+    def update_cost(self, step):
+        """GSE's sparse statistics passes plus its candidate gradients (the last update's)."""
+        cost, self._last_cost = self._last_cost, []
+        return cost
 
 
 def _offsets(sizes: list[int]) -> list[int]:

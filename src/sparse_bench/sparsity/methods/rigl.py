@@ -62,6 +62,7 @@ import math
 import torch
 
 from ...errors import ConfigError
+from ..flops import DENSE_GRADIENT_STEP, SPARSE_STEP
 from ..ops import largest_inactive, mask_change_logs, smallest_active
 from ..schedules import DECAYS, UpdateCadence, decay
 from .base import Method, register
@@ -125,6 +126,11 @@ class RigL(RandomInitMixin, Method):
         if self.cadence.at_step(step):
             return self.update(step)
         return None
+
+    def step_passes(self, step):
+        """Sparse passes, but the dense weight gradient on the step whose gradient a mask update
+        reads: 2 f_S + f_D there, 3 f_S elsewhere (RigL's (3 f_S dT + 2 f_S + f_D) / (dT + 1))."""
+        return DENSE_GRADIENT_STEP if self.cadence.at_step(step + 1) else SPARSE_STEP
 
     # --- one drop / grow update -------------------------------------------------------------
     def _growth_scores(self) -> list[torch.Tensor]:

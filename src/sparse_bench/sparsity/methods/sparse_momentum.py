@@ -36,6 +36,7 @@ import torch
 
 from ...errors import ConfigError
 from ..distributions import allocate
+from ..flops import DENSE_GRADIENT_STEP, SPARSE_STEP
 from ..ops import largest_inactive, mask_change_logs, random_inactive, smallest_active
 from ..schedules import DECAYS, decay
 from .base import Method, ScheduledUpdates, cadence_from, register
@@ -92,6 +93,11 @@ class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
 
     def prune_rate(self, step: int) -> float:
         return decay(self.decay_kind, self.p0, self.p_min, step, self.ctx.total_steps)
+
+    def step_passes(self, step):
+        """SNFS: 2 f_S + f_D every step, since growth reads the momentum of inactive weights, i.e.
+        a dense weight gradient; with ``growth: random`` nothing outside the mask is read."""
+        return SPARSE_STEP if self.growth_mode == "random" else DENSE_GRADIENT_STEP
 
     # --- one prune / redistribute / grow cycle (the update) ---------------------------------
     def growth_signal(self, param: torch.Tensor) -> torch.Tensor:

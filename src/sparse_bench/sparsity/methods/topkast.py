@@ -53,6 +53,7 @@ import torch
 
 from ...errors import ConfigError
 from ..distributions import layer_counts
+from ..flops import Passes
 from ..ops import mask_change_logs
 from ..schedules import UpdateCadence
 from .base import Method, register
@@ -172,6 +173,17 @@ class TopKAST(Method):
         if self.cadence.at_step(step):
             return self.update(step)
         return None
+
+    # --- cost: forward and input gradients on A, weight gradients on B --------------------------
+    STEP = Passes(forward="sparse", grad_input="sparse", grad_weight="backward")
+
+    def step_passes(self, step):
+        return self.STEP
+
+    def weight_set(self, name):
+        if name != "backward":
+            return super().weight_set(name)
+        return [k / n for k, n in zip(self.k_backward, self.masks.numels)]
 
     @torch.no_grad()
     def update(self, step: int) -> dict:

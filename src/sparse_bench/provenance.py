@@ -1,0 +1,160 @@
+"""What made a result: code version, package versions, command line, experiment and recipe.
+
+``provenance(resolved)`` is written to ``provenance.json`` when a run starts and into
+``results.json`` when it ends:
+
+* ``git``: the commit of the checkout this package runs from and whether tracked files differ
+  from it (``dirty``); both null for an installed copy outside a git checkout.
+* ``versions``: python, torch, torchvision, hydra-core, omegaconf, wandb, timm, sparse_bench.
+* ``command``: the command that reruns this job alone (``python -m sparse_bench`` plus the job's
+  own overrides, one job of a sweep included); ``argv`` the process's command line as typed.
+* ``experiment``: the ``experiment=`` choice (null without one), and ``recipe_departures``: the
+  settings in which this run differs from that experiment's recipe at the same density and seed,
+  as ``key=value`` (a whole group as ``dataset=fashion_mnist``), found by composing the
+  experiment's config afresh and comparing. Keys that do not change what is trained (where the
+  data lives, logging, device, progress, measurement extras) are not departures. Null when the
+  recipe could not be composed (no experiment, or no Hydra).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shlex
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+log = logging.getLogger("sparse_bench")
+
+PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "wandb", "timm", "sparse_bench")
+GROUPS = ("model", "dataset", "method", "schedule", "optimizer")
+# keys that do not change what a run trains: not departures from a recipe
+NOT_RECIPE = ("seed", "density", "resume", "logger", "progress", "device", "paths", "run_name",
+              "sweep_name", "log_every", "eval", "paper", "execution",
+              "dataset.root", "dataset.download", "dataset.num_workers", "dataset.persistent_workers",
+              "dataset.prefetch_factor", "dataset.test_batch_size")
+
+
+def git_state(where: Path | None = None) -> dict:
+    """{'commit', 'dirty'} of the checkout holding this package, or nulls outside one."""
+    here = Path(where or Path(__file__).resolve().parent)
+
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        top = Path(git("rev-parse", "--show-toplevel"))
+        if not (top / "src" / "sparse_bench").is_dir():
+            return {"commit": None, "dirty": None}
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    if out.get("sparse_bench") is None:
+        from . import __version__
+
+        out["sparse_bench"] = __version__
+    return out
+
+
+def hydra_job() -> dict | None:
+    """The running Hydra job's experiment choice and task overrides, or None outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    choices = dict(hc.runtime.choices or {})
+    return {"experiment": choices.get("experiment"), "overrides": list(hc.overrides.task or [])}
+
+
+def _short(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _flat(d, prefix="") -> dict:
+    if not isinstance(d, dict) or not d:
+        return {prefix[:-1]: d} if prefix else {}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def departures(recipe: dict, config: dict) -> list[str]:
+    """`key=value` for every training setting in which `config` differs from `recipe`."""
+    out = []
+    a, b = _flat(recipe), _flat(config)
+    swapped = {g for g in GROUPS
+               if (recipe.get(g) or {}).get("name") != (config.get(g) or {}).get("name")}
+    for g in GROUPS:
+        if g in swapped:
+            out.append(f"{g}={(config.get(g) or {}).get('name')}")
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[0] in swapped:
+            continue
+        if any(key == k or key.startswith(k + ".") for k in NOT_RECIPE):
+            continue
+        if a.get(key) != b.get(key):
+            out.append(f"{key}={_short(b.get(key)) if key in b else '(unset)'}")
+    return out
+
+
+def recipe_of(experiment: str, density, seed) -> dict | None:
+    """The experiment's resolved config at this density and seed, composed afresh (None when it
+    cannot be composed)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from .cli import conf_dir
+
+    overrides = [f"experiment={experiment}", f"density={density}", f"seed={seed}"]
+    try:
+        if GlobalHydra.instance().is_initialized():
+            cfg = compose(config_name="config", overrides=overrides)
+        else:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=overrides)
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # an experiment that no longer composes: say so, record null
+        log.info(f"provenance: the recipe of experiment={experiment} could not be composed ({type(exc).__name__})")
+        return None
+
+
+def provenance(resolved: dict, experiment: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The provenance block of a run (see the module docstring). `experiment` and `overrides`
+    default to the running Hydra job's."""
+    job = hydra_job()
+    if job is not None:
+        experiment = job["experiment"] if experiment is None else experiment
+        overrides = job["overrides"] if overrides is None else overrides
+    recipe = recipe_of(experiment, resolved.get("density"), resolved.get("seed")) if experiment else None
+    return {
+        "git": git_state(),
+        "versions": versions(),
+        "command": shlex.join(["python", "-m", "sparse_bench", *overrides]) if overrides is not None else None,
+        "argv": list(sys.argv),
+        "experiment": experiment,
+        "recipe_departures": departures(recipe, resolved) if recipe is not None else None,
+    }
