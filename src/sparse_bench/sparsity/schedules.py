@@ -165,7 +165,13 @@ class Timeline:
             raise ConfigError(f"{key}.points={points!r} must be a non-empty list of [at, value] pairs, e.g. {example}")
         steps, values = [], []
         for at, v in points:
-            s = self.step({"unit": unit, "value": at}, f"{key}.points")
+            if isinstance(at, bool) or not isinstance(at, (int, float)) or at < 0 or (unit == "fraction" and at > 1):
+                raise ConfigError(f"{key}.points: change point {at!r} is not a valid {unit}, e.g. {example}")
+            s = int(round(self._raw(unit, float(at))))
+            if s > self.total_steps:
+                raise ConfigError(
+                    f"{key}: the change point at {unit} {at:g} is step {s}, after the end of {self._describe()}; "
+                    f"give the points as fractions of the run, e.g. {example}, or lengthen schedule.epochs")
             try:
                 values.append(cast(v))
             except (TypeError, ValueError):

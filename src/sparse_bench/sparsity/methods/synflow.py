@@ -33,9 +33,12 @@ SynFlow as GSE's comparison runs it (``prune_before_training.py --prune synflow`
 ``utils.prepare_synflow_model``): the dense model re-initialised by fan-in (``reinit: fan_in``),
 100 rounds of the exponential schedule, scored in float64 (``precision: float64``: it calls
 ``model.double()``) and, for every model, with LayerNorm, GELU and Softmax replaced by the
-identity and the sin-cos position embedding made absolute (``linearise: true``): without it the
-layer norms of its ViT make the synaptic flow of a ViT meaningless. The references normalise R by
-its own value before the backward pass, which does not change the ranking.
+identity and the sin-cos position embedding made absolute (``linearise: true``). On GSE's ViT that
+linearised flow overflows float64 (the attention without softmax is cubic in its input: the flow
+passes 1e150 after the third block and is inf after the fourth), so the reference ranks NaN
+scores; its ViT rows here score the unmodified model (``linearise: false``) instead, and a
+non-finite flow is a one-line error naming the fix. The references normalise R by its own value
+before the backward pass, which does not change the ranking.
 """
 
 from __future__ import annotations
@@ -73,6 +76,14 @@ class SynFlow(PruneAtInit):
             return d ** (k / n)
         return 1.0 - (1.0 - d) * k / n
 
+    def _overflow_fix(self) -> str:
+        if self.dtype != torch.float64:
+            return "set method.precision=float64"
+        if self.linearise:
+            return ("the linearised model's flow overflows float64 (an attention without softmax is cubic in its "
+                    "input); set method.linearise=false")
+        return "the flow overflows float64: the model is too deep for SynFlow's all-ones input"
+
     def input_shape(self) -> tuple[int, ...]:
         x, _ = next(iter(scoring_batches(self.ctx, 1, "synflow")))
         return tuple(x.shape[1:])
@@ -84,7 +95,7 @@ class SynFlow(PruneAtInit):
         masks = [m.clone() for m in self.masks.masks]
         for k in range(1, self.iterations + 1):
             scores = scorer(masks)
-            check_finite(scores, "synflow", "set method.precision=float64")
+            check_finite(scores, "synflow", self._overflow_fix())
             n_keep = min(int(round(self.round_density(k) * total)), sum(int(m.sum()) for m in masks))
             masks = keep_top(scores, n_keep, self.scope, active=masks)
         del scorer
