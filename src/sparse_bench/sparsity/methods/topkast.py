@@ -246,8 +246,8 @@ class TopKAST(Method):
     def on_step_end(self, step):
         if self.cadence.at_step(step):
             return self.update(step)
-        if step < self.explore_end:  # the exploration phase: re-select after every step, unlogged
-            self.update(step, log=step == self.explore_end - 1)
+        if step < self.explore_end:  # the exploration phase: re-select after every step, logged at its end
+            return self.update(step, log=step == self.explore_end - 1)
         return None
 
     @torch.no_grad()
