@@ -447,6 +447,7 @@ def test_statistics_batches_leave_the_epoch_alone_with_persistent_imagenet_worke
 
 
 # --- short schedules ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_acdc_runs_on_four_epochs_from_the_command_line(tmp_path):
     proc = cli(["method=acdc", "schedule.epochs=4", "dataset=digits", "model=mlp", "logger=none", "progress=false",
                 "eval.train_samples=0", "device=cpu", f"paths.runs={tmp_path}", "density=0.2"], cwd=tmp_path)
@@ -454,6 +455,7 @@ def test_acdc_runs_on_four_epochs_from_the_command_line(tmp_path):
     assert "density/achieved 0.2000" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_a_schedule_too_short_for_the_pattern_is_one_line_with_the_fix(tmp_path):
     over = ["method=acdc", "schedule.epochs=4", "dataset=digits", "model=mlp", "logger=none", "progress=false",
             "device=cpu", f"paths.runs={tmp_path}", "method.warmup={unit:epoch,value:10}"]
