@@ -25,6 +25,16 @@ CONF = conf_dir() / "method"
 SPE = 4  # steps per epoch
 
 
+def E(value):
+    """A milestone in epochs (of the base schedule)."""
+    return {"unit": "epoch", "value": value}
+
+
+def S(value):
+    """A milestone in optimizer steps."""
+    return {"unit": "step", "value": value}
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models: extra threads only add contention on a loaded machine."""
@@ -60,10 +70,16 @@ def loss_of(model):
 
 def train(model, opt, m, first_epoch, last_epoch, before_epoch_end=None, after_epoch_end=None,
           after_step=None, before_step_end=None):
-    """Epochs first_epoch..last_epoch (1-based) in the trainer's hook order."""
+    """Epochs first_epoch..last_epoch (1-based) in the trainer's hook order.
+
+    ``before_epoch_end(epoch)`` runs before the epoch's last ``on_step_end`` (where an event
+    ending at that epoch fires) and ``after_epoch_end(epoch, logs)`` after ``on_epoch_end`` with
+    the logs of both merged, as the trainer merges them into the epoch's record.
+    """
     step = (first_epoch - 1) * SPE
     for epoch in range(first_epoch, last_epoch + 1):
-        for _ in range(SPE):
+        record = {}
+        for i in range(SPE):
             m.before_forward(step)
             loss = nn.functional.cross_entropy(model(X), Y)
             opt.zero_grad(set_to_none=True)
@@ -74,14 +90,18 @@ def train(model, opt, m, first_epoch, last_epoch, before_epoch_end=None, after_e
             step += 1
             if before_step_end:
                 before_step_end(step)
+            if before_epoch_end and i == SPE - 1:
+                before_epoch_end(epoch)
             logs = m.on_step_end(step)
+            if logs:
+                record.update(logs)
             if after_step:
                 after_step(epoch, step, logs)
-        if before_epoch_end:
-            before_epoch_end(epoch)
         logs = m.on_epoch_end(epoch, step)
+        if logs:
+            record.update(logs)
         if after_epoch_end:
-            after_epoch_end(epoch, logs)
+            after_epoch_end(epoch, record or None)
 
 
 def snapshot(m):
@@ -96,7 +116,7 @@ def cubic(t, t0, t1, s_i, s_f):
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_gmp_hits_the_cubic_schedule_at_every_event_and_never_regrows(scope):
     density, s_i = 0.1, 0.2
-    model, opt, m = make("gmp", density=density, epochs=10, start=2, end=8, frequency=2,
+    model, opt, m = make("gmp", density=density, epochs=10, start=E(2), end=E(8), frequency=E(2),
                          initial_sparsity=s_i, scope=scope, wide_first=True)
     assert m.setup() is not None
     assert all(bool(k.all()) for k in m.masks.masks), "a fresh GMP run starts dense"
@@ -115,7 +135,7 @@ def test_gmp_hits_the_cubic_schedule_at_every_event_and_never_regrows(scope):
             assert logs is None
             assert all(torch.equal(o, n) for o, n in zip(m_old, new))
             return
-        s = cubic(epoch, 2, 8, s_i, 1 - density)
+        s = cubic(epoch * SPE, 2 * SPE, 8 * SPE, s_i, 1 - density)
         want = round(density * total) if epoch == 8 else round((1 - s) * total)
         got = sum(m.masks.nnz())
         assert got == want, (epoch, got, want)
@@ -148,7 +168,7 @@ def test_gmp_hits_the_cubic_schedule_at_every_event_and_never_regrows(scope):
 
 def test_gmp_ranks_only_active_weights():
     """Large values written into pruned slots must not bring them back at the next event."""
-    model, opt, m = make("gmp", density=0.2, epochs=6, start=1, end=5, frequency=2, scope="global")
+    model, opt, m = make("gmp", density=0.2, epochs=6, start=E(1), end=E(5), frequency=E(2), scope="global")
     m.setup()
     poisoned = {}
 
@@ -171,7 +191,7 @@ def test_gmp_ranks_only_active_weights():
 
 
 def test_gmp_step_unit_events():
-    model, opt, m = make("gmp", density=0.25, epochs=4, unit="step", start=3, end=15, frequency=4)
+    model, opt, m = make("gmp", density=0.25, epochs=4, start=S(3), end=S(15), frequency=S(4))
     assert m.events == [3, 7, 11, 15]
     m.setup()
     total = sum(m.masks.numels)
@@ -191,18 +211,23 @@ def test_gmp_step_unit_events():
 
 
 def test_gmp_milestones_defaults_and_multiplier():
-    # defaults: start at 10%, end at 80% of the run, every 2 epochs (ResNet-50: 10..80 of 100)
+    # defaults: start at 10%, end at 80% of the run, every 2% (ResNet-50: 10..80 of 100 every 2 epochs)
     _, _, m = make("gmp", epochs=100)
-    assert (m.start, m.end, m.frequency) == (10, 80, 2)
-    assert m.events == list(range(10, 81, 2))
-    # explicit milestones are in epochs of the 1x schedule and scale with the multiplier
-    _, _, m = make("gmp", epochs=200, multiplier=2.0, start=10, end=80)
-    assert (m.start, m.end) == (20, 160)
+    assert (m.start, m.end, m.frequency) == (10 * SPE, 80 * SPE, 2 * SPE)
+    assert m.events == list(range(10 * SPE, 80 * SPE + 1, 2 * SPE))
+    # the same fractions fit a 4-epoch run (16 steps): start 2, end 13, an event every step
+    _, _, m = make("gmp", epochs=4)
+    assert (m.start, m.end, m.frequency) == (2, 13, 1)
+    # explicit milestones in epochs of the 1x schedule scale with the multiplier
+    _, _, m = make("gmp", epochs=200, multiplier=2.0, start=E(10), end=E(80))
+    assert (m.start, m.end) == (20 * SPE, 160 * SPE)
     # end is always an event even when the frequency does not divide the span
-    _, _, m = make("gmp", epochs=10, start=1, end=6, frequency=2)
-    assert m.events == [1, 3, 5, 6]
+    _, _, m = make("gmp", epochs=10, start=E(1), end=E(6), frequency=E(2))
+    assert m.events == [SPE, 3 * SPE, 5 * SPE, 6 * SPE]
     with pytest.raises(ConfigError, match="method.end"):
-        make("gmp", epochs=10, start=2, end=20)
+        make("gmp", epochs=10, start=E(2), end=E(20))
+    with pytest.raises(ConfigError, match="method.start"):
+        make("gmp", epochs=10, start=2)  # a bare number: fraction or epoch?
     with pytest.raises(ConfigError, match="method.scope"):
         make("gmp", scope="bogus")
     with pytest.raises(ConfigError, match="method.initial_sparsity"):
@@ -218,27 +243,36 @@ RESNET50_100 = [
 ]
 
 
+def in_steps(phases):
+    return [(s * SPE, e * SPE, k) for s, e, k in phases]
+
+
 def test_acdc_phases_match_the_reference_pattern():
     assert acdc_phases(100) == RESNET50_100
-    assert acdc_phases(100, warmup_epochs=10, phase_length=5, final_dense=10, final_sparse=15) == RESNET50_100
-    # schedule.multiplier=2: every boundary doubles
-    assert acdc_phases(200, multiplier=2.0) == [(2 * s, 2 * e, k) for s, e, k in RESNET50_100]
+    assert acdc_phases(100, warmup=10, phase_length=5, final_dense=10, final_sparse=15) == RESNET50_100
     # fixed lengths on 200 epochs = the reference's 200-epoch config: prune at 10..170 and 185,
     # restore at 15..165 and 175
     ph = acdc_phases(200)
     assert [s for s, _, k in ph if k == "sparse"] == list(range(10, 171, 10)) + [185]
     assert [s for s, _, k in ph if k == "dense" and s > 0] == list(range(15, 166, 10)) + [175]
     assert ph[-1] == (185, 200, "sparse")
-    # the method uses the same function, scaled by ctx.multiplier unless told otherwise
+    # the method's defaults are the 100-epoch pattern as fractions of the run, in steps
+    _, _, m = make("acdc", epochs=100)
+    assert m.phases == in_steps(RESNET50_100)
+    # schedule.multiplier=2 with the fractions: every boundary doubles
     _, _, m = make("acdc", epochs=200, multiplier=2.0)
-    assert m.phases == acdc_phases(200, multiplier=2.0)
-    _, _, m = make("acdc", epochs=200, multiplier=2.0, scale_with_multiplier=False)
-    assert m.phases == acdc_phases(200)
-    with pytest.raises(ConfigError, match="method.warmup_epochs"):
-        make("acdc", epochs=6)
+    assert m.phases == in_steps([(2 * s, 2 * e, k) for s, e, k in RESNET50_100])
+    # epoch lengths on a 200-epoch schedule: the reference's 200-epoch configuration
+    _, _, m = make("acdc", epochs=200, warmup=E(10), phase_length=E(5), final_dense=E(10), final_sparse=E(15))
+    assert m.phases == in_steps(ph)
+    # the fractions fit a 4-epoch run (16 steps) too
+    _, _, m = make("acdc", epochs=4)
+    assert m.phases[0] == (0, 2, "dense") and m.phases[-1] == (14, 16, "sparse")
+    with pytest.raises(ConfigError, match="method.warmup"):  # the 100-epoch pattern in epochs on 6 epochs
+        make("acdc", epochs=6, warmup=E(10), phase_length=E(5), final_dense=E(10), final_sparse=E(15))
 
 
-SMALL = dict(warmup_epochs=2, phase_length=1, final_dense=2, final_sparse=3)
+SMALL = dict(warmup=E(2), phase_length=E(1), final_dense=E(2), final_sparse=E(3))
 SMALL_KINDS = ["dense", "dense", "sparse", "dense", "sparse", "dense", "dense", "sparse", "sparse", "sparse"]
 
 
@@ -246,7 +280,7 @@ SMALL_KINDS = ["dense", "dense", "sparse", "dense", "sparse", "dense", "dense", 
 def test_acdc_dense_and_sparse_phases_drive_the_masks(scope):
     density = 0.15
     model, opt, m = make("acdc", density=density, epochs=10, scope=scope, wide_first=True, **SMALL)
-    assert [m.phase(e) for e in range(10)] == SMALL_KINDS
+    assert [m.phase(e * SPE) for e in range(10)] == SMALL_KINDS
     m.setup()
     total = sum(m.masks.numels)
     target = round(density * total)
@@ -254,17 +288,18 @@ def test_acdc_dense_and_sparse_phases_drive_the_masks(scope):
     phase_masks = {}
 
     def after_step(epoch, step, logs):
-        kind = SMALL_KINDS[epoch - 1]
+        kind = SMALL_KINDS[min(step // SPE, 9)]  # the phase of the next step (a transition just ran)
         nnz = sum(m.masks.nnz())
         if kind == "dense":
             assert nnz == total, "masks are all True in dense phases"
-            assert sum(int((p != 0).sum()) for p in m.masks.params) > target
+            if not logs:  # (restored weights come back at 0: they train from the next step on)
+                assert sum(int((p != 0).sum()) for p in m.masks.params) > target
         else:
             assert nnz == target, "exactly the target density in sparse phases"
             for p, k in zip(m.masks.params, m.masks.masks):
                 assert torch.all(p[~k] == 0)
             # the mask is fixed for the whole sparse phase
-            key = next(s for s, e, k in m.phases if s < epoch <= e)
+            key = next(s // SPE for s, e, k in m.phases if s <= min(step, 10 * SPE - 1) < e)
             phase_masks.setdefault(key, [k.clone() for k in m.masks.masks])
             assert all(torch.equal(a, b) for a, b in zip(phase_masks[key], m.masks.masks))
 
@@ -350,17 +385,17 @@ def test_acdc_decompression_restores_zeros_and_resets_momentum(mode):
 
 
 def test_acdc_starting_sparse_compresses_at_setup():
-    model, opt, m = make("acdc", density=0.3, epochs=4, warmup_epochs=0, phase_length=1, final_dense=1,
-                         final_sparse=1)
-    assert m.phases[0] == (0, 1, "sparse")
+    model, opt, m = make("acdc", density=0.3, epochs=4, warmup=E(0), phase_length=E(1), final_dense=E(1),
+                         final_sparse=E(1))
+    assert m.phases[0] == (0, SPE, "sparse")
     logs = m.setup()
     assert sum(m.masks.nnz()) == round(0.3 * sum(m.masks.numels)) and logs["acdc/compress"] == 1.0
 
 
 # --- both ----------------------------------------------------------------------------------------
 CASES = [
-    ("gmp", dict(start=2, end=8, frequency=2)),
-    ("gmp", dict(start=2, end=8, frequency=2, scope="layer")),
+    ("gmp", dict(start=E(2), end=E(8), frequency=E(2))),
+    ("gmp", dict(start=E(2), end=E(8), frequency=E(2), scope="layer")),
     ("acdc", SMALL),
 ]
 
@@ -405,8 +440,10 @@ def test_short_training_improves_loss(case):
 
 
 @pytest.mark.parametrize("name,extra", [
-    ("gmp", []),
-    ("acdc", ["method.warmup_epochs=1", "method.phase_length=1", "method.final_dense=1", "method.final_sparse=1"]),
+    ("gmp", ["method.start={unit:epoch,value:1}", "method.end={unit:epoch,value:5}",
+             "method.frequency={unit:epoch,value:2}"]),
+    ("acdc", ["method.warmup={unit:epoch,value:1}", "method.phase_length={unit:epoch,value:1}",
+              "method.final_dense={unit:epoch,value:1}", "method.final_sparse={unit:epoch,value:1}"]),
 ])
 def test_cli_run_ends_at_the_target_density(tmp_path, monkeypatch, name, extra):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -51,7 +51,7 @@ def make(model_kind="mlp", density=0.2, seed=0, **over):
     batches = [data(model_kind, seed=1000 + i) for i in range(4)]
     ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=EPOCHS, steps_per_epoch=SPE,
                         device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed + 1),
-                        batches=lambda n: batches[:n], loss_fn=nn.CrossEntropyLoss())
+                        batches=lambda n, key=0: batches[:n], loss_fn=nn.CrossEntropyLoss())
     method = build_method(cfg, ctx)
     method.setup()
     return model, opt, method, (x, y)
@@ -260,7 +260,7 @@ def test_update_never_allocates_a_dense_float_tensor_of_a_weight_shape(monkeypat
     batch = (torch.randn(8, 40, generator=g), torch.randint(0, 5, (8,), generator=g))
     ctx = MethodContext(model=model, optimizer=opt, density=0.1, epochs=1, steps_per_epoch=100,
                         device=torch.device("cpu"), generator=torch.Generator().manual_seed(1),
-                        batches=lambda n: [batch] * n, loss_fn=nn.CrossEntropyLoss())
+                        batches=lambda n, key=0: [batch] * n, loss_fn=nn.CrossEntropyLoss())
     m = build_method(OmegaConf.merge(OmegaConf.load(CONF), {"sampling": "grabo", "chunk_size": 256}), ctx)
     m.setup()
     weights = [p for p in m.masks.params]

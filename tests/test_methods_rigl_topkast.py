@@ -50,7 +50,7 @@ def build(cfg: dict, density: float = 0.2, epochs: int = 5, model_seed: int = 0,
     ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=epochs,
                         steps_per_epoch=len(batches), device=CPU,
                         generator=torch.Generator().manual_seed(1), prunable=None,
-                        batches=lambda n: batches[:n], loss_fn=nn.CrossEntropyLoss())
+                        batches=lambda n, key=0: batches[:n], loss_fn=nn.CrossEntropyLoss())
     method = build_method(OmegaConf.create(cfg), ctx)
     if setup:
         method.setup()
@@ -101,7 +101,7 @@ def bottom_k_mask(scores: torch.Tensor, k: int, among: torch.Tensor) -> torch.Te
 
 
 RIGL = {"name": "rigl", "init": "erk", "drop_fraction": 0.3, "decay": "cosine", "update_every": 4,
-        "end_fraction": 0.75, "scope": "layer", "grow_init": "zeros", "drop_noise": 0.0}
+        "end": {"unit": "fraction", "value": 0.75}, "scope": "layer", "grow_init": "zeros", "drop_noise": 0.0}
 TOPKAST = {"name": "topkast", "forward_density": None, "backward_density": None, "update_every": 4,
            "exploration_l2": 0.0}
 
@@ -267,7 +267,7 @@ def test_topkast_forward_uses_exactly_the_top_k_of_theta():
     method.setup()
     names, shapes = method.masks.names, method.masks.shapes
     k_fwd = layer_counts(shapes, 0.2, "uniform")
-    k_bwd = layer_counts(shapes, 0.4, "uniform")  # default backward density: 2 * forward
+    k_bwd = [min(n, 2 * k) for n, k in zip(method.masks.numels, k_fwd)]  # default: twice the forward set
     x = batches[0][0]
 
     def check(theta):
@@ -344,7 +344,9 @@ def test_topkast_forward_density_is_exact():
         assert sum(method.masks.nnz()) == round(0.1 * n)
         assert method.density_logs()["density/achieved"] == round(0.1 * n) / n
         assert sum(int((p != 0).sum()) for p in method.masks.params) <= round(0.1 * n)
-        assert sum(int(b.sum()) for b in method.backward) == round(0.2 * n)
+        # the backward set: twice the forward set in every layer
+        assert [int(b.sum()) for b in method.backward] == [
+            min(numel, 2 * k) for numel, k in zip(method.masks.numels, method.k_forward)]
 
 
 def test_topkast_theta_round_trips_in_state_dict():

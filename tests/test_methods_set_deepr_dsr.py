@@ -69,7 +69,7 @@ def build(cfg: dict, seed: int = 0, density: float = 0.2, epochs: int = 4, lr: f
     ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=epochs,
                         steps_per_epoch=STEPS_PER_EPOCH, device=CPU,
                         generator=torch.Generator().manual_seed(seed), prunable=None,
-                        batches=lambda n: DATA[:n], loss_fn=nn.CrossEntropyLoss())
+                        batches=lambda n, key=0: DATA[:n], loss_fn=nn.CrossEntropyLoss())
     method = build_method(OmegaConf.create(cfg), ctx)
     if setup:
         method.setup()
@@ -478,4 +478,12 @@ def test_dsr_default_period_lengthens_like_the_reference():
                         generator=torch.Generator().manual_seed(0))
     m = build_method(cfg, ctx)
     fired = [s for s in range(1, 2001) if m.cadence.at_step(s)]
-    assert fired == [100, 200, 300, 400, 600, 800, 1200]  # x2 at epochs 40, 80, 120; none from 160
+    # the DSR code's wrnet_schedule.yaml as fractions: period 100 from epoch 0, 200 from 25, 400 from
+    # 80, 800 from 140; an update when the step count is a multiple of the period in force; none
+    # from epoch 190 (--stop-rewire-epoch)
+    assert fired == [100, 200, 400, 600, 800, 1200, 1600]
+    # the same schedule in the reference's epochs gives the same steps
+    cfg.update_every = {"unit": "epoch", "points": [[0, 100], [25, 200], [80, 400], [140, 800]]}
+    cfg.end = {"unit": "epoch", "value": 190}
+    m = build_method(cfg, ctx)
+    assert [s for s in range(1, 2001) if m.cadence.at_step(s)] == fired

@@ -94,6 +94,7 @@ PAPER = [  # (yaml, exact count of the reference architecture, the paper's numbe
     ("wrn22_8", wrn_count(22, 8), 17.15),
     ("wrn28_2", wrn_count(28, 2), 1.46),
     ("wrn28_10", wrn_count(28, 10), None),
+    ("wrn28_10_acdc", wrn_count(28, 10), None),  # the AC/DC code's WRN: the same weight tensors, plus biases
 ]
 
 

@@ -42,7 +42,7 @@ def build(name, model, density=0.3, data_batches=None, **over):
     cfg = OmegaConf.merge(OmegaConf.load(CONF / f"{name}.yaml"), OmegaConf.create(over))
     ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=2, steps_per_epoch=5,
                         device=torch.device("cpu"), generator=torch.Generator().manual_seed(1),
-                        batches=lambda n: batches[:n], loss_fn=nn.CrossEntropyLoss())
+                        batches=lambda n, key=0: batches[:n], loss_fn=nn.CrossEntropyLoss())
     return build_method(cfg, ctx), opt
 
 

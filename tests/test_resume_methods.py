@@ -19,13 +19,24 @@ METHODS = {
     "dsr": ["method.update_every=4"],
     "rigl": ["method.update_every=4", "method.drop_noise=1e-5"],
     "topkast": ["method.update_every=4"],
-    "gse": ["method.update_every=4", "method.sampling=graest", "method.end_fraction=1.0"],
-    "gmp": ["method.frequency=1", "method.start=1", "method.end=3"],
-    "acdc": ["method.warmup_epochs=1", "method.phase_length=1", "method.final_dense=1", "method.final_sparse=1"],
+    "gse": ["method.update_every=4", "method.sampling=graest", "method.end=null"],
+    "gmp": ["method.frequency={unit:epoch,value:1}", "method.start={unit:epoch,value:1}",
+            "method.end={unit:epoch,value:3}"],
+    "acdc": ["method.warmup={unit:epoch,value:1}", "method.phase_length={unit:epoch,value:1}",
+             "method.final_dense={unit:epoch,value:1}", "method.final_sparse={unit:epoch,value:1}"],
     "snip": [],
     "synflow": ["method.iterations=3"],
     "lottery": ["method.n_rounds=1", "method.rewind_epoch=0.5"],
     "sparse_momentum": ["method.growth=random", "method.update_every=5"],
+    # the comparison papers' protocols: statistics batches drawn on both sides of the crash, the
+    # exploration phase, the DSR code's DeepR
+    "rigl:gse": ["method.update_every=4", "method.stat_batches=2", "method.scope=global", "method.exclude_pruned=true",
+                 "method.init=er", "method.reinit=fan_in", "method.end={unit:epoch,value:4}"],
+    "topkast:gse": ["method.update_every=4", "method.init=er", "method.explore_end={unit:epoch,value:3}",
+                    "method.norm_penalty=1e-4", "method.promote=zero", "optimizer.weight_decay=0"],
+    "deepr:dsr": ["method.l1_mode=loss", "method.noise_mode=gradient", "method.regrow_sign=first_update",
+                  "method.exclude_pruned=true", "method.end={unit:epoch,value:3}",
+                  "method.temperature={unit:epoch,points:[[0,1e-4],[2,1e-6]]}"],
 }
 
 
@@ -39,7 +50,7 @@ def _strip(recs):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_resume_is_bit_identical(method, tmp_path, monkeypatch):
-    over = [*BASE, f"method={method}", *METHODS[method]]
+    over = [*BASE, f"method={method.split(':')[0]}", *METHODS[method]]
     a = compose([*over, f"paths.runs={tmp_path / 'a'}"])
     run(a)
     b = compose([*over, f"paths.runs={tmp_path / 'b'}"])

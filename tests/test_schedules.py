@@ -65,12 +65,46 @@ def test_update_cadence():
     assert [ep for ep in range(1, 5) if e.at_epoch_end(ep, 4, ep * 10)] == [1, 2, 3]
 
 
-def test_lengthening_steps_double_the_period_and_stop():
-    from sparse_bench.sparsity.schedules import StepList, lengthening_steps
+def test_milestones_convert_fractions_epochs_and_steps():
+    from sparse_bench.errors import ConfigError
+    from sparse_bench.sparsity.schedules import Timeline
 
-    # DSR on 200 epochs x 10 steps: period 100, x2 at epochs 40/80/120, none from 160 on
-    steps = lengthening_steps(100, 2000, doublings=[400, 800, 1200], end=1600)
-    assert steps == [100, 200, 300, 400, 600, 800, 1200]
-    c = StepList(steps)
-    assert c.at_step(600) and not c.at_step(500) and not c.at_epoch_end(1, 2, 10)
-    assert lengthening_steps(3, 10) == [3, 6, 9]
+    tl = Timeline(epochs=200, steps_per_epoch=10)
+    assert tl.step({"unit": "fraction", "value": 0.6}, "k") == 1200
+    assert tl.step({"unit": "epoch", "value": 120}, "k") == 1200
+    assert tl.step({"unit": "step", "value": 7}, "k") == 7
+    assert tl.step(None, "k", allow_none=True) is None
+    # an epoch milestone is in epochs of the base schedule: it scales with schedule.multiplier
+    assert Timeline(300, 10, multiplier=1.5).step({"unit": "epoch", "value": 120}, "k") == 1800
+    assert Timeline(300, 10, multiplier=1.5).step({"unit": "fraction", "value": 0.6}, "k") == 1800
+    assert tl.length({"unit": "epoch", "value": 5}, "k", minimum=1) == 50
+    # a bare number is refused: 0.6 could be a fraction or an epoch
+    for bad in (0.6, 120, {"fraction": 0.6}, {"unit": "epochs", "value": 3}, {"unit": "fraction", "value": 1.5},
+                {"unit": "step", "value": -1}):
+        with pytest.raises(ConfigError, match="k"):
+            tl.step(bad, "k")
+    # a schedule too short for the pattern: one line naming the key and the fix
+    with pytest.raises(ConfigError) as err:
+        Timeline(4, 10).step({"unit": "epoch", "value": 120}, "method.end")
+    msg = str(err.value)
+    assert "\n" not in msg and "method.end" in msg and "fraction" in msg and "schedule.epochs" in msg
+    # a positive fraction of a short run is at least the minimum; an explicit length below it is refused
+    assert Timeline(1, 2).length({"unit": "fraction", "value": 0.05}, "method.phase_length", minimum=1) == 1
+    with pytest.raises(ConfigError, match="method.phase_length"):
+        Timeline(1, 2).length({"unit": "step", "value": 0}, "method.phase_length", minimum=1)
+
+
+def test_period_schedule_cadence_like_the_dsr_code():
+    from sparse_bench.errors import ConfigError
+    from sparse_bench.sparsity.schedules import Timeline
+
+    tl = Timeline(epochs=20, steps_per_epoch=10)
+    periods = tl.piecewise({"unit": "epoch", "points": [[0, 10], [5, 20], [10, 40]]}, "k", cast=int)
+    assert periods.steps == [0, 50, 100] and periods.value_at(49) == 10 and periods.value_at(50) == 20
+    c = UpdateCadence(periods, total_steps=200, end=tl.step({"unit": "epoch", "value": 18}, "k"))
+    # an update after step t when t is a multiple of the period in force for that step
+    assert c.steps() == [10, 20, 30, 40, 50, 60, 80, 100, 120, 160]
+    for bad in ({"unit": "epoch", "points": [[1, 10]]}, {"unit": "epoch", "points": [[0, 10], [0, 20]]},
+                {"unit": "epoch", "points": 3}, [[0, 10]]):
+        with pytest.raises(ConfigError, match="k"):
+            tl.piecewise(bad, "k")

@@ -2,11 +2,13 @@
 
     sparse-bench-reproduce sm_mnist_lenet300_100            # runs the sweep (also: python -m sparse_bench.reproduce)
     sparse-bench-reproduce sm_mnist_lenet300_100 --dry-run  # prints the command
-    sparse-bench-reproduce gse_cifar100_resnet56 --method rigl --seeds 1 -- hydra/launcher=submitit_slurm
+    sparse-bench-reproduce gse_cifar100_resnet56_rigl --seeds 1 -- hydra/launcher=submitit_slurm
 
-The experiment file's `paper:` block names the densities (`values`) and `seeds`; anything after
-`--` is passed to Hydra unchanged. Afterwards `sparse-bench-tables runs/multirun/<name>`
-builds the table.
+The experiment file's `paper:` block names the densities (`values`, the densities the published
+runs used) and `seeds`; anything after `--` is passed to Hydra unchanged. A baseline's row runs
+the comparing paper's protocol for it in its own file (``gse_cifar100_resnet56_rigl``);
+``--method`` only swaps the method group on another row's data, model and schedule. Afterwards
+`sparse-bench-tables runs/multirun/<name>` builds the table.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def command(experiment: str, seeds: int | None, method: str | None, extra: list[
     densities = sorted({float(d) for d in (paper.get("values") or {})}) or [float(cfg.get("density", 0.05))]
     n = seeds if seeds is not None else int(paper.get("seeds", 1))
     args = [sys.executable, "-m", "sparse_bench", "-m", f"experiment={experiment}",
-            "density=" + ",".join(f"{d:g}" for d in densities), "seed=" + ",".join(str(s) for s in range(n)),
+            "density=" + ",".join(f"{d:.10g}" for d in densities), "seed=" + ",".join(str(s) for s in range(n)),
             f"sweep_name={experiment}" + (f"-{method}" if method else "")]
     if method:
         args.append(f"method={method}")
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("experiment")
     ap.add_argument("--seeds", type=int, default=None, help="override the paper's seed count")
-    ap.add_argument("--method", default=None, help="run a baseline method on this row's setup")
+    ap.add_argument("--method", default=None,
+                    help="swap the method group on this row's setup (a baseline's protocol is its own experiment file)")
     ap.add_argument("--dry-run", action="store_true")
     a = ap.parse_args(own)
     cmd = command(a.experiment, a.seeds, a.method, extra)

@@ -329,13 +329,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     rule["exclude"] = list(rule.get("exclude", [])) + list(cfg.model.get("dense_params", []) or [])
     generator = torch.Generator().manual_seed(seed + 1)
 
-    def batches(n: int) -> list:
-        out = []
-        for i, b in enumerate(data.train):
-            if i >= n:
-                break
-            out.append(b)
-        return out
+    def batches(n: int, key: int):
+        # statistics batches from their own seeded stream: never the epoch in progress
+        return data.train.draw(n, key)
 
     ctx = MethodContext(model=model, optimizer=optimizer, density=density, epochs=epochs,
                         steps_per_epoch=steps_per_epoch, device=device, generator=generator,

@@ -31,6 +31,12 @@ resume.  Validation (``val_fraction > 0``) holds out the last
 ``round(val_fraction * n_c)`` training files of every class ``c`` (file order
 within a class folder), since ImageFolder order is by class; the test split is ``val/``.
 
+Statistics batches (:meth:`ImageFolderLoader.draw`, read by GSE, SNIP, GraSP and RigL under
+GSE's protocol) come from a separate, short-lived ``DataLoader`` over a seeded draw of files
+(order and augmentation seeds from ``(seed, key)``), never from the training iterator: with
+persistent workers a second ``iter()`` of the training ``DataLoader`` would reset the shared
+iterator and restart the epoch in progress. They are global batches on every rank.
+
 Under ``torch.distributed`` the loaders are *sharded*: each rank reads its own
 samples, the training batch per rank is ``batch_size / world_size`` (so
 ``dataset.batch_size`` stays the global batch) and evaluation splits the files
@@ -51,7 +57,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from sparse_bench.data.datasets import DataBundle, _bool, _channel_stats, _get, _int, resolve_root
-from sparse_bench.data.loader import _SEED_STRIDE, _splitmix64, epoch_seed, mix_seed
+from sparse_bench.data.loader import _SEED_STRIDE, STATS_STREAM, StatBatches, _splitmix64, epoch_seed, mix_seed
 from sparse_bench.errors import ConfigError
 
 __all__ = [
@@ -255,6 +261,19 @@ class _SeededImages(Dataset):
         return self.transform(img, gen), int(self.images.targets[index])
 
 
+class _ListSampler(Sampler):
+    """Yields a fixed list of ``(index, sample_seed)`` keys (a statistics draw)."""
+
+    def __init__(self, keys: list[tuple[int, int]]) -> None:
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.keys)
+
+
 class _Range:
     """A sized stand-in for the data set, all a sampler needs."""
 
@@ -393,6 +412,25 @@ class ImageFolderLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self.sampler.set_epoch(self.epoch)
         for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def draw(self, n: int, key: int) -> StatBatches:
+        """`n` statistics batches of the global batch size for `key` (see the module docstring)."""
+        return StatBatches(self, int(n), int(key))
+
+    def _num_draws(self, n: int) -> int:
+        return min(n, math.ceil(len(self.images) / self.global_batch_size))
+
+    def _draw_batches(self, n: int, key: int) -> Iterator[tuple[Tensor, Tensor]]:
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, STATS_STREAM, key))
+        count = self._num_draws(n) * self.global_batch_size
+        order = torch.randperm(len(self.images), generator=gen)[:count].tolist()
+        base = mix_seed(self.seed, STATS_STREAM, key, _SAMPLE_STREAM)
+        keys = [(i, _splitmix64(base ^ i) >> 1) for i in order]
+        loader = DataLoader(_SeededImages(self.images, self.transform), batch_size=self.global_batch_size,
+                            sampler=_ListSampler(keys), num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def __repr__(self) -> str:

@@ -14,6 +14,12 @@ An optional ``transform(xb, generator)`` runs on every batch on the device
 (augmentation, dtype conversion, normalisation).  Its ``generator`` lives on the
 data device and is re-seeded for every batch from ``(seed, epoch, batch index)``
 (:func:`mix_seed`), so random augmentation is as reproducible as the order.
+
+Statistics batches (the extra training batches GSE, RigL under GSE's protocol, SNIP and GraSP
+read at a mask update) come from :meth:`DeviceLoader.draw`: their own stream, a fresh
+permutation and fresh augmentation for every ``key`` (the step of the update), seeded by
+``(seed, key)`` alone. Drawing them never touches the epoch in progress, and a resumed run
+draws exactly the batches the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["BatchTransform", "DeviceLoader", "epoch_seed", "mix_seed"]
+__all__ = ["BatchTransform", "DeviceLoader", "StatBatches", "epoch_seed", "mix_seed"]
 
 #: ``transform(xb, generator) -> xb``: applied to every batch; ``generator`` is on the data device.
 BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
@@ -45,6 +51,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 _MASK64 = (1 << 64) - 1
 #: Tag that keeps the per-batch augmentation stream apart from other uses of :func:`mix_seed`.
 AUGMENT_STREAM = 0x417567
+#: Tag of the statistics-batch stream (:meth:`DeviceLoader.draw`).
+STATS_STREAM = 0x535441
 
 
 def _splitmix64(z: int) -> int:
@@ -166,9 +174,55 @@ class DeviceLoader:
                 xb = self.transform(xb, gen)
             yield xb, yb
 
+    def draw(self, n: int, key: int) -> "StatBatches":
+        """`n` statistics batches of ``batch_size`` for `key`, independent of the epoch order.
+
+        The samples are the first ``n * batch_size`` of a permutation seeded by
+        ``(seed, key)``; each batch gets the training transform seeded by ``(seed, key, batch)``.
+        The result can be iterated any number of times and yields the same batches each time.
+        """
+        return StatBatches(self, int(n), int(key))
+
+    def _num_draws(self, n: int) -> int:
+        return min(n, math.ceil(self.num_samples / self.batch_size))
+
+    def _draw_batches(self, n: int, key: int) -> Iterator[tuple[Tensor, Tensor]]:
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(mix_seed(self.seed, STATS_STREAM, key))
+        perm = torch.randperm(self.num_samples, generator=gen).to(self.device)
+        tgen = torch.Generator(device=self.device) if self.transform is not None else None
+        bs = self.batch_size
+        for b in range(min(n, math.ceil(self.num_samples / bs))):
+            idx = perm[b * bs:(b + 1) * bs]
+            xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            if tgen is not None:
+                tgen.manual_seed(mix_seed(self.seed, STATS_STREAM, key, b))
+                xb = self.transform(xb, tgen)
+            yield xb, yb
+
     def __repr__(self) -> str:
         return (
             f"DeviceLoader(num_samples={self.num_samples}, batch_size={self.batch_size}, "
             f"shuffle={self.shuffle}, seed={self.seed}, drop_last={self.drop_last}, "
             f"epoch={self.epoch}, device={self.device}, transform={self.transform!r})"
         )
+
+
+class StatBatches:
+    """A re-iterable set of statistics batches: ``len`` and iteration yielding ``(x, y)``.
+
+    Iterating again re-creates the same batches (the draw is a pure function of the loader's
+    seed and the key), so memory never holds more than one batch for the caller's loop.
+    """
+
+    def __init__(self, loader, n: int, key: int) -> None:
+        self.loader, self.n, self.key = loader, int(n), int(key)
+        self._len: int | None = None
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.loader._draw_batches(self.n, self.key)
+
+    def __len__(self) -> int:
+        if self._len is None:
+            self._len = self.loader._num_draws(self.n)
+        return self._len

@@ -22,6 +22,9 @@ reference, so per-layer densities (ER/ERK) see the same layers as there. Masked 
 ``model.width`` scales dim, heads and MLP width as ``int(512 w)``, ``int(6 w)``, ``int(256 w)``
 with the head size fixed at 64, as GSE's width experiments do.
 
+For SynFlow's linearised scoring (GSE's ``prepare_synflow_model``) an attention module's
+``attention_softmax`` flag can be turned off on a copy: it then computes ``(q k^T / sqrt(d)) v``.
+
 Differences: attention runs through ``F.scaled_dot_product_attention`` (same maths); the position
 embedding is computed once for the configured image size and kept as a non-saved buffer
 (recomputed if another grid size arrives) instead of on every forward.
@@ -54,6 +57,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.dim_head = dim_head
+        # False: (q k^T / sqrt(d)) v without the softmax (SynFlow's linearised scoring only)
+        self.attention_softmax = True
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
@@ -62,7 +67,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.to_qkv(self.norm(x)).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # scale 1/sqrt(dim_head)
+        if self.attention_softmax:
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # scale 1/sqrt(dim_head)
+        else:
+            out = (qkv[0] @ qkv[1].transpose(-2, -1)) * self.dim_head ** -0.5 @ qkv[2]
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 
 

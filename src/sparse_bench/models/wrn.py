@@ -22,6 +22,19 @@ a block also gets the 1x1 shortcut when only its stride changes (never happens f
 Options: ``model.depth`` (d, 6n + 4) and ``model.widen_factor`` (k, an integer), ``model.dropout``.
 The named variants (``wrn16_8``...) fix d and k: change them with ``model=wrn`` instead, so the
 run folder name says which network ran.
+
+``wrn28_10_acdc`` (and ``wrn_acdc`` for other sizes) is the WRN of the AC/DC code
+(IST-DASLab/ACDC, ``models/wide_resnet_cifar.py``, after meliketoy/wide-resnet.pytorch), which
+its CIFAR-100 WRN-28-10 numbers come from. It differs from the one above in four places:
+
+- every conv has a bias (the stem too);
+- a block computes BN-ReLU-conv3x3 (stride 1)-dropout(0.3)-BN-ReLU-conv3x3 (*stride here*), so the
+  dropout sits right after the first conv and the second conv downsamples;
+- the 1x1 shortcut conv (with bias) reads the *raw* block input x, not BN-ReLU(x);
+- the final BN uses momentum 0.9 (PyTorch convention: the running statistics take 90% of each
+  batch's), and every layer keeps PyTorch's default initialisation (the file's ``conv_init`` is
+  never called).
+Masked weights: the same tensors as ``wrn28_10`` (36.46M at C = 10); biases stay dense.
 """
 
 from __future__ import annotations
@@ -101,6 +114,57 @@ class WideResNet(nn.Module):
         return self.fc(out)
 
 
+class ACDCBasicBlock(nn.Module):
+    """The AC/DC code's wide block: BN-ReLU-conv(stride 1)-dropout-BN-ReLU-conv(stride), raw-input shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, padding=1, bias=True)
+        self.dropout = nn.Dropout(p=dropout)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=True)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dropout(self.conv1(F.relu(self.bn1(x))))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + (x if self.shortcut is None else self.shortcut(x))
+
+
+class WideResNetACDC(nn.Module):
+    """WRN-depth-widen_factor as the AC/DC code builds it (see the module docstring)."""
+
+    def __init__(self, depth: int = 28, widen_factor: int = 10, in_channels: int = 3, num_classes: int = 100,
+                 dropout: float = 0.3):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise ConfigError(f"model.depth={depth} is not a WRN depth (6n + 4, n >= 1); use e.g. model.depth=28")
+        if widen_factor < 1:
+            raise ConfigError(f"model.widen_factor={widen_factor} must be a positive integer; use e.g. model.widen_factor=10")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=True)
+        groups, in_planes = [], widths[0]
+        for g, stride in enumerate((1, 2, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(ACDCBasicBlock(in_planes, widths[g + 1], stride if i == 0 else 1, dropout))
+                in_planes = widths[g + 1]
+            groups.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = groups
+        self.bn1 = nn.BatchNorm2d(widths[3], momentum=0.9)
+        self.linear = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        out = F.relu(self.bn1(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
 def _dropout(cfg) -> float:
     p = float(cfg.get("dropout", 0.3))
     if not 0 <= p < 1:
@@ -134,5 +198,21 @@ def _named(depth: int, k: int):
     return name, build
 
 
-MODELS = {"wrn": _generic}
+def _acdc(cfg, input_shape, num_classes):
+    no_width(cfg, "wrn_acdc")
+    require_image("wrn_acdc", input_shape)
+    depth = int_option(cfg, "depth", 28, "wrn_acdc")
+    k = int_option(cfg, "widen_factor", 10, "wrn_acdc")
+    return WideResNetACDC(depth, k, input_shape[0], num_classes, _dropout(cfg))
+
+
+def _acdc_28_10(cfg, input_shape, num_classes):
+    for key, fixed in (("depth", 28), ("widen_factor", 10)):
+        if int_option(cfg, key, fixed, "wrn28_10_acdc") != fixed:
+            raise ConfigError(f"model.{key}={cfg.get(key)} contradicts model=wrn28_10_acdc; "
+                              f"use model=wrn_acdc model.depth=D model.widen_factor=K for other sizes")
+    return _acdc(cfg, input_shape, num_classes)
+
+
+MODELS = {"wrn": _generic, "wrn_acdc": _acdc, "wrn28_10_acdc": _acdc_28_10}
 MODELS.update(_named(d, k) for d, k in ((16, 8), (16, 10), (22, 8), (28, 2), (28, 10)))

@@ -18,6 +18,8 @@ The scores are returned as one tensor per prunable parameter, in the MaskSet's o
 * ``SynFlowScorer``: (dR/dθ) ⊙ θ on the "linearised" network (every parameter and buffer
   replaced by its absolute value, eval mode), R = sum of the output for an all-ones input of the
   data's shape (Tanaka et al. 2020). Called once per pruning iteration with the current masks.
+  ``linearise=True`` also replaces LayerNorm, GELU and softmax attention by the identity (GSE's
+  ``utils.prepare_synflow_model``, which makes SynFlow meaningful on its ViT).
 
 ``keep_top`` turns scores into bool masks with exactly ``n_keep`` active weights, ranked over
 all layers (``global``) or per layer at a uniform density (``layer``), among the currently
@@ -55,12 +57,13 @@ def positive_int(cfg, key: str, default: int, hint: str) -> int:
     return int(value)
 
 
-def scoring_batches(ctx, n: int, what: str) -> list:
-    """`n` training batches from the context (an error naming the method when there are none)."""
+def scoring_batches(ctx, n: int, what: str):
+    """`n` statistics batches from the context, drawn for step 0 (an error naming the method
+    when there are none). The result may be iterated more than once (GraSP does)."""
     if ctx.batches is None:
         raise ConfigError(f"method={what} needs training batches to score weights, and none were given")
-    batches = list(ctx.batches(n))
-    if not batches:
+    batches = ctx.batches(n, 0)
+    if len(batches) == 0:
         raise ConfigError(f"method={what}: the training set gave no batches to score weights with")
     return batches
 
@@ -129,6 +132,21 @@ def grasp_scores(model: nn.Module, names: Sequence[str], batches, loss_fn, tempe
     return [-(p.detach() * h / len(batches)) for p, h in zip(params, hg)]
 
 
+def linearise_for_synflow(net: nn.Module) -> None:
+    """Make a (copied) network linear in its positive domain, as GSE's ``prepare_synflow_model``:
+    every LayerNorm and GELU becomes the identity, and modules with an ``attention_softmax`` flag
+    (``models/vit.py``'s attention) compute ``(q k^T / sqrt(d)) v`` without the softmax. Position
+    embeddings stored as buffers are made absolute with every other buffer by the scorer (GSE's
+    ``PosembSincos2dABS``)."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.LayerNorm, nn.GELU, nn.Softmax)):
+                setattr(parent, name, nn.Identity())
+    for mod in net.modules():
+        if hasattr(mod, "attention_softmax"):
+            mod.attention_softmax = False
+
+
 class SynFlowScorer:
     """The linearised copy of a model; ``scorer(masks)`` gives |(dR/dθ) ⊙ θ| under `masks`.
 
@@ -139,8 +157,10 @@ class SynFlowScorer:
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], input_shape: Sequence[int], device,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, linearise: bool = False):
         net, params = _copy_with(model, names)
+        if linearise:
+            linearise_for_synflow(net)
         net.eval()
         net.to(dtype=dtype)
         with torch.no_grad():

@@ -19,21 +19,24 @@ What the reference code (IST-DASLab/ACDC, ResNet-50 ImageNet configurations) doe
 
 This module does the same with these choices and differences:
 
-* The phase pattern is ``acdc_phases`` (``sparsity/pruning_schedules.py``), built from
-  ``warmup_epochs``, ``phase_length``, ``final_dense`` and ``final_sparse`` in epochs of the base
-  (1x) schedule. With ``scale_with_multiplier: true`` (default) every boundary is multiplied by
-  ``schedule.multiplier`` (a 2x run has 10-epoch phases and ends with 30 sparse epochs); with
-  ``false`` the lengths stay as written and the alternation fills the longer run, which is the
-  reference's own 200-epoch configuration.
+* The phase pattern is ``acdc_phases`` (``sparsity/pruning_schedules.py``), built from the
+  lengths ``warmup``, ``phase_length``, ``final_dense`` and ``final_sparse``, each a milestone
+  (``{unit: fraction|epoch|step, value}``, see ``sparsity/schedules.py``) converted to optimizer
+  steps. The defaults are the 100-epoch pattern as fractions of the run (0.1, 0.05, 0.1, 0.15),
+  so the method runs on any ``schedule.epochs`` (``schedule.epochs=4``: phases of a few steps);
+  the experiment files give the reference's epochs. An ``epoch`` length scales with
+  ``schedule.multiplier`` like every epoch milestone; the reference's 200-epoch configuration
+  (5-epoch phases filling the longer run) is a 200-epoch schedule with ``{unit: epoch, value: 5}``
+  phases. A pattern that does not fit the run is a one-line error naming the fix.
 * Masks are exact: ``round(density * N)`` weights stay active (global), or every layer at the
   same density with largest-remainder rounding (``scope: layer``); the reference thresholds at a
   percentile. So the run ends at the target density to the weight.
 * ``momentum_reset``: ``all`` (default, the reference) zeroes the first-moment state (SGD
   momentum, Adam's exp_avg) of every parameter at decompression and all per-weight state of the
   restored weights; ``restored`` only resets the restored weights' state; ``none`` keeps it.
-* Transitions happen at epoch ends (after ``b`` epochs, i.e. before epoch ``b`` of the
-  reference's 0-based loop). A pattern starting sparse (``warmup_epochs: 0``) compresses the
-  initial weights in ``setup()``.
+* Transitions happen after the optimizer step that ends a phase (for epoch lengths: after the
+  last step of epoch ``b``, i.e. before epoch ``b`` of the reference's 0-based loop). A pattern
+  starting sparse (``warmup`` 0) compresses the initial weights in ``setup()``.
 * The reference can recompute batch-norm statistics after pruning (off in its scripts); not done.
 """
 
@@ -44,6 +47,7 @@ import torch
 from ...errors import ConfigError
 from ..ops import mask_change_logs
 from ..pruning_schedules import DENSE, SPARSE, acdc_phases, phase_at
+from ..schedules import milestone
 from .base import Method, register
 from .gmp import SCOPES, check_choice, magnitude_masks, mask_gradients
 
@@ -60,32 +64,30 @@ class ACDC(Method):
         super().__init__(cfg, ctx)
         self.scope = check_choice(cfg, "scope", SCOPES, "global")
         self.momentum_reset = check_choice(cfg, "momentum_reset", MOMENTUM_RESETS, "all")
-        lengths = {k: cfg.get(k, d) for k, d in
-                   (("warmup_epochs", 10), ("phase_length", 5), ("final_dense", 10), ("final_sparse", 15))}
-        for k, v in lengths.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"method.{k}={v} must be a number of epochs")
-        self.scale = bool(cfg.get("scale_with_multiplier", True))
-        mult = float(ctx.multiplier) if self.scale else 1.0
+        tl = ctx.timeline
+        defaults = (("warmup", 0.1, 0), ("phase_length", 0.05, 1), ("final_dense", 0.1, 0), ("final_sparse", 0.15, 1))
+        lengths = {k: tl.length(cfg.get(k, milestone("fraction", d)), f"method.{k}", minimum=low)
+                   for k, d, low in defaults}
         try:
-            self.phases = acdc_phases(ctx.epochs, multiplier=mult, **lengths)
+            self.phases = acdc_phases(ctx.total_steps, **lengths)
         except ValueError as e:
             raise ConfigError(
-                f"method.warmup_epochs/phase_length/final_dense/final_sparse do not fit the {ctx.epochs}-epoch run "
-                f"({e}); e.g. method.warmup_epochs=1 method.phase_length=1 method.final_dense=1 "
-                f"method.final_sparse=1") from None
+                f"method.warmup/phase_length/final_dense/final_sparse do not fit the {ctx.epochs}-epoch run of "
+                f"{ctx.total_steps} steps ({e}); give them as fractions of the run, e.g. "
+                f"method.warmup={{unit:fraction,value:0.1}}, or lengthen schedule.epochs") from None
         self.compress_at = frozenset(s for s, _, k in self.phases if k == SPARSE)
         self.decompress_at = frozenset(s for s, _, k in self.phases if k == DENSE and s > 0)
         self.sparse = False  # in a compressed phase now
         self.transitions = 0
 
-    def phase(self, epoch_index: int) -> str:
-        """'dense' or 'sparse' for 0-based epoch `epoch_index`."""
-        return phase_at(self.phases, epoch_index)
+    def phase(self, step_index: int) -> str:
+        """'dense' or 'sparse' for the optimizer step of 0-based index `step_index`."""
+        return phase_at(self.phases, step_index)
 
     # --- hooks --------------------------------------------------------------------------------
     def setup(self):
-        logs = {"acdc/phases": " ".join(f"{s}-{e}:{k[0]}" for s, e, k in self.phases)}
+        spe = max(self.ctx.steps_per_epoch, 1)
+        logs = {"acdc/phases": " ".join(f"{s / spe:g}-{e / spe:g}:{k[0]}" for s, e, k in self.phases)}
         if 0 in self.compress_at:
             logs.update(self.compress(0))
         return logs
@@ -98,20 +100,19 @@ class ACDC(Method):
         if self.sparse:
             self.masks.apply_()
 
+    def on_step_end(self, step):
+        if step in self.compress_at and not self.sparse:
+            return self.compress(step)
+        if step in self.decompress_at and self.sparse:
+            return self.decompress(step)
+        return None
+
     def on_epoch_end(self, epoch, step):
-        logs = None
-        if epoch in self.compress_at and not self.sparse:
-            logs = self.compress(epoch)
-        elif epoch in self.decompress_at and self.sparse:
-            logs = self.decompress(epoch)
-        out = {"acdc/sparse_phase": float(self.sparse)}
-        if logs:
-            out.update(logs)
-        return out
+        return {"acdc/sparse_phase": float(self.sparse)}
 
     # --- transitions --------------------------------------------------------------------------
     @torch.no_grad()
-    def compress(self, epoch: int) -> dict:
+    def compress(self, step: int) -> dict:
         masks = self.masks
         old = [m.clone() for m in masks.masks]
         total = sum(masks.numels)
@@ -122,11 +123,11 @@ class ACDC(Method):
         masks.apply_()
         self.sparse = True
         self.transitions += 1
-        return {"acdc/event": epoch, "acdc/compress": 1.0, "acdc/target_density": keep / total,
+        return {"acdc/event": step, "acdc/compress": 1.0, "acdc/target_density": keep / total,
                 **mask_change_logs(masks.names, old, new), "density/achieved": keep / total}
 
     @torch.no_grad()
-    def decompress(self, epoch: int) -> dict:
+    def decompress(self, step: int) -> dict:
         masks = self.masks
         old = [m.clone() for m in masks.masks]
         restored = [~m for m in old]
@@ -146,7 +147,7 @@ class ACDC(Method):
             masks.masks[i] = m
         self.sparse = False
         self.transitions += 1
-        return {"acdc/event": epoch, "acdc/compress": 0.0, "acdc/target_density": 1.0,
+        return {"acdc/event": step, "acdc/compress": 0.0, "acdc/target_density": 1.0,
                 **mask_change_logs(masks.names, old, new), "density/achieved": 1.0}
 
     # --- state --------------------------------------------------------------------------------

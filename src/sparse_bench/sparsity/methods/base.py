@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from ...errors import ConfigError
 from ..flops import DENSE_STEP, SPARSE_STEP, Extra, Passes
 from ..masks import MaskSet
 from ..ops import random_inactive
-from ..schedules import UpdateCadence
+from ..schedules import Timeline, UpdateCadence
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -60,7 +61,9 @@ class MethodContext:
     device: torch.device
     generator: torch.Generator  # CPU generator owned by the method (saved in its state)
     prunable: Any = None  # the prunable rule (types/exclude/include)
-    batches: Callable[[int], list] | None = None  # n -> list of (x, y) training batches
+    # (n, key) -> n statistics batches (x, y): drawn from their own seeded stream for `key` (the
+    # step), the same on resume, never touching the epoch in progress (DeviceLoader.draw)
+    batches: Callable[[int, int], list] | None = None
     loss_fn: Callable | None = None
     multiplier: float = 1.0  # schedule.multiplier: scale every epoch-based milestone by it
     extra: dict = field(default_factory=dict)
@@ -68,6 +71,11 @@ class MethodContext:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+    @property
+    def timeline(self) -> Timeline:
+        """Milestones ({unit: fraction|epoch|step, value}) -> optimizer steps for this run."""
+        return Timeline(self.epochs, self.steps_per_epoch, self.multiplier)
 
 
 class Method:
@@ -141,10 +149,29 @@ class Method:
         self.reset_optimizer_state(grown)
 
     @torch.no_grad()
-    def grow_random(self, after: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    def grow_random(self, after: list[torch.Tensor], counts: list[int],
+                    exclude: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Grow `counts[l]` random inactive positions per layer on top of `after`, commit them
-        (at 0, optimizer state zeroed) and return the grown positions."""
-        grown = [random_inactive(m, k, self.ctx.generator) for m, k in zip(after, counts)]
+        (at 0, optimizer state zeroed) and return the grown positions.
+
+        `exclude` (e.g. the weights just pruned) marks positions that may not be drawn; a layer
+        with fewer eligible positions than asked grows all of them.
+        """
+        blocked = after if exclude is None else [a | x for a, x in zip(after, exclude)]
+        grown = [random_inactive(b, min(k, int(b.numel() - b.sum())), self.ctx.generator)
+                 for b, k in zip(blocked, counts)]
+        self.commit_masks([a | g for a, g in zip(after, grown)], grown)
+        return grown
+
+    @torch.no_grad()
+    def grow_random_global(self, after: list[torch.Tensor], k: int,
+                           exclude: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Grow `k` positions drawn uniformly among the eligible inactive positions of all layers
+        at once (GSE's global random growth), commit and return them."""
+        blocked = after if exclude is None else [a | x for a, x in zip(after, exclude)]
+        flat = torch.cat([b.flatten() for b in blocked])
+        pick = random_inactive(flat, min(k, int(flat.numel() - flat.sum())), self.ctx.generator)
+        grown = [g.view_as(a) for g, a in zip(torch.split(pick, [a.numel() for a in after]), after)]
         self.commit_masks([a | g for a, g in zip(after, grown)], grown)
         return grown
 
@@ -182,12 +209,36 @@ class Method:
         self.ctx.generator.set_state(state["generator"].cpu())
 
 
-def cadence_from(cfg, ctx: MethodContext, default, end: int | None = None) -> UpdateCadence:
-    """The update cadence from `method.update_every` ('epoch' or a number of steps)."""
+def update_interval(cfg, ctx: MethodContext, default):
+    """`method.update_every`: 'epoch', a positive number of steps, or a period schedule
+    ``{unit, points: [[at, steps], ...]}`` (DSR's reallocation periods)."""
+    every = cfg.get("update_every", default)
+    if isinstance(every, (dict, DictConfig)):
+        return ctx.timeline.piecewise(every, "method.update_every", cast=int)
+    if str(every) == "epoch":
+        return "epoch"
+    if isinstance(every, bool) or not str(every).isdigit() or int(every) <= 0:
+        raise ConfigError(f"method.update_every={every} must be 'epoch', a positive number of steps or a period "
+                          f"schedule, e.g. method.update_every={{unit:fraction,points:[[0,100],[0.5,200]]}}")
+    return int(every)
+
+
+def end_step(cfg, ctx: MethodContext, default=None, key: str = "end") -> int:
+    """`method.<key>`: the milestone from which a method stops changing its masks (null: the end
+    of training)."""
+    value = cfg.get(key, default)
+    step = ctx.timeline.step(value, f"method.{key}", allow_none=True)
+    return ctx.total_steps if step is None else step
+
+
+def cadence_from(cfg, ctx: MethodContext, default_every, default_end=None) -> UpdateCadence:
+    """The update cadence from `method.update_every` and the end milestone `method.end`."""
+    every = update_interval(cfg, ctx, default_every)
     try:
-        return UpdateCadence(cfg.get("update_every", default), ctx.total_steps, end=end)
+        return UpdateCadence(every, ctx.total_steps, end=end_step(cfg, ctx, default_end))
     except (TypeError, ValueError):
-        raise ConfigError("method.update_every must be 'epoch' or a positive number of steps") from None
+        raise ConfigError("method.update_every must be 'epoch', a positive number of steps or a period schedule "
+                          "of positive step counts") from None
 
 
 class ScheduledUpdates:

@@ -1,6 +1,6 @@
 """DEEP R: deep rewiring (Bellec, Kappel, Maass & Legenstein 2018).
 
-What the reference does, step by step, and what this module does the same way:
+What the paper does, step by step, and what this module does the same way (the defaults):
 
 * Every potential connection k has a fixed sign s_k in {-1, +1} and a parameter theta_k; it is
   active while theta_k >= 0 and then w_k = s_k * theta_k, otherwise dormant (w_k = 0). The
@@ -8,34 +8,56 @@ What the reference does, step by step, and what this module does the same way:
 * Here the weight tensor itself holds w = s * theta (theta = s * w = |w| on active positions),
   the mask marks the active set, and the signs are method state (one bool tensor per layer,
   True = positive). Signs of the initially active connections are those of the initial weights;
-  the other positions get a random sign, drawn once (as the reference draws all signs once).
+  the other positions get a random sign, drawn once.
 * After every optimizer step (a gradient step on the active weights: since s is fixed,
   d/dtheta = s * d/dw and the step on w is the step on theta), for every active connection:
-      theta <- theta - lr * l1 + sqrt(2 * lr * temperature) * N(0, 1)
+      theta <- theta - lr * l1 + sqrt(2 * lr * T) * N(0, 1)
   (``l1`` is the paper's alpha, ``temperature`` its T, lr the current learning rate of the
-  parameter's group).
+  parameter's group; ``l1_mode: shrink``, ``noise_mode: weight``).
 * An active connection whose theta became negative (its sign would flip) dies: mask off, weight 0.
 * As many dormant connections as died are activated, uniformly at random among all dormant
-  positions (one that just died may be drawn again), with theta = 0, so the new weight is exactly
-  0. Its sign is the position's fixed sign (``regrow_sign: fixed``, the paper and reference) or a
-  fresh random sign (``regrow_sign: random``).
+  positions (one that just died may be drawn again unless ``exclude_pruned``), with theta = 0, so
+  the new weight is exactly 0. Its sign is the position's fixed sign (``regrow_sign: fixed``), a
+  fresh random sign (``random``) or the sign of its first update (``first_update``).
 * The optimizer state (momentum, Adam moments) of connections that died or were activated is
   zeroed: a rewired connection starts from scratch.
 
-Where this differs from the reference and why:
+DeepR as the DSR code in TimDettmers/sparse_learning runs it (``imagenet/baseline/main.py``,
+``parameterized_tensors.py``; the sparse momentum paper's DeepR baseline; run scripts
+``experiments/wrnet_experiments.yaml``, ``resnet_experiments.yaml``), all options of this module:
 
-* The reference keeps the *global* number of connections fixed and splits the reconnections
-  between the weight matrices at random (a multinomial draw), so a matrix's own count drifts.
-  Here each layer regrows exactly as many as it lost, so every layer's count, and the global
-  density, stay exact to the weight, as in every other method of this package.
-* New connections start at theta = 0 (the reference uses 1e-12 so that "active" can be read off
-  theta > 0); with an explicit mask, 0 works and the weight is exactly zero.
+* The L1 term is part of the loss (``--L1-loss-coeff 1e-5``, ``l1_mode: loss``): its gradient
+  l1 * sign(w) joins the loss gradient before the optimizer step, so it passes through momentum
+  (Nesterov, 0.9) and the learning rate like the rest of the gradient.
+* The noise is added to the gradient of the active weights before the optimizer step
+  (``noise_mode: gradient``), with std sqrt(2 * eta * T) for a fixed ``eta`` = 0.01
+  (``--DeepR_eta``), not the learning rate.
+* T follows the schedule file (``temperature``: a piecewise schedule, 1e-5 / 1e-8 / 1e-12 / 1e-15
+  from epochs 0/25/80/140 of 200 on WRN, 0/25/50/75 of 100 on ImageNet).
+* A connection dies when its sign differs from its sign one step earlier; a new connection
+  starts at 0 and takes the sign of its first update (``regrow_sign: first_update``).
+  Reconnections are drawn among the dormant positions minus those that just died
+  (``exclude_pruned: true``).
+* Rewiring (death, rebirth and noise) stops at epoch 190 of 200 (WRN) or 95 of 100 (ImageNet)
+  (``end``); the L1 term stays in the loss to the end. Weight decay 0 on WRN-28-2 (wd 1e-4 on
+  ImageNet); its WRN keeps the stem conv and the classifier dense (``prunable.exclude``).
+
+Where this differs from the references and why:
+
+* The paper's reference keeps the *global* number of connections fixed and splits the
+  reconnections between the weight matrices at random (a multinomial draw), and the DSR code's
+  grows exactly as many per tensor as it pruned; here each layer regrows exactly as many as it
+  lost, so every layer's count, and the global density, stay exact to the weight.
+* New connections start at theta = 0 (the paper's reference uses 1e-12 so that "active" can be
+  read off theta > 0); with an explicit mask, 0 works and the weight is exactly zero.
+* The DSR code keeps the momentum of rewired connections; here it is zeroed.
 
 Cost per step: no host sync. The dead count of a layer stays a device tensor; the regrown
 positions are those of rank < dead_count in a random ordering of the dormant positions (one sort
 of the layer's random scores per step), so no Python integer is ever needed. The per-step noise
 comes from a device generator seeded once from the run's generator and saved in ``state_dict``,
 so runs are reproducible and resume bit-identically without a CPU-to-device copy every step.
+The temperature schedule is a function of the step counter (a Python float, no device read).
 Logs (rewirings per layer, mask change) are gathered on the device and read once per epoch.
 """
 
@@ -44,13 +66,16 @@ from __future__ import annotations
 import math
 
 import torch
+from omegaconf import DictConfig
 
 from ...errors import ConfigError
 from ..ops import mask_change_logs
-from .base import Method, register
+from .base import Method, end_step, register
 from .dense import RandomInitMixin
 
-SIGN_MODES = ("fixed", "random")
+SIGN_MODES = ("fixed", "random", "first_update")
+L1_MODES = ("shrink", "loss")
+NOISE_MODES = ("weight", "gradient")
 
 
 def _nonneg(cfg, key: str, default: float) -> float:
@@ -60,6 +85,13 @@ def _nonneg(cfg, key: str, default: float) -> float:
         raise ConfigError(f"method.{key}={cfg.get(key)} is not a number; pass e.g. method.{key}={default}") from None
     if not (value >= 0.0 and math.isfinite(value)):
         raise ConfigError(f"method.{key}={value} must be a finite number >= 0; the default is {default}")
+    return value
+
+
+def _mode(cfg, key: str, default: str, choices) -> str:
+    value = str(cfg.get(key, default))
+    if value not in choices:
+        raise ConfigError(f"method.{key}={value} is unknown; choose one of: {', '.join(choices)}")
     return value
 
 
@@ -74,17 +106,28 @@ class DeepR(RandomInitMixin, Method):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.l1 = _nonneg(cfg, "l1", 1e-4)
-        self.temperature = _nonneg(cfg, "temperature", 1e-12)
-        self.regrow_sign = str(cfg.get("regrow_sign", "fixed"))
-        if self.regrow_sign not in SIGN_MODES:
-            raise ConfigError(f"method.regrow_sign={self.regrow_sign} is unknown; "
-                              f"choose one of: {', '.join(SIGN_MODES)}")
+        temperature = cfg.get("temperature", 1e-12)
+        if isinstance(temperature, (dict, DictConfig)):
+            self.temperature_schedule = ctx.timeline.piecewise(temperature, "method.temperature")
+            if any(not (v >= 0 and math.isfinite(v)) for v in self.temperature_schedule.values):
+                raise ConfigError("method.temperature: every temperature must be a finite number >= 0")
+        else:
+            self.temperature_schedule = None
+            self.temperature = _nonneg(cfg, "temperature", 1e-12)
+        self.regrow_sign = _mode(cfg, "regrow_sign", "fixed", SIGN_MODES)
+        self.l1_mode = _mode(cfg, "l1_mode", "shrink", L1_MODES)
+        self.noise_mode = _mode(cfg, "noise_mode", "weight", NOISE_MODES)
+        self.eta = _nonneg(cfg, "eta", 0.01)
+        self.exclude_pruned = bool(cfg.get("exclude_pruned", False))
+        self.end = end_step(cfg, ctx, None)
         device = ctx.device
         # the per-step generator lives on the device; its seed comes from the run's generator
         self.step_generator = torch.Generator(device=device)
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
         self.step_generator.manual_seed(seed)
         self.signs = [torch.ones_like(m) for m in self.masks.masks]  # True = positive
+        # first_update: positions born without a sign yet (they take the sign of their first update)
+        self.unsigned = [torch.zeros_like(m) for m in self.masks.masks]
         # index of each prunable parameter's optimizer group (indices survive the optimizer's
         # load_state_dict, which replaces the group dicts)
         self._group_index = []
@@ -108,27 +151,65 @@ class DeepR(RandomInitMixin, Method):
         self.epoch_start_masks = [m.clone() for m in self.masks.masks]
         self.rewired = torch.zeros(len(self.masks.masks), dtype=torch.long, device=self.masks.masks[0].device)
 
+    def temperature_at(self, step: int) -> float:
+        """T in force for optimizer step `step` (0-based), from the schedule or the constant."""
+        if self.temperature_schedule is not None:
+            return float(self.temperature_schedule.value_at(step))
+        return self.temperature
+
+    @torch.no_grad()
+    def before_optimizer_step(self, step: int) -> None:
+        """The DSR code's variants: L1 through the loss gradient, noise on the gradient."""
+        rewiring = step < self.end
+        loss_l1 = self.l1_mode == "loss" and self.l1 > 0
+        temp = self.temperature_at(step)
+        grad_noise = rewiring and self.noise_mode == "gradient" and temp > 0
+        if not (loss_l1 or grad_noise):
+            return
+        std = math.sqrt(2.0 * self.eta * temp)
+        for p, m in zip(self.masks.params, self.masks.masks):
+            if p.grad is None:
+                continue
+            if loss_l1:  # d(l1 * sum |w|)/dw; 0 on inactive weights (w = 0)
+                p.grad.add_(torch.sign(p.data), alpha=self.l1)
+            if grad_noise:
+                noise = torch.randn(p.shape, generator=self.step_generator, device=p.device, dtype=p.dtype)
+                p.grad.add_(noise.mul_(m), alpha=std)
+
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         """The DEEP R update after the gradient step: shrink, noise, death, random rebirth."""
         masks = self.masks
+        if step >= self.end:  # rewiring has stopped: a static sparse network from here on
+            masks.apply_()
+            return
         dead_all, born_all, counts = [], [], []
+        temp = self.temperature_at(step)
         for i, (p, m) in enumerate(zip(masks.params, masks.masks)):
             w = p.data
             pos = self.signs[i]
+            if self.regrow_sign == "first_update":  # a new connection takes the sign of its first update
+                fresh = self.unsigned[i]
+                pos = torch.where(fresh & (w != 0), w > 0, pos)
+                self.unsigned[i] = fresh & (w == 0)
+                self.signs[i] = pos
             lr = float(self.ctx.optimizer.param_groups[self._group_index[i]]["lr"])
             theta = torch.where(pos, w, -w)
-            theta.sub_(lr * self.l1)
-            if self.temperature > 0:
+            if self.l1_mode == "shrink":
+                theta.sub_(lr * self.l1)
+            if self.noise_mode == "weight" and temp > 0:
                 noise = torch.randn(w.shape, generator=self.step_generator, device=w.device, dtype=w.dtype)
-                theta.add_(noise, alpha=math.sqrt(2.0 * lr * self.temperature))
+                theta.add_(noise, alpha=math.sqrt(2.0 * lr * temp))
             dead = m & (theta < 0)
             alive = m & ~dead
             n_dead = dead.sum()
             # activate n_dead dormant positions uniformly at random: rank all dormant positions in
             # a random order (active ones last) and take the first n_dead; no host sync needed
             scores = torch.rand(w.shape, generator=self.step_generator, device=w.device)
-            scores = scores.masked_fill_(alive, -1.0).flatten()
+            scores = scores.masked_fill_(alive, -1.0)
+            if self.exclude_pruned:  # just-dead positions rank after every other dormant one
+                scores = scores.masked_fill_(dead, -0.5)
+            scores = scores.flatten()
             order = torch.argsort(scores, descending=True)
             rank = torch.empty_like(order)
             rank[order] = torch.arange(order.numel(), device=order.device)
@@ -137,6 +218,8 @@ class DeepR(RandomInitMixin, Method):
                 fresh = torch.rand(w.shape, generator=self.step_generator, device=w.device) < 0.5
                 pos = torch.where(born, fresh, pos)
                 self.signs[i] = pos
+            elif self.regrow_sign == "first_update":
+                self.unsigned[i] = (self.unsigned[i] & ~dead) | born
             new_mask = alive | born
             # alive: w = s * theta; born: theta = 0; dormant: 0
             w.copy_(torch.where(alive, torch.where(pos, theta, -theta), torch.zeros_like(theta)))
@@ -164,6 +247,7 @@ class DeepR(RandomInitMixin, Method):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["signs"] = [s.detach().cpu().clone() for s in self.signs]
+        state["unsigned"] = [s.detach().cpu().clone() for s in self.unsigned]
         state["step_generator"] = _cpu_state(self.step_generator.get_state())
         state["epoch_start_masks"] = [m.detach().cpu().clone() for m in self.epoch_start_masks]
         state["rewired"] = self.rewired.detach().cpu().clone()
@@ -174,6 +258,9 @@ class DeepR(RandomInitMixin, Method):
         state["generator"] = _cpu_state(state["generator"])
         super().load_state_dict(state)
         self.signs = [s.to(device=m.device, dtype=torch.bool) for s, m in zip(state["signs"], self.masks.masks)]
+        self.unsigned = [s.to(device=m.device, dtype=torch.bool)
+                         for s, m in zip(state.get("unsigned", [torch.zeros_like(m) for m in self.masks.masks]),
+                                         self.masks.masks)]
         self.step_generator.set_state(_cpu_state(state["step_generator"]))
         self.epoch_start_masks = [s.to(device=m.device, dtype=torch.bool)
                                   for s, m in zip(state["epoch_start_masks"], self.masks.masks)]

@@ -1,39 +1,48 @@
 """DSR: dynamic sparse reparameterization (Mostafa & Wang 2019).
 
-What the reference does, step by step, and what this module does the same way:
+What the reference does (the DSR code shipped in TimDettmers/sparse_learning,
+``imagenet/baseline/main.py`` and ``parameterized_tensors.py``, with its run scripts
+``experiments/wrnet_experiments.yaml``, ``resnet_experiments.yaml`` and ``learning_schedules/``),
+step by step, and what this module does the same way:
 
 * Masks start at the requested density, the same in every layer (``init: uniform``, as the
   reference thins every sparse tensor to one sparsity). Weights keep their default init.
 * Training is ordinary SGD on the masked weights; inactive weights are re-zeroed after every step.
-* Every ``update_every`` optimizer steps (the reference's base period is 100 iterations):
+* At a reallocation (``update_every``, a period schedule; ``end``, when they stop):
   1. prune every active weight with |w| < H, where H is one threshold for the whole network
      (``init_threshold``: H(0) = 0.001); K = number pruned, R_l = weights surviving in layer l;
-  2. adapt the threshold for the next update towards pruning N_p weights per update:
+  2. regrow K weights, layer l getting the share R_l / sum(R) of them (``--rewire-scaling``:
+     layers that kept more weights get more back), at uniformly random positions among the
+     layer's inactive ones, never one pruned in this same reallocation (``exclude_pruned``: the
+     reference removes the just-pruned indices from the candidates); new weights start at 0;
+  3. adapt the threshold for the next reallocation towards pruning N_p weights:
      H <- 2H if K < (1 - delta) N_p, H <- H/2 if K > (1 + delta) N_p, else unchanged
-     (``delta``: the fractional tolerance, 0.1; N_p = ``np_target`` x the active weights);
-  3. regrow K weights, layer l getting the share R_l / sum(R) of them (layers that kept more
-     weights get more back), at uniformly random positions among the layer's inactive ones
-     (a just-pruned position may be drawn again); new weights start at exactly 0.
+     (``delta``: the fractional tolerance, 0.1). N_p is ``np_count`` weights when given (the run
+     scripts' ``--n-prune-params``: 20,000 on WRN-28-2, 400,000 on ResNet-50), else ``np_target``
+     x the active weights.
+* The reallocation period grows during training: the reference's schedule files give
+  100/200/400/800 iterations from epochs 0/25/80/140 and no reallocation from epoch 190
+  (``wrnet_schedule.yaml``, ``--stop-rewire-epoch 190``, 200 epochs), and 1000/2000/4000/8000
+  from epochs 0/25/50/75 with a stop at 95 (``resnet_schedule.yaml``, 100 epochs). A
+  reallocation happens after an iteration whose global count is a multiple of the period in
+  force (the reference tests ``iteration % period == 0``). The default here is the WRN schedule
+  as fractions of the run (0, 0.125, 0.4, 0.7; end 0.95), so it fits any length; the experiment
+  files give the reference's epochs.
 * The optimizer state (momentum, Adam moments) of regrown weights is zeroed, so a new
   connection starts from scratch.
 
 Where this differs from the reference and why:
 
-* The reference turns the shares into counts approximately (via per-tensor target sparsities),
-  so the total drifts by a few weights. Here the counts are integers by largest-remainder rounding
-  (``allocate``), capped at each layer's free slots, summing to exactly K: the number of active
-  weights, and the density, never change.
-* N_p is a fraction of the active weights (``np_target``), not an absolute count: the reference
-  code's default prunes 1% of all model parameters per update, which at its 90% sparsity is about
-  10% of the active weights, the default here; the paper's absolute N_p values (e.g. 20,000 of
-  WRN-28-2's ~150k active weights at 90% sparsity) are of the same order.
-* The reference lengthens the period during training (x2 at epochs 40, 80, 120 and no updates
-  after epoch 160 of 200 on CIFAR). Here the same happens at fractions of training:
-  ``period_doublings`` ([0.2, 0.4, 0.6]) and ``end_fraction`` (0.8), so the schedule follows
-  the run's length (``schedule.multiplier`` included); ``period_doublings: []`` and
-  ``end_fraction: 1.0`` give a fixed period.
+* The reference turns the shares into counts by rounding and hands the rounding discrepancy to a
+  random layer, so the total drifts by a few weights. Here the counts are integers by
+  largest-remainder rounding (``allocate``), capped at each layer's free slots, summing to
+  exactly K: the number of active weights, and the density, never change.
+* The reference compares with ``(i + current_iteration) % period == 0`` for the 0-based index of
+  the iteration just done; here the count of steps done is used (one step later).
+* The reference keeps the momentum buffers of pruned and regrown weights; here the regrown
+  weights' state is zeroed (their leftover momentum decayed for at least one period).
 * If every weight of the network fell under H (sum(R) = 0), regrowth is spread over the layers in
-  proportion to their free slots instead (the reference would divide by zero).
+  proportion to their free slots instead (the reference keeps one weight per tensor).
 """
 
 from __future__ import annotations
@@ -45,9 +54,14 @@ import torch
 from ...errors import ConfigError
 from ..distributions import allocate
 from ..ops import mask_change_logs
-from ..schedules import StepList, lengthening_steps
+from ..schedules import milestone
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
+
+
+#: the reference's WRN period schedule (wrnet_schedule.yaml: 100/200/400/800 iterations from epochs
+#: 0/25/80/140 of 200) as fractions of the run
+DEFAULT_PERIODS = {"unit": "fraction", "points": [[0, 100], [0.125, 200], [0.4, 400], [0.7, 800]]}
 
 
 def _number(cfg, key: str, default: float) -> float:
@@ -72,33 +86,17 @@ class DSR(ScheduledUpdates, RandomInitMixin, Method):
         self.np_target = _number(cfg, "np_target", 0.1)
         if not 0.0 < self.np_target < 1.0:
             raise ConfigError(f"method.np_target={self.np_target} must be in (0, 1): a fraction of the active weights")
+        np_count = cfg.get("np_count")
+        if np_count is not None and (isinstance(np_count, bool) or not isinstance(np_count, int) or np_count < 1):
+            raise ConfigError(f"method.np_count={np_count} must be a positive whole number of weights or null "
+                              f"(null: np_target x the active weights)")
+        self.np_count = np_count
         self.delta = _number(cfg, "delta", 0.1)
         if not 0.0 <= self.delta < 1.0:
             raise ConfigError(f"method.delta={self.delta} must be in [0, 1); the paper uses 0.1")
-        self.cadence = self._cadence(cfg, ctx)
+        self.exclude_pruned = bool(cfg.get("exclude_pruned", True))
+        self.cadence = cadence_from(cfg, ctx, DEFAULT_PERIODS, milestone("fraction", 0.95))
         self.last_update: dict = {}
-
-    @staticmethod
-    def _cadence(cfg, ctx):
-        every = cfg.get("update_every", 100)
-        doublings = list(cfg.get("period_doublings", []) or [])
-        end_fraction = float(cfg.get("end_fraction", 1.0))
-        if not 0.0 < end_fraction <= 1.0 or any(not 0.0 <= float(d) <= 1.0 for d in doublings):
-            raise ConfigError("method.end_fraction must be in (0, 1] and method.period_doublings fractions "
-                              "of training in [0, 1], e.g. [0.2, 0.4, 0.6]")
-        if str(every) == "epoch":
-            if doublings:
-                raise ConfigError("method.period_doublings needs a step interval: set method.update_every to "
-                                  "a number of steps or method.period_doublings=[]")
-            return cadence_from(cfg, ctx, "epoch", end=int(round(end_fraction * ctx.total_steps)))
-        try:
-            period = int(every)
-            steps = lengthening_steps(period, ctx.total_steps,
-                                      [round(float(d) * ctx.total_steps) for d in doublings],
-                                      end=int(round(end_fraction * ctx.total_steps)))
-        except (TypeError, ValueError):
-            raise ConfigError("method.update_every must be 'epoch' or a positive number of steps") from None
-        return StepList(steps)
 
     @staticmethod
     def adjust_threshold(threshold: float, pruned: int, target: float, delta: float) -> float:
@@ -151,13 +149,17 @@ class DSR(ScheduledUpdates, RandomInitMixin, Method):
         surviving = [k - r for k, r in zip(nnz, removed)]
         free = [n - s for n, s in zip(masks.numels, surviving)]
 
-        # 2. adapt the threshold for the next update
-        target = self.np_target * sum(nnz)
-        self.threshold = self.adjust_threshold(h, k_total, target, self.delta)
-
-        # 3. regrow exactly k_total, shared by the surviving counts, at random positions, at 0
+        # 2. regrow exactly k_total, shared by the surviving counts, at random positions, at 0
+        # (a layer cannot regrow into the slots it has just freed, unless nothing else is free)
+        exclude = self.exclude_pruned and sum(free) - k_total >= k_total
+        if exclude:
+            free = [f - r for f, r in zip(free, removed)]
         regrow = self.regrowth_counts(surviving, free, k_total)
-        grown = self.grow_random(after, regrow)
+        grown = self.grow_random(after, regrow, exclude=pruned if exclude else None)
+
+        # 3. adapt the threshold for the next update
+        target = float(self.np_count) if self.np_count is not None else self.np_target * sum(nnz)
+        self.threshold = self.adjust_threshold(h, k_total, target, self.delta)
 
         self.last_update = {
             "step": step,

@@ -16,11 +16,22 @@ IST-DASLab's AC/DC / WoodFisher code that Kuznedelev et al. build on), step by s
   the weights after every optimizer step. Momentum is left alone: pruned weights never return,
   so their (masked, decaying) momentum has no effect.
 
-Defaults (``conf/method/gmp.yaml`` in the package): events at epoch ends every 2 epochs, ``start`` at 10% and
-``end`` at 80% of the run (10 and 80 of a 100-epoch ImageNet ResNet-50 run, the common GMP
-recipe; STR's GMP uses 20-79), initial sparsity 0, cubic schedule, global scope. Explicit
-``start``/``end`` are in units of the base (1x) schedule and multiplied by
-``schedule.multiplier``; ``frequency`` is an interval and is not scaled.
+Options (``conf/method/gmp.yaml`` in the package): ``start``, ``end`` and ``frequency`` are
+milestones (``{unit: fraction|epoch|step, value}``, see ``sparsity/schedules.py``); events fall
+after the optimizer step ``start, start + frequency, ... < end`` and ``end``. Defaults: from
+10% to 80% of the run every 2% (10..80 of a 100-epoch ImageNet ResNet-50 run every 2 epochs, the
+common GMP recipe; STR's GMP uses 20-79), initial sparsity 0, ``curve: polynomial`` with power 3
+(cubic), global scope. ``curve: cosine`` ramps the sparsity as
+``s_f + (s_i - s_f) (1 + cos(pi progress)) / 2``. ``reinit: fan_in`` re-initialises the dense
+model by its fan-in before training (GSE's ``sparsify(model, 0.0, "uniform")``).
+
+GMP as GSE's comparison runs it (``gradual_sparse_training.py --prune magnitude``): the dense
+model re-initialised by fan-in, then every 1000 steps (``frequency: {unit: step, value: 1000}``)
+from step 0 to epoch 120 (``start: {unit: epoch, value: 0}``, ``end: {unit: epoch, value: 120}``)
+global magnitude pruning to ``s_f (1 - cos(pi t / T)) / 2`` (``curve: cosine``). The reference's
+last event is the last multiple of 1000 at or before epoch 120 (step 45,999 of 46,920 on CIFAR at
+batch 128), where the cosine has not quite reached s_f (density 0.0209 at 98%); here ``end`` is
+always an event, so the run ends at the target density exactly.
 
 Where this implementation differs from the references, and why:
 
@@ -31,8 +42,9 @@ Where this implementation differs from the references, and why:
   run's ``density`` directly, so the run ends at ``round(density * N)`` active weights.
 * ``t1`` is always an event, even when ``f`` does not divide ``t1 - t0`` (the reference's
   ``range(t0, t1, f)`` then stops short of ``s_f``).
-* Events fall on epoch ends (after ``t`` epochs) or after optimizer step ``t``; an event at
-  ``t = 0`` (only with an explicit ``start: 0``) runs in ``setup()`` on the initial weights.
+* Events fall after optimizer step ``t`` (an epoch milestone is the last step of that epoch, so
+  the event runs before that epoch's evaluation); an event at ``t = 0`` (``start`` at 0) runs in
+  ``setup()`` on the initial weights.
 """
 
 from __future__ import annotations
@@ -43,10 +55,12 @@ from ...errors import ConfigError
 from ..distributions import allocate
 from ..ops import mask_change_logs, smallest_active
 from ..pruning_schedules import gmp_events, gmp_sparsity
+from ..reinit import fan_in_reinit, reinit_choice
+from ..schedules import milestone
 from .base import Method, register
 
 SCOPES = ("global", "layer")
-UNITS = ("epoch", "step")
+CURVES = ("polynomial", "cosine")
 
 
 def check_choice(cfg, key: str, choices, default: str) -> str:
@@ -102,8 +116,9 @@ class GMP(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.unit = check_choice(cfg, "unit", UNITS, "epoch")
         self.scope = check_choice(cfg, "scope", SCOPES, "global")
+        self.curve = check_choice(cfg, "curve", CURVES, "polynomial")
+        self.reinit = reinit_choice(cfg, "none")
         self.final_sparsity = 1.0 - float(ctx.density)
         self.initial_sparsity = float(cfg.get("initial_sparsity", 0.0))
         if not 0.0 <= self.initial_sparsity <= self.final_sparsity:
@@ -112,24 +127,12 @@ class GMP(Method):
         self.power = float(cfg.get("power", 3))
         if self.power <= 0:
             raise ConfigError(f"method.power={self.power} must be positive; Zhu & Gupta use 3 (cubic)")
-        horizon = ctx.epochs if self.unit == "epoch" else ctx.total_steps
-        unit = "epochs" if self.unit == "epoch" else "steps"
-        start, end = cfg.get("start"), cfg.get("end")
-        try:
-            t0 = max(1, round(0.1 * horizon)) if start is None else int(round(float(start) * ctx.multiplier))
-            t1 = max(t0, round(0.8 * horizon)) if end is None else int(round(float(end) * ctx.multiplier))
-            self.frequency = int(cfg.get("frequency", 2))
-        except (TypeError, ValueError):
-            raise ConfigError("method.start/end/frequency must be numbers (start/end may be null)") from None
-        if t0 < 0:
-            raise ConfigError(f"method.start={start} must not be negative")
+        tl = ctx.timeline
+        t0 = tl.step(cfg.get("start", milestone("fraction", 0.1)), "method.start")
+        t1 = tl.step(cfg.get("end", milestone("fraction", 0.8)), "method.end")
         if t1 < t0:
-            raise ConfigError(f"method.end={end} comes before method.start={start}; set end >= start")
-        if t1 > horizon:
-            raise ConfigError(f"method.end={end} is {t1} {unit} (x schedule.multiplier) but the run has only "
-                              f"{horizon} {unit}; set method.end <= {horizon / ctx.multiplier:g} or leave it null")
-        if self.frequency <= 0:
-            raise ConfigError(f"method.frequency={self.frequency} must be a positive number of {unit}")
+            raise ConfigError(f"method.end (step {t1}) comes before method.start (step {t0}); set end >= start")
+        self.frequency = tl.length(cfg.get("frequency", milestone("fraction", 0.02)), "method.frequency", minimum=1)
         self.start, self.end = t0, t1
         self.events = gmp_events(t0, t1, self.frequency)
         self._events = frozenset(self.events)
@@ -139,7 +142,8 @@ class GMP(Method):
 
     # --- schedule -----------------------------------------------------------------------------
     def sparsity_at(self, t: int) -> float:
-        return gmp_sparsity(t, self.start, self.end, self.initial_sparsity, self.final_sparsity, self.power)
+        return gmp_sparsity(t, self.start, self.end, self.initial_sparsity, self.final_sparsity, self.power,
+                            self.curve)
 
     def target_count(self, t: int) -> int:
         total = sum(self.masks.numels)
@@ -149,8 +153,11 @@ class GMP(Method):
 
     # --- hooks --------------------------------------------------------------------------------
     def setup(self):
-        logs = {"gmp/unit": self.unit, "gmp/start": self.start, "gmp/end": self.end,
-                "gmp/frequency": self.frequency, "gmp/events": len(self.events)}
+        if self.reinit == "fan_in":  # the dense model, by its dense fan-in (GSE's baselines)
+            fan_in_reinit(self.ctx.model, self.masks.names, [p.data for p in self.masks.params],
+                          self.masks.masks, self.ctx.generator)
+        logs = {"gmp/start_step": self.start, "gmp/end_step": self.end,
+                "gmp/frequency_steps": self.frequency, "gmp/events": len(self.events)}
         if 0 in self._events:
             logs.update(self.prune(0))
         return logs
@@ -164,18 +171,13 @@ class GMP(Method):
             self.masks.apply_()
 
     def on_step_end(self, step):
-        if self.unit == "step" and step in self._events:
+        if step in self._events:
             return self.prune(step)
-        return None
-
-    def on_epoch_end(self, epoch, step):
-        if self.unit == "epoch" and epoch in self._events:
-            return self.prune(epoch)
         return None
 
     @torch.no_grad()
     def prune(self, t: int) -> dict:
-        """One pruning event at time `t` (epochs or steps done)."""
+        """One pruning event after `t` optimizer steps."""
         masks = self.masks
         old = [m.clone() for m in masks.masks]
         keep = self.target_count(t)

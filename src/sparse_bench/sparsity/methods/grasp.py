@@ -31,6 +31,11 @@ model's own initialisation is scored. It draws a class-balanced sample of
 128 is about the reference's 10 per class on CIFAR-10). The loss is the run's loss function
 (label smoothing included when configured). Ties at the threshold are all kept by the reference;
 here the kept count is exact.
+
+GraSP as GSE's comparison runs it (``prune_before_training.py --prune grasp``, ``prune.py``): the
+dense model re-initialised by fan-in (``reinit: fan_in``), T = 200, g and H g from GSE's
+statistics batches (``batches``: 1 on CIFAR-10, 8 on CIFAR-100; the same batches for both passes),
+keeping the largest θ ⊙ Hg over all layers (the same rule as here).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ What the reference (mikeheddes/guided-stochastic-exploration, ``our_training.py`
   weights are re-initialised U(-1, 1) * sqrt(3 / sparse fan-in of their output unit), the
   sparse fan-in being that unit's number of active inputs (at least 1); the bias of the unit is
   drawn with the same bound (``reinit: fan_in``).
-* Every ``update_every`` (1000) optimizer steps while the step is before ``end_fraction`` (0.6,
-  epoch 120 of 200) of training, with ``alpha_t = alpha (1 + cos(pi t / T_end))`` (alpha 0.1,
+* Every ``update_every`` (1000) optimizer steps while the step is before ``end`` (the milestone
+  T_end; default ``{unit: fraction, value: 0.6}``, epoch 120 of 200; the experiment files give
+  ``{unit: epoch, value: 120}``), with ``alpha_t = alpha (1 + cos(pi t / T_end))`` (alpha 0.1,
   so at most 0.2 of the active connections change per update):
   1. Per layer, ``round(gamma * |A_l|)`` (gamma 1) pairs ``(output unit i, input unit j)`` are
      drawn with replacement, i from g over outputs and j from f over inputs (``sampling``):
@@ -28,8 +29,11 @@ What the reference (mikeheddes/guided-stochastic-exploration, ``our_training.py`
      before this update, so never one just grown) are pruned. With ``scope: global`` (the
      reference's default) gradients and magnitudes are ranked across all layers, so layer
      densities move while the total stays exact; ``scope: layer`` ranks within each layer.
-* Statistics come from ``stat_batches`` (1) training batches (the reference takes 10 samples per
-  class, which is one batch of 128 on CIFAR-10).
+* Statistics come from ``stat_batches`` (1) training batches (the reference takes
+  ceil(10 samples per class / batch size) batches: one batch of 128 on CIFAR-10, 8 on
+  CIFAR-100), drawn fresh at every update from their own seeded stream (``ctx.batches(n,
+  step)``), as the reference takes them from a new iterator of its shuffled loader; the epoch in
+  progress is never disturbed and a resumed run draws the same batches.
 
 Where this implementation differs, and why:
 
@@ -43,7 +47,8 @@ Where this implementation differs, and why:
   (full backward hooks fail on such models, and ``loss.backward()`` would compute the dense
   weight gradients). The hooks are removed after the pass, parameters' ``.grad`` stay what the
   trainer left, buffers (batch-norm running statistics) are restored and the global RNG is
-  forked, so the extra pass leaves no trace on training.
+  forked (``statistics.quiet_pass``), so the extra pass leaves no trace on training (the
+  reference's pass in train mode also moves the batch-norm running statistics).
 * Pruning ranks the |w| of the active weights only (gathered), not a dense score tensor.
 * Masks hit the target density exactly (the reference's Bernoulli masks and ER clipping are
   exact only in expectation) and k is ``ceil(alpha_t |A|)`` rather than the reference's
@@ -61,8 +66,6 @@ Where this implementation differs, and why:
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -77,20 +80,17 @@ from ..candidate_grad import (
 )
 from ..flops import SPARSE, Extra
 from ..ops import mask_change_logs
-from ..schedules import decay
+from ..schedules import decay, milestone
+from ..statistics import quiet_pass
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
 
 SAMPLINGS = ("uniform", "grabo", "graest")
 SCOPES = ("global", "layer")
-REINITS = ("fan_in", "none")
 
 
 def _choice(cfg, key: str, choices, default: str) -> str:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) and key == "reinit":
-        value = "fan_in" if value else "none"
-    value = str(value)
+    value = str(cfg.get(key, default))
     if value not in choices:
         raise ConfigError(f"method.{key}={value} is unknown; choose one of: {', '.join(choices)}")
     return value
@@ -134,20 +134,18 @@ def sample_candidates(
 class GSE(ScheduledUpdates, RandomInitMixin, Method):
     """Guided stochastic exploration: grow the sampled candidates of largest |gradient|."""
 
+    default_reinit = "fan_in"
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.sampling = _choice(cfg, "sampling", SAMPLINGS, "uniform")
         self.scope = _choice(cfg, "scope", SCOPES, "global")
-        self.reinit = _choice(cfg, "reinit", REINITS, "fan_in")
         self.alpha = float(cfg.get("alpha", 0.1))
         if not 0.0 < self.alpha <= 0.5:
             raise ConfigError(f"method.alpha={self.alpha} must be in (0, 0.5]; the paper uses 0.1 (at most 0.2 per update)")
         self.gamma = float(cfg.get("gamma", 1.0))
         if not self.gamma > 0.0:
             raise ConfigError(f"method.gamma={self.gamma} must be > 0; the paper uses 1 (CIFAR) or 2 (ImageNet)")
-        self.end_fraction = float(cfg.get("end_fraction", 0.6))
-        if not 0.0 < self.end_fraction <= 1.0:
-            raise ConfigError(f"method.end_fraction={self.end_fraction} must be in (0, 1]; the paper uses 0.6")
         self.stat_batches = int(cfg.get("stat_batches", 1))
         if self.stat_batches < 1:
             raise ConfigError(f"method.stat_batches={self.stat_batches} must be a positive whole number")
@@ -155,8 +153,8 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         if self.chunk_size < 1:
             raise ConfigError(f"method.chunk_size={self.chunk_size} must be a positive number of elements")
         self.all_candidates_density = float(cfg.get("all_candidates_density", 0.5))
-        self.t_end = int(round(self.end_fraction * ctx.total_steps))
-        self.cadence = cadence_from(cfg, ctx, 1000, end=self.t_end)
+        self.cadence = cadence_from(cfg, ctx, 1000, milestone("fraction", 0.6))
+        self.t_end = self.cadence.end
         self.modules = self._find_modules()
         self.last_update: dict = {}
         self._last_cost: list[Extra] = []
@@ -179,56 +177,12 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
             modules.append(mod)
         return modules
 
-    # --- initialisation -----------------------------------------------------------------------
-    def setup(self):
-        logs = self.init_random_masks()
-        if self.reinit == "fan_in":
-            self.reinit_fan_in()
-        logs["init/reinit"] = self.reinit
-        return logs
-
-    @torch.no_grad()
-    def reinit_fan_in(self) -> None:
-        """Active weights ~ U(-1, 1) * sqrt(3 / sparse fan-in of the output unit); bias likewise."""
-        gen = self.ctx.generator
-        for mod, p, m in zip(self.modules, self.masks.params, self.masks.masks):
-            n_out, fan_in = weight_matrix_shape(mod)
-            m2 = m.reshape(n_out, fan_in)
-            fan = m2.sum(1, keepdim=True).clamp_min(1).to(torch.float64)
-            bound = (3.0 / fan).sqrt()
-            u = torch.rand((n_out, fan_in), generator=gen, dtype=torch.float64) * 2 - 1
-            w = (u * bound.cpu()).to(device=p.device, dtype=p.dtype) * m2
-            p.data.copy_(w.view_as(p))
-            bias = getattr(mod, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                ub = torch.rand((n_out,), generator=gen, dtype=torch.float64) * 2 - 1
-                bias.data.copy_((ub * bound.squeeze(1).cpu()).to(device=bias.device, dtype=bias.dtype))
-        self.masks.apply_()
-
     # --- schedule -----------------------------------------------------------------------------
     def alpha_at(self, step: int) -> float:
         """alpha (1 + cos(pi t / T_end)): 2 alpha at t = 0, 0 from T_end on."""
         return decay("cosine", 2.0 * self.alpha, 0.0, step, self.t_end)
 
     # --- the statistics pass ------------------------------------------------------------------
-    @contextmanager
-    def _quiet_pass(self):
-        """Fork the global RNG and restore the model's buffers afterwards."""
-        model = self.ctx.model
-        saved = {n: b.detach().clone() for n, b in model.named_buffers()}
-        dev = self.ctx.device
-        devices = []
-        if torch.device(dev).type == "cuda":
-            devices = [torch.device(dev).index if torch.device(dev).index is not None else torch.cuda.current_device()]
-        try:
-            with torch.random.fork_rng(devices=devices):
-                yield
-        finally:
-            with torch.no_grad():
-                for n, b in model.named_buffers():
-                    if n in saved:
-                        b.copy_(saved[n])
-
     def _layer_calls(self, x, y, seed: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """One forward/backward: per prunable module, the (input, output-gradient) of each call."""
         captured: list[list] = [[] for _ in self.modules]
@@ -328,14 +282,14 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         nnz = masks.nnz()
         alpha = self.alpha_at(step)
         old = [m.clone() for m in masks.masks]
-        batches = self.ctx.batches(self.stat_batches) if self.ctx.batches is not None else []
-        if not batches:
+        batches = self.ctx.batches(self.stat_batches, step) if self.ctx.batches is not None else []
+        if len(batches) == 0:
             raise ConfigError("method=gse needs training batches for its statistics (ctx.batches)")
         seeds = [int(s) for s in torch.randint(0, 2**62, (len(batches),), generator=self.ctx.generator)]
 
         grads: list = [None] * len(self.modules)
         runs = 1 if self.sampling == "uniform" or len(batches) == 1 else 2
-        with self._quiet_pass():
+        with quiet_pass(self.ctx.model, self.ctx.device):
             if self.sampling == "uniform":
                 cands, counts = self._candidates(None, nnz)
                 for (x, y), seed in zip(batches, seeds):

@@ -19,8 +19,10 @@ This module runs all levels inside ONE run (``rounds`` = prune steps + 1 trainin
 back to back; the trainer runs ctx.epochs epochs per round and restarts the LR schedule every
 round through ``Method.schedule_step``):
 
-* Density sequence: ``densities`` (an explicit list ending at the run's density) or a geometric
-  sequence from 1.0 to ``density`` in ``n_rounds`` prune steps, d_r = density^(r / n_rounds).
+* Density sequence: ``densities`` (an explicit list of the levels after the dense round, which
+  must contain the run's density; the levels below it are not trained, so one list serves every
+  density of a sweep) or a geometric sequence from 1.0 to ``density`` in ``n_rounds`` prune
+  steps, d_r = density^(r / n_rounds).
   With ``n_rounds: null`` the number of steps is the fewest for which every step keeps at
   least ``keep_per_round`` (0.8) of the previous density, n = ceil(log(density) /
   log(keep_per_round)); when density is a power of keep_per_round this is exactly "prune 20% of
@@ -38,6 +40,14 @@ round through ``Method.schedule_step``):
   change logs (``mask/pruned`` ...).
 * The state dict holds the masks, the round, the density sequence and the rewind weights, so a
   run killed at any epoch resumes bit-identically.
+* ``reinit: fan_in`` re-initialises the dense model by its fan-in before the rewind point is
+  taken (GSE's ``sparsify(model, 0.0, "uniform")``), so every round rewinds to those weights.
+
+The lottery ticket as GSE's comparison runs it (``lottery_training.py``): prune by global
+magnitude through the sparsities [0, 0.5, 0.75, 0.9, 0.95, 0.98] (``densities: [0.5, 0.25, 0.1,
+0.05, 0.02]``: six trainings of 200 epochs at 98%, four at 90%), each level rewound to the
+initialisation (``rewind_epoch: 0``) with a new optimizer and the full LR schedule, the dense model
+re-initialised by fan-in first (``reinit: fan_in``).
 
 Differences from open_lth: with rewinding to step k > 0, open_lth trains each later level from
 step k to the end of the schedule (T - k steps, the LR schedule and data order resuming at k);
@@ -56,6 +66,7 @@ import torch
 
 from ...errors import ConfigError
 from ..ops import mask_change_logs
+from ..reinit import fan_in_reinit, reinit_choice
 from ..saliency import SCOPES, choice, keep_top
 from .base import Method, register
 
@@ -65,6 +76,7 @@ class Lottery(Method):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.scope = choice(cfg, "scope", "global", SCOPES)
+        self.reinit = reinit_choice(cfg, "none")
         self.densities = self._density_sequence()
         self.rounds = len(self.densities) + 1
         rewind_epoch = cfg.get("rewind_epoch", 0.0)
@@ -83,11 +95,17 @@ class Lottery(Method):
         d = float(self.ctx.density)
         explicit = self.cfg.get("densities")
         if explicit is not None:
-            seq = [float(x) for x in explicit]
-            if not seq or abs(seq[-1] - d) > 1e-9:
-                raise ConfigError(f"method.densities={seq} must end at the run's density {d}; e.g. [0.8, 0.64, {d}]")
+            try:
+                seq = [float(x) for x in explicit]
+            except (TypeError, ValueError):
+                raise ConfigError(f"method.densities={explicit!r} must be a list of densities, e.g. [0.5, 0.25, {d}]") from None
             if any(not 0.0 < x <= 1.0 for x in seq) or any(b > a for a, b in zip(seq, seq[1:])):
                 raise ConfigError(f"method.densities={seq} must be non-increasing values in (0, 1]")
+            hit = [i for i, x in enumerate(seq) if abs(x - d) <= 1e-9]
+            if not hit:
+                raise ConfigError(f"method.densities={seq} does not contain the run's density {d}; add it to the "
+                                  f"list or pick density from it")
+            seq = seq[:hit[0] + 1]
             seq[-1] = d
             return seq
         n = self.cfg.get("n_rounds")
@@ -109,6 +127,9 @@ class Lottery(Method):
 
     def setup(self):
         self.masks.set_masks([torch.ones_like(m) for m in self.masks.masks])
+        if self.reinit == "fan_in":  # the dense model, by its dense fan-in (GSE's baselines)
+            fan_in_reinit(self.ctx.model, self.masks.names, [p.data for p in self.masks.params],
+                          self.masks.masks, self.ctx.generator)
         self.round = 1
         if self.rewind_step == 0:
             self.rewind_state = self.snapshot()

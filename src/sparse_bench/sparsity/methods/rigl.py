@@ -6,8 +6,8 @@ What the reference code (google-research/rigl, ``SparseRigLOptimizer``) does, st
   the forward pass uses mask * weight, so the gradient reaching an inactive weight is zero
   (the optimizer only ever moves active weights), while the gradient of the loss with respect
   to the *masked* weight tensor, which is dense, is computed alongside.
-* Every ``update_every`` (100) steps, from step 0 up to ``end_step`` = ``end_fraction`` (0.75)
-  of training, each layer changes its mask:
+* Every ``update_every`` (100) steps, from step 0 up to ``end_step`` = ``end`` (default
+  ``{unit: fraction, value: 0.75}`` of training), each layer changes its mask:
   1. drop fraction alpha_t = ``drop_fraction`` (0.3) * (1 + cos(pi t / end_step)) / 2
      (``decay: cosine``, zero at the end step);
   2. k_l = int(alpha_t * nnz_l), i.e. rounded DOWN (truncation of a positive float);
@@ -53,6 +53,18 @@ Where this differs from the reference, and why:
   seeded generator.
 * ``grow_init`` supports ``zeros`` only (the paper's and the reference's default; the reference
   also offers random / gradient-scaled inits, not implemented).
+
+RigL as GSE's comparison runs it (``dynamic_sparse_training.py --prune magnitude --grow rigl``),
+all options of this module: ER densities with the sparse fan-in re-initialisation (``init: er``,
+``reinit: fan_in``), an update every 1000 steps until epoch 120 (``update_every: 1000``, ``end:
+{unit: epoch, value: 120}``) replacing 0.1 (1 + cos(pi t / T_end)) of the active weights
+(``drop_fraction: 0.2``), pruned by magnitude and grown by |gradient| over all layers at once
+(``scope: global``), never regrowing a weight pruned in the same update (``exclude_pruned:
+true``: GSE sets their growth score to -inf), with the dense gradient summed over
+``stat_batches`` separate training batches drawn at the update (1 on CIFAR-10, 8 on CIFAR-100:
+GSE's ``prune_grow_samples`` = 10 per class) instead of the training step's own batch (``null``,
+the RigL reference). The statistics pass runs in train mode with buffers restored
+(``statistics.quiet_pass``).
 """
 
 from __future__ import annotations
@@ -64,8 +76,9 @@ import torch
 from ...errors import ConfigError
 from ..flops import DENSE_GRADIENT_STEP, SPARSE_STEP
 from ..ops import largest_inactive, mask_change_logs, smallest_active
-from ..schedules import DECAYS, UpdateCadence, decay
-from .base import Method, register
+from ..schedules import DECAYS, decay, milestone
+from ..statistics import dense_gradients, quiet_pass
+from .base import Method, cadence_from, register
 from .dense import RandomInitMixin
 
 SCOPES = ("layer", "global")
@@ -87,19 +100,21 @@ class RigL(RandomInitMixin, Method):
         if not 0.0 <= self.alpha0 <= 1.0:
             raise ConfigError(f"method.drop_fraction={self.alpha0} must be in [0, 1]; the paper uses 0.3")
         self.decay_kind = _choice(cfg, "decay", "cosine", DECAYS)
-        self.end_fraction = float(cfg.get("end_fraction", 0.75))
-        if not 0.0 <= self.end_fraction <= 1.0:
-            raise ConfigError(f"method.end_fraction={self.end_fraction} must be in [0, 1]; the paper uses 0.75")
         self.scope = _choice(cfg, "scope", "layer", SCOPES)
         self.grow_init = _choice(cfg, "grow_init", "zeros", GROW_INITS)
         self.drop_noise = float(cfg.get("drop_noise", 0.0))
         if self.drop_noise < 0:
             raise ConfigError(f"method.drop_noise={self.drop_noise} must be >= 0 (the reference uses 1e-5)")
-        every = cfg.get("update_every", 100)
-        if isinstance(every, bool) or not str(every).isdigit() or int(every) <= 0:
-            raise ConfigError(f"method.update_every={every} must be a positive number of steps; the paper uses 100")
-        self.end_step = int(math.floor(self.end_fraction * ctx.total_steps))
-        self.cadence = UpdateCadence(int(every), ctx.total_steps, start=0, end=self.end_step)
+        if str(cfg.get("update_every", 100)) == "epoch":
+            raise ConfigError("method.update_every=epoch is not supported by rigl; give a number of steps (paper: 100)")
+        self.cadence = cadence_from(cfg, ctx, 100, milestone("fraction", 0.75))
+        self.end_step = self.cadence.end
+        stat = cfg.get("stat_batches")
+        if stat is not None and (isinstance(stat, bool) or not isinstance(stat, int) or stat < 1):
+            raise ConfigError(f"method.stat_batches={stat} must be null (the step's own batch) or a positive "
+                              f"number of statistics batches (GSE's protocol: 1 on CIFAR-10, 8 on CIFAR-100)")
+        self.stat_batches = stat
+        self.exclude_pruned = bool(cfg.get("exclude_pruned", False))
         self._grow_scores: list[torch.Tensor | None] | None = None
         self.last_update: dict = {}
 
@@ -117,7 +132,7 @@ class RigL(RandomInitMixin, Method):
             if p.grad is not None:
                 grads.append(p.grad)
                 masks.append(m)
-        if self.cadence.at_step(step + 1):  # a mask update follows this optimizer step
+        if self.stat_batches is None and self.cadence.at_step(step + 1):  # a mask update follows this step
             self._grow_scores = [None if p.grad is None else p.grad.detach().abs() for p in self.masks.params]
         if grads:
             torch._foreach_mul_(grads, masks)
@@ -133,7 +148,14 @@ class RigL(RandomInitMixin, Method):
         return DENSE_GRADIENT_STEP if self.cadence.at_step(step + 1) else SPARSE_STEP
 
     # --- one drop / grow update -------------------------------------------------------------
-    def _growth_scores(self) -> list[torch.Tensor]:
+    def _growth_scores(self, step: int) -> list[torch.Tensor]:
+        if self.stat_batches is not None:  # GSE's protocol: the gradient of separate batches
+            batches = self.ctx.batches(self.stat_batches, step) if self.ctx.batches is not None else []
+            if len(batches) == 0:
+                raise ConfigError("method.stat_batches needs training batches (ctx.batches)")
+            with quiet_pass(self.ctx.model, self.ctx.device):
+                grads = dense_gradients(self.ctx.model, self.masks.params, batches, self.ctx.loss_fn)
+            return [g.abs() for g in grads]
         scores = self._grow_scores
         self._grow_scores = None
         if scores is None:  # hooks driven without before_optimizer_step: use what is there
@@ -156,13 +178,15 @@ class RigL(RandomInitMixin, Method):
         nnz = ms.nnz()
         alpha = self.drop_fraction(step)
         drop_scores = self._drop_scores()
-        grow_scores = self._growth_scores()
+        grow_scores = self._growth_scores(step)
 
         if self.scope == "layer":
             ks = [int(math.floor(alpha * n)) for n in nnz]
             dropped = [smallest_active(s, m, k) for s, m, k in zip(drop_scores, old, ks)]
             kept = [m & ~d for m, d in zip(old, dropped)]
-            grown = [largest_inactive(g, m, k) for g, m, k in zip(grow_scores, kept, ks)]
+            # exclude_pruned: growth only among positions inactive before the update (GSE)
+            blocked = [k | d for k, d in zip(kept, dropped)] if self.exclude_pruned else kept
+            grown = [largest_inactive(g, m, k) for g, m, k in zip(grow_scores, blocked, ks)]
         else:
             numels = ms.numels
             k_total = int(math.floor(alpha * sum(nnz)))
@@ -170,7 +194,8 @@ class RigL(RandomInitMixin, Method):
             flat_old = torch.cat([m.flatten() for m in old])
             flat_drop = smallest_active(torch.cat([s.flatten() for s in drop_scores]), flat_old, k_total)
             flat_kept = flat_old & ~flat_drop
-            flat_grow = largest_inactive(torch.cat([g.flatten() for g in grow_scores]), flat_kept, k_total)
+            flat_blocked = flat_old if self.exclude_pruned else flat_kept
+            flat_grow = largest_inactive(torch.cat([g.flatten() for g in grow_scores]), flat_blocked, k_total)
             dropped = [d.view_as(m) for d, m in zip(torch.split(flat_drop, numels), old)]
             kept = [k.view_as(m) for k, m in zip(torch.split(flat_kept, numels), old)]
             grown = [g.view_as(m) for g, m in zip(torch.split(flat_grow, numels), old)]

@@ -13,15 +13,35 @@ What the reference does, step by step, and what this module does the same way:
      ``prune: set`` is the original SET rule: zeta of the positive weights (the smallest)
      and zeta of the negative weights (the closest to zero), each sign separately;
   2. add as many new connections as were removed, uniformly at random among all positions
-     that are inactive after the removal (a just-removed position may be drawn again);
+     that are inactive after the removal (a just-removed position may be drawn again, unless
+     ``exclude_pruned``);
   3. new connections start at exactly 0 (as in the RigL code's SET baseline; the original SET
      code drew small random values) and their optimizer state (momentum, Adam moments) is
      zeroed, so a new connection starts from scratch.
 * ``decay`` optionally anneals zeta over the mini-batches to ``prune_rate_min`` (cosine or
-  linear, as the RigL baseline does); SET itself keeps it constant (the default).
+  linear, as the RigL baseline does); SET itself keeps it constant (the default). The decay
+  runs to ``end`` (a milestone, default null: the end of training), after which the masks stay
+  fixed.
+
+Protocols of the comparisons that run SET as a baseline (all options of this module):
+
+* GSE's ``dynamic_sparse_training.py --prune magnitude --grow random``: ER densities with the
+  sparse fan-in re-initialisation (``init: er``, ``reinit: fan_in``); every 1000 steps until
+  epoch 120 (``update_every: 1000``, ``end: {unit: epoch, value: 120}``) the fraction
+  0.1 (1 + cos(pi t / T_end)) of the active weights (``prune_rate: 0.2``, ``decay: cosine``,
+  ``prune_rate_min: 0``) is pruned by magnitude over all layers at once and as many are grown
+  uniformly at random among all layers' inactive positions (``scope: global``), never one pruned
+  in the same update (``exclude_pruned: true``: GSE sets their growth score to -inf).
+* The DSR code in sparse_learning (``--rewire --rewire-fraction 0.138``): per layer, the fraction
+  0.138 (WRN-28-2 at 90%; ImageNet 0.14) of the active weights with the smallest |w| is pruned and
+  as many grown at random in the same layer, never a just-pruned position; on DSR's period
+  schedule (``update_every``: 100/200/400/800 iterations from epochs 0/25/80/140) until epoch 190.
 
 Exactness: layer l removes k_l = floor(zeta * nnz_l) weights (the RigL convention) and regrows
-exactly k_l, so every layer's count, and the global density, never change. With
+exactly k_l, so every layer's count, and the global density, never change (``scope: global``:
+floor(zeta * total active) over all layers and as many regrown, so only the total is fixed; the
+references round slightly differently: GSE keeps int(N d (1 - zeta)), the DSR code prunes
+int(zeta nnz_l) + 1). With
 ``prune: set`` the k_l removals are split between the signs in proportion to how many active
 weights each sign has (largest-remainder rounding), which is the paper's per-sign fraction made
 exact. A position removed and drawn again in the same update is re-initialised like any new
@@ -43,6 +63,7 @@ from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
 
 PRUNE_MODES = ("magnitude", "set")
+SCOPES = ("layer", "global")
 
 
 def _choice(cfg, key: str, default: str, choices) -> str:
@@ -91,11 +112,16 @@ class SET(ScheduledUpdates, RandomInitMixin, Method):
         self.decay_kind = _choice(cfg, "decay", "constant", DECAYS)
         self.p0 = _fraction(cfg, "prune_rate", 0.3, low_open=True)
         self.p_min = _fraction(cfg, "prune_rate_min", 0.0)
+        self.scope = _choice(cfg, "scope", "layer", SCOPES)
+        if self.scope == "global" and self.prune_mode != "magnitude":
+            raise ConfigError("method.scope=global ranks |w| over all layers: use it with method.prune=magnitude")
+        self.exclude_pruned = bool(cfg.get("exclude_pruned", False))
         self.cadence = cadence_from(cfg, ctx, "epoch")
         self.last_update: dict = {}
 
     def prune_rate(self, step: int) -> float:
-        return decay(self.decay_kind, self.p0, self.p_min, step, self.ctx.total_steps)
+        """zeta at `step`: decayed over the updates' span, from step 0 to ``end``."""
+        return decay(self.decay_kind, self.p0, self.p_min, step, self.cadence.end)
 
     @torch.no_grad()
     def update(self, step: int) -> dict:
@@ -105,15 +131,25 @@ class SET(ScheduledUpdates, RandomInitMixin, Method):
         weights = [p.data for p in masks.params]
         nnz = masks.nnz()
         zeta = self.prune_rate(step)
-        counts = [min(int(math.floor(zeta * k)), k) for k in nnz]
-
-        if self.prune_mode == "magnitude":
-            pruned = [smallest_active(w.abs(), m, k) for w, m, k in zip(weights, old, counts)]
+        exclude = None
+        if self.scope == "global":
+            k_total = min(int(math.floor(zeta * sum(nnz))), sum(nnz))
+            flat_old = torch.cat([m.flatten() for m in old])
+            dead = smallest_active(torch.cat([w.abs().flatten() for w in weights]), flat_old, k_total)
+            pruned = [d.view_as(m) for d, m in zip(torch.split(dead, masks.numels), old)]
+            after = [m & ~d for m, d in zip(old, pruned)]
+            exclude = pruned if self.exclude_pruned else None
+            grown = self.grow_random_global(after, k_total, exclude=exclude)
+            counts = [int(d.sum()) for d in pruned]
         else:
-            pruned = [prune_by_sign(w, m, k) for w, m, k in zip(weights, old, counts)]
-        after = [m & ~d for m, d in zip(old, pruned)]
-
-        grown = self.grow_random(after, counts)
+            counts = [min(int(math.floor(zeta * k)), k) for k in nnz]
+            if self.prune_mode == "magnitude":
+                pruned = [smallest_active(w.abs(), m, k) for w, m, k in zip(weights, old, counts)]
+            else:
+                pruned = [prune_by_sign(w, m, k) for w, m, k in zip(weights, old, counts)]
+            after = [m & ~d for m, d in zip(old, pruned)]
+            exclude = pruned if self.exclude_pruned else None
+            grown = self.grow_random(after, counts, exclude=exclude)
 
         self.last_update = {
             "step": step,

@@ -18,6 +18,11 @@ re-applied after every optimizer step. Kept weights keep their initial values; b
 layers are not pruned; the model, its BN statistics, its gradients, the optimizer and the global
 RNG are left exactly as they were by the scoring.
 
+SNIP as GSE's comparison runs it (``prune_before_training.py --prune snip``): the dense model
+re-initialised by fan-in (``reinit: fan_in``), scored with GSE's statistics batches (``batches``:
+ceil(10 samples per class / 128) = 1 on CIFAR-10, 8 on CIFAR-100, gradients summed), one global
+ranking.
+
 Differences from the reference: the reference PyTorch ports re-initialise the scored copy with
 Xavier-normal weights before scoring (and the paper uses variance-scaling init); here the
 model's own initialisation is scored and kept. The kept count is exact (the reference
@@ -27,17 +32,26 @@ the same ranking).
 
 from __future__ import annotations
 
+import torch
+
 from ..ops import mask_change_logs
+from ..reinit import fan_in_reinit, reinit_choice
 from ..saliency import SCOPES, choice, keep_top, positive_int, preserved_rng, scoring_batches, snip_scores
 from .base import Method, register
 
 
 class PruneAtInit(Method):
-    """Shared by SNIP / GraSP / SynFlow: score once in `setup`, keep the top weights, stay static."""
+    """Shared by SNIP / GraSP / SynFlow: score once in `setup`, keep the top weights, stay static.
+
+    ``reinit: fan_in`` first re-initialises the dense model by its (dense) fan-in, as GSE's
+    ``prune_before_training.py`` does through ``sparsify(model, 0.0, "uniform")``; the scores and
+    the kept weights are then those of the re-initialised model.
+    """
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.scope = choice(cfg, "scope", "global", SCOPES)
+        self.reinit = reinit_choice(cfg, "none")
 
     def n_keep(self) -> int:
         return int(round(self.ctx.density * sum(self.masks.numels)))
@@ -46,6 +60,10 @@ class PruneAtInit(Method):
         raise NotImplementedError
 
     def setup(self):
+        if self.reinit == "fan_in":
+            with torch.no_grad():
+                fan_in_reinit(self.ctx.model, self.masks.names, [p.data for p in self.masks.params],
+                              [torch.ones_like(m) for m in self.masks.masks], self.ctx.generator)
         old = [m.clone() for m in self.masks.masks]
         with preserved_rng(self.ctx.device):
             new, logs = self.prune_masks()

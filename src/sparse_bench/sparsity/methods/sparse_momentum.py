@@ -3,12 +3,14 @@
 What the reference code does, step by step, and what this module does the same way:
 
 * Masks start at the requested density (``init``: exact ``uniform`` by default, ``er``,
-  ``erk``, or the reference's ``bernoulli``). Weights keep their default init, times the mask.
+  ``erk``, or the reference's ``bernoulli``). Weights keep their default init, times the mask
+  (``reinit: fan_in`` re-initialises them by their sparse fan-in instead).
 * After every optimizer step the weights are re-masked. Gradients and momentum buffers are
   NOT masked: inactive weights keep accumulating momentum, which is the growth signal.
 * The prune rate decays with the mini-batch counter: ``p(t) = p_min + (p0 - p_min)(1 +
   cos(pi t / T)) / 2`` (``decay: cosine``) or linearly (``decay: linear``).
-* At the end of every epoch but the last (``update_every: epoch``, or every N steps):
+* At the end of every epoch but the last (``update_every: epoch``, or every N steps; none from
+  the ``end`` milestone on, default null: the end of training):
   1. layer share s_l = mean |momentum| over the layer's active weights, normalised
      (``redistribution``: momentum | magnitude | nonzero | none);
   2. a layer more than 80% dense whose share exceeds 1/#layers is pruned at

@@ -28,6 +28,17 @@ Differences from the official code: the kept count is exact (the reference thres
 in place (the same result, no round-off from the sign round trip). ``precision: float64``
 (the reference leaves a commented-out ``model.double()``) scores in double precision for deep
 networks whose synaptic flow overflows float32.
+
+SynFlow as GSE's comparison runs it (``prune_before_training.py --prune synflow``, ``prune.py``,
+``utils.prepare_synflow_model``): the dense model re-initialised by fan-in (``reinit: fan_in``),
+100 rounds of the exponential schedule, scored in float64 (``precision: float64``: it calls
+``model.double()``) and, for every model, with LayerNorm, GELU and Softmax replaced by the
+identity and the sin-cos position embedding made absolute (``linearise: true``). On GSE's ViT that
+linearised flow overflows float64 (the attention without softmax is cubic in its input: the flow
+passes 1e150 after the third block and is inf after the fourth), so the reference ranks NaN
+scores; its ViT rows here score the unmodified model (``linearise: false``) instead, and a
+non-finite flow is a one-line error naming the fix. The references normalise R by its own value
+before the backward pass, which does not change the ranking.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ class SynFlow(PruneAtInit):
         if precision not in PRECISIONS:
             raise ConfigError(f"method.precision={precision} is unknown; choose one of: float32, float64")
         self.dtype = PRECISIONS[precision]
+        self.linearise = bool(cfg.get("linearise", False))
 
     def round_density(self, k: int) -> float:
         """Density after round k (1-based) of `iterations`; exactly `density` at the last."""
@@ -64,17 +76,26 @@ class SynFlow(PruneAtInit):
             return d ** (k / n)
         return 1.0 - (1.0 - d) * k / n
 
+    def _overflow_fix(self) -> str:
+        if self.dtype != torch.float64:
+            return "set method.precision=float64"
+        if self.linearise:
+            return ("the linearised model's flow overflows float64 (an attention without softmax is cubic in its "
+                    "input); set method.linearise=false")
+        return "the flow overflows float64: the model is too deep for SynFlow's all-ones input"
+
     def input_shape(self) -> tuple[int, ...]:
-        x, _ = scoring_batches(self.ctx, 1, "synflow")[0]
+        x, _ = next(iter(scoring_batches(self.ctx, 1, "synflow")))
         return tuple(x.shape[1:])
 
     def prune_masks(self):
         total = sum(self.masks.numels)
-        scorer = SynFlowScorer(self.ctx.model, self.masks.names, self.input_shape(), self.ctx.device, self.dtype)
+        scorer = SynFlowScorer(self.ctx.model, self.masks.names, self.input_shape(), self.ctx.device, self.dtype,
+                               linearise=self.linearise)
         masks = [m.clone() for m in self.masks.masks]
         for k in range(1, self.iterations + 1):
             scores = scorer(masks)
-            check_finite(scores, "synflow", "set method.precision=float64")
+            check_finite(scores, "synflow", self._overflow_fix())
             n_keep = min(int(round(self.round_density(k) * total)), sum(int(m.sum()) for m in masks))
             masks = keep_top(scores, n_keep, self.scope, active=masks)
         del scorer

@@ -39,24 +39,54 @@ This module, step by step:
 
 Choices the paper leaves open (documented defaults):
 
-* ``backward_density`` default (null) = min(1, 2 * forward density): the paper's pairs of
-  90%/80% and 95%/90% forward/backward sparsity.
+* ``init`` (uniform) distributes the forward count over the layers (uniform | er | erk, exact
+  totals); ``backward_density`` default (null): every layer's backward set is twice its forward
+  set, capped at the layer (the paper's pairs of 90%/80% and 95%/90% forward/backward sparsity;
+  GSE's ``p_backward = 1 - 2 (1 - p_forward)`` per layer); an explicit value is distributed like
+  the forward count.
 * ``exploration_l2`` default 0 (off): the paper's coefficient is not a fixed number; the
   optimizer's own weight decay still applies to all of B.
-* Weights entering A from B \\ A keep their trained value (there is no "grow at zero" here: the
-  forward value of a weight is always theta).
+* Weights entering A from B \\ A keep their trained value (``promote: theta``; there is no "grow at
+  zero" here: the forward value of a weight is always theta).
+
+Top-KAST as GSE's comparison runs it (``topkast_training.py``, after A-Klass/torch_topkast), all
+options of this module:
+
+* ER forward densities per layer (``init: er``; its ``sparsify`` keeps PyTorch's default init, so
+  no re-initialisation), backward set twice the forward set per layer (``backward_density:
+  null``).
+* An exploration phase: the sets are re-selected before every step while the epoch index is at
+  most ``num_epochs_explore`` = 20, i.e. for the first 21 epochs (``explore_end: {unit: epoch,
+  value: 21}``), then every 1000 steps (``update_every: 1000``) to the end of training. During
+  the exploration phase the per-step re-selections are not logged (no host sync per step).
+* Its own weight-decay term instead of the optimizer's (``optimizer.weight_decay: 0``):
+  ``wd * sum_l (||theta_A||_2 + ||theta_{B\\A}||_2 / D_l) + wd * sum ||w||_2`` over every other
+  module's ``weight`` (the normalisation layers), with unsquared L2 norms and D_l the layer's
+  forward density (``norm_penalty: 1.0e-4``; its gradient is added before the optimizer step).
+* A weight that enters A from B \\ A starts at 0 (``promote: zero``): the reference keeps B \\ A's
+  values in a separate ``all_weight`` buffer and its forward weight for B \\ A at 0, and does not
+  copy ``all_weight`` into the forward weight when the sets change, so a promoted weight restarts
+  from 0 (and the next re-selection overwrites its ``all_weight`` with that restarted value).
+  A weight entering A from outside B keeps theta (the reference: its last forward value).
+* Remaining differences: the reference selects by a quantile threshold (``>=``, ties kept), here
+  exact top-k counts; the reference keeps the momentum of weights that leave B (their forward
+  value drifts unused), here it is zeroed.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ...errors import ConfigError
 from ..distributions import layer_counts
 from ..flops import Passes
 from ..ops import mask_change_logs
-from ..schedules import UpdateCadence
-from .base import Method, register
+from ..reinit import fan_in_reinit, reinit_choice
+from .base import Method, cadence_from, register
+
+INITS = ("uniform", "er", "erk")
+PROMOTES = ("theta", "zero")
 
 
 @register("topkast")
@@ -77,17 +107,38 @@ class TopKAST(Method):
         self.exploration_l2 = float(cfg.get("exploration_l2", 0.0))
         if self.exploration_l2 < 0:
             raise ConfigError(f"method.exploration_l2={self.exploration_l2} must be >= 0 (0 turns it off)")
-        every = cfg.get("update_every", 100)
-        if isinstance(every, bool) or not str(every).isdigit() or int(every) <= 0:
-            raise ConfigError(f"method.update_every={every} must be a positive number of steps, e.g. 100")
-        self.cadence = UpdateCadence(int(every), ctx.total_steps)
+        self.norm_penalty = float(cfg.get("norm_penalty", 0.0))
+        if self.norm_penalty < 0:
+            raise ConfigError(f"method.norm_penalty={self.norm_penalty} must be >= 0 (0 turns it off; GSE: 1e-4)")
+        self.init = str(cfg.get("init", "uniform"))
+        if self.init not in INITS:
+            raise ConfigError(f"method.init={self.init} is unknown; choose one of: {', '.join(INITS)}")
+        self.promote = str(cfg.get("promote", "theta"))
+        if self.promote not in PROMOTES:
+            raise ConfigError(f"method.promote={self.promote} is unknown; choose one of: {', '.join(PROMOTES)}")
+        self.reinit = reinit_choice(cfg, "none")
+        if str(cfg.get("update_every", 100)) == "epoch":
+            raise ConfigError("method.update_every=epoch is not supported by topkast; give a number of steps, e.g. 100")
+        self.cadence = cadence_from(cfg, ctx, 100, None)
+        self.explore_end = ctx.timeline.step(cfg.get("explore_end"), "method.explore_end", allow_none=True) or 0
         shapes = self.masks.shapes
-        self.k_forward = layer_counts(shapes, self.forward_density, "uniform")
-        k_back = layer_counts(shapes, self.backward_density, "uniform")
-        self.k_backward = [max(b, f) for b, f in zip(k_back, self.k_forward)]
+        self.k_forward = layer_counts(shapes, self.forward_density, self.init)
+        if bd is None:  # twice the forward set in every layer, capped at the layer
+            self.k_backward = [min(n, 2 * k) for n, k in zip(self.masks.numels, self.k_forward)]
+        else:
+            k_back = layer_counts(shapes, self.backward_density, self.init)
+            self.k_backward = [min(n, max(b, f)) for n, b, f in zip(self.masks.numels, k_back, self.k_forward)]
+        # 1 / D_l for the norm penalty's B \ A term, as 0-d tensors (no host sync per step)
+        self.inv_density = [torch.tensor(n / max(k, 1), dtype=p.dtype, device=p.device)
+                            for n, k, p in zip(self.masks.numels, self.k_forward, self.masks.params)]
+        prunable = {id(p) for p in self.masks.params}
+        self.other_weights = [m.weight for m in ctx.model.modules()
+                              if isinstance(getattr(m, "weight", None), nn.Parameter) and id(m.weight) not in prunable
+                              and m.weight.requires_grad]
         self.theta = [p.detach().clone() for p in self.masks.params]
         self.backward = [torch.ones_like(m) for m in self.masks.masks]
         self.outside = [~b for b in self.backward]
+        self.just_backward = [torch.zeros_like(m) for m in self.masks.masks]
         self.l2_scale: list[torch.Tensor] = []
         self._params_hold_forward = False
 
@@ -109,6 +160,7 @@ class TopKAST(Method):
     def _set_backward(self, bwd: list[torch.Tensor]) -> None:
         self.backward = bwd
         self.outside = [~b for b in bwd]
+        self.just_backward = [b & ~a for a, b in zip(self.masks.masks, bwd)]
         if self.exploration_l2 > 0:
             inv_d = 1.0 / self.forward_density
             self.l2_scale = [
@@ -126,6 +178,9 @@ class TopKAST(Method):
 
     @torch.no_grad()
     def setup(self):
+        if self.reinit == "fan_in":  # on the dense model (all-ones masks): the dense fan-in
+            fan_in_reinit(self.ctx.model, self.masks.names, [p.data for p in self.masks.params],
+                          [torch.ones_like(m) for m in self.masks.masks], self.ctx.generator)
         self.theta = [p.detach().clone() for p in self.masks.params]
         fwd, bwd = self.select()
         self.masks.masks = fwd
@@ -155,10 +210,30 @@ class TopKAST(Method):
             torch._foreach_mul_(grads, bwd)
             if self.exploration_l2 > 0:
                 torch._foreach_add_(grads, torch._foreach_mul(theta, scale), alpha=self.exploration_l2)
+            if self.norm_penalty > 0:
+                self._add_norm_penalty(grads)
         params = [p.data for p in self.masks.params]
         torch._foreach_copy_(params, self.theta)
         torch._foreach_mul_(params, self.backward)  # the optimizer sees theta on B, 0 elsewhere
         self._params_hold_forward = False
+
+    def _add_norm_penalty(self, grads: list[torch.Tensor]) -> None:
+        """Gradient of GSE's term wd (||theta_A|| + ||theta_{B\\A}|| / D_l) + wd ||w|| (other weights)."""
+        idx = [i for i, p in enumerate(self.masks.params) if p.grad is not None]
+        theta = [self.theta[i] for i in idx]
+        on_a = torch._foreach_mul(theta, [self.masks.masks[i] for i in idx])
+        on_b = torch._foreach_mul(theta, [self.just_backward[i] for i in idx])
+        for part, extra in ((on_a, None), (on_b, [self.inv_density[i] for i in idx])):
+            scale = torch._foreach_clamp_min(torch._foreach_norm(part), 1e-12)
+            torch._foreach_reciprocal_(scale)
+            if extra is not None:
+                torch._foreach_mul_(scale, extra)
+            torch._foreach_add_(grads, torch._foreach_mul(part, scale), alpha=self.norm_penalty)
+        others = [w for w in self.other_weights if w.grad is not None]
+        if others:
+            scale = torch._foreach_clamp_min(torch._foreach_norm(others), 1e-12)
+            torch._foreach_reciprocal_(scale)
+            torch._foreach_add_([w.grad for w in others], torch._foreach_mul(others, scale), alpha=self.norm_penalty)
 
     @torch.no_grad()
     def after_optimizer_step(self, step):
@@ -172,6 +247,8 @@ class TopKAST(Method):
     def on_step_end(self, step):
         if self.cadence.at_step(step):
             return self.update(step)
+        if step < self.explore_end:  # the exploration phase: re-select after every step, logged at its end
+            return self.update(step, log=step == self.explore_end - 1)
         return None
 
     # --- cost: forward and input gradients on A, weight gradients on B --------------------------
@@ -186,14 +263,19 @@ class TopKAST(Method):
         return [k / n for k, n in zip(self.k_backward, self.masks.numels)]
 
     @torch.no_grad()
-    def update(self, step: int) -> dict:
+    def update(self, step: int, log: bool = True) -> dict | None:
         old_fwd = [m.clone() for m in self.masks.masks]
         old_bwd = self.backward
         fwd, bwd = self.select()
+        if self.promote == "zero":  # entering A from B \ A: restart at 0 (GSE's topkast_training.py)
+            promoted = [a & o_b & ~o_a for a, o_a, o_b in zip(fwd, old_fwd, old_bwd)]
+            torch._foreach_mul_(self.theta, [~p for p in promoted])
         self.masks.masks = fwd
         self._set_backward(bwd)
         self.write_forward()
         self.reset_optimizer_state(self.outside)
+        if not log:
+            return None
         logs = mask_change_logs(self.masks.names, old_fwd, fwd)
         b_before = sum(int(b.sum()) for b in old_bwd)
         b_grown = sum(int((n & ~o).sum()) for n, o in zip(bwd, old_bwd))
