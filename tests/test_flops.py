@@ -96,7 +96,7 @@ def test_step_costs_follow_rigls_formulas():
     assert FlopMeter(LayerFlops.from_model(_mlp(), (20,), []), dense).step_flops(dense.step_passes(0)) == 3 * f_d
 
     for name in ("static", "set", "snip", "deepr", "dsr"):
-        m = _method(_mlp(), name, 0.2, batches=lambda n: [(torch.randn(8, 20), torch.randint(0, 5, (8,)))])
+        m = _method(_mlp(), name, 0.2, batches=lambda n, key=0: [(torch.randn(8, 20), torch.randint(0, 5, (8,)))])
         meter = FlopMeter(lf, m)
         assert meter.step_flops(m.step_passes(3)) == pytest.approx(3 * _f_s(meter)), name
         assert _f_s(meter) < f_d
@@ -129,7 +129,7 @@ def test_step_costs_follow_rigls_formulas():
 def test_gse_update_adds_its_sparse_passes_and_candidate_gradients():
     batches = [(torch.randn(16, 20), torch.randint(0, 5, (16,)))]
     model = _mlp()
-    gse = _method(model, "gse", 0.2, update_every=2, end_fraction=1.0, batches=lambda n: batches[:n])
+    gse = _method(model, "gse", 0.2, update_every=2, end={"unit": "fraction", "value": 1.0}, batches=lambda n, key=0: batches[:n])
     lf = LayerFlops.from_model(model, (20,), gse.masks.names)
     meter = FlopMeter(lf, gse)
     f_s_before = _f_s(meter)
@@ -191,7 +191,7 @@ def test_gmp_run_integrates_its_density_schedule(tmp_path):
     """Digits MLP, GMP pruning at epoch ends 1 and 3 (to 0.2): the run's training FLOPs are
     3 x sum over epochs of (samples x the forward cost at that epoch's masks), by shape."""
     args = ["method=gmp", "dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=4", "density=0.2",
-            "method.start=1", "method.end=3", "method.frequency=2", "method.scope=layer", "eval.train_samples=0",
+            "method.start={unit:epoch,value:1}", "method.end={unit:epoch,value:3}", "method.frequency={unit:epoch,value:2}", "method.scope=layer", "eval.train_samples=0",
             "logger=none", "progress=false", "device=cpu", f"paths.runs={tmp_path}"]
     proc = cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

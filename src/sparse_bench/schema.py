@@ -26,7 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
@@ -63,11 +63,19 @@ def numbers(default=MISSING, *, items_gt=None, items_ge=None, items_le=None, hin
 
 
 def _bounds_text(meta) -> str:
-    parts = []
-    for key, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-        if meta.get(key) is not None:
-            parts.append(f"{sym} {meta[key]:g}")
-    return " and ".join(parts)
+    lo = ("(", meta["gt"]) if meta.get("gt") is not None else ("[", meta["ge"]) if meta.get("ge") is not None else None
+    hi = (")", meta["lt"]) if meta.get("lt") is not None else ("]", meta["le"]) if meta.get("le") is not None else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo:
+        return f"{'>' if lo[0] == '(' else '>='} {lo[1]:g}"
+    return f"{'<' if hi[0] == ')' else '<='} {hi[1]:g}"
+
+
+def _check_metric(value, key: str) -> None:
+    if value is not None and not str(value).startswith(("val/", "train/", "train_eval/")):
+        raise ConfigError(f"{key}={value} must be a validation (or training) metric such as val/acc; tuning on "
+                          f"the test set would make the test result meaningless")
 
 
 # --- top level ----------------------------------------------------------------------------------
@@ -105,7 +113,8 @@ class Root:
     progress: bool = True
     limit_train_batches: Optional[int] = count(None, ge=1, nullable=True, hint="null = whole epochs")
     threads: Optional[int] = count(None, ge=1, nullable=True, hint="null = automatic")
-    optimized_metric: Optional[str] = None
+    log_every: int = count(100, ge=0, hint="batches between progress lines (0 = none)")
+    optimized_metric: Optional[str] = field(default=None, metadata={"check": _check_metric})
     loss: Loss = field(default_factory=Loss)
     eval: Eval = field(default_factory=Eval)
     prunable: Prunable = field(default_factory=Prunable)
@@ -372,6 +381,9 @@ def _check_ranges(schema, node: DictConfig, prefix: str) -> None:
             if isinstance(value, DictConfig):
                 _check_ranges(sub, value, f"{key}.")
             continue
+        if meta.get("check"):
+            meta["check"](OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value,
+                          key)
         if value is None:
             continue
         if meta.get("choices") and value not in meta["choices"]:
@@ -405,6 +417,12 @@ def _schema_for(group: str, node):
     if not isinstance(table, dict):
         return table
     name = node.get("name")
+    if group == "method" and name not in table:
+        from .sparsity.methods import METHODS as registered  # a user's @register-ed method
+
+        own = getattr(registered.get(name), "schema", None)
+        if own is not None:
+            return own
     if name not in table:
         raise ConfigError(f"{group}.name={name} is not a known {group}; choose one of: {', '.join(sorted(table))} "
                           f"(or name your own implementation with {group}._target_)")
