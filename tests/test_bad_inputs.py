@@ -98,7 +98,7 @@ CASES = [
     # logger
     (["logger.mode=bogus"], "logger.mode"), (["logger=bogus"], "logger=bogus"),
     # the command line itself
-    (["density=[0.1"], "density=[0.1"], (["=0.1"], "=0.1"),
+    (["density=[0.1"], "density=[0.1"), (["=0.1"], "=0.1"),
 ]
 
 

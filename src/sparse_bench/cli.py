@@ -134,10 +134,17 @@ def precheck(argv: list[str]) -> dict:
     GlobalHydra.instance().clear()
     try:
         hydra = _hydra_for(args)
-        try:
-            parsed = OverridesParser.create().parse_overrides(args.overrides)
-        except HydraException as exc:
-            raise ConfigError(f"the command line does not parse: {_one_line(exc)}") from None
+        parser = OverridesParser.create()
+        parsed = []
+        for arg in args.overrides:
+            try:
+                parsed += parser.parse_overrides([arg])
+            except HydraException as exc:
+                reason = _one_line(exc).split(" See https://")[0]
+                raise ConfigError(f"the override {arg} does not parse ({reason}); write key=value, "
+                                  f"e.g. density=0.05 or method.end={{unit:epoch,value:120}}") from None
+            if not parsed[-1].key_or_group:
+                raise ConfigError(f"the override {arg} has no key; write key=value, e.g. density=0.05")
         searchpath = [o for o in args.overrides if o.lstrip("+~").startswith("hydra.searchpath")]
         _check_groups(hydra, config_name, parsed, searchpath)
         mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN

@@ -35,45 +35,24 @@ _VOLATILE = ("resume", "logger", "progress", "device", "paths", "run_name", "swe
              "optimized_metric")
 
 
-def _float(cfg, key: str) -> float:
-    try:
-        return float(cfg[key])
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={cfg[key]!r} is not a number; pass e.g. {key}=0.05") from None
+def validate(cfg: DictConfig) -> DictConfig:
+    """The config checked before any data is read: the schema (types, known keys, ranges; see
+    `sparse_bench.schema`) and the checks that look at several keys or at the environment.
+    Returns the typed config; each failure is one line naming the key and the fix."""
+    from .schema import check
 
-
-def validate(cfg: DictConfig) -> None:
-    """Checks that need no data or model; each failure is one line naming the key and the fix."""
-    density = _float(cfg, "density")
-    if not 0.0 < density <= 1.0:
-        raise ConfigError(f"density={density} is outside (0, 1]; pass e.g. density=0.05")
-    if str(cfg.resume) not in ("auto", "True", "False", "true", "false"):
-        raise ConfigError(f"resume={cfg.resume} must be auto, true or false")
-    epochs = cfg.schedule.get("epochs")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"schedule.epochs={epochs} must be a positive whole number")
-    mult = float(cfg.schedule.get("multiplier", 1))
-    if mult <= 0:
-        raise ConfigError(f"schedule.multiplier={mult} must be positive")
-    limit = cfg.get("limit_train_batches")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"limit_train_batches={limit} must be null or a positive whole number")
-    check_run_name("run_name", cfg.run_name)
-    check_run_name("sweep_name", cfg.sweep_name)
-    threads = cfg.get("threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"threads={threads} must be null (automatic) or a positive whole number")
-    metric = cfg.get("optimized_metric")
-    if metric is not None and not str(metric).startswith(("val/", "train/", "train_eval/")):
-        raise ConfigError(f"optimized_metric={metric} must be a validation (or training) metric such as val/acc; "
-                          f"tuning on the test set would make the test result meaningless")
-    if str(cfg.logger.get("name")) == "wandb":
+    typed = check(cfg)
+    check_run_name("run_name", typed.run_name)
+    check_run_name("sweep_name", typed.sweep_name)
+    lr = typed.schedule.lr
+    if lr.kind == "step" and lr.step_size <= 0:
+        raise ConfigError(f"schedule.lr.step_size={lr.step_size} must be a positive number of iterations for "
+                          f"schedule.lr.kind=step")
+    if typed.logger.name == "wandb":
         from .train.logging import wandb_mode
 
-        wandb_mode(cfg.logger.get("mode"))
-    every = cfg.get("log_every", 0)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ConfigError(f"log_every={every} must be a whole number of batches (0 = no progress lines)")
+        wandb_mode(typed.logger.get("mode"))
+    return typed
 
 
 def job_threads(cfg) -> int | None:
@@ -255,7 +234,7 @@ def run_lock(run_dir: Path, main: bool):
 
 def run(cfg: DictConfig) -> dict:
     """Train one configuration; return the final test metrics."""
-    validate(cfg)
+    cfg = validate(cfg)
     run_dir = run_dir_of(cfg)
     prepare_run_dir(run_dir)
     with run_lock(run_dir, dist_util.from_env().is_main):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -56,10 +57,11 @@ def widths(default=MISSING, *, hint: str = ""):
                  metadata={"items_gt": 0, "hint": hint})
 
 
-def numbers(default=MISSING, *, items_gt=None, items_ge=None, items_le=None, hint: str = ""):
+def numbers(default=MISSING, *, items_gt=None, items_ge=None, items_lt=None, items_le=None, hint: str = ""):
     """A list of numbers with bounds on every item."""
     return field(default_factory=(lambda: list(default)) if default is not MISSING else (lambda: MISSING),
-                 metadata={"items_gt": items_gt, "items_ge": items_ge, "items_le": items_le, "hint": hint})
+                 metadata={"items_gt": items_gt, "items_ge": items_ge, "items_lt": items_lt, "items_le": items_le,
+                           "hint": hint})
 
 
 def _bounds_text(meta) -> str:
@@ -70,6 +72,20 @@ def _bounds_text(meta) -> str:
     if lo:
         return f"{'>' if lo[0] == '(' else '>='} {lo[1]:g}"
     return f"{'<' if hi[0] == ')' else '<='} {hi[1]:g}"
+
+
+def _check_device(value, key: str) -> None:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(value)):
+        raise ConfigError(f"{key}={value} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def _check_module_types(value, key: str) -> None:
+    from torch import nn
+
+    for name in value or []:
+        t = getattr(nn, str(name), None)
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise ConfigError(f"{key}: '{name}' is not a torch.nn module class; use e.g. [Linear, Conv2d]")
 
 
 def _check_metric(value, key: str) -> None:
@@ -92,7 +108,8 @@ class Eval:
 
 @dataclass
 class Prunable:
-    types: List[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Conv3d"])
+    types: List[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Conv3d"],
+                             metadata={"check": _check_module_types})
     exclude: List[str] = field(default_factory=list)
     include: List[str] = field(default_factory=list)
 
@@ -108,7 +125,7 @@ class Root:
 
     density: float = num(MISSING, gt=0.0, le=1.0, hint="pass e.g. density=0.05")
     seed: int = count(0, ge=0, hint="pass e.g. seed=0")
-    device: str = "auto"
+    device: str = field(default="auto", metadata={"check": _check_device})
     resume: str = choice("auto", ("auto", "true", "false"), hint="auto continues an unfinished run")
     progress: bool = True
     limit_train_batches: Optional[int] = count(None, ge=1, nullable=True, hint="null = whole epochs")
@@ -138,7 +155,7 @@ class SGD:
 class Adam:
     name: str = "adam"
     lr: float = num(MISSING, gt=0.0, hint="pass e.g. optimizer.lr=1e-3")
-    betas: List[float] = numbers([0.9, 0.999], items_ge=0.0, hint="two numbers in [0, 1), e.g. [0.9, 0.999]")
+    betas: List[float] = numbers([0.9, 0.999], items_ge=0.0, items_lt=1.0, hint="e.g. optimizer.betas=[0.9,0.999]")
     weight_decay: float = num(0.0, ge=0.0, hint="e.g. optimizer.weight_decay=0")
 
 
@@ -167,6 +184,7 @@ class WandbLogger:
     entity: Optional[str] = None
     mode: Optional[str] = choice(None, ("online", "offline", "disabled", "dryrun", "shared", "run"))
     tags: List[str] = field(default_factory=list)
+    job_type: str = "train"
 
 
 @dataclass
@@ -302,7 +320,8 @@ class Timm(_Model):
 MODELS = {"lenet300_100": LeNet300, "lenet5_caffe": _Model, "mlp": MLP, "alexnet_s": _Model, "alexnet_b": _Model,
           "vgg16_c": _Model, "vgg16_d": _Model, "vgg16_like": _Model, "vgg16_small": VGGSmall,
           "resnet56": Widthed, "resnet_cifar": ResNetCifar, "vit_cifar": ViT, "resnet50": _Model, "timm": Timm,
-          "wrn": WRN, "wrn16_8": WRN, "wrn16_10": WRN, "wrn22_8": WRN, "wrn28_2": WRN, "wrn28_10": WRN}
+          "wrn": WRN, "wrn16_8": WRN, "wrn16_10": WRN, "wrn22_8": WRN, "wrn28_2": WRN, "wrn28_10": WRN,
+          "wrn_acdc": WRN, "wrn28_10_acdc": WRN}
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": Adam}
 LOGGERS = {"wandb": WandbLogger, "none": NoLogger}
@@ -393,7 +412,8 @@ def _check_ranges(schema, node: DictConfig, prefix: str) -> None:
                 raise ConfigError(f"{key}={value} must be a finite number{hint}")
             if not _within(value, meta):
                 raise ConfigError(f"{key}={value} must be {_bounds_text(meta)}{hint}")
-        items = {k[len("items_"):]: meta[k] for k in ("items_gt", "items_ge", "items_le") if meta.get(k) is not None}
+        items = {k[len("items_"):]: meta[k] for k in ("items_gt", "items_ge", "items_lt", "items_le")
+                 if meta.get(k) is not None}
         if items and any(not _within(v, items) for v in value):
             raise ConfigError(f"{key}={list(value)}: every value must be {_bounds_text(items)}{hint}")
 
