@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from .data import build_data
 from .errors import ConfigError
 from .models import build_model
+from .sparsity.execution import Execution, execution_mode
 from .sparsity.methods import MethodContext, build_method
 from .train.checkpoint import atomic_write_json
 from .train import distributed as dist_util
@@ -50,6 +51,7 @@ def validate(cfg: DictConfig) -> None:
     limit = cfg.get("limit_train_batches")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"limit_train_batches={limit} must be null or a positive whole number")
+    execution_mode(cfg)
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -173,12 +175,15 @@ def run(cfg: DictConfig) -> dict:
                         steps_per_epoch=steps_per_epoch, device=device, generator=generator,
                         prunable=rule, batches=batches, loss_fn=loss_fn, multiplier=multiplier)
     method = build_method(cfg.method, ctx)
+    # masked or sparse layers (execution=...): wraps the method's hooks, converts layers after setup
+    method = Execution(method, execution_mode(cfg), optimizer, model, dist, run_dir, batches, loss_fn)
     trainer = Trainer(model, optimizer, lr_schedule, method, data, device, epochs * method.rounds, loss_fn,
                       run_dir, progress=bool(cfg.progress), max_steps_per_epoch=steps_per_epoch, dist=dist,
                       train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),
                       test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)))
 
     if resume != "false" and ckpt_path.exists():
+        method.convert(resume=True)
         trainer.load(ckpt_path)
         if dist.is_main:
             log.info(f"resuming {run_dir} after epoch {trainer.epoch} (step {trainer.step})")
@@ -189,6 +194,8 @@ def run(cfg: DictConfig) -> dict:
             log.info(" | ".join(f"{k} {v}" for k, v in setup_logs.items()))
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
+
+        method.prepare_ddp(model)
 
         trainer.train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -26,21 +26,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .execution.layers import SparseConv2d, SparseLayer, SparseLinear
 
 DEFAULT_CHUNK = 1 << 20  # elements per intermediate block (4 MiB in float32)
 SCORE_KINDS = ("grabo", "graest")
 
 
+def _is_conv(layer: nn.Module) -> bool:
+    return isinstance(layer, (nn.Conv2d, SparseConv2d))
+
+
 def check_layer(layer: nn.Module, name: str = "layer") -> None:
-    """Raise ConfigError unless `layer` is a Linear or an ungrouped Conv2d."""
-    if isinstance(layer, nn.Conv2d):
+    """Raise ConfigError unless `layer` is a Linear or an ungrouped Conv2d (dense or sparse)."""
+    if _is_conv(layer):
         if layer.groups != 1:
             raise ConfigError(
                 f"method=gse: {name} is a Conv2d with groups={layer.groups}; candidate gradients need "
                 f"groups=1, keep it dense with prunable.exclude=['{name}.weight']"
             )
         return
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, (nn.Linear, SparseLinear)):
         return
     raise ConfigError(
         f"method=gse: {name} is a {type(layer).__name__}; GSE handles Linear and Conv2d weights only, "
@@ -50,6 +55,8 @@ def check_layer(layer: nn.Module, name: str = "layer") -> None:
 
 def weight_matrix_shape(layer: nn.Module) -> tuple[int, int]:
     """(output units, input units) of the layer's weight read as a matrix."""
+    if isinstance(layer, SparseLayer):
+        return layer.rows, layer.cols
     w = layer.weight
     return w.shape[0], math.prod(w.shape[1:])
 
@@ -68,7 +75,7 @@ def _conv_input(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple]
 
 def num_rows(layer: nn.Module, grad_outputs: torch.Tensor) -> int:
     """How many rows (samples, tokens or image patches) one call of the layer contributes."""
-    if isinstance(layer, nn.Conv2d):
+    if _is_conv(layer):
         return grad_outputs.shape[0] * grad_outputs.shape[2] * grad_outputs.shape[3]
     return grad_outputs.numel() // grad_outputs.shape[-1]
 
@@ -88,7 +95,7 @@ def iter_rows(
     chunk_size = max(1, int(chunk_size))
     n_out, fan_in = weight_matrix_shape(layer)
     dtype = _work_dtype(inputs)
-    if isinstance(layer, nn.Conv2d):
+    if _is_conv(layer):
         x, padding = _conv_input(layer, inputs)
         b = x.shape[0]
         L = grad_outputs.shape[2] * grad_outputs.shape[3]

@@ -41,15 +41,25 @@ def mask_change_logs(names, old, new) -> dict:
     ``mask/change_pct`` the Hamming distance between the masks as a percentage of all prunable
     weights (Kuznedelev et al.'s mask-change diagnostic).
     """
-    pruned = [int((o & ~n).sum()) for o, n in zip(old, new)]
-    grown = [int((n & ~o).sum()) for o, n in zip(old, new)]
-    before = sum(int(o.sum()) for o in old)
+    if not old:
+        return count_change_logs(names, [], [], [], [])
+    # every count in one stacked tensor: one host sync for the whole update
+    counts = torch.stack([torch.stack([(o & ~n).sum(), (n & ~o).sum(), o.sum()])
+                          for o, n in zip(old, new)]).cpu().tolist()
+    pruned = [int(c[0]) for c in counts]
+    grown = [int(c[1]) for c in counts]
+    before = [int(c[2]) for c in counts]
+    return count_change_logs(names, before, pruned, grown, [o.numel() for o in old])
+
+
+def count_change_logs(names, before, pruned, grown, numels) -> dict:
+    """``mask_change_logs`` from per-layer counts: active before, pruned and grown (disjoint)."""
     logs = {
         "mask/pruned": sum(pruned),
         "mask/grown": sum(grown),
-        "mask/churn": sum(grown) / max(before, 1),
-        "mask/change_pct": 100.0 * (sum(pruned) + sum(grown)) / max(sum(o.numel() for o in old), 1),
+        "mask/churn": sum(grown) / max(sum(before), 1),
+        "mask/change_pct": 100.0 * (sum(pruned) + sum(grown)) / max(sum(numels), 1),
     }
-    for name, n in zip(names, new):
-        logs[f"density/{name}"] = float(n.sum()) / n.numel()
+    for name, b, p, g, n in zip(names, before, pruned, grown, numels):
+        logs[f"density/{name}"] = (b - p + g) / n
     return logs

@@ -54,6 +54,7 @@ __all__ = ["ACDC", "acdc_phases"]
 
 @register("acdc")
 class ACDC(Method):
+    sparse_execution = "its dense phases train every weight"
     """Alternating dense and sparse (global magnitude) phases; ends sparse at `density`."""
 
     def __init__(self, cfg, ctx):

@@ -30,3 +30,5 @@ class RandomInitMixin:
 @register("static")
 class Static(RandomInitMixin, Method):
     """A random mask drawn once at initialisation and never changed."""
+
+    sparse_execution = True

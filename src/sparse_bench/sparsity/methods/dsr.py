@@ -62,6 +62,7 @@ def _number(cfg, key: str, default: float) -> float:
 
 @register("dsr")
 class DSR(ScheduledUpdates, RandomInitMixin, Method):
+    sparse_execution = True  # updates read |w| and the mask through dense views
     """Global adaptive magnitude threshold; regrowth shared by the layers' surviving counts."""
 
     def __init__(self, cfg, ctx):

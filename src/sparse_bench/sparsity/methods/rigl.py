@@ -80,6 +80,7 @@ def _choice(cfg, key: str, default: str, choices) -> str:
 
 @register("rigl")
 class RigL(RandomInitMixin, Method):
+    sparse_execution = True  # the dense gradient is formed on the step before an update only
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.alpha0 = float(cfg.get("drop_fraction", 0.3))
@@ -109,17 +110,14 @@ class RigL(RandomInitMixin, Method):
         return decay(self.decay_kind, self.alpha0, 0.0, step, self.end_step)
 
     # --- per step ---------------------------------------------------------------------------
+    def wants_dense_grad(self, step):
+        return self.cadence.at_step(step + 1)  # a mask update follows this optimizer step
+
     @torch.no_grad()
     def before_optimizer_step(self, step):
-        grads, masks = [], []
-        for p, m in zip(self.masks.params, self.masks.masks):
-            if p.grad is not None:
-                grads.append(p.grad)
-                masks.append(m)
         if self.cadence.at_step(step + 1):  # a mask update follows this optimizer step
-            self._grow_scores = [None if p.grad is None else p.grad.detach().abs() for p in self.masks.params]
-        if grads:
-            torch._foreach_mul_(grads, masks)
+            self._grow_scores = [None if g is None else g.detach().abs() for g in self.masks.dense_grads()]
+        self.masks.mask_grads_()
 
     def on_step_end(self, step):
         if self.cadence.at_step(step):

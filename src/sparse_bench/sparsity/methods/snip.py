@@ -35,6 +35,8 @@ from .base import Method, register
 class PruneAtInit(Method):
     """Shared by SNIP / GraSP / SynFlow: score once in `setup`, keep the top weights, stay static."""
 
+    sparse_execution = True  # scored on the dense model at setup; sparse layers from then on
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.scope = choice(cfg, "scope", "global", SCOPES)

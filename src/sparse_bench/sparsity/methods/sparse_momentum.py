@@ -74,6 +74,21 @@ def spread_budget(targets: list[float], caps: list[float], iterations: int = 100
 
 @register("sparse_momentum")
 class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
+    # execution=sparse: growth by momentum reads the momentum of inactive weights, i.e. a dense
+    # gradient every step; sparse layers then form it (one dense GEMM per layer per step) and the
+    # engine keeps the inactive weights' momentum. Random growth needs neither.
+    sparse_execution = True
+
+    def wants_dense_grad(self, step):
+        return self.keeps_inactive_state
+
+    @property
+    def keeps_inactive_state(self) -> bool:
+        if self.growth_mode != "random":
+            return True
+        opt = self.ctx.optimizer  # no momentum: the redistribution falls back to the gradient
+        return not any(g.get("momentum", 0) or "betas" in g for g in opt.param_groups)
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.prune_mode = _check(cfg, "prune", PRUNE_MODES)

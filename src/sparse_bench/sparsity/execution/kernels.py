@@ -1,0 +1,170 @@
+"""The sparse x dense kernels behind sparse layers: a small C file or torch's CSR ops.
+
+``spkernels.c`` (beside this file) holds two kernels on feature-major activations (see its
+header): ``spmm`` (forward pass, and the input gradient on the transposed structure) and
+``sddmm`` (the gradient of the active weights only). On first use it is compiled with the
+system's C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``, OpenMP when the
+compiler has it) into a per-user cache (``$SPARSE_BENCH_CACHE`` or ``~/.cache/sparse_bench``),
+keyed by a hash of the source, the flags and the compiler, and loaded with ctypes: about a
+second once, nothing at install time, no torch build machinery.
+
+Without a compiler, on CUDA tensors, for dtypes other than float32, or with
+``SPARSE_BENCH_KERNELS=torch``, the same operations run on torch's CSR ops
+(``torch.sparse.mm`` and ``torch.sparse.sampled_addmm``); the first fallback for a missing
+compiler is logged in one line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("sparse_bench")
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+SOURCE = Path(__file__).with_name("spkernels.c")
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+         "-fno-signed-zeros", "-shared", "-fPIC"]
+BACKENDS = ("auto", "c", "torch")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_reason = ""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPARSE_BENCH_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "sparse_bench"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _compile(cc: str, out: Path) -> None:
+    """Compile SOURCE into `out` (with OpenMP if the compiler takes -fopenmp), atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    last = None
+    for extra in (["-fopenmp"], []):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(tmp, out)
+                return
+            last = proc.stderr.strip().splitlines()[-1:] or ["failed"]
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"{cc} could not compile {SOURCE.name}: {last[0]}")
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried, _reason
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        cc = _compiler()
+        if cc is None:
+            _reason = "no C compiler found ($CC, gcc, cc)"
+        else:
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+            key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, *version]).encode()).hexdigest()[:16]
+            path = cache_dir() / f"spkernels-{key}.so"
+            try:
+                if not path.exists():
+                    _compile(cc, path)
+                lib = ctypes.CDLL(str(path))
+                P, I64 = ctypes.c_void_p, ctypes.c_int64
+                lib.sb_spmm.argtypes = [I64, I64, P, P, P, P, P, P, ctypes.c_int]
+                lib.sb_spmm.restype = None
+                lib.sb_sddmm.argtypes = [I64, I64, P, P, P, P, P, ctypes.c_int]
+                lib.sb_sddmm.restype = None
+                _lib = lib
+            except (OSError, RuntimeError) as e:
+                _reason = str(e)
+        if _lib is None:
+            log.warning(f"sparse kernels: {_reason}; sparse layers use torch's CSR ops instead")
+        return _lib
+
+
+def backend() -> str:
+    """``c`` when the compiled kernels are available and allowed, else ``torch``."""
+    want = os.environ.get("SPARSE_BENCH_KERNELS", "auto")
+    if want not in BACKENDS:
+        from ...errors import ConfigError
+
+        raise ConfigError(f"SPARSE_BENCH_KERNELS={want} is unknown; use one of {', '.join(BACKENDS)}")
+    if want == "torch":
+        return "torch"
+    return "c" if _load() is not None else "torch"
+
+
+def _use_c(*tensors: torch.Tensor) -> bool:
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return backend() == "c"
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def spmm(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, xt: torch.Tensor,
+         bias: torch.Tensor | None = None, indices64: torch.Tensor | None = None) -> torch.Tensor:
+    """``W @ xt (+ bias[:, None])`` for the CSR matrix W = (indptr, indices, values) of shape
+    (len(indptr) - 1, xt.shape[0]); xt is (cols, B), feature-major. Returns (rows, B)."""
+    rows = indptr.numel() - 1
+    xt = xt.contiguous()
+    if _use_c(values, xt):
+        out = torch.empty(rows, xt.shape[1], dtype=xt.dtype)
+        values = values.contiguous()
+        b = None if bias is None else bias.detach().contiguous()
+        _lib.sb_spmm(rows, xt.shape[1], indptr.data_ptr(), indices.data_ptr(), values.data_ptr(),
+                     xt.data_ptr(), _ptr(b), out.data_ptr(), torch.get_num_threads())
+        return out
+    idx = indices64 if indices64 is not None else indices.long()
+    w = torch.sparse_csr_tensor(indptr, idx, values, (rows, xt.shape[0]), check_invariants=False)
+    out = torch.sparse.mm(w, xt)
+    if bias is not None:
+        out = out + bias[:, None]
+    return out
+
+
+def sddmm(indptr: torch.Tensor, indices: torch.Tensor, dyt: torch.Tensor, xt: torch.Tensor,
+          indices64: torch.Tensor | None = None) -> torch.Tensor:
+    """``(dyt @ xt.T)`` at the structure's positions only, in its order: one value per nonzero.
+    dyt is (rows, B), xt (cols, B)."""
+    rows = indptr.numel() - 1
+    nnz = indices.numel()
+    dyt, xt = dyt.contiguous(), xt.contiguous()
+    if _use_c(dyt, xt):
+        out = torch.empty(nnz, dtype=dyt.dtype)
+        _lib.sb_sddmm(rows, dyt.shape[1], indptr.data_ptr(), indices.data_ptr(), dyt.data_ptr(),
+                      xt.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
+    idx = indices64 if indices64 is not None else indices.long()
+    pattern = torch.sparse_csr_tensor(indptr, idx, torch.zeros(nnz, dtype=dyt.dtype, device=dyt.device),
+                                      (rows, xt.shape[0]), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, dyt, xt.t(), beta=0.0, alpha=1.0).values()

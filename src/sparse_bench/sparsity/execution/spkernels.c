@@ -1,0 +1,142 @@
+/* Sparse x dense kernels for sparse_bench's sparse layers: plain C with GCC/Clang vector
+ * extensions and no torch headers, compiled on first use (see sparse_bench/sparse/kernels.py).
+ *
+ * Layout: activations are feature-major ("transposed"): X^T is (features, B) row-major, so the
+ * batch of one feature is one contiguous row of B floats. A sparse weight W (rows x cols) is
+ * CSR: indptr[rows + 1] (int64), indices[nnz] (int32 column ids), values[nnz] (float32).
+ *
+ *   sb_spmm:  Y^T[i, :] = bias[i] + sum_k values[k] * X^T[indices[k], :]   (AXPYs of length B).
+ *             The input gradient is the same kernel on the transposed structure (CSR of W^T).
+ *   sb_sddmm: out[k] = sum_b DY^T[i, b] * X^T[indices[k], b]               (dot products of
+ *             length B): the gradient of the active weights, and of nothing else.
+ *
+ * The batch is cut into column tiles of NV vectors of VL floats (NV = 8, then 4, 2, 1 for the
+ * rest, then a scalar tail). Within a tile one row's NV accumulators (spmm) or its NV vectors
+ * of DY^T (sddmm) stay in registers while the row's nonzeros stream past, and the tile of X^T
+ * (cols x tile floats) stays in cache across the rows. Rows are split over OpenMP threads when
+ * the file is compiled with -fopenmp (each row is written by one thread only).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define VL 16 /* floats per vector: one AVX-512 register, or two AVX2 registers */
+
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+
+static inline vf loadu(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline void storeu(float *p, vf v) { memcpy(p, &v, sizeof(v)); }
+
+static inline float hsum(vf v) {
+    float s = 0.0f;
+    for (int t = 0; t < VL; t++) s += v[t];
+    return s;
+}
+
+/* spmm over one tile of NV vectors for row i; sddmm likewise. The loops over `v` have a
+ * constant trip count, so the compiler keeps acc[] / d[] in registers. */
+#define DEFINE_TILE(NV)                                                                          \
+    static inline void spmm_tile##NV(const int64_t *indptr, const int32_t *indices,              \
+                                     const float *values, const float *xt, int64_t B, int64_t i, \
+                                     int64_t b0, float init, float *out) {                       \
+        vf acc[NV];                                                                              \
+        for (int v = 0; v < NV; v++) acc[v] = (vf){0} + init;                                    \
+        const int64_t end = indptr[i + 1];                                                       \
+        for (int64_t k = indptr[i]; k < end; k++) {                                              \
+            const vf w = (vf){0} + values[k];                                                    \
+            const float *x = xt + (int64_t)indices[k] * B + b0;                                  \
+            for (int v = 0; v < NV; v++) acc[v] += w * loadu(x + v * VL);                        \
+        }                                                                                        \
+        for (int v = 0; v < NV; v++) storeu(out + v * VL, acc[v]);                               \
+    }                                                                                            \
+    static inline void sddmm_tile##NV(const int64_t *indptr, const int32_t *indices,             \
+                                      const float *dyt, const float *xt, int64_t B, int64_t i,   \
+                                      int64_t b0, float *out) {                                  \
+        vf d[NV];                                                                                \
+        for (int v = 0; v < NV; v++) d[v] = loadu(dyt + i * B + b0 + v * VL);                    \
+        const int64_t end = indptr[i + 1];                                                       \
+        for (int64_t k = indptr[i]; k < end; k++) {                                              \
+            const float *x = xt + (int64_t)indices[k] * B + b0;                                  \
+            vf s0 = d[0] * loadu(x), s1 = (vf){0};                                               \
+            for (int v = 1; v < NV; v++) {                                                       \
+                if (v & 1) s1 += d[v] * loadu(x + v * VL);                                       \
+                else s0 += d[v] * loadu(x + v * VL);                                             \
+            }                                                                                    \
+            out[k] += hsum(s0 + s1);                                                             \
+        }                                                                                        \
+    }
+
+DEFINE_TILE(8)
+DEFINE_TILE(4)
+DEFINE_TILE(2)
+DEFINE_TILE(1)
+
+static inline void spmm_scalar(const int64_t *indptr, const int32_t *indices, const float *values,
+                               const float *xt, int64_t B, int64_t i, int64_t b0, int64_t n,
+                               float init, float *out) {
+    for (int64_t t = 0; t < n; t++) out[t] = init;
+    for (int64_t k = indptr[i]; k < indptr[i + 1]; k++) {
+        const float w = values[k];
+        const float *x = xt + (int64_t)indices[k] * B + b0;
+        for (int64_t t = 0; t < n; t++) out[t] += w * x[t];
+    }
+}
+
+static inline void sddmm_scalar(const int64_t *indptr, const int32_t *indices, const float *dyt,
+                                const float *xt, int64_t B, int64_t i, int64_t b0, int64_t n,
+                                float *out) {
+    const float *d = dyt + i * B + b0;
+    for (int64_t k = indptr[i]; k < indptr[i + 1]; k++) {
+        const float *x = xt + (int64_t)indices[k] * B + b0;
+        float s = 0.0f;
+        for (int64_t t = 0; t < n; t++) s += d[t] * x[t];
+        out[k] += s;
+    }
+}
+
+/* yt (rows x B) = W xt (+ bias); xt is (cols x B); bias may be NULL. */
+void sb_spmm(int64_t rows, int64_t B, const int64_t *indptr, const int32_t *indices,
+             const float *values, const float *xt, const float *bias, float *yt, int nthreads) {
+    int64_t b0 = 0;
+    while (b0 < B) {
+        const int64_t left = B - b0;
+        const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
+                        : left >= VL ? VL : left;
+#pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t i = 0; i < rows; i++) {
+            const float init = bias ? bias[i] : 0.0f;
+            float *out = yt + i * B + b0;
+            if (w == 8 * VL) spmm_tile8(indptr, indices, values, xt, B, i, b0, init, out);
+            else if (w == 4 * VL) spmm_tile4(indptr, indices, values, xt, B, i, b0, init, out);
+            else if (w == 2 * VL) spmm_tile2(indptr, indices, values, xt, B, i, b0, init, out);
+            else if (w == VL) spmm_tile1(indptr, indices, values, xt, B, i, b0, init, out);
+            else spmm_scalar(indptr, indices, values, xt, B, i, b0, w, init, out);
+        }
+        b0 += w;
+    }
+}
+
+/* out[k] = dot(dyt[i, :], xt[indices[k], :]) for every nonzero k of every row i. */
+void sb_sddmm(int64_t rows, int64_t B, const int64_t *indptr, const int32_t *indices,
+              const float *dyt, const float *xt, float *out, int nthreads) {
+    memset(out, 0, (size_t)indptr[rows] * sizeof(float));
+    int64_t b0 = 0;
+    while (b0 < B) {
+        const int64_t left = B - b0;
+        const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
+                        : left >= VL ? VL : left;
+#pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t i = 0; i < rows; i++) {
+            if (w == 8 * VL) sddmm_tile8(indptr, indices, dyt, xt, B, i, b0, out);
+            else if (w == 4 * VL) sddmm_tile4(indptr, indices, dyt, xt, B, i, b0, out);
+            else if (w == 2 * VL) sddmm_tile2(indptr, indices, dyt, xt, B, i, b0, out);
+            else if (w == VL) sddmm_tile1(indptr, indices, dyt, xt, B, i, b0, out);
+            else sddmm_scalar(indptr, indices, dyt, xt, B, i, b0, w, out);
+        }
+        b0 += w;
+    }
+}
