@@ -279,12 +279,8 @@ class Execution:
         self.inner.before_forward(step)
 
     def before_optimizer_step(self, step: int) -> None:
-        if self.active and self.control.grads and self.dist is not None and self.dist.enabled:
-            import torch.distributed as tdist
-
-            for g in self.control.grads.values():
-                tdist.all_reduce(g)
-                g.div_(self.dist.world)
+        if self.active and self.dist is not None and self.dist.enabled:
+            self._average_grads()
         self.inner.before_optimizer_step(step)
         self._close(None)
 
@@ -339,10 +335,10 @@ class Execution:
     # --- DDP ----------------------------------------------------------------------------------------
     def prepare_ddp(self, model: nn.Module) -> None:
         """Keep DDP's fixed-size buckets away from the sparse layers (their nnz can change): their
-        values' gradients are averaged by a hook, their structure is broadcast after updates."""
+        values' gradients (and dense gradients) are averaged in ``before_optimizer_step``, in one
+        all-reduce, and their structure is broadcast after mask updates (``broadcast_masks``)."""
         if not self.active:
             return
-        import torch.distributed as tdist
         from torch.nn.parallel import DistributedDataParallel
 
         names = []
@@ -350,14 +346,23 @@ class Execution:
             if isinstance(mod, SparseLayer):
                 pre = f"{mname}." if mname else ""
                 names += [pre + "values", pre + "indptr", pre + "indices"]
-                world = self.dist.world
-
-                def average(p, world=world):
-                    tdist.all_reduce(p.grad)
-                    p.grad.div_(world)
-
-                mod.values.register_post_accumulate_grad_hook(average)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+    @torch.no_grad()
+    def _average_grads(self) -> None:
+        import torch.distributed as tdist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [layer.values.grad for layer in self.inner.masks.layers
+                 if layer is not None and layer.values.grad is not None]
+        grads += list(self.control.grads.values())
+        if not grads:
+            return
+        flat = _flatten_dense_tensors(grads)
+        tdist.all_reduce(flat)
+        flat.div_(self.dist.world)
+        for g, f in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(f)
 
 
 def time_layer(mod: nn.Module, cls, mask: torch.Tensor, input_shape: tuple, repeats: int = 5) -> tuple[float, float]:

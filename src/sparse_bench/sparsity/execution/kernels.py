@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("sparse_bench")
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 SOURCE = Path(__file__).with_name("spkernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
@@ -145,7 +144,9 @@ def spmm(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, xt: 
                      xt.data_ptr(), _ptr(b), out.data_ptr(), torch.get_num_threads())
         return out
     idx = indices64 if indices64 is not None else indices.long()
-    w = torch.sparse_csr_tensor(indptr, idx, values, (rows, xt.shape[0]), check_invariants=False)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore")
+        w = torch.sparse_csr_tensor(indptr, idx, values, (rows, xt.shape[0]), check_invariants=False)
     out = torch.sparse.mm(w, xt)
     if bias is not None:
         out = out + bias[:, None]
@@ -165,6 +166,8 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, dyt: torch.Tensor, xt: to
                       xt.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out
     idx = indices64 if indices64 is not None else indices.long()
-    pattern = torch.sparse_csr_tensor(indptr, idx, torch.zeros(nnz, dtype=dyt.dtype, device=dyt.device),
-                                      (rows, xt.shape[0]), check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(indptr, idx, torch.zeros(nnz, dtype=dyt.dtype, device=dyt.device),
+                                          (rows, xt.shape[0]), check_invariants=False)
     return torch.sparse.sampled_addmm(pattern, dyt, xt.t(), beta=0.0, alpha=1.0).values()

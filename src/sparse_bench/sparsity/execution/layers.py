@@ -157,7 +157,14 @@ class SparseLayer(nn.Module):
         stays the same, so the optimizer keeps pointing at it)."""
         lin = lin.to(device=self.values.device, dtype=torch.int64)
         self._set_structure(structure_from_linear(lin, self.rows, self.cols))
-        self.values.data = values.detach().to(device=self.values.device, dtype=self.values.dtype).reshape(-1).clone()
+        new = values.detach().to(device=self.values.device, dtype=self.values.dtype).reshape(-1).clone()
+        if new.shape == self.values.shape:
+            self.values.data = new
+        else:
+            # a new size: swap in a fresh tensor under the same Python object, so the optimizer's
+            # reference stays valid and autograd does not reuse the old size's grad accumulator
+            self.values.grad = None
+            torch.utils.swap_tensors(self.values, nn.Parameter(new, requires_grad=self.values.requires_grad))
 
     def row_ids(self) -> torch.Tensor:
         counts = self.indptr[1:] - self.indptr[:-1]

@@ -1,0 +1,245 @@
+"""execution=sparse: kernels against dense arithmetic (compiled C and torch CSR), sparse layers
+against masked dense layers, and whole runs that train the same model as execution=masked."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_bench.errors import ConfigError
+from sparse_bench.run import run
+from sparse_bench.sparsity.execution import kernels
+from sparse_bench.sparsity.execution.layers import SparseConv2d, SparseLinear, structure_from_linear
+
+from conftest import compose, read_jsonl
+
+BACKENDS = ["c", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("SPARSE_BENCH_KERNELS", request.param)
+    if request.param == "c" and kernels.backend() != "c":
+        pytest.skip("no C compiler on this machine")
+    return request.param
+
+
+def _random_csr(rows, cols, density, gen):
+    mask = torch.rand(rows, cols, generator=gen) < density
+    mask[0] = False  # an empty row
+    lin = mask.reshape(-1).nonzero().squeeze(1)
+    s = structure_from_linear(lin, rows, cols)
+    values = torch.randn(lin.numel(), generator=gen)
+    dense = torch.zeros(rows * cols)
+    dense[lin] = values
+    return s, values, dense.view(rows, cols), mask
+
+
+@pytest.mark.parametrize("batch", [1, 7, 16, 100, 133, 300])
+def test_kernels_match_dense_products(backend, batch):
+    gen = torch.Generator().manual_seed(batch)
+    rows, cols = 37, 53
+    s, values, w, mask = _random_csr(rows, cols, 0.2, gen)
+    xt = torch.randn(cols, batch, generator=gen)
+    dyt = torch.randn(rows, batch, generator=gen)
+    bias = torch.randn(rows, generator=gen)
+    y = kernels.spmm(s["indptr"], s["indices"], values, xt, bias)
+    torch.testing.assert_close(y, w @ xt + bias[:, None], rtol=1e-5, atol=1e-5)
+    # the input gradient: the same kernel on the transposed structure
+    dx = kernels.spmm(s["t_indptr"], s["t_indices"], values[s["t_perm"]], dyt)
+    torch.testing.assert_close(dx, w.t() @ dyt, rtol=1e-5, atol=1e-5)
+    g = kernels.sddmm(s["indptr"], s["indices"], dyt, xt)
+    torch.testing.assert_close(g, (dyt @ xt.t())[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_with_no_nonzeros(backend):
+    s = structure_from_linear(torch.zeros(0, dtype=torch.long), 4, 3)
+    y = kernels.spmm(s["indptr"], s["indices"], torch.zeros(0), torch.randn(3, 5), torch.ones(4))
+    assert torch.equal(y, torch.ones(4, 5))
+    assert kernels.sddmm(s["indptr"], s["indices"], torch.randn(4, 5), torch.randn(3, 5)).numel() == 0
+
+
+def test_missing_compiler_falls_back_to_torch_with_one_line(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    monkeypatch.delenv("SPARSE_BENCH_KERNELS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="sparse_bench"):
+        assert kernels.backend() == "torch"
+        assert kernels.backend() == "torch"
+    lines = [r.message for r in caplog.records if "sparse kernels" in r.message]
+    assert len(lines) == 1 and "no C compiler" in lines[0]
+    monkeypatch.setattr(kernels, "_tried", False)  # let later tests load the real kernels again
+
+
+def test_compiled_kernels_are_cached_by_source_hash(monkeypatch, tmp_path):
+    if kernels._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("SPARSE_BENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    assert kernels._load() is not None
+    built = list(tmp_path.glob("spkernels-*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    mtime = built[0].stat().st_mtime_ns
+    assert kernels._load() is not None and built[0].stat().st_mtime_ns == mtime  # not rebuilt
+
+
+def _layer_pair(kind, gen):
+    torch.manual_seed(0)
+    if kind == "linear":
+        dense = nn.Linear(40, 24)
+        x = torch.randn(3, 5, 40, generator=gen)  # leading dimensions are flattened
+    else:
+        dense = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        x = torch.randn(4, 3, 9, 11, generator=gen)
+    mask = torch.rand(dense.weight.shape, generator=gen) < 0.3
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    cls = SparseLinear if kind == "linear" else SparseConv2d
+    sparse = cls.from_dense(dense, mask)
+    sparse.bias = nn.Parameter(dense.bias.detach().clone())
+    return dense, sparse, mask, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_sparse_layer_matches_masked_dense_layer(backend, kind):
+    gen = torch.Generator().manual_seed(1)
+    dense, sparse, mask, x = _layer_pair(kind, gen)
+    sparse.want_dense_grad = True
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = dense(x1), sparse(x2)
+    torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-5)
+    g = torch.randn(y1.shape, generator=gen)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.values.grad, dense.weight.grad[mask], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.dense_grad.view_as(dense.weight), dense.weight.grad, rtol=1e-4, atol=1e-5)
+    # nothing the layer holds has the weight's dense size
+    held = [t.numel() for t in [*sparse.parameters(), *sparse.buffers()] if t is not sparse.bias]
+    assert max(held) < dense.weight.numel()
+    torch.testing.assert_close(sparse.dense_weight(), dense.weight.detach())
+
+
+def test_sparse_layer_state_dict_round_trip_with_another_nnz():
+    gen = torch.Generator().manual_seed(2)
+    dense, sparse, mask, x = _layer_pair("linear", gen)
+    other = SparseLinear(40, 24, nn.Parameter(torch.zeros(24)))
+    assert other.nnz == 0
+    other.load_state_dict(sparse.state_dict())
+    assert other.nnz == sparse.nnz
+    torch.testing.assert_close(other(x), sparse(x))
+    assert set(sparse.state_dict()) == {"values", "bias", "indptr", "indices"}
+
+
+# --- whole runs: sparse trains the same model as masked -------------------------------------------
+BASE = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=3", "density=0.2",
+        "limit_train_batches=8", "eval.train_samples=100", "logger=none", "progress=false", "device=cpu"]
+METHODS = {
+    "static": [],
+    "set": ["method.update_every=4"],
+    "rigl": ["method.update_every=4"],
+    "sparse_momentum": ["method.update_every=5"],
+    "dsr": ["method.update_every=4"],
+    "gse": ["method.update_every=4", "method.sampling=graest", "method.end_fraction=1.0"],
+    "snip": [],
+}
+METRICS = ("train/loss", "train/acc", "val/loss", "test/loss", "train_eval/loss")
+
+
+def _masks_equal(masked_dir, sparse_dir):
+    a = torch.load(masked_dir / "checkpoint.pt", weights_only=False)
+    b = torch.load(sparse_dir / "checkpoint.pt", weights_only=False)
+    names = a["method"]["masks"]["names"]
+    for name, m in zip(names, a["method"]["masks"]["masks"]):
+        pre = name[: -len("weight")]
+        m = m.bool().reshape(m.shape[0], -1)
+        ptr = b["model"][pre + "indptr"]
+        ind = b["model"][pre + "indices"].long()
+        rows = torch.repeat_interleave(torch.arange(m.shape[0]), ptr[1:] - ptr[:-1])
+        got = torch.zeros_like(m)
+        got[rows, ind] = True
+        assert torch.equal(got, m), f"{name}: masks differ"
+        w = a["model"][name].reshape(m.shape)
+        torch.testing.assert_close(b["model"][pre + "values"], w[rows, ind], rtol=1e-4, atol=1e-5)
+
+
+def _run(tmp_path, method, execution, extra=()):
+    cfg = compose([*BASE, f"method={method}", *METHODS.get(method, []), f"execution={execution}",
+                   f"paths.runs={tmp_path / execution}", *extra])
+    run(cfg)
+    return tmp_path / execution / cfg.run_name
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sparse_and_masked_train_the_same_model(method, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_BENCH_KERNELS", "auto")
+    a = _run(tmp_path, method, "masked")
+    b = _run(tmp_path, method, "sparse")
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        for k in METRICS:
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (k, x.get("epoch"))
+        for k in x:
+            if k.startswith(("density/", "mask/")):
+                assert y[k] == x[k], k
+    if method not in ("static", "snip"):
+        assert any(r.get("mask/grown", 0) > 0 for r in ra), "the masks must change for this test to mean anything"
+        assert any("sparse/rebuild_s" in r for r in rb)
+    _masks_equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["set", "sparse_momentum"])
+def test_torch_csr_backend_trains_the_same_model(method, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_BENCH_KERNELS", "torch")
+    a = _run(tmp_path, method, "masked")
+    b = _run(tmp_path, method, "sparse")
+    for x, y in zip(read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")):
+        assert y["test/loss" if "test/loss" in x else "train/loss"] == pytest.approx(
+            x["test/loss" if "test/loss" in x else "train/loss"], rel=1e-4)
+    _masks_equal(a, b)
+
+
+def test_conv_model_runs_sparse_like_masked(tmp_path):
+    extra = ["dataset=synthetic", "model=lenet5_caffe", "dataset.n_train=300", "dataset.n_test=100",
+             "limit_train_batches=3", "schedule.epochs=2"]
+    a = _run(tmp_path, "rigl", "masked", [*extra, "method.update_every=2"])
+    b = _run(tmp_path, "rigl", "sparse", [*extra, "method.update_every=2"])
+    for x, y in zip(read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")):
+        if "train/loss" in x:
+            assert y["train/loss"] == pytest.approx(x["train/loss"], rel=1e-4)
+    _masks_equal(a, b)
+
+
+def test_unsupported_method_says_so_and_runs_masked(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="sparse_bench"):
+        d = _run(tmp_path, "deepr", "sparse", ["schedule.epochs=1"])
+    lines = [r.message for r in caplog.records if "runs masked" in r.message]
+    assert len(lines) == 1 and "method=deepr" in lines[0]
+    assert not (d / "execution.json").exists() or "sparse" not in (d / "execution.json").read_text().split('"plan"')[1]
+
+
+def test_auto_picks_per_layer_and_logs_the_choice(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="sparse_bench"):
+        d = _run(tmp_path, "static", "auto", ["schedule.epochs=1"])
+    import json
+
+    plan = json.loads((d / "execution.json").read_text())
+    assert set(plan["plan"]) == {"net.0.weight", "net.2.weight", "net.4.weight"}
+    assert set(plan["timings_ms"]) == set(plan["plan"])
+    for name, choice in plan["plan"].items():
+        t = plan["timings_ms"][name]
+        assert (choice == "sparse") == (t["sparse"] < t["masked"])
+    assert sum("execution=auto:" in r.message for r in caplog.records) >= 3
+
+
+def test_bad_execution_is_one_config_error():
+    with pytest.raises(ConfigError, match="execution=fast is unknown"):
+        run(compose([*BASE, "execution=fast"]))
