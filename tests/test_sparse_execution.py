@@ -243,3 +243,91 @@ def test_auto_picks_per_layer_and_logs_the_choice(tmp_path, caplog):
 def test_bad_execution_is_one_config_error():
     with pytest.raises(ConfigError, match="execution=fast is unknown"):
         run(compose([*BASE, "execution=fast"]))
+
+
+# --- resume and DDP ----------------------------------------------------------------------------
+class Crash(RuntimeError):
+    pass
+
+
+def _strip(recs):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "sparse/rebuild_s"))}
+            for r in recs]
+
+
+@pytest.mark.parametrize("method,execution", [("set", "sparse"), ("rigl", "sparse"), ("sparse_momentum", "sparse"),
+                                              ("gse", "sparse"), ("set", "auto")])
+def test_sparse_resume_is_bit_identical(method, execution, tmp_path, monkeypatch):
+    from sparse_bench.sparsity.execution import engine
+    from sparse_bench.train import trainer as trainer_mod
+
+    calls = []
+
+    def fake_timing(mod, cls, mask, shape, repeats=5):  # auto: first layer sparse, the rest masked
+        calls.append(shape)
+        return (1.0, 0.5) if mod.in_features == 64 and mod.out_features == 128 else (0.5, 1.0)
+
+    monkeypatch.setattr(engine, "time_layer", fake_timing)
+    over = [*BASE, "schedule.epochs=4", f"method={method}", *METHODS[method], f"execution={execution}"]
+    a = compose([*over, f"paths.runs={tmp_path / 'a'}"])
+    run(a)
+    b = compose([*over, f"paths.runs={tmp_path / 'b'}"])
+    real_save = trainer_mod.Trainer.save
+
+    def save_then_crash(self):
+        real_save(self)
+        if self.epoch == 2:
+            raise Crash("killed after epoch 2")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "save", save_then_crash)
+    with pytest.raises(Crash):
+        run(b)
+    monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
+    n_timed = len(calls)
+    run(b)
+    assert len(calls) == n_timed, "a resumed run rebuilds the layers its plan file names, without timing"
+    fa, fb = tmp_path / "a" / a.run_name, tmp_path / "b" / b.run_name
+    ra, rb = read_jsonl(fa / "metrics.jsonl"), read_jsonl(fb / "metrics.jsonl")
+    assert _strip(ra) == _strip(rb)
+    assert any(r.get("mask/grown", 0) > 0 for r in ra[2:])
+    ca = torch.load(fa / "checkpoint.pt", weights_only=False)
+    cb = torch.load(fb / "checkpoint.pt", weights_only=False)
+    assert set(ca["model"]) == set(cb["model"])
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    if execution == "auto":
+        assert "net.0.values" in cb["model"] and "net.2.weight" in cb["model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["set", "sparse_momentum"])
+def test_sparse_two_processes_match_one(method, tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if shutil.which(str(torchrun)) is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    args = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=2", "density=0.3",
+            "logger=none", "progress=false", "device=cpu", f"method={method}", "method.update_every=5",
+            "execution=sparse"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    port = "29571" if method == "set" else "29572"
+    ddp = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={port}", "-m", "sparse_bench", *args,
+                          f"paths.runs={tmp_path / 'ddp'}"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "sparse_bench", *args, f"paths.runs={tmp_path / 'one'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    name = f"digits-mlp-{method}-d0.3-s0"
+    a = json.loads((tmp_path / "ddp" / name / "results.json").read_text())
+    b = json.loads((tmp_path / "one" / name / "results.json").read_text())
+    assert a["density"]["achieved"] == b["density"]["achieved"]
+    assert a["final"]["train/loss"] == pytest.approx(b["final"]["train/loss"], rel=1e-3)
+    assert a["final"]["test/acc"] == pytest.approx(b["final"]["test/acc"], abs=0.02)
+    assert any(r.get("mask/grown", 0) > 0 for r in read_jsonl(tmp_path / "ddp" / name / "metrics.jsonl"))

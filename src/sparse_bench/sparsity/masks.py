@@ -404,6 +404,49 @@ class MaskSet:
         self.last_rebuild_s += time.perf_counter() - t0
         return True
 
+    @torch.no_grad()
+    def broadcast_(self, optimizer, dist) -> int:
+        """Rank 0's masks (or sparse structures), weights and optimizer state on every rank
+        (`dist` is torch.distributed); returns how many layers differed here before."""
+        self.close_view()
+        differed = 0
+        for i, layer in enumerate(self.layers):
+            if layer is None:
+                p = self._params[i]
+                mine = self._masks[i].clone()
+                m = self._masks[i].to(torch.uint8)
+                dist.broadcast(m, src=0)
+                self._masks[i] = m.bool()
+                differed += int(not torch.equal(mine, self._masks[i]))
+                dist.broadcast(p.data, src=0)
+                tensors = [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+            else:
+                mine = layer.active_linear()
+                n = torch.tensor([mine.numel()], dtype=torch.int64, device=mine.device)
+                dist.broadcast(n, src=0)
+                lin = mine.clone() if int(n) == mine.numel() else torch.empty(int(n), dtype=torch.int64, device=mine.device)
+                dist.broadcast(lin, src=0)
+                vals = layer.values.detach().clone() if int(n) == mine.numel() else torch.empty(
+                    int(n), dtype=layer.values.dtype, device=lin.device)
+                dist.broadcast(vals, src=0)
+                same = lin.numel() == mine.numel() and torch.equal(lin, mine)
+                differed += int(not same)
+                state = optimizer.state.get(layer.values, {})
+                if not same:
+                    layer.set_active(lin, vals)
+                    for k, v in list(state.items()):
+                        if torch.is_tensor(v) and v.dim() == 1 and v.numel() == mine.numel():
+                            state[k] = torch.zeros(lin.numel(), dtype=v.dtype, device=v.device)
+                else:
+                    layer.values.data.copy_(vals)
+                tensors = [v for v in state.values() if torch.is_tensor(v) and v.shape == layer.values.shape]
+                tensors += [v for v in self.shadow[i].values()]
+            for value in tensors:
+                dist.broadcast(value, src=0)
+        self._changed()
+        self.apply_()
+        return differed
+
     # --- bookkeeping ----------------------------------------------------------------------------
     def describe(self) -> dict:
         return {

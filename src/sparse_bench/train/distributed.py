@@ -62,19 +62,7 @@ def broadcast_masks(method, optimizer, d: Dist) -> int:
     """
     if not d.enabled or method.masks is None:
         return 0
-    differed = 0
-    for i, p in enumerate(method.masks.params):
-        mine = method.masks.masks[i].clone()
-        m = method.masks.masks[i].to(torch.uint8)
-        dist.broadcast(m, src=0)
-        method.masks.masks[i] = m.bool()
-        differed += int(not torch.equal(mine, method.masks.masks[i]))
-        dist.broadcast(p.data, src=0)
-        for value in optimizer.state.get(p, {}).values():
-            if torch.is_tensor(value) and value.shape == p.shape:
-                dist.broadcast(value, src=0)
-    method.masks.apply_()
-    return differed
+    return method.masks.broadcast_(optimizer, dist)
 
 
 def barrier(d: Dist) -> None:
