@@ -207,8 +207,8 @@ class Execution:
         shapes: dict[int, tuple] = {}
         handles = []
 
-        def hook(mod, args):
-            shapes.setdefault(id(mod), tuple(args[0].shape))
+        def hook(mod, args):  # the input's shape, and whether the backward needs its gradient
+            shapes.setdefault(id(mod), (tuple(args[0].shape), bool(args[0].requires_grad)))
 
         batches = self.batches(1) if self.batches is not None else []
         if not batches:
@@ -217,7 +217,7 @@ class Execution:
             handles.append(m.register_forward_pre_hook(hook))
         try:
             was = self.model.training
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with torch.enable_grad(), torch.random.fork_rng(devices=[]):
                 self.model.eval()
                 self.model(batches[0][0])
             self.model.train(was)
@@ -239,7 +239,7 @@ class Execution:
                     decisions.append(False)
                     self.plan[masks.names[i]] = "masked: not reached by a forward pass"
                     continue
-                t_masked, t_sparse = time_layer(mods[i], cls, masks._masks[i], shape)
+                t_masked, t_sparse = time_layer(mods[i], cls, masks._masks[i], *shape)
                 self.timings[masks.names[i]] = (t_masked, t_sparse)
                 decisions.append(t_sparse < t_masked)
         if self.dist is not None and self.dist.enabled:
@@ -365,16 +365,18 @@ class Execution:
             g.copy_(f)
 
 
-def time_layer(mod: nn.Module, cls, mask: torch.Tensor, input_shape: tuple, repeats: int = 5) -> tuple[float, float]:
-    """Best-of-`repeats` seconds of one forward + backward (input and weight gradients) of the
-    masked layer and of its sparse twin at `mask`, on random inputs of `input_shape`."""
+def time_layer(mod: nn.Module, cls, mask: torch.Tensor, input_shape: tuple, input_grad: bool = True,
+               repeats: int = 5) -> tuple[float, float]:
+    """Best-of-`repeats` seconds of one forward + backward (weight gradient, and the input
+    gradient if `input_grad`) of the masked layer and of its sparse twin at `mask`, on random
+    inputs of `input_shape`."""
     dev = mod.weight.device
     x = torch.randn(input_shape, device=dev, dtype=mod.weight.dtype)
     dense = copy.deepcopy(mod)
     sparse = cls.from_dense(copy.deepcopy(mod), mask)
 
     def run(layer):
-        xi = x.detach().requires_grad_(True)
+        xi = x.detach().requires_grad_(input_grad)
         out = layer(xi)
         out.backward(torch.ones_like(out))
 

@@ -96,9 +96,9 @@ def _load() -> ctypes.CDLL | None:
                     _compile(cc, path)
                 lib = ctypes.CDLL(str(path))
                 P, I64 = ctypes.c_void_p, ctypes.c_int64
-                lib.sb_spmm.argtypes = [I64, I64, P, P, P, P, P, P, ctypes.c_int]
+                lib.sb_spmm.argtypes = [I64, I64, I64, P, P, P, P, I64, P, P, I64, ctypes.c_int]
                 lib.sb_spmm.restype = None
-                lib.sb_sddmm.argtypes = [I64, I64, P, P, P, P, P, ctypes.c_int]
+                lib.sb_sddmm.argtypes = [I64, I64, I64, P, P, P, I64, P, I64, P, ctypes.c_int]
                 lib.sb_sddmm.restype = None
                 _lib = lib
             except (OSError, RuntimeError) as e:
@@ -132,42 +132,47 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def spmm(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, xt: torch.Tensor,
          bias: torch.Tensor | None = None, indices64: torch.Tensor | None = None) -> torch.Tensor:
-    """``W @ xt (+ bias[:, None])`` for the CSR matrix W = (indptr, indices, values) of shape
-    (len(indptr) - 1, xt.shape[0]); xt is (cols, B), feature-major. Returns (rows, B)."""
+    """``W @ xt[n] (+ bias[:, None])`` for every n, for the CSR matrix W = (indptr, indices,
+    values) of shape (len(indptr) - 1, cols); xt is (nb, cols, B). Returns (nb, rows, B)."""
     rows = indptr.numel() - 1
+    nb, cols, b = xt.shape
     xt = xt.contiguous()
     if _use_c(values, xt):
-        out = torch.empty(rows, xt.shape[1], dtype=xt.dtype)
+        out = torch.empty(nb, rows, b, dtype=xt.dtype)
         values = values.contiguous()
-        b = None if bias is None else bias.detach().contiguous()
-        _lib.sb_spmm(rows, xt.shape[1], indptr.data_ptr(), indices.data_ptr(), values.data_ptr(),
-                     xt.data_ptr(), _ptr(b), out.data_ptr(), torch.get_num_threads())
+        bias = None if bias is None else bias.detach().contiguous()
+        _lib.sb_spmm(nb, rows, b, indptr.data_ptr(), indices.data_ptr(), values.data_ptr(), xt.data_ptr(),
+                     cols * b, _ptr(bias), out.data_ptr(), rows * b, torch.get_num_threads())
         return out
     idx = indices64 if indices64 is not None else indices.long()
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore")
-        w = torch.sparse_csr_tensor(indptr, idx, values, (rows, xt.shape[0]), check_invariants=False)
-    out = torch.sparse.mm(w, xt)
+        w = torch.sparse_csr_tensor(indptr, idx, values, (rows, cols), check_invariants=False)
+    x2 = xt[0] if nb == 1 else xt.transpose(0, 1).reshape(cols, nb * b)
+    out = torch.sparse.mm(w, x2)
     if bias is not None:
         out = out + bias[:, None]
-    return out
+    return out.unsqueeze(0) if nb == 1 else out.view(rows, nb, b).transpose(0, 1).contiguous()
 
 
 def sddmm(indptr: torch.Tensor, indices: torch.Tensor, dyt: torch.Tensor, xt: torch.Tensor,
           indices64: torch.Tensor | None = None) -> torch.Tensor:
-    """``(dyt @ xt.T)`` at the structure's positions only, in its order: one value per nonzero.
-    dyt is (rows, B), xt (cols, B)."""
+    """``sum_n (dyt[n] @ xt[n].T)`` at the structure's positions only, in its order: one value
+    per nonzero. dyt is (nb, rows, B), xt (nb, cols, B)."""
     rows = indptr.numel() - 1
     nnz = indices.numel()
+    nb, cols, b = xt.shape
     dyt, xt = dyt.contiguous(), xt.contiguous()
     if _use_c(dyt, xt):
         out = torch.empty(nnz, dtype=dyt.dtype)
-        _lib.sb_sddmm(rows, dyt.shape[1], indptr.data_ptr(), indices.data_ptr(), dyt.data_ptr(),
-                      xt.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        _lib.sb_sddmm(nb, rows, b, indptr.data_ptr(), indices.data_ptr(), dyt.data_ptr(), rows * b,
+                      xt.data_ptr(), cols * b, out.data_ptr(), torch.get_num_threads())
         return out
     idx = indices64 if indices64 is not None else indices.long()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pattern = torch.sparse_csr_tensor(indptr, idx, torch.zeros(nnz, dtype=dyt.dtype, device=dyt.device),
-                                          (rows, xt.shape[0]), check_invariants=False)
-    return torch.sparse.sampled_addmm(pattern, dyt, xt.t(), beta=0.0, alpha=1.0).values()
+                                          (rows, cols), check_invariants=False)
+    d2 = dyt[0] if nb == 1 else dyt.transpose(0, 1).reshape(rows, nb * b)
+    x2 = xt[0] if nb == 1 else xt.transpose(0, 1).reshape(cols, nb * b)
+    return torch.sparse.sampled_addmm(pattern, d2, x2.t(), beta=0.0, alpha=1.0).values()

@@ -60,7 +60,8 @@ class DenseGradControl:
 
 
 class _SparseMatmul(torch.autograd.Function):
-    """yt = W xt + bias (feature-major); backward: active-weight gradient, input gradient, bias."""
+    """yt[n] = W xt[n] + bias for each of nb batches (xt: nb x cols x B, feature-major);
+    backward: active-weight gradient, input gradient, bias gradient."""
 
     @staticmethod
     def forward(ctx, values, xt, bias, layer):
@@ -83,10 +84,10 @@ class _SparseMatmul(torch.autograd.Function):
             dx = kernels.spmm(layer.t_indptr, layer.t_indices, values.detach()[layer.t_perm], dyt, None,
                               layer._t_indices64())
         if ctx.needs_input_grad[2]:
-            db = dyt.sum(1)
+            db = dyt.sum((0, 2))
         ctl = layer._ctl
         if ctl.dense:
-            g = dyt @ xt.t()
+            g = torch.einsum("nib,njb->ij", dyt, xt) if xt.shape[0] > 1 else dyt[0] @ xt[0].t()
             prev = ctl.grads.get(layer)
             ctl.grads[layer] = g if prev is None else prev + g
         return dv, dx, db, None
@@ -224,7 +225,7 @@ class SparseLinear(SparseLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = self._matmul(x2.t()).t()
+        y = self._matmul(x2.t().unsqueeze(0))[0].t()
         return y if len(lead) == 1 else y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -270,10 +271,9 @@ class SparseConv2d(SparseLayer):
         kh, kw = self.kernel_size
         h_out = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         w_out = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        # (N, fan_in, L) patches: one matrix per sample, used in place (no transpose)
         patches = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
-        xt = patches.transpose(0, 1).reshape(self.cols, n * h_out * w_out)  # (fan_in, N * L)
-        yt = self._matmul(xt)  # (C_out, N * L)
-        return yt.view(self.out_channels, n, h_out, w_out).transpose(0, 1)
+        return self._matmul(patches).view(n, self.out_channels, h_out, w_out)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

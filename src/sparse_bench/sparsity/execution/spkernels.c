@@ -10,6 +10,10 @@
  *   sb_sddmm: out[k] = sum_b DY^T[i, b] * X^T[indices[k], b]               (dot products of
  *             length B): the gradient of the active weights, and of nothing else.
  *
+ * Both take nb batches of such matrices at a fixed stride: a Linear passes nb = 1 (B = batch
+ * size), a Conv2d one per sample with B = its output positions, so unfolded patches
+ * (N, C_in*kh*kw, L) and outputs (N, C_out, L) are used in place, without a transpose.
+ *
  * The batch is cut into column tiles of NV vectors of VL floats (NV = 8, then 4, 2, 1 for the
  * rest, then a scalar tail). Within a tile one row's NV accumulators (spmm) or its NV vectors
  * of DY^T (sddmm) stay in registers while the row's nonzeros stream past, and the tile of X^T
@@ -98,45 +102,56 @@ static inline void sddmm_scalar(const int64_t *indptr, const int32_t *indices, c
     }
 }
 
-/* yt (rows x B) = W xt (+ bias); xt is (cols x B); bias may be NULL. */
-void sb_spmm(int64_t rows, int64_t B, const int64_t *indptr, const int32_t *indices,
-             const float *values, const float *xt, const float *bias, float *yt, int nthreads) {
-    int64_t b0 = 0;
-    while (b0 < B) {
-        const int64_t left = B - b0;
-        const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
-                        : left >= VL ? VL : left;
+/* For each of nb batches n: yt_n (rows x B) = W xt_n (+ bias), xt_n (cols x B); batch n of xt
+ * starts at xt + n * x_stride and of yt at yt + n * y_stride. bias may be NULL. */
+void sb_spmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const int32_t *indices,
+             const float *values, const float *xt, int64_t x_stride, const float *bias, float *yt,
+             int64_t y_stride, int nthreads) {
+    for (int64_t n = 0; n < nb; n++) {
+        const float *xn = xt + n * x_stride;
+        float *yn = yt + n * y_stride;
+        int64_t b0 = 0;
+        while (b0 < B) {
+            const int64_t left = B - b0;
+            const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
+                            : left >= VL ? VL : left;
 #pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads) if (nthreads > 1)
-        for (int64_t i = 0; i < rows; i++) {
-            const float init = bias ? bias[i] : 0.0f;
-            float *out = yt + i * B + b0;
-            if (w == 8 * VL) spmm_tile8(indptr, indices, values, xt, B, i, b0, init, out);
-            else if (w == 4 * VL) spmm_tile4(indptr, indices, values, xt, B, i, b0, init, out);
-            else if (w == 2 * VL) spmm_tile2(indptr, indices, values, xt, B, i, b0, init, out);
-            else if (w == VL) spmm_tile1(indptr, indices, values, xt, B, i, b0, init, out);
-            else spmm_scalar(indptr, indices, values, xt, B, i, b0, w, init, out);
+            for (int64_t i = 0; i < rows; i++) {
+                const float init = bias ? bias[i] : 0.0f;
+                float *out = yn + i * B + b0;
+                if (w == 8 * VL) spmm_tile8(indptr, indices, values, xn, B, i, b0, init, out);
+                else if (w == 4 * VL) spmm_tile4(indptr, indices, values, xn, B, i, b0, init, out);
+                else if (w == 2 * VL) spmm_tile2(indptr, indices, values, xn, B, i, b0, init, out);
+                else if (w == VL) spmm_tile1(indptr, indices, values, xn, B, i, b0, init, out);
+                else spmm_scalar(indptr, indices, values, xn, B, i, b0, w, init, out);
+            }
+            b0 += w;
         }
-        b0 += w;
     }
 }
 
-/* out[k] = dot(dyt[i, :], xt[indices[k], :]) for every nonzero k of every row i. */
-void sb_sddmm(int64_t rows, int64_t B, const int64_t *indptr, const int32_t *indices,
-              const float *dyt, const float *xt, float *out, int nthreads) {
+/* out[k] = sum_n dot(dyt_n[i, :], xt_n[indices[k], :]) for every nonzero k of every row i. */
+void sb_sddmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const int32_t *indices,
+              const float *dyt, int64_t dy_stride, const float *xt, int64_t x_stride, float *out,
+              int nthreads) {
     memset(out, 0, (size_t)indptr[rows] * sizeof(float));
-    int64_t b0 = 0;
-    while (b0 < B) {
-        const int64_t left = B - b0;
-        const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
-                        : left >= VL ? VL : left;
+    for (int64_t n = 0; n < nb; n++) {
+        const float *dn = dyt + n * dy_stride;
+        const float *xn = xt + n * x_stride;
+        int64_t b0 = 0;
+        while (b0 < B) {
+            const int64_t left = B - b0;
+            const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
+                            : left >= VL ? VL : left;
 #pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads) if (nthreads > 1)
-        for (int64_t i = 0; i < rows; i++) {
-            if (w == 8 * VL) sddmm_tile8(indptr, indices, dyt, xt, B, i, b0, out);
-            else if (w == 4 * VL) sddmm_tile4(indptr, indices, dyt, xt, B, i, b0, out);
-            else if (w == 2 * VL) sddmm_tile2(indptr, indices, dyt, xt, B, i, b0, out);
-            else if (w == VL) sddmm_tile1(indptr, indices, dyt, xt, B, i, b0, out);
-            else sddmm_scalar(indptr, indices, dyt, xt, B, i, b0, w, out);
+            for (int64_t i = 0; i < rows; i++) {
+                if (w == 8 * VL) sddmm_tile8(indptr, indices, dn, xn, B, i, b0, out);
+                else if (w == 4 * VL) sddmm_tile4(indptr, indices, dn, xn, B, i, b0, out);
+                else if (w == 2 * VL) sddmm_tile2(indptr, indices, dn, xn, B, i, b0, out);
+                else if (w == VL) sddmm_tile1(indptr, indices, dn, xn, B, i, b0, out);
+                else sddmm_scalar(indptr, indices, dn, xn, B, i, b0, w, out);
+            }
+            b0 += w;
         }
-        b0 += w;
     }
 }
