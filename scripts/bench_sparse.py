@@ -265,11 +265,16 @@ def table_gse(a):
 
 # --- mask updates on VGG16-D ------------------------------------------------------------------------
 def table_update(a):
+    """One mask update (the method's own `update`) on VGG16-D, masked execution; host syncs are
+    the ops that need the host to wait for a device (scalar reads, nonzero, copies to the CPU),
+    counted with torch.profiler on a separate run."""
+    from torch.profiler import ProfilerActivity, profile
+
     from sparse_bench.cli import conf_dir
 
     print(f"# one mask update on VGG16-D (CIFAR-10 shape, density {a.update_density}, masked), {machine()}")
-    print("| method | update s (min/med) | host syncs |")
-    print("|---|---:|---:|")
+    print("| method | update s (min/med of n) | host syncs | topk calls |")
+    print("|---|---:|---:|---:|")
     for method in a.update_methods:
         torch.manual_seed(0)
         model = build_model(OmegaConf.create({"name": "vgg16_d"}), (3, 32, 32), 10)
@@ -277,22 +282,25 @@ def table_update(a):
         x = torch.randn(8, 3, 32, 32)
         y = torch.randint(0, 10, (8,))
         cfg = OmegaConf.load(conf_dir() / "method" / f"{method}.yaml")
-        ctx = MethodContext(model=model, optimizer=opt, density=a.update_density, epochs=2, steps_per_epoch=100,
+        ctx = MethodContext(model=model, optimizer=opt, density=a.update_density, epochs=2, steps_per_epoch=1000,
                             device=torch.device("cpu"), generator=torch.Generator().manual_seed(1),
                             loss_fn=nn.CrossEntropyLoss(), batches=lambda n: [(x, y)])
         m = build_method(cfg, ctx)
         m.setup()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        if method == "rigl":
-            m.before_optimizer_step(m.cadence.steps[0] - 1 if hasattr(m.cadence, "steps") else 99)
+        nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        times, syncs = [], 0
+        m.after_optimizer_step(0)
+        times = []
         for _ in range(a.rounds):
             t0 = time.perf_counter()
             m.update(100)
             times.append(time.perf_counter() - t0)
-        print(f"| {method} | {min(times):.3f}/{statistics.median(times):.3f} | {syncs or '-'} |", flush=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            m.update(100)
+        ev = {e.key: e.count for e in prof.key_averages()}
+        syncs = ev.get("aten::_local_scalar_dense", 0) + ev.get("aten::nonzero", 0)
+        print(f"| {method} | {min(times):.3f}/{statistics.median(times):.3f} (n={len(times)}) | {syncs} "
+              f"| {ev.get('aten::topk', 0)} |", flush=True)
 
 
 def main():

@@ -232,12 +232,12 @@ class MaskSet:
         """Active weights per layer (at most one host sync; cached until the masks change)."""
         if self._view is not None:
             masks = self._view[1]
-            return [int(c) for c in torch.stack([m.sum() for m in masks]).cpu().tolist()]
+            return [int(c) for c in torch.stack([torch.count_nonzero(m) for m in masks]).cpu().tolist()]
         if self._counts is None:
             dense = [i for i, layer in enumerate(self.layers) if layer is None]
             counts = [0] * len(self.names)
             if dense:
-                got = torch.stack([self._masks[i].sum() for i in dense]).cpu().tolist()
+                got = torch.stack([torch.count_nonzero(self._masks[i]) for i in dense]).cpu().tolist()
                 for i, c in zip(dense, got):
                     counts[i] = int(c)
             for i, layer in enumerate(self.layers):

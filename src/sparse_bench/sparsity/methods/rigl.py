@@ -177,7 +177,7 @@ class RigL(RandomInitMixin, Method):
         ms.apply_()
         self.reset_optimizer_state([b | lf for b, lf in zip(born, left)])
 
-        regrown = sum(int((d & g).sum()) for d, g in zip(dropped, grown))
+        regrown = int(sum(torch.count_nonzero(d & g) for d, g in zip(dropped, grown)))
         self.last_update = {
             "step": step,
             "drop_fraction": alpha,
