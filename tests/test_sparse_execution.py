@@ -331,3 +331,30 @@ def test_sparse_two_processes_match_one(method, tmp_path):
     assert a["final"]["train/loss"] == pytest.approx(b["final"]["train/loss"], rel=1e-3)
     assert a["final"]["test/acc"] == pytest.approx(b["final"]["test/acc"], abs=0.02)
     assert any(r.get("mask/grown", 0) > 0 for r in read_jsonl(tmp_path / "ddp" / name / "metrics.jsonl"))
+
+
+def test_a_layer_too_big_to_hold_densely_is_built_and_trained_sparse(tmp_path, monkeypatch, caplog):
+    """With the limit lowered, the 128x64 layer of the digits MLP stands in for a 65,536^2 one:
+    it never gets a dense weight, mask, gradient or momentum, and GSE trains it."""
+    from sparse_bench.sparsity.execution import engine
+    from sparse_bench.sparsity.masks import MaskSet
+
+    monkeypatch.setattr(engine, "DENSE_BUILD_LIMIT", 8000)
+    numel = 128 * 64
+    real_open = MaskSet._open_view
+    monkeypatch.setattr(MaskSet, "_open_view", lambda self: pytest.fail("a dense view was opened"))
+    with caplog.at_level(logging.INFO, logger="sparse_bench"):
+        d = _run(tmp_path, "gse", "sparse", ["schedule.epochs=2"])
+    assert any("too big to hold densely" in r.message and "net.0.weight" in r.message for r in caplog.records)
+    recs = read_jsonl(d / "metrics.jsonl")
+    assert any(r.get("mask/grown", 0) > 0 for r in recs)
+    assert recs[-1]["density/achieved"] == pytest.approx(0.2, abs=1e-4)
+    ck = torch.load(d / "checkpoint.pt", weights_only=False)
+    assert "net.0.values" in ck["model"] and "net.0.weight" not in ck["model"]
+    sizes = [t.numel() for t in ck["model"].values()]
+    sizes += [v.numel() for st in ck["optimizer"]["state"].values() for v in st.values() if torch.is_tensor(v)]
+    assert numel not in sizes
+    monkeypatch.setattr(MaskSet, "_open_view", real_open)
+    # a method that needs dense views cannot train such a layer: one clear line
+    with pytest.raises(ConfigError, match="too big to hold densely"):
+        _run(tmp_path / "x", "deepr", "sparse")

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from .data import build_data
 from .errors import ConfigError
 from .models import build_model
-from .sparsity.execution import Execution, execution_mode
+from .sparsity.execution import Execution, build_model_for, execution_mode
 from .sparsity.methods import MethodContext, build_method
 from .train.checkpoint import atomic_write_json
 from .train import distributed as dist_util
@@ -149,7 +149,11 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(seed)
     data = build_data(cfg.dataset, device, seed)
     torch.manual_seed(seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    rule = OmegaConf.to_container(cfg.prunable, resolve=True)
+    rule["exclude"] = list(rule.get("exclude", [])) + list(cfg.model.get("dense_params", []) or [])
+    # as build_model(...).to(device); under execution=sparse a layer too big to hold densely gets no dense weight
+    model = build_model_for(execution_mode(cfg), lambda: build_model(cfg.model, data.input_shape, data.num_classes),
+                            device, rule)
     optimizer = build_optimizer(cfg.optimizer, model)
 
     multiplier = float(cfg.schedule.get("multiplier", 1))
@@ -159,8 +163,6 @@ def run(cfg: DictConfig) -> dict:
     lr_schedule = LRSchedule(cfg.schedule, float(cfg.optimizer.lr), steps_per_epoch, epochs, multiplier)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(cfg.loss.get("label_smoothing", 0.0)))
 
-    rule = OmegaConf.to_container(cfg.prunable, resolve=True)
-    rule["exclude"] = list(rule.get("exclude", [])) + list(cfg.model.get("dense_params", []) or [])
     generator = torch.Generator().manual_seed(seed + 1)
 
     def batches(n: int) -> list:

@@ -164,6 +164,41 @@ class MaskSet:
     def is_sparse(self, i: int) -> bool:
         return self.layers[i] is not None
 
+    def masked_entry(self, i: int) -> tuple[nn.Parameter, torch.Tensor]:
+        """(dense weight, bool mask) of a masked layer, without opening views of sparse ones."""
+        if self.layers[i] is not None:
+            raise ValueError(f"{self.names[i]} is a sparse layer; use the index-level calls")
+        return self._params[i], self._masks[i]
+
+    @torch.no_grad()
+    def draw_random(self, density: float, kind: str, generator: torch.Generator) -> None:
+        """Random initial masks at `density` with the `kind` layer distribution (uniform / er /
+        erk / bernoulli), applied. With no sparse layers yet this is exactly
+        ``set_masks(random_masks(...))``; layers that are sparse already (built without a dense
+        weight) get their exact count of positions by sparse sampling and values drawn with the
+        layer type's default bound, without any tensor of the weight's dense size."""
+        from .distributions import layer_counts, random_masks
+        from .execution.layers import sample_positions
+
+        if not self._any_sparse:
+            self.set_masks(random_masks(self.shapes, density, kind, generator))
+            return
+        counts = layer_counts(self._shapes, density, "uniform" if kind == "bernoulli" else kind)
+        for i, (shape, k) in enumerate(zip(self._shapes, counts)):
+            layer = self.layers[i]
+            if layer is None:
+                n = self._numels[i]
+                flat = torch.zeros(n, dtype=torch.bool)
+                flat[torch.randperm(n, generator=generator)[:k]] = True
+                self._masks[i] = flat.view(shape).to(self._params[i].device)
+                continue
+            lin = sample_positions(self._numels[i], k, generator)
+            bound = getattr(layer, "_init_bound", None) or 1.0 / max(layer.cols, 1) ** 0.5
+            values = (torch.rand(k, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+            layer.set_active(lin, values)
+        self._changed()
+        self.apply_()
+
     def set_masks(self, masks: Sequence[torch.Tensor]) -> None:
         """Replace all masks (moved to each parameter's device) and apply them."""
         if len(masks) != len(self.names):
@@ -335,6 +370,10 @@ class MaskSet:
     def _open_view(self):
         if self._view is not None:
             return self._view
+        native = [n for n, layer in zip(self.names, self.layers) if getattr(layer, "_init_bound", None)]
+        if native:
+            raise RuntimeError(f"a dense view of {native[0]} was asked for, but the layer is too big to hold "
+                               f"densely; the method must use MaskSet's index-level calls")
         params, masks = [], []
         for i, layer in enumerate(self.layers):
             if layer is None:

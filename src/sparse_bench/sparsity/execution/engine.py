@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -41,6 +42,58 @@ log = logging.getLogger("sparse_bench")
 
 EXECUTIONS = ("masked", "sparse", "auto")
 PLAN_FILE = "execution.json"
+#: execution=sparse: a prunable Linear / Conv2d whose dense weight would hold more than this many
+#: weights (1 GiB in float32) is built without one (see build_model_for)
+DENSE_BUILD_LIMIT = 1 << 28
+
+
+def build_model_for(mode: str, build, device: torch.device, rule: dict, limit: int | None = None) -> nn.Module:
+    """The model, built as ``build()`` builds it, except that under execution=sparse/auto a
+    prunable layer too big to hold densely (more than `limit` weights) never gets a dense
+    weight: the model is built on the meta device, every other parameter and buffer is
+    materialised and initialised by its module's ``reset_parameters`` (the big layers' biases by
+    nn.Linear's / nn.Conv2d's default rule), and the big weights stay shapes only until the
+    engine makes them sparse layers and the method draws their masks and values. Such a run is
+    not bit-identical to execution=masked (which could not hold the layer anyway); one line says
+    which layers. Models whose layers all fit are built exactly as under execution=masked."""
+    if mode == "masked":
+        return build().to(device)
+    from ..masks import DEFAULT_TYPES, prunable_parameters
+
+    limit = DENSE_BUILD_LIMIT if limit is None else limit
+    with torch.device("meta"):
+        probe = build()
+    named = prunable_parameters(probe, list(rule.get("types") or DEFAULT_TYPES),
+                                list(rule.get("exclude") or []), list(rule.get("include") or []))
+    big = {id(p) for _, p in named if p.numel() > limit}
+    if not big:
+        return build().to(device)
+    owners = {}
+    for mod in probe.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None and id(p) in big and attr == "weight" and not isinstance(sparse_twin(mod), str):
+                owners[id(mod)] = mod
+    if len(owners) < len(big):
+        raise ConfigError(f"execution={mode}: a prunable tensor over {limit:,} weights is not the weight of a "
+                          f"Linear or Conv2d with a sparse kernel; it cannot be held densely either")
+    names = [n for n, p in named if id(p) in big]
+    log.info(f"execution={mode}: {', '.join(names)} too big to hold densely (> {limit:,} weights): built without a "
+             f"dense weight; masks and values are drawn for the active weights only")
+    for mod in probe.modules():
+        if id(mod) in owners:
+            b = mod._parameters.get("bias")
+            if b is not None:
+                fan_in = mod.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                mod._parameters["bias"] = nn.Parameter(torch.empty(b.shape, device=device).uniform_(-bound, bound))
+            mod._sparse_native = True
+            continue
+        has_own = any(t is not None for t in [*mod._parameters.values(), *mod._buffers.values()])
+        if has_own:
+            mod.to_empty(device=device, recurse=False)
+            if hasattr(mod, "reset_parameters"):
+                mod.reset_parameters()
+    return probe
 
 
 def execution_mode(cfg) -> str:
@@ -80,9 +133,23 @@ class Execution:
         masks = method.masks
         if mode != "masked" and masks is not None:
             support = getattr(method, "sparse_execution", True)
+            native = [n for n, o in zip(masks.names, masks.owners) if o is not None and getattr(o[0], "_sparse_native", False)]
             if support is not True:
+                if native:
+                    raise ConfigError(f"execution={mode}: {native[0]} is too big to hold densely, but method="
+                                      f"{method.name} cannot run sparse ({support}); use method=gse, set, rigl, static ...")
                 self.notes.append(f"execution={mode}: method={method.name} runs masked: {support}")
                 self.mode = "masked"
+            elif native:
+                # layers built without a dense weight are sparse from the start (empty until setup)
+                cands = self.candidates()
+                for i, name in enumerate(masks.names):
+                    if name in native:
+                        self._convert_one(i, cands[i], resume=True)
+                        self.plan[name] = "sparse"
+                self.active = True
+                masks._any_sparse = True
+                masks.optimizer = optimizer
 
     def __getattr__(self, name):
         return getattr(self.__dict__["inner"], name)
@@ -98,6 +165,9 @@ class Execution:
         masks = self.inner.masks
         for i, name in enumerate(masks.names):
             owner = masks.owners[i]
+            if masks.layers[i] is not None:  # sparse already (built without a dense weight)
+                out[i] = type(masks.layers[i])
+                continue
             if owner is None or owner[1] != "weight":
                 self.plan[name] = "masked: not a module's weight"
                 continue
@@ -143,7 +213,8 @@ class Execution:
         else:
             chosen = self._auto(cands)
         for i, cls in chosen.items():
-            self._convert_one(i, cls, resume)
+            if masks.layers[i] is None:
+                self._convert_one(i, cls, resume)
             self.plan[masks.names[i]] = "sparse"
         self.active = bool(chosen)
         masks._any_sparse = self.active
@@ -170,6 +241,10 @@ class Execution:
         for group in self.optimizer.param_groups:
             group["params"] = [layer.values if p is w else p for p in group["params"]]
         state = self.optimizer.state.pop(w, None)
+        if w.device.type != "meta":
+            layer._init_bound = None
+        else:  # built without a dense weight: values are drawn with the layer type's default bound
+            layer._init_bound = 1.0 / math.sqrt(layer.cols) if layer.cols > 0 else 0.0
         if state and not resume:
             lin = layer.active_linear()
             self.optimizer.state[layer.values] = {
@@ -258,11 +333,12 @@ class Execution:
     # --- per step ---------------------------------------------------------------------------------
     def _close(self, logs):
         masks = self.inner.masks
-        if masks is not None and masks.close_view():
-            logs = dict(logs or {})
-        if logs and self.active:
+        if masks is not None:
+            masks.close_view()
+        if logs and self.active and masks.last_rebuild_s > 0:
             logs = dict(logs)
-            logs["sparse/rebuild_s"] = masks.last_rebuild_s
+            logs["sparse/rebuild_s"] = masks.last_rebuild_s  # dense views closed / structures rebuilt
+        if masks is not None:
             masks.last_rebuild_s = 0.0
         return logs
 

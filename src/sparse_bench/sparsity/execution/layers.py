@@ -216,7 +216,7 @@ class SparseLinear(SparseLayer):
     @classmethod
     def from_dense(cls, mod: nn.Linear, mask: torch.Tensor | None) -> "SparseLinear":
         w = mod.weight
-        layer = cls(mod.in_features, mod.out_features, mod.bias, w.dtype, w.device)
+        layer = cls(mod.in_features, mod.out_features, mod.bias, w.dtype, _real_device(mod))
         if mask is not None:
             lin = mask.reshape(-1).nonzero().squeeze(1)
             layer.set_active(lin, w.detach().reshape(-1)[lin])
@@ -260,7 +260,7 @@ class SparseConv2d(SparseLayer):
     def from_dense(cls, mod: nn.Conv2d, mask: torch.Tensor | None) -> "SparseConv2d":
         w = mod.weight
         layer = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                    mod.dilation, mod.bias, w.dtype, w.device)
+                    mod.dilation, mod.bias, w.dtype, _real_device(mod))
         if mask is not None:
             lin = mask.reshape(-1).nonzero().squeeze(1)
             layer.set_active(lin, w.detach().reshape(-1)[lin])
@@ -278,6 +278,28 @@ class SparseConv2d(SparseLayer):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, nnz={self.nnz}")
+
+
+def _real_device(mod: nn.Module) -> torch.device:
+    """The weight's device, or the bias' (or the CPU) when the weight exists as a shape only."""
+    if mod.weight.device.type != "meta":
+        return mod.weight.device
+    if getattr(mod, "bias", None) is not None and mod.bias.device.type != "meta":
+        return mod.bias.device
+    return torch.device("cpu")
+
+
+def sample_positions(numel: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct positions in [0, numel), uniformly at random, sorted, drawn without an
+    O(numel) tensor (random draws, duplicates dropped, topped up)."""
+    if count > numel // 2:
+        return torch.randperm(numel, generator=generator)[:count].sort().values
+    idx = torch.zeros(0, dtype=torch.int64)
+    while idx.numel() < count:
+        extra = torch.randint(numel, (int(1.1 * (count - idx.numel())) + 16,), generator=generator)
+        idx = torch.unique(torch.cat([idx, extra]))
+    keep = torch.randperm(idx.numel(), generator=generator)[:count]
+    return idx[keep].sort().values
 
 
 def sparse_twin(mod: nn.Module) -> type[SparseLayer] | str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..distributions import random_masks
 from .base import Method, register
 
 
@@ -22,8 +21,7 @@ class RandomInitMixin:
 
     def init_random_masks(self) -> dict:
         kind = str(self.cfg.get("init", "uniform"))
-        masks = random_masks(self.masks.shapes, self.ctx.density, kind, self.ctx.generator)
-        self.masks.set_masks(masks)
+        self.masks.draw_random(self.ctx.density, kind, self.ctx.generator)  # = set_masks(random_masks(...))
         return {"init/distribution": kind}
 
 

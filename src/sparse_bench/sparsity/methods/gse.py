@@ -198,8 +198,19 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
     def reinit_fan_in(self) -> None:
         """Active weights ~ U(-1, 1) * sqrt(3 / sparse fan-in of the output unit); bias likewise."""
         gen = self.ctx.generator
-        for mod, p, m in zip(self.modules, self.masks.params, self.masks.masks):
+        for i, mod in enumerate(self.modules):
             n_out, fan_in = weight_matrix_shape(mod)
+            if self.masks.is_sparse(i):  # a layer built without a dense weight: active weights only
+                layer = self.masks.layers[i]
+                fan = (layer.indptr[1:] - layer.indptr[:-1]).clamp_min(1).to(torch.float64)
+                bound = (3.0 / fan).sqrt()
+                u = torch.rand(layer.nnz, generator=gen, dtype=torch.float64) * 2 - 1
+                layer.values.data.copy_((u * bound.cpu()[layer.row_ids().cpu()]).to(layer.values))
+                if layer.bias is not None:
+                    ub = torch.rand((n_out,), generator=gen, dtype=torch.float64) * 2 - 1
+                    layer.bias.data.copy_((ub * bound.cpu()).to(layer.bias))
+                continue
+            p, m = self.masks.masked_entry(i)
             m2 = m.reshape(n_out, fan_in)
             fan = m2.sum(1, keepdim=True).clamp_min(1).to(torch.float64)
             bound = (3.0 / fan).sqrt()
