@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .execution import kernels
 from .execution.layers import SparseConv2d, SparseLayer, SparseLinear
 
 DEFAULT_CHUNK = 1 << 20  # elements per intermediate block (4 MiB in float32)
@@ -143,6 +144,22 @@ def candidate_gradients(
     n_cand = out_idx.numel()
     result = torch.zeros(n_cand, dtype=_work_dtype(inputs), device=device)
     if n_cand == 0:
+        return result
+    if result.dtype == torch.float32 and device.type == "cpu" and kernels.backend() == "c":
+        # the candidates as a CSR pattern (sorted by output unit), their gradients by the sparse
+        # layers' sampled dot-product kernel, one row block at a time
+        n_out = weight_matrix_shape(layer)[0]
+        order = torch.argsort(out_idx, stable=True)
+        indptr = torch.zeros(n_out + 1, dtype=torch.int64)
+        indptr[1:] = torch.bincount(out_idx, minlength=n_out).cumsum(0)
+        cols = in_idx[order].to(torch.int32)
+        acc = torch.zeros(n_cand, dtype=torch.float32)
+        # blocks of at least 256 rows: the kernel's batch tiles stay full (memory: a transposed
+        # copy of that many rows of inputs and output gradients)
+        block = max(chunk_size, 256 * (weight_matrix_shape(layer)[1] + n_out))
+        for _, xt, dt in iter_rows(layer, inputs, grad_outputs, block):
+            acc += kernels.sddmm(indptr, cols, dt.unsqueeze(0), xt.unsqueeze(0))
+        result[order] = acc
         return result
     for _, xt, dt in iter_rows(layer, inputs, grad_outputs, chunk_size):
         rows = xt.shape[1]
