@@ -61,7 +61,7 @@ def build_model_for(mode: str, build, device: torch.device, rule: dict, limit: i
     from ..masks import DEFAULT_TYPES, prunable_parameters
 
     limit = DENSE_BUILD_LIMIT if limit is None else limit
-    with torch.device("meta"):
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the probe leaves the RNG as it was
         probe = build()
     named = prunable_parameters(probe, list(rule.get("types") or DEFAULT_TYPES),
                                 list(rule.get("exclude") or []), list(rule.get("include") or []))
