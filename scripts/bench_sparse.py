@@ -161,8 +161,11 @@ def build_variant(model_name: str, variant: str, density: float, method: str):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     x = torch.randn(batch, *shape)
     y = torch.randint(0, 10, (batch,))
-    mcfg = OmegaConf.create({"name": "dense" if variant == "dense" else method, "init": "uniform",
-                             "update_every": 10**9})
+    from sparse_bench.cli import conf_dir
+
+    mcfg = OmegaConf.load(conf_dir() / "method" / f"{'dense' if variant == 'dense' else method}.yaml")
+    mcfg.init = "uniform"
+    mcfg.update_every = 10**9  # per-step cost only: no mask update inside the timed steps
     ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=1, steps_per_epoch=10**6,
                         device=torch.device("cpu"), generator=torch.Generator().manual_seed(1),
                         loss_fn=nn.CrossEntropyLoss(), batches=lambda n: [(x, y)])
@@ -190,6 +193,7 @@ def build_variant(model_name: str, variant: str, density: float, method: str):
             tensors += [v for v in st.values() if torch.is_tensor(v)]
         if m.masks is not None:
             tensors += [t for t in m.masks._masks if t is not None] + list(m.masks._float)
+            tensors += [v for s in m.masks.shadow for v in s.values()]  # inactive weights' momentum
         for t in tensors:
             ptr = t.untyped_storage().data_ptr()
             if ptr not in seen:
