@@ -358,3 +358,15 @@ def test_a_layer_too_big_to_hold_densely_is_built_and_trained_sparse(tmp_path, m
     # a method that needs dense views cannot train such a layer: one clear line
     with pytest.raises(ConfigError, match="too big to hold densely"):
         _run(tmp_path / "x", "deepr", "sparse")
+
+
+@pytest.mark.parametrize("method", ["sparse_momentum", "rigl"])
+def test_sparse_matches_masked_under_adam(method, tmp_path):
+    """Adam's moments live on the values; sparse momentum's inactive moments follow Adam's rule."""
+    a = _run(tmp_path, method, "masked", ["optimizer=adam", "optimizer.lr=0.001"])
+    b = _run(tmp_path, method, "sparse", ["optimizer=adam", "optimizer.lr=0.001"])
+    for x, y in zip(read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")):
+        for k in METRICS:
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
+    _masks_equal(a, b)
