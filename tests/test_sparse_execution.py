@@ -370,3 +370,50 @@ def test_sparse_matches_masked_under_adam(method, tmp_path):
             if k in x:
                 assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
     _masks_equal(a, b)
+
+
+@pytest.mark.parametrize("method,every,expect", [("set", 4, "never"), ("rigl", 4, "before_updates"),
+                                                 ("sparse_momentum", 4, "always"), ("gse", 4, "never")])
+def test_dense_gradients_only_where_the_method_defines_them(method, every, expect):
+    """RigL forms the dense weight gradient on the step before each update only, sparse momentum
+    on every step (its growth signal), SET and GSE never."""
+    from omegaconf import OmegaConf
+
+    from sparse_bench.cli import conf_dir
+    from sparse_bench.models import build_model
+    from sparse_bench.sparsity.execution import Execution
+    from sparse_bench.sparsity.methods import MethodContext, build_method
+
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.create({"name": "mlp", "hidden": [32, 16]}), (1, 8, 8), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    cfg = OmegaConf.load(conf_dir() / "method" / f"{method}.yaml")
+    cfg.update_every = every
+    cfg.end_fraction = 1.0
+    ctx = MethodContext(model=model, optimizer=opt, density=0.3, epochs=1, steps_per_epoch=12,
+                        device=torch.device("cpu"), generator=torch.Generator().manual_seed(1),
+                        loss_fn=nn.CrossEntropyLoss(), batches=lambda n: [(x, y)])
+    m = Execution(build_method(cfg, ctx), "sparse", opt, model, batches=lambda n: [(x, y)])
+    m.setup()
+    dense_steps, updates = [], []
+    for step in range(12):
+        m.before_forward(step)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if m.control.grads:
+            dense_steps.append(step)
+            assert all(g.shape == (layer.rows, layer.cols) for layer, g in m.control.grads.items())
+        m.before_optimizer_step(step)
+        opt.step()
+        m.after_optimizer_step(step)
+        if m.on_step_end(step + 1):
+            updates.append(step + 1)
+        assert not m.masks.view_open
+    if expect == "never":
+        assert dense_steps == []
+    elif expect == "always":
+        assert dense_steps == list(range(12))
+    else:
+        assert updates and dense_steps == [u - 1 for u in updates]

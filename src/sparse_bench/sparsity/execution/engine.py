@@ -151,8 +151,11 @@ class Execution:
                 masks._any_sparse = True
                 masks.optimizer = optimizer
 
-    def __getattr__(self, name):
-        return getattr(self.__dict__["inner"], name)
+    def __getattr__(self, name):  # everything else is the method's own (name, rounds, cadence, ...)
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     @property
     def masks(self):
