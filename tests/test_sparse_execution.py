@@ -152,10 +152,13 @@ METHODS = {
 METRICS = ("train/loss", "train/acc", "val/loss", "test/loss", "train_eval/loss")
 
 
-def _masks_equal(masked_dir, sparse_dir):
+def _masks_equal(masked_dir, sparse_dir, near_ties: int = 0):
+    """The final masks (and active weights) of a masked and a sparse run agree; `near_ties`
+    positions may differ in all, where float rounding flips a boundary decision."""
     a = torch.load(masked_dir / "checkpoint.pt", weights_only=False)
     b = torch.load(sparse_dir / "checkpoint.pt", weights_only=False)
     names = a["method"]["masks"]["names"]
+    differ = 0
     for name, m in zip(names, a["method"]["masks"]["masks"]):
         pre = name[: -len("weight")]
         m = m.bool().reshape(m.shape[0], -1)
@@ -164,9 +167,11 @@ def _masks_equal(masked_dir, sparse_dir):
         rows = torch.repeat_interleave(torch.arange(m.shape[0]), ptr[1:] - ptr[:-1])
         got = torch.zeros_like(m)
         got[rows, ind] = True
-        assert torch.equal(got, m), f"{name}: masks differ"
-        w = a["model"][name].reshape(m.shape)
-        torch.testing.assert_close(b["model"][pre + "values"], w[rows, ind], rtol=1e-4, atol=1e-5)
+        differ += int((got != m).sum())
+        if differ == 0:  # after a flipped position the runs train (slightly) different models
+            w = a["model"][name].reshape(m.shape)
+            torch.testing.assert_close(b["model"][pre + "values"], w[rows, ind], rtol=1e-4, atol=1e-5)
+    assert differ <= near_ties, f"masks differ in {differ} positions"
 
 
 def _run(tmp_path, method, execution, extra=()):
@@ -207,15 +212,18 @@ def test_torch_csr_backend_trains_the_same_model(method, tmp_path, monkeypatch):
     _masks_equal(a, b)
 
 
-def test_conv_model_runs_sparse_like_masked(tmp_path):
+@pytest.mark.parametrize("method", ["rigl", "gse"])
+def test_conv_model_runs_sparse_like_masked(method, tmp_path):
     extra = ["dataset=synthetic", "model=lenet5_caffe", "dataset.n_train=300", "dataset.n_test=100",
-             "limit_train_batches=3", "schedule.epochs=2"]
-    a = _run(tmp_path, "rigl", "masked", [*extra, "method.update_every=2"])
-    b = _run(tmp_path, "rigl", "sparse", [*extra, "method.update_every=2"])
+             "limit_train_batches=3", "schedule.epochs=2", "method.update_every=2", "method.end_fraction=1.0"]
+    a = _run(tmp_path, method, "masked", extra)
+    b = _run(tmp_path, method, "sparse", extra)
     for x, y in zip(read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")):
         if "train/loss" in x:
             assert y["train/loss"] == pytest.approx(x["train/loss"], rel=1e-4)
-    _masks_equal(a, b)
+    # dense convolutions (mkldnn) and unfolded sparse ones round differently; GSE ranks |w| over
+    # all layers at once, where a rounding-level near tie can move one position between layers
+    _masks_equal(a, b, near_ties=4 if method == "gse" else 0)
 
 
 def test_unsupported_method_says_so_and_runs_masked(tmp_path, caplog):
