@@ -93,6 +93,9 @@ def _layer_pair(kind, gen):
     if kind == "linear":
         dense = nn.Linear(40, 24)
         x = torch.randn(3, 5, 40, generator=gen)  # leading dimensions are flattened
+    elif kind == "conv1x1":  # a matmul on the input as it is, no unfold
+        dense = nn.Conv2d(12, 8, 1)
+        x = torch.randn(4, 12, 5, 6, generator=gen)
     else:
         dense = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         x = torch.randn(4, 3, 9, 11, generator=gen)
@@ -105,7 +108,7 @@ def _layer_pair(kind, gen):
     return dense, sparse, mask, x
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1x1"])
 def test_sparse_layer_matches_masked_dense_layer(backend, kind):
     gen = torch.Generator().manual_seed(1)
     dense, sparse, mask, x = _layer_pair(kind, gen)

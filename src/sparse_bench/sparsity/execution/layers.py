@@ -271,8 +271,12 @@ class SparseConv2d(SparseLayer):
         kh, kw = self.kernel_size
         h_out = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         w_out = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        # (N, fan_in, L) patches: one matrix per sample, used in place (no transpose)
-        patches = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        # (N, fan_in, L) patches: one matrix per sample, used in place (no transpose); a 1x1
+        # convolution with stride 1 and no padding is a matmul on the input as it is
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):
+            patches = x.reshape(n, self.cols, h * w)
+        else:
+            patches = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         return self._matmul(patches).view(n, self.out_channels, h_out, w_out)
 
     def extra_repr(self) -> str:
