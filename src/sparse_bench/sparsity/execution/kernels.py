@@ -5,7 +5,7 @@ header): ``spmm`` (forward pass, and the input gradient on the transposed struct
 ``sddmm`` (the gradient of the active weights only). On first use it is compiled with the
 system's C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``, OpenMP when the
 compiler has it) into a per-user cache (``$SPARSE_BENCH_CACHE`` or ``~/.cache/sparse_bench``),
-keyed by a hash of the source, the flags and the compiler, and loaded with ctypes: about a
+keyed by a hash of the source, the flags, the compiler and the CPU, and loaded with ctypes: about a
 second once, nothing at install time, no torch build machinery.
 
 Without a compiler, on CUDA tensors, for dtypes other than float32, or with
@@ -20,6 +20,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -48,6 +49,21 @@ def cache_dir() -> Path:
         return Path(root)
     base = os.environ.get("XDG_CACHE_HOME")
     return (Path(base) if base else Path.home() / ".cache") / "sparse_bench"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and its feature flags (so a cache shared by
+    machines with different CPUs never loads a binary built for another)."""
+    info = platform.machine() + platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features")):
+                info += line
+            if line.strip() == "":
+                break
+    except OSError:
+        pass
+    return info
 
 
 def _compiler() -> str | None:
@@ -89,7 +105,7 @@ def _load() -> ctypes.CDLL | None:
             _reason = "no C compiler found ($CC, gcc, cc)"
         else:
             version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-            key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, *version]).encode()).hexdigest()[:16]
+            key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, *version, _cpu_id()]).encode()).hexdigest()[:16]
             path = cache_dir() / f"spkernels-{key}.so"
             try:
                 if not path.exists():
