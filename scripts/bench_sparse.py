@@ -5,6 +5,7 @@
     python scripts/bench_sparse.py models   # LeNet-300-100, LeNet-5-Caffe, MLP 784-4096-4096-10
     python scripts/bench_sparse.py gse      # GSE grow step and sparse train step, widths 1k-65k
     python scripts/bench_sparse.py update   # one SM / RigL / SET mask update on VGG16-D (masked)
+    python scripts/bench_sparse.py layers --device cuda   # where a GPU is lent (torch's CSR ops there)
 
 Every table interleaves its variants (A B C A B C ... for --rounds rounds of --steps steps) and
 prints the minimum and the median time per step over the rounds, so a machine shared with other
@@ -41,9 +42,17 @@ from sparse_bench.sparsity.execution.layers import SparseLinear  # noqa: E402
 from sparse_bench.sparsity.methods import MethodContext, build_method  # noqa: E402
 
 DENSITIES = (0.01, 0.02, 0.05, 0.10)
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def machine() -> str:
+    if DEVICE.type == "cuda":
+        return f"{torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__}"
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -62,14 +71,23 @@ def interleaved(fns: dict, rounds: int, steps: int) -> dict[str, tuple[float, fl
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
+            sync()
             t0 = time.perf_counter()
             for _ in range(steps):
                 f()
+            sync()
             times[k].append((time.perf_counter() - t0) / steps)
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
 
 
 def peak_bytes(f) -> int:
+    if DEVICE.type == "cuda":  # the allocator's own peak, above what was allocated before
+        sync()
+        base = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        f()
+        sync()
+        return torch.cuda.max_memory_allocated(DEVICE) - base
     with LiveBytes() as mode:
         f()
     return mode.peak
@@ -84,6 +102,8 @@ def ms(t: float) -> str:
 
 
 def try_sparseprop(threads: int):
+    if DEVICE.type != "cpu":
+        return None
     try:
         import sparseprop
         from sparseprop.modules import SparseLinear as SPLinear
@@ -98,23 +118,23 @@ def table_layers(a):
     sp_cls = try_sparseprop(a.threads)
     print(f"# single layers: forward + backward (input and weight gradients), {machine()}")
     if sp_cls is None:
-        print("# SparseProp not installed (pip install sparseprop): its column is skipped")
+        print("# SparseProp not installed (pip install sparseprop) or not on this device: its column is skipped")
     print("| layer | batch | density | dense ms (min/med) | sparse ms (min/med) | torch CSR ms | SparseProp ms "
           "| sparse vs dense | sparse vs SparseProp | dense MiB resident/peak | sparse MiB resident/peak |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for fan_in, fan_out, batch in ((768, 3072, 2048), (4096, 4096, 128)):
         for d in a.densities:
             torch.manual_seed(0)
-            dense = nn.Linear(fan_in, fan_out)
+            dense = nn.Linear(fan_in, fan_out).to(DEVICE)
             mask = torch.zeros(fan_out * fan_in, dtype=torch.bool)
             mask[torch.randperm(fan_out * fan_in)[: int(round(d * fan_in * fan_out))]] = True
-            mask = mask.view(fan_out, fan_in)
+            mask = mask.view(fan_out, fan_in).to(DEVICE)
             with torch.no_grad():
                 dense.weight.mul_(mask)
             sparse = SparseLinear.from_dense(dense, mask)
             sparse.bias = nn.Parameter(dense.bias.detach().clone())
-            x = torch.randn(batch, fan_in)
-            g = torch.randn(batch, fan_out)
+            x = torch.randn(batch, fan_in, device=DEVICE)
+            g = torch.randn(batch, fan_out, device=DEVICE)
 
             def step(layer):
                 xi = x.detach().requires_grad_(True)
@@ -129,7 +149,8 @@ def table_layers(a):
                 finally:
                     os.environ["SPARSE_BENCH_KERNELS"] = a.kernels
 
-            fns = {"dense": lambda: step(dense), "sparse": lambda: step(sparse), "csr": torch_csr}
+            fns = {"dense": lambda: step(dense), "sparse": lambda: step(sparse)}
+            fns["csr"] = torch_csr if DEVICE.type == "cpu" else fns["sparse"]  # CUDA: torch's CSR ops anyway
             if sp_cls is not None:
                 spl = sp_cls.from_dense(dense)
                 fns["sparseprop"] = lambda: step(spl)
@@ -157,17 +178,17 @@ MODELS = {
 def build_variant(model_name: str, variant: str, density: float, method: str):
     cfg, shape, batch = MODELS[model_name]
     torch.manual_seed(0)
-    model = build_model(OmegaConf.create(cfg), shape, 10)
+    model = build_model(OmegaConf.create(cfg), shape, 10).to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    x = torch.randn(batch, *shape)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, *shape, device=DEVICE)
+    y = torch.randint(0, 10, (batch,), device=DEVICE)
     from sparse_bench.cli import conf_dir
 
     mcfg = OmegaConf.load(conf_dir() / "method" / f"{'dense' if variant == 'dense' else method}.yaml")
     mcfg.init = "uniform"
     mcfg.update_every = 10**9  # per-step cost only: no mask update inside the timed steps
     ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=1, steps_per_epoch=10**6,
-                        device=torch.device("cpu"), generator=torch.Generator().manual_seed(1),
+                        device=DEVICE, generator=torch.Generator().manual_seed(1),
                         loss_fn=nn.CrossEntropyLoss(), batches=lambda n: [(x, y)])
     inner = build_method(mcfg, ctx)
     m = Execution(inner, "masked" if variant == "dense" else variant, opt, model, batches=lambda n: [(x, y)])
@@ -311,6 +332,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("table", choices=["layers", "models", "gse", "update"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (layers and models tables)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
@@ -322,6 +344,10 @@ def main():
     ap.add_argument("--update-methods", nargs="+", default=["sparse_momentum", "rigl", "set"])
     ap.add_argument("--update-density", type=float, default=0.05)
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(a.device)
+    if DEVICE.type == "cuda" and a.table not in ("layers", "models"):
+        raise SystemExit("--device cuda is for the layers and models tables")
     torch.set_num_threads(a.threads)
     a.kernels = os.environ.get("SPARSE_BENCH_KERNELS", "auto")
     print(f"# kernels: {kernels.backend()}")
