@@ -96,6 +96,12 @@ def _layer_pair(kind, gen):
     elif kind == "conv1x1":  # a matmul on the input as it is, no unfold
         dense = nn.Conv2d(12, 8, 1)
         x = torch.randn(4, 12, 5, 6, generator=gen)
+    elif kind == "conv_direct":  # stride 1: the direct kernels (C), or unfold (torch backend)
+        dense = nn.Conv2d(5, 7, (3, 5), padding=(1, 2))
+        x = torch.randn(6, 5, 7, 9, generator=gen)
+    elif kind == "conv_direct_nopad":
+        dense = nn.Conv2d(3, 4, 5)
+        x = torch.randn(3, 3, 12, 11, generator=gen)
     else:
         dense = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         x = torch.randn(4, 3, 9, 11, generator=gen)
@@ -108,7 +114,7 @@ def _layer_pair(kind, gen):
     return dense, sparse, mask, x
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv", "conv1x1"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1x1", "conv_direct", "conv_direct_nopad"])
 def test_sparse_layer_matches_masked_dense_layer(backend, kind):
     gen = torch.Generator().manual_seed(1)
     dense, sparse, mask, x = _layer_pair(kind, gen)

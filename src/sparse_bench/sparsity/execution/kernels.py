@@ -116,6 +116,12 @@ def _load() -> ctypes.CDLL | None:
                 lib.sb_spmm.restype = None
                 lib.sb_sddmm.argtypes = [I64, I64, I64, P, P, P, I64, P, I64, P, ctypes.c_int]
                 lib.sb_sddmm.restype = None
+                lib.sb_conv_fwd.argtypes = [I64, I64, I64, I64, P, P, P, P, P, P, ctypes.c_int]
+                lib.sb_conv_fwd.restype = None
+                lib.sb_conv_dgrad.argtypes = [I64, I64, I64, I64, I64, P, P, P, P, P, P, ctypes.c_int]
+                lib.sb_conv_dgrad.restype = None
+                lib.sb_conv_wgrad.argtypes = [I64, I64, I64, I64, P, P, P, P, P, ctypes.c_int]
+                lib.sb_conv_wgrad.restype = None
                 _lib = lib
             except (OSError, RuntimeError) as e:
                 _reason = str(e)
@@ -192,3 +198,41 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, dyt: torch.Tensor, xt: to
     d2 = dyt[0] if nb == 1 else dyt.transpose(0, 1).reshape(rows, nb * b)
     x2 = xt[0] if nb == 1 else xt.transpose(0, 1).reshape(cols, nb * b)
     return torch.sparse.sampled_addmm(pattern, d2, x2.t(), beta=0.0, alpha=1.0).values()
+
+
+def direct_conv_available(*tensors: torch.Tensor) -> bool:
+    """The direct convolution kernels need the compiled C file (CPU, float32)."""
+    return _use_c(*tensors)
+
+
+def conv_fwd(indptr, off, values, xp, bias, h_out: int, w_out: int) -> torch.Tensor:
+    """Direct stride-1 convolution on the padded input xp (C, Hp, Wp, N): y (rows, h_out, w_out, N)."""
+    rows = indptr.numel() - 1
+    _, hp, wp, n = xp.shape
+    y = torch.empty(rows, h_out, w_out, n, dtype=xp.dtype)
+    b = None if bias is None else bias.detach().contiguous()
+    _lib.sb_conv_fwd(rows, h_out, w_out * n, wp * n, indptr.data_ptr(), off.data_ptr(),
+                     values.detach().contiguous().data_ptr(), xp.data_ptr(), _ptr(b), y.data_ptr(),
+                     torch.get_num_threads())
+    return y
+
+
+def conv_dgrad(c_indptr, t_off, t_src, t_vals, dy, shape) -> torch.Tensor:
+    """The input gradient of conv_fwd, padded: dxp of `shape` (C, Hp, Wp, N); dy (rows, h_out, w_out, N)."""
+    c, hp, wp, n = shape
+    _, h_out, w_out, _ = dy.shape
+    dxp = torch.zeros(shape, dtype=dy.dtype)
+    _lib.sb_conv_dgrad(c, h_out, w_out * n, wp * n, hp * wp * n, c_indptr.data_ptr(), t_off.data_ptr(),
+                       t_src.data_ptr(), t_vals.contiguous().data_ptr(), dy.data_ptr(), dxp.data_ptr(),
+                       torch.get_num_threads())
+    return dxp
+
+
+def conv_wgrad(indptr, off, dy, xp) -> torch.Tensor:
+    """The gradient of conv_fwd's active weights, one value per nonzero."""
+    rows = indptr.numel() - 1
+    _, h_out, w_out, n = dy.shape
+    out = torch.empty(int(indptr[-1]), dtype=dy.dtype)
+    _lib.sb_conv_wgrad(rows, h_out, w_out * n, xp.shape[2] * n, indptr.data_ptr(), off.data_ptr(),
+                       dy.data_ptr(), xp.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out

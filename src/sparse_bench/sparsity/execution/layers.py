@@ -93,6 +93,51 @@ class _SparseMatmul(torch.autograd.Function):
         return dv, dx, db, None
 
 
+class _SparseConvDirect(torch.autograd.Function):
+    """Stride-1 sparse convolution without unfolding: activations as (C, H, W, N), N innermost."""
+
+    @staticmethod
+    def forward(ctx, values, x, bias, layer):
+        n, c, h, w = x.shape
+        (p0, p1), (kh, kw) = layer.padding, layer.kernel_size
+        hp, wp = h + 2 * p0, w + 2 * p1
+        h_out, w_out = hp - kh + 1, wp - kw + 1
+        xp = F.pad(x, (p1, p1, p0, p0)).permute(1, 2, 3, 0).contiguous()  # (C, Hp, Wp, N)
+        off = layer._conv_offsets(layer.indices.long(), hp, wp, n)
+        y = kernels.conv_fwd(layer.indptr, off, values, xp, bias, h_out, w_out)
+        ctx.layer, ctx.geometry = layer, (n, c, h, w, hp, wp)
+        ctx.save_for_backward(values, xp, off)
+        return y.permute(3, 0, 1, 2)  # (N, C_out, H_out, W_out), a view
+
+    @staticmethod
+    def backward(ctx, dy):
+        values, xp, off = ctx.saved_tensors
+        layer = ctx.layer
+        n, c, h, w, hp, wp = ctx.geometry
+        (p0, p1) = layer.padding
+        dyt = dy.permute(1, 2, 3, 0).contiguous()  # (C_out, H_out, W_out, N)
+        dv = dx = db = None
+        if ctx.needs_input_grad[0]:
+            dv = kernels.conv_wgrad(layer.indptr, off, dyt, xp)
+        if ctx.needs_input_grad[1]:
+            kk = layer.kernel_size[0] * layer.kernel_size[1]
+            t_cols = torch.repeat_interleave(torch.arange(layer.cols), layer.t_indptr[1:] - layer.t_indptr[:-1])
+            t_off = layer._conv_offsets(t_cols, hp, wp, n) - (t_cols // kk) * (hp * wp * n)
+            dxp = kernels.conv_dgrad(layer.t_indptr[::kk].contiguous(), t_off, layer.t_indices,
+                                     values.detach()[layer.t_perm], dyt, (c, hp, wp, n))
+            dx = dxp[:, p0:p0 + h, p1:p1 + w, :].permute(3, 0, 1, 2)
+        if ctx.needs_input_grad[2]:
+            db = dyt.sum((1, 2, 3))
+        ctl = layer._ctl
+        if ctl.dense:
+            x = xp[:, p0:p0 + h, p1:p1 + w, :].permute(3, 0, 1, 2)
+            g = torch.nn.grad.conv2d_weight(x, layer.weight_shape, dyt.permute(3, 0, 1, 2), 1, layer.padding)
+            g = g.reshape(layer.rows, layer.cols)
+            prev = ctl.grads.get(layer)
+            ctl.grads[layer] = g if prev is None else prev + g
+        return dv, dx, db, None
+
+
 class SparseLayer(nn.Module):
     """What sparse Linear and Conv2d share: the structure, its rebuilds and dense views."""
 
@@ -244,6 +289,7 @@ class SparseConv2d(SparseLayer):
         self.kernel_size, self.stride = pair(kernel_size), pair(stride)
         self.padding, self.dilation = pair(padding), pair(dilation)
         self.groups, self.padding_mode = 1, "zeros"
+        self.direct = True  # stride-1 convs: the direct kernels (False: always unfold)
         fan_in = self.in_channels * math.prod(self.kernel_size)
         self._init_sparse(out_channels, fan_in, (out_channels, in_channels, *self.kernel_size), bias, dtype, device)
 
@@ -266,14 +312,27 @@ class SparseConv2d(SparseLayer):
             layer.set_active(lin, w.detach().reshape(-1)[lin])
         return layer
 
+    def _conv_offsets(self, cols: torch.Tensor, hp: int, wp: int, n: int) -> torch.Tensor:
+        """Element offsets into the padded (C, Hp, Wp, N) input of fan-in columns (c, kh, kw)."""
+        kh, kw = self.kernel_size
+        c = torch.div(cols, kh * kw, rounding_mode="floor")
+        r = cols - c * (kh * kw)
+        i = torch.div(r, kw, rounding_mode="floor")
+        return ((c * hp + i) * wp + (r - i * kw)) * n
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
         h_out = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         w_out = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         # (N, fan_in, L) patches: one matrix per sample, used in place (no transpose); a 1x1
-        # convolution with stride 1 and no padding is a matmul on the input as it is
-        if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):
+        # convolution with stride 1 and no padding is a matmul on the input as it is; other
+        # stride-1 convolutions run the direct kernels (no patches at all) where they are compiled
+        one_by_one = self.kernel_size == (1, 1) and self.padding == (0, 0)
+        if self.stride == (1, 1) and self.dilation == (1, 1) and not one_by_one and self.direct \
+                and kernels.direct_conv_available(self.values, x):
+            return _SparseConvDirect.apply(self.values, x, self.bias, self)
+        if one_by_one and self.stride == (1, 1):
             patches = x.reshape(n, self.cols, h * w)
         else:
             patches = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)

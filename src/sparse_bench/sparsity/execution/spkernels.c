@@ -155,3 +155,111 @@ void sb_sddmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const 
         }
     }
 }
+
+/* --- direct convolution (stride 1, dilation 1), activations as (C, H, W, N): N innermost ------
+ * A weight's nonzero k at (o, c, kh, kw) reads the input at element offset off[k] =
+ * ((c * Hp + kh) * Wp + kw) * N of the zero-padded input Xp (C, Hp, Wp, N). For output row h,
+ * the run of W_out * N floats Y[o, h, :, :] takes v * Xp[c, h + kh, kw : kw + W_out, :], which is
+ * contiguous too: every product is an AXPY or a dot product over contiguous memory, and no
+ * patches are unfolded. */
+
+#define DEFINE_CONV_TILE(NV)                                                                     \
+    static inline void conv_tile##NV(const int64_t *indptr, const int64_t *off, const float *values, \
+                                     const float *xh, int64_t o, int64_t b0, float init,           \
+                                     float *out) {                                                 \
+        vf acc[NV];                                                                                \
+        for (int v = 0; v < NV; v++) acc[v] = (vf){0} + init;                                      \
+        const int64_t end = indptr[o + 1];                                                         \
+        for (int64_t k = indptr[o]; k < end; k++) {                                                \
+            const vf s = (vf){0} + values[k];                                                      \
+            const float *x = xh + off[k] + b0;                                                     \
+            for (int v = 0; v < NV; v++) acc[v] += s * loadu(x + v * VL);                          \
+        }                                                                                          \
+        for (int v = 0; v < NV; v++) storeu(out + v * VL, acc[v]);                                 \
+    }
+
+DEFINE_CONV_TILE(8)
+DEFINE_CONV_TILE(4)
+DEFINE_CONV_TILE(2)
+DEFINE_CONV_TILE(1)
+
+/* y (rows, H_out, L) with L = W_out * N: y[o, h, :] = bias[o] + sum_k v_k xp[h * row + off_k + :] */
+void sb_conv_fwd(int64_t rows, int64_t h_out, int64_t L, int64_t row, const int64_t *indptr,
+                 const int64_t *off, const float *values, const float *xp, const float *bias,
+                 float *y, int nthreads) {
+    for (int64_t h = 0; h < h_out; h++) {
+        const float *xh = xp + h * row;
+        int64_t b0 = 0;
+        while (b0 < L) {
+            const int64_t left = L - b0;
+            const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
+                            : left >= VL ? VL : left;
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nthreads) if (nthreads > 1)
+            for (int64_t o = 0; o < rows; o++) {
+                const float init = bias ? bias[o] : 0.0f;
+                float *out = y + (o * h_out + h) * L + b0;
+                if (w == 8 * VL) conv_tile8(indptr, off, values, xh, o, b0, init, out);
+                else if (w == 4 * VL) conv_tile4(indptr, off, values, xh, o, b0, init, out);
+                else if (w == 2 * VL) conv_tile2(indptr, off, values, xh, o, b0, init, out);
+                else if (w == VL) conv_tile1(indptr, off, values, xh, o, b0, init, out);
+                else {
+                    for (int64_t t = 0; t < w; t++) out[t] = init;
+                    for (int64_t k = indptr[o]; k < indptr[o + 1]; k++) {
+                        const float s = values[k];
+                        const float *x = xh + off[k] + b0;
+                        for (int64_t t = 0; t < w; t++) out[t] += s * x[t];
+                    }
+                }
+            }
+            b0 += w;
+        }
+    }
+}
+
+/* dxp (cols, Hp, Wp, N), zeroed by the caller: for every input channel c (transposed structure:
+ * its nonzeros k, t_off[k] = ((c * Hp + kh) * Wp + kw) * N - the channel base, t_src[k] = o,
+ * t_vals[k] = v) and output row h: dxp[c][h * row + t_off[k] + :L] += v * dy[o, h, :L]. */
+void sb_conv_dgrad(int64_t cols, int64_t h_out, int64_t L, int64_t row, int64_t chan,
+                   const int64_t *t_indptr, const int64_t *t_off, const int32_t *t_src,
+                   const float *t_vals, const float *dy, float *dxp, int nthreads) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t c = 0; c < cols; c++) {
+        float *dc = dxp + c * chan;
+        for (int64_t k = t_indptr[c]; k < t_indptr[c + 1]; k++) {
+            const float s = t_vals[k];
+            const vf sv = (vf){0} + s;
+            const float *src = dy + (int64_t)t_src[k] * h_out * L;
+            for (int64_t h = 0; h < h_out; h++) {
+                float *d = dc + h * row + t_off[k];
+                const float *g = src + h * L;
+                int64_t t = 0;
+                for (; t + VL <= L; t += VL) storeu(d + t, loadu(d + t) + sv * loadu(g + t));
+                for (; t < L; t++) d[t] += s * g[t];
+            }
+        }
+    }
+}
+
+/* out[k] = sum_h dot(dy[o, h, :L], xp[h * row + off[k] + :L]) for every nonzero k of row o. */
+void sb_conv_wgrad(int64_t rows, int64_t h_out, int64_t L, int64_t row, const int64_t *indptr,
+                   const int64_t *off, const float *dy, const float *xp, float *out, int nthreads) {
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t o = 0; o < rows; o++) {
+        for (int64_t k = indptr[o]; k < indptr[o + 1]; k++) {
+            vf s0 = (vf){0}, s1 = (vf){0};
+            float tail = 0.0f;
+            for (int64_t h = 0; h < h_out; h++) {
+                const float *g = dy + (o * h_out + h) * L;
+                const float *x = xp + h * row + off[k];
+                int64_t t = 0;
+                for (; t + 2 * VL <= L; t += 2 * VL) {
+                    s0 += loadu(g + t) * loadu(x + t);
+                    s1 += loadu(g + t + VL) * loadu(x + t + VL);
+                }
+                for (; t + VL <= L; t += VL) s0 += loadu(g + t) * loadu(x + t);
+                for (; t < L; t++) tail += g[t] * x[t];
+            }
+            out[k] = hsum(s0 + s1) + tail;
+        }
+    }
+}
