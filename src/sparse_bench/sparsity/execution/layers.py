@@ -11,8 +11,10 @@ C_in * kh * kw in ``flatten(1)`` order):
 No tensor of the weight's dense shape exists. The forward pass, the input gradient and the
 gradient of the active weights run the kernels of ``kernels.py`` on feature-major activations
 (a layer's output is returned as a transposed view, so a chain of sparse layers passes its
-activations on without copies). A Conv2d unfolds its input into patches and multiplies them
-the same way (its input gradient folds back through autograd).
+activations on without copies). A stride-1 Conv2d runs the direct convolution kernels on
+(C, H, W, N) activations (no patches; a 1x1 one is a plain sparse matmul); a strided one
+unfolds its input into patches and multiplies each sample's (its input gradient folds back
+through autograd); with torch's CSR ops (no compiler) every conv unfolds.
 
 ``dense_grad`` holds the gradient of the loss with respect to the whole dense weight when the
 engine asks for it (``want_dense_grad``): one dense GEMM in that step's backward, for the
@@ -279,7 +281,8 @@ class SparseLinear(SparseLayer):
 
 
 class SparseConv2d(SparseLayer):
-    """nn.Conv2d (groups=1, zero padding) with a sparse weight, as a sparse matmul over patches."""
+    """nn.Conv2d (groups=1, zero padding) with a sparse weight: direct kernels for stride 1,
+    a sparse matmul over unfolded patches otherwise."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  bias: nn.Parameter | None = None, dtype=torch.float32, device=None):
