@@ -372,9 +372,10 @@ def test_a_layer_too_big_to_hold_densely_is_built_and_trained_sparse(tmp_path, m
     sizes += [v.numel() for st in ck["optimizer"]["state"].values() for v in st.values() if torch.is_tensor(v)]
     assert numel not in sizes
     monkeypatch.setattr(MaskSet, "_open_view", real_open)
-    # a method that needs dense views cannot train such a layer: one clear line
-    with pytest.raises(ConfigError, match="too big to hold densely"):
-        _run(tmp_path / "x", "deepr", "sparse")
+    # a method that runs masked, or whose updates read dense views, cannot train it: one clear line
+    for other in ("deepr", "set"):
+        with pytest.raises(ConfigError, match="too big to hold densely"):
+            _run(tmp_path / other, other, "sparse")
 
 
 @pytest.mark.parametrize("method", ["sparse_momentum", "rigl"])

@@ -134,10 +134,11 @@ class Execution:
         if mode != "masked" and masks is not None:
             support = getattr(method, "sparse_execution", True)
             native = [n for n, o in zip(masks.names, masks.owners) if o is not None and getattr(o[0], "_sparse_native", False)]
+            if native and (support is not True or getattr(method, "needs_dense_views", True)):
+                why = support if support is not True else "its updates read dense views of the layers"
+                raise ConfigError(f"execution={mode}: {native[0]} is too big to hold densely, but method="
+                                  f"{method.name} cannot train it ({why}); use method=gse or method=static")
             if support is not True:
-                if native:
-                    raise ConfigError(f"execution={mode}: {native[0]} is too big to hold densely, but method="
-                                      f"{method.name} cannot run sparse ({support}); use method=gse, set, rigl, static ...")
                 self.notes.append(f"execution={mode}: method={method.name} runs masked: {support}")
                 self.mode = "masked"
             elif native:

@@ -76,6 +76,9 @@ class Method:
     #: execution=sparse: the dense optimizer state (momentum) of inactive weights matters to the
     #: method, so the engine keeps it up to date from dense gradients (see wants_dense_grad)
     keeps_inactive_state = False
+    #: execution=sparse: the method's setup or updates open dense views of sparse layers (so it
+    #: cannot train a layer too big to hold densely); False for index-level-only methods (GSE)
+    needs_dense_views = True
 
     def wants_dense_grad(self, step: int) -> bool:
         """execution=sparse: must the backward of optimizer step `step` form the gradient of the

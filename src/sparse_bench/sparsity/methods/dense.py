@@ -30,3 +30,4 @@ class Static(RandomInitMixin, Method):
     """A random mask drawn once at initialisation and never changed."""
 
     sparse_execution = True
+    needs_dense_views = False  # random masks at setup, then nothing

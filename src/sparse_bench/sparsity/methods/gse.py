@@ -136,6 +136,7 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
     # updates use index-level MaskSet calls only: no dense weight, gradient, momentum or mask of
     # a sparse layer is ever formed
     sparse_execution = True
+    needs_dense_views = False
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
