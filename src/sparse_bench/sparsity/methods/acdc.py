@@ -54,8 +54,9 @@ __all__ = ["ACDC", "acdc_phases"]
 
 @register("acdc")
 class ACDC(Method):
-    sparse_execution = "its dense phases train every weight"
     """Alternating dense and sparse (global magnitude) phases; ends sparse at `density`."""
+
+    sparse_execution = "its dense phases train every weight"
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

@@ -69,8 +69,9 @@ def _cpu_state(state: torch.Tensor) -> torch.Tensor:
 
 @register("deepr")
 class DeepR(RandomInitMixin, Method):
-    sparse_execution = "it rewires connections after every optimizer step, on dense weights and signs"
     """Sign-constrained connections with an L1 shrink and noise; dying ones are replaced at random."""
+
+    sparse_execution = "it rewires connections after every optimizer step, on dense weights and signs"
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

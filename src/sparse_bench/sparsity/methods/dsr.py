@@ -62,8 +62,9 @@ def _number(cfg, key: str, default: float) -> float:
 
 @register("dsr")
 class DSR(ScheduledUpdates, RandomInitMixin, Method):
-    sparse_execution = True  # updates read |w| and the mask through dense views
     """Global adaptive magnitude threshold; regrowth shared by the layers' surviving counts."""
+
+    sparse_execution = True  # updates read |w| and the mask through dense views
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

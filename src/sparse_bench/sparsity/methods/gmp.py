@@ -92,8 +92,9 @@ def mask_gradients(masks) -> None:
 
 @register("gmp")
 class GMP(Method):
-    sparse_execution = "it starts dense and prunes gradually, so its weights are dense for much of training"
     """Gradual magnitude pruning from dense to `density` on Zhu & Gupta's cubic schedule."""
+
+    sparse_execution = "it starts dense and prunes gradually, so its weights are dense for much of training"
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

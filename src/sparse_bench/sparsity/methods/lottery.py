@@ -63,6 +63,7 @@ from .base import Method, register
 @register("lottery")
 class Lottery(Method):
     sparse_execution = "its first round trains the dense network"
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.scope = choice(cfg, "scope", "global", SCOPES)

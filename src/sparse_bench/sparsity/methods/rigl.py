@@ -81,6 +81,7 @@ def _choice(cfg, key: str, default: str, choices) -> str:
 @register("rigl")
 class RigL(RandomInitMixin, Method):
     sparse_execution = True  # the dense gradient is formed on the step before an update only
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.alpha0 = float(cfg.get("drop_fraction", 0.3))

@@ -61,6 +61,7 @@ from .base import Method, register
 @register("topkast")
 class TopKAST(Method):
     sparse_execution = "it keeps dense parameters theta and a backward set larger than the forward set"
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         fd = cfg.get("forward_density", None)
