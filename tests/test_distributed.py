@@ -111,6 +111,12 @@ def _verify_worker(rank, world, store_path, result_path):
         names = ["a.weight", "b.weight"]
         masks = [torch.tensor([True, False, True]), torch.tensor([True, True, False, False])]
 
+        def __len__(self):
+            return len(self.masks)
+
+        def active_indices(self, i):
+            return self.masks[i].nonzero().squeeze(1)
+
     class FakeMethod:
         masks = FakeMasks()
 

@@ -21,6 +21,7 @@ from .tables import model_label, paper_comparison
 from .models import build_model
 from .provenance import provenance as make_provenance
 from .sparsity.flops import build_meter
+from .sparsity.execution import Execution, build_model_for, execution_mode
 from .sparsity.methods import MethodContext, build_method
 from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, load_checkpoint
 from .train import distributed as dist_util
@@ -294,7 +295,11 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     torch.manual_seed(seed)
     data = build_data(cfg.dataset, device, seed)
     torch.manual_seed(seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    rule = OmegaConf.to_container(cfg.prunable, resolve=True)
+    rule["exclude"] = list(rule.get("exclude", [])) + list(cfg.model.get("dense_params", []) or [])
+    # as build_model(...).to(device); under execution=sparse a layer too big to hold densely gets no dense weight
+    model = build_model_for(execution_mode(cfg), lambda: build_model(cfg.model, data.input_shape, data.num_classes),
+                            device, rule)
     optimizer = build_optimizer(cfg.optimizer, model)
 
     multiplier = float(cfg.schedule.get("multiplier", 1))
@@ -304,8 +309,6 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     lr_schedule = LRSchedule(cfg.schedule, float(cfg.optimizer.lr), steps_per_epoch, epochs, multiplier)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(cfg.loss.get("label_smoothing", 0.0)))
 
-    rule = OmegaConf.to_container(cfg.prunable, resolve=True)
-    rule["exclude"] = list(rule.get("exclude", [])) + list(cfg.model.get("dense_params", []) or [])
     generator = torch.Generator().manual_seed(seed + 1)
 
     def batches(n: int, key: int):
@@ -317,6 +320,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
                         prunable=rule, batches=batches, loss_fn=loss_fn, multiplier=multiplier)
     method = build_method(cfg.method, ctx)
     flops = build_meter(model, data.input_shape, method, device)
+    # masked or sparse layers (execution=...): wraps the method's hooks, converts layers after setup
+    method = Execution(method, execution_mode(cfg), optimizer, model, dist, run_dir, batches, loss_fn)
     trainer = Trainer(model, optimizer, lr_schedule, method, data, device, epochs * method.rounds, loss_fn,
                       run_dir, progress=bool(cfg.progress), max_steps_per_epoch=steps_per_epoch, dist=dist,
                       train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),
@@ -325,6 +330,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
                       base_epochs=int(cfg.schedule.epochs))
 
     if ckpt_state is not None:
+        method.convert(resume=True)
         trainer.load_state(ckpt_state)
         del ckpt_state
         if dist.is_main:
@@ -336,6 +342,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             log.info(" | ".join(f"{k} {v}" for k, v in setup_logs.items()))
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
+
+        method.prepare_ddp(model)
 
         trainer.train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -131,6 +131,7 @@ class Root:
     limit_train_batches: Optional[int] = count(None, ge=1, nullable=True, hint="null = whole epochs")
     threads: Optional[int] = count(None, ge=1, nullable=True, hint="null = automatic")
     log_every: int = count(100, ge=0, hint="batches between progress lines (0 = none)")
+    execution: str = choice("masked", ("masked", "sparse", "auto"), hint="how prunable layers run")
     optimized_metric: Optional[str] = field(default=None, metadata={"check": _check_metric})
     loss: Loss = field(default_factory=Loss)
     eval: Eval = field(default_factory=Eval)

@@ -26,21 +26,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .execution import kernels
+from .execution.layers import SparseConv2d, SparseLayer, SparseLinear
 
 DEFAULT_CHUNK = 1 << 20  # elements per intermediate block (4 MiB in float32)
 SCORE_KINDS = ("grabo", "graest")
 
 
+def _is_conv(layer: nn.Module) -> bool:
+    return isinstance(layer, (nn.Conv2d, SparseConv2d))
+
+
 def check_layer(layer: nn.Module, name: str = "layer") -> None:
-    """Raise ConfigError unless `layer` is a Linear or an ungrouped Conv2d."""
-    if isinstance(layer, nn.Conv2d):
+    """Raise ConfigError unless `layer` is a Linear or an ungrouped Conv2d (dense or sparse)."""
+    if _is_conv(layer):
         if layer.groups != 1:
             raise ConfigError(
                 f"method=gse: {name} is a Conv2d with groups={layer.groups}; candidate gradients need "
                 f"groups=1, keep it dense with prunable.exclude=['{name}.weight']"
             )
         return
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, (nn.Linear, SparseLinear)):
         return
     raise ConfigError(
         f"method=gse: {name} is a {type(layer).__name__}; GSE handles Linear and Conv2d weights only, "
@@ -50,6 +56,8 @@ def check_layer(layer: nn.Module, name: str = "layer") -> None:
 
 def weight_matrix_shape(layer: nn.Module) -> tuple[int, int]:
     """(output units, input units) of the layer's weight read as a matrix."""
+    if isinstance(layer, SparseLayer):
+        return layer.rows, layer.cols
     w = layer.weight
     return w.shape[0], math.prod(w.shape[1:])
 
@@ -68,7 +76,7 @@ def _conv_input(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple]
 
 def num_rows(layer: nn.Module, grad_outputs: torch.Tensor) -> int:
     """How many rows (samples, tokens or image patches) one call of the layer contributes."""
-    if isinstance(layer, nn.Conv2d):
+    if _is_conv(layer):
         return grad_outputs.shape[0] * grad_outputs.shape[2] * grad_outputs.shape[3]
     return grad_outputs.numel() // grad_outputs.shape[-1]
 
@@ -88,7 +96,7 @@ def iter_rows(
     chunk_size = max(1, int(chunk_size))
     n_out, fan_in = weight_matrix_shape(layer)
     dtype = _work_dtype(inputs)
-    if isinstance(layer, nn.Conv2d):
+    if _is_conv(layer):
         x, padding = _conv_input(layer, inputs)
         b = x.shape[0]
         L = grad_outputs.shape[2] * grad_outputs.shape[3]
@@ -136,6 +144,22 @@ def candidate_gradients(
     n_cand = out_idx.numel()
     result = torch.zeros(n_cand, dtype=_work_dtype(inputs), device=device)
     if n_cand == 0:
+        return result
+    if result.dtype == torch.float32 and device.type == "cpu" and kernels.backend() == "c":
+        # the candidates as a CSR pattern (sorted by output unit), their gradients by the sparse
+        # layers' sampled dot-product kernel, one row block at a time
+        n_out = weight_matrix_shape(layer)[0]
+        order = torch.argsort(out_idx, stable=True)
+        indptr = torch.zeros(n_out + 1, dtype=torch.int64)
+        indptr[1:] = torch.bincount(out_idx, minlength=n_out).cumsum(0)
+        cols = in_idx[order].to(torch.int32)
+        acc = torch.zeros(n_cand, dtype=torch.float32)
+        # blocks of at least 256 rows: the kernel's batch tiles stay full (memory: a transposed
+        # copy of that many rows of inputs and output gradients)
+        block = max(chunk_size, 256 * (weight_matrix_shape(layer)[1] + n_out))
+        for _, xt, dt in iter_rows(layer, inputs, grad_outputs, block):
+            acc += kernels.sddmm(indptr, cols, dt.unsqueeze(0), xt.unsqueeze(0))
+        result[order] = acc
         return result
     for _, xt, dt in iter_rows(layer, inputs, grad_outputs, chunk_size):
         rows = xt.shape[1]

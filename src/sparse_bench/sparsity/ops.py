@@ -5,13 +5,62 @@ from __future__ import annotations
 import torch
 
 
+SAMPLE = 1 << 16  # entries a threshold is estimated from
+
+
+def _full_topk(values, k, largest, eligible):
+    if eligible is not None:
+        values = torch.where(eligible, values, torch.full_like(values, float("-inf") if largest else float("inf")))
+    return torch.topk(values, k, largest=largest, sorted=False).indices
+
+
+def topk_indices(values: torch.Tensor, k: int, largest: bool = True,
+                 eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the `k` largest (or smallest) entries of the 1-D `values` among the `eligible`
+    ones (all if None); the caller guarantees at least k are eligible.
+
+    Exact, like ``torch.topk`` (ties at the boundary are broken by index order among the
+    candidates), but for large inputs it first estimates a threshold from an evenly strided
+    sample of about 65k entries, keeps only the entries beyond it (about twice k) and ranks
+    those: two O(n) passes and a small top-k instead of a top-k over everything. If fewer than k
+    entries pass the estimate it falls back to the full top-k.
+    """
+    n = values.numel()
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=values.device)
+    if n <= 4 * SAMPLE or k > n // 8 or values.device.type != "cpu":
+        return _full_topk(values, k, largest, eligible)  # on a GPU: no host sync, topk is fast
+    stride = n // SAMPLE
+    sample = values[::stride]
+    if eligible is not None:
+        sample = sample[eligible[::stride]]
+        frac = sample.numel() / max(int(torch.count_nonzero(eligible)), 1)
+    else:
+        frac = sample.numel() / n
+    r = min(sample.numel(), int(2 * k * frac) + 16)
+    if r < 1:
+        return _full_topk(values, k, largest, eligible)
+    thr = torch.topk(sample, r, largest=largest, sorted=True).values[-1]
+    keep = values >= thr if largest else values <= thr
+    if eligible is not None:
+        keep &= eligible
+    cand = keep.nonzero().squeeze(1)
+    if cand.numel() < k:
+        return _full_topk(values, k, largest, eligible)
+    return cand[torch.topk(values[cand], k, largest=largest, sorted=False).indices]
+
+
 def smallest_active(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool tensor marking the `k` active (mask True) entries of smallest score."""
+    """Bool tensor marking the `k` active (mask True) entries of smallest score (ranked among
+    the active entries only)."""
     out = torch.zeros_like(mask)
     if k <= 0:
         return out
-    s = torch.where(mask, scores, torch.full_like(scores, float("inf"))).flatten()
-    idx = torch.topk(s, k, largest=False, sorted=False).indices
+    if mask.device.type != "cpu":  # no host sync on a GPU
+        idx = topk_indices(scores.reshape(-1), k, largest=False, eligible=mask.reshape(-1))
+    else:
+        active = mask.reshape(-1).nonzero().squeeze(1)
+        idx = active[topk_indices(scores.reshape(-1)[active], k, largest=False)]
     out.view(-1)[idx] = True
     return out
 
@@ -21,8 +70,7 @@ def largest_inactive(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.
     out = torch.zeros_like(mask)
     if k <= 0:
         return out
-    s = torch.where(mask, torch.full_like(scores, float("-inf")), scores).flatten()
-    idx = torch.topk(s, k, largest=True, sorted=False).indices
+    idx = topk_indices(scores.reshape(-1), k, largest=True, eligible=~mask.reshape(-1))
     out.view(-1)[idx] = True
     return out
 
@@ -41,15 +89,25 @@ def mask_change_logs(names, old, new) -> dict:
     ``mask/change_pct`` the Hamming distance between the masks as a percentage of all prunable
     weights (Kuznedelev et al.'s mask-change diagnostic).
     """
-    pruned = [int((o & ~n).sum()) for o, n in zip(old, new)]
-    grown = [int((n & ~o).sum()) for o, n in zip(old, new)]
-    before = sum(int(o.sum()) for o in old)
+    if not old:
+        return count_change_logs(names, [], [], [], [])
+    # every count in one stacked tensor: one host sync for the whole update
+    nz = torch.count_nonzero  # counts bools without converting them to integers first
+    counts = torch.stack([torch.stack([nz(o & ~n), nz(n & ~o), nz(o)]) for o, n in zip(old, new)]).cpu().tolist()
+    pruned = [int(c[0]) for c in counts]
+    grown = [int(c[1]) for c in counts]
+    before = [int(c[2]) for c in counts]
+    return count_change_logs(names, before, pruned, grown, [o.numel() for o in old])
+
+
+def count_change_logs(names, before, pruned, grown, numels) -> dict:
+    """``mask_change_logs`` from per-layer counts: active before, pruned and grown (disjoint)."""
     logs = {
         "mask/pruned": sum(pruned),
         "mask/grown": sum(grown),
-        "mask/churn": sum(grown) / max(before, 1),
-        "mask/change_pct": 100.0 * (sum(pruned) + sum(grown)) / max(sum(o.numel() for o in old), 1),
+        "mask/churn": sum(grown) / max(sum(before), 1),
+        "mask/change_pct": 100.0 * (sum(pruned) + sum(grown)) / max(sum(numels), 1),
     }
-    for name, n in zip(names, new):
-        logs[f"density/{name}"] = float(n.sum()) / n.numel()
+    for name, b, p, g, n in zip(names, before, pruned, grown, numels):
+        logs[f"density/{name}"] = (b - p + g) / n
     return logs

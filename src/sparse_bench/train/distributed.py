@@ -58,15 +58,7 @@ def broadcast_masks(method, optimizer, d: Dist) -> None:
     """Rank 0's masks, prunable weights and their optimizer state, everywhere (after set-up)."""
     if not d.enabled or method.masks is None:
         return
-    for i, p in enumerate(method.masks.params):
-        m = method.masks.masks[i].to(torch.uint8)
-        dist.broadcast(m, src=0)
-        method.masks.masks[i] = m.bool()
-        dist.broadcast(p.data, src=0)
-        for value in optimizer.state.get(p, {}).values():
-            if torch.is_tensor(value) and value.shape == p.shape:
-                dist.broadcast(value, src=0)
-    method.masks.apply_()
+    method.masks.broadcast_(optimizer, dist)
     verify_masks(method, d, 0)
 
 
@@ -75,11 +67,12 @@ _HASH_MULT, _HASH_MOD = 1_000_003, 2_147_483_647
 
 @torch.no_grad()
 def mask_checksums(masks) -> torch.Tensor:
-    """Per mask: (active count, a hash of the active positions), as one int64 tensor."""
+    """Per layer of a MaskSet: (active count, a hash of the active positions), as one int64
+    tensor (read from the index structure for sparse-executed layers, no dense mask needed)."""
     out = []
-    for m in masks:
-        idx = m.reshape(-1).nonzero().squeeze(1)
-        out.append(idx.numel() + torch.zeros((), dtype=torch.long, device=m.device))
+    for i in range(len(masks)):
+        idx = masks.active_indices(i)
+        out.append(idx.numel() + torch.zeros((), dtype=torch.long, device=idx.device))
         out.append(((idx * _HASH_MULT + 12_345) % _HASH_MOD).sum())  # int64 wraps the same everywhere
     return torch.stack(out) if out else torch.zeros(0, dtype=torch.long)
 
@@ -90,7 +83,7 @@ def verify_masks(method, d: Dist, step: int) -> None:
     compare checksums of the result and stop with one line if any mask differs."""
     if not d.enabled or method.masks is None:
         return
-    mine = mask_checksums(method.masks.masks)
+    mine = mask_checksums(method.masks)
     everyone = [torch.empty_like(mine) for _ in range(d.world)]
     dist.all_gather(everyone, mine)
     for rank, theirs in enumerate(everyone):

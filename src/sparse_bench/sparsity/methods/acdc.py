@@ -60,6 +60,8 @@ __all__ = ["ACDC", "acdc_phases"]
 class ACDC(Method):
     """Alternating dense and sparse (global magnitude) phases; ends sparse at `density`."""
 
+    sparse_execution = "its dense phases train every weight"
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.scope = check_choice(cfg, "scope", SCOPES, "global")

@@ -84,6 +84,22 @@ class Method:
     name = "base"
     sparse = True
     rounds = 1  # training schedules run back to back (iterative pruning runs several)
+    #: execution=sparse/auto: True if the method runs with sparse layers (its per-step hooks use
+    #: only MaskSet calls, and its updates dense views or index-level calls), else the one-line
+    #: reason it runs masked
+    sparse_execution: bool | str = "it does not declare that its hooks work on sparse layers"
+    #: execution=sparse: the dense optimizer state (momentum) of inactive weights matters to the
+    #: method, so the engine keeps it up to date from dense gradients (see wants_dense_grad)
+    keeps_inactive_state = False
+    #: execution=sparse: the method's setup or updates open dense views of sparse layers (so it
+    #: cannot train a layer too big to hold densely); False for index-level-only methods (GSE)
+    needs_dense_views = True
+
+    def wants_dense_grad(self, step: int) -> bool:
+        """execution=sparse: must the backward of optimizer step `step` form the gradient of the
+        whole dense weight of sparse layers (one dense GEMM per layer)? Only a method whose rule
+        reads it says yes (RigL before an update, sparse momentum every step)."""
+        return False
 
     def __init__(self, cfg, ctx: MethodContext):
         self.cfg = cfg

@@ -103,6 +103,8 @@ def _cpu_state(state: torch.Tensor) -> torch.Tensor:
 class DeepR(RandomInitMixin, Method):
     """Sign-constrained connections with an L1 shrink and noise; dying ones are replaced at random."""
 
+    sparse_execution = "it rewires connections after every optimizer step, on dense weights and signs"
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.l1 = _nonneg(cfg, "l1", 1e-4)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..distributions import random_masks
 from ..reinit import fan_in_reinit, reinit_choice
 from .base import Method, register
 
@@ -33,8 +32,7 @@ class RandomInitMixin:
 
     def init_random_masks(self) -> dict:
         kind = str(self.cfg.get("init", "uniform"))
-        masks = random_masks(self.masks.shapes, self.ctx.density, kind, self.ctx.generator, self.masks.names)
-        self.masks.set_masks(masks)
+        self.masks.draw_random(self.ctx.density, kind, self.ctx.generator)  # = set_masks(random_masks(...))
         logs = {"init/distribution": kind}
         if self.reinit == "fan_in":
             self.reinit_fan_in()
@@ -43,12 +41,33 @@ class RandomInitMixin:
 
     @torch.no_grad()
     def reinit_fan_in(self) -> None:
-        """Active weights ~ U(-1, 1) * sqrt(3 / sparse fan-in of the output unit); bias likewise."""
-        fan_in_reinit(self.ctx.model, self.masks.names, [p.data for p in self.masks.params],
-                      self.masks.masks, self.ctx.generator)
-        self.masks.apply_()
+        """Active weights ~ U(-1, 1) * sqrt(3 / sparse fan-in of the output unit); bias likewise.
+
+        A layer that is sparse already (built without a dense weight, execution=sparse) draws
+        its active values only, from its index structure."""
+        ms, gen = self.masks, self.ctx.generator
+        dense = [i for i in range(len(ms)) if not ms.is_sparse(i)]
+        if dense:
+            entries = [ms.masked_entry(i) for i in dense]
+            fan_in_reinit(self.ctx.model, [ms.names[i] for i in dense], [p.data for p, _ in entries],
+                          [m for _, m in entries], gen)
+        for i in range(len(ms)):
+            if not ms.is_sparse(i):
+                continue
+            layer = ms.layers[i]
+            fan = (layer.indptr[1:] - layer.indptr[:-1]).clamp_min(1).to(torch.float64).cpu()
+            bound = (3.0 / fan).sqrt()
+            u = torch.rand(layer.nnz, generator=gen, dtype=torch.float64) * 2 - 1
+            layer.values.data.copy_((u * bound[layer.row_ids().cpu()]).to(layer.values))
+            if layer.bias is not None:
+                ub = torch.rand((bound.numel(),), generator=gen, dtype=torch.float64) * 2 - 1
+                layer.bias.data.copy_((ub * bound).to(layer.bias))
+        ms.apply_()
 
 
 @register("static")
 class Static(RandomInitMixin, Method):
     """A random mask drawn once at initialisation and never changed (``init``, ``reinit``)."""
+
+    sparse_execution = True
+    needs_dense_views = False  # random masks at setup, then nothing

@@ -78,6 +78,8 @@ def _number(cfg, key: str, default: float) -> float:
 class DSR(ScheduledUpdates, RandomInitMixin, Method):
     """Global adaptive magnitude threshold; regrowth shared by the layers' surviving counts."""
 
+    sparse_execution = True  # updates read |w| and the mask through dense views
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.threshold = _number(cfg, "init_threshold", 1e-3)

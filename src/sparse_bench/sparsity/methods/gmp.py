@@ -100,19 +100,15 @@ def magnitude_masks(weights: list[torch.Tensor], masks: list[torch.Tensor], keep
 
 
 def mask_gradients(masks) -> None:
-    """Zero the gradients of inactive weights (one grouped multiply, no host sync)."""
-    grads, ms = [], []
-    for p, m in zip(masks.params, masks.masks):
-        if p.grad is not None:
-            grads.append(p.grad)
-            ms.append(m)
-    if grads:
-        torch._foreach_mul_(grads, ms)
+    """Zero the gradients of inactive weights (one grouped multiply by float masks, no host sync)."""
+    masks.mask_grads_()
 
 
 @register("gmp")
 class GMP(Method):
     """Gradual magnitude pruning from dense to `density` on Zhu & Gupta's cubic schedule."""
+
+    sparse_execution = "it starts dense and prunes gradually, so its weights are dense for much of training"
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)

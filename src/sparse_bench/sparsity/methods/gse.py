@@ -79,7 +79,7 @@ from ..candidate_grad import (
     weight_matrix_shape,
 )
 from ..flops import SPARSE, Extra
-from ..ops import mask_change_logs
+from ..ops import count_change_logs
 from ..schedules import decay, milestone
 from ..statistics import quiet_pass
 from .base import Method, ScheduledUpdates, cadence_from, register
@@ -135,6 +135,10 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
     """Guided stochastic exploration: grow the sampled candidates of largest |gradient|."""
 
     default_reinit = "fan_in"
+    # updates use index-level MaskSet calls only: no dense weight, gradient, momentum or mask of
+    # a sparse layer is ever formed
+    sparse_execution = True
+    needs_dense_views = False
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -155,9 +159,14 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         self.all_candidates_density = float(cfg.get("all_candidates_density", 0.5))
         self.cadence = cadence_from(cfg, ctx, 1000, milestone("fraction", 0.6))
         self.t_end = self.cadence.end
-        self.modules = self._find_modules()
+        self._find_modules()  # checks every prunable weight belongs to a Linear or Conv2d
         self.last_update: dict = {}
         self._last_cost: list[Extra] = []
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        """The prunable modules, as they are now (execution=sparse replaces them after setup)."""
+        return [owner[0] for owner in self.masks.owners]
 
     def _find_modules(self) -> list[nn.Module]:
         owner = {}
@@ -237,16 +246,17 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         """Per layer (out_idx, in_idx) of distinct inactive candidates, plus counts for the logs."""
         gen = self.ctx.generator
         cands, drawn, hit, dup = [], 0, 0, 0
-        for i, (mod, m) in enumerate(zip(self.modules, self.masks.masks)):
+        masks = self.masks
+        for i, mod in enumerate(self.modules):
             n_out, fan_in = weight_matrix_shape(mod)
             numel = n_out * fan_in
-            flat = m.reshape(-1)
+            device = self.ctx.device
             if nnz[i] >= numel:
-                empty = torch.zeros(0, dtype=torch.long, device=m.device)
+                empty = torch.zeros(0, dtype=torch.long, device=device)
                 cands.append((empty, empty))
                 continue
             if nnz[i] / numel >= self.all_candidates_density:
-                lin = (~flat).nonzero().squeeze(1)
+                lin = masks.inactive_indices(i)
             else:
                 n = int(round(self.gamma * nnz[i]))
                 if scores is None or scores[i] is None:
@@ -258,8 +268,8 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
                     p_out = sampling_distribution(scores[i][0], n_out)
                     p_in = sampling_distribution(scores[i][1], fan_in)
                 o, j = sample_candidates(p_out, p_in, n_out, fan_in, n, gen)
-                lin = (o * fan_in + j).to(m.device)
-                active = flat[lin]
+                lin = (o * fan_in + j).to(device)
+                active = masks.is_active(i, lin)
                 n_active = int(active.sum())
                 lin = torch.unique(lin[~active])
                 drawn += n
@@ -281,7 +291,6 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         masks = self.masks
         nnz = masks.nnz()
         alpha = self.alpha_at(step)
-        old = [m.clone() for m in masks.masks]
         batches = self.ctx.batches(self.stat_batches, step) if self.ctx.batches is not None else []
         if len(batches) == 0:
             raise ConfigError("method=gse needs training batches for its statistics (ctx.batches)")
@@ -318,8 +327,8 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         # choose the k candidates to grow and the k active weights to prune
         grow_idx: list[torch.Tensor] = []
         prune_idx: list[torch.Tensor] = []
-        active_idx = [m.reshape(-1).nonzero().squeeze(1) for m in old]
-        active_mag = [p.data.reshape(-1)[a].abs() for p, a in zip(masks.params, active_idx)]
+        active_idx = [masks.active_indices(i) for i in range(len(masks))]
+        active_mag = [masks.active_values(i).abs() for i in range(len(masks))]
         if self.scope == "layer":
             ks = [min(math.ceil(alpha * a), s) for a, s in zip(nnz, sizes)]
             for k, sc, a_mag, a_idx, (o, j), mod in zip(ks, scores_abs, active_mag, active_idx, cands, self.modules):
@@ -344,22 +353,7 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
                 dsel = low[(low >= a_off[i]) & (low < a_off[i + 1])] - a_off[i]
                 prune_idx.append(a_idx[dsel.to(a_idx.device)])
 
-        new, grown_masks = [], []
-        for p, m, gi, pi in zip(masks.params, old, grow_idx, prune_idx):
-            nm = m.clone()
-            flat = nm.view(-1)
-            flat[pi] = False
-            flat[gi] = True
-            p.data.view(-1)[gi] = 0.0  # grown weights start at exactly 0
-            p.data.view(-1)[pi] = 0.0
-            gm = torch.zeros_like(m)
-            gm.view(-1)[gi] = True
-            new.append(nm)
-            grown_masks.append(gm)
-        for i, nm in enumerate(new):
-            masks.masks[i] = nm
-        masks.apply_()
-        self.reset_optimizer_state(grown_masks)
+        masks.replace_(prune_idx, grow_idx, self.ctx.optimizer)  # grown at 0 with zeroed optimizer state
 
         n_cand = sum(sizes)
         # what this update computed beyond the training step, for sparsity/flops.py: `runs`
@@ -384,7 +378,8 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
             "gse/candidates_already_active": counts["already_active"] / max(counts["drawn"], 1),
             "gse/candidates_duplicate": counts["duplicate"] / max(counts["drawn"], 1),
             "gse/grown": k_total,
-            **mask_change_logs(masks.names, old, new),
+            **count_change_logs(masks.names, nnz, [p.numel() for p in prune_idx],
+                                [g.numel() for g in grow_idx], masks.numels),
         }
         return logs
 

@@ -73,6 +73,8 @@ from .base import Method, register
 
 @register("lottery")
 class Lottery(Method):
+    sparse_execution = "its first round trains the dense network"
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.scope = choice(cfg, "scope", "global", SCOPES)

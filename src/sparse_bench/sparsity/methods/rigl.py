@@ -94,6 +94,8 @@ def _choice(cfg, key: str, default: str, choices) -> str:
 
 @register("rigl")
 class RigL(RandomInitMixin, Method):
+    sparse_execution = True  # the dense gradient is formed on the step before an update only
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.alpha0 = float(cfg.get("drop_fraction", 0.3))
@@ -125,17 +127,14 @@ class RigL(RandomInitMixin, Method):
         return decay(self.decay_kind, self.alpha0, 0.0, step, self.end_step)
 
     # --- per step ---------------------------------------------------------------------------
+    def wants_dense_grad(self, step):
+        return self.cadence.at_step(step + 1)  # a mask update follows this optimizer step
+
     @torch.no_grad()
     def before_optimizer_step(self, step):
-        grads, masks = [], []
-        for p, m in zip(self.masks.params, self.masks.masks):
-            if p.grad is not None:
-                grads.append(p.grad)
-                masks.append(m)
         if self.stat_batches is None and self.cadence.at_step(step + 1):  # a mask update follows this step
-            self._grow_scores = [None if p.grad is None else p.grad.detach().abs() for p in self.masks.params]
-        if grads:
-            torch._foreach_mul_(grads, masks)
+            self._grow_scores = [None if g is None else g.detach().abs() for g in self.masks.dense_grads()]
+        self.masks.mask_grads_()
 
     def on_step_end(self, step):
         if self.cadence.at_step(step):
@@ -210,7 +209,7 @@ class RigL(RandomInitMixin, Method):
         ms.apply_()
         self.reset_optimizer_state([b | lf for b, lf in zip(born, left)])
 
-        regrown = sum(int((d & g).sum()) for d, g in zip(dropped, grown))
+        regrown = int(sum(torch.count_nonzero(d & g) for d, g in zip(dropped, grown)))
         self.last_update = {
             "step": step,
             "drop_fraction": alpha,

@@ -106,6 +106,8 @@ def prune_by_sign(w: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
 class SET(ScheduledUpdates, RandomInitMixin, Method):
     """Prune the smallest-magnitude fraction per layer, regrow as many at random (at zero)."""
 
+    sparse_execution = True  # updates read |w| and the mask through dense views
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.prune_mode = _choice(cfg, "prune", "magnitude", PRUNE_MODES)

@@ -48,6 +48,8 @@ class PruneAtInit(Method):
     the kept weights are then those of the re-initialised model.
     """
 
+    sparse_execution = True  # scored on the dense model at setup; sparse layers from then on
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.scope = choice(cfg, "scope", "global", SCOPES)

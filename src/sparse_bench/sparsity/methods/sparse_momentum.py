@@ -77,6 +77,21 @@ def spread_budget(targets: list[float], caps: list[float], iterations: int = 100
 
 @register("sparse_momentum")
 class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
+    # execution=sparse: growth by momentum reads the momentum of inactive weights, i.e. a dense
+    # gradient every step; sparse layers then form it (one dense GEMM per layer per step) and the
+    # engine keeps the inactive weights' momentum. Random growth needs neither.
+    sparse_execution = True
+
+    def wants_dense_grad(self, step):
+        return self.keeps_inactive_state
+
+    @property
+    def keeps_inactive_state(self) -> bool:
+        if self.growth_mode != "random":
+            return True
+        opt = self.ctx.optimizer  # no momentum: the redistribution falls back to the gradient
+        return not any(g.get("momentum", 0) or "betas" in g for g in opt.param_groups)
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.prune_mode = _check(cfg, "prune", PRUNE_MODES)
@@ -109,17 +124,19 @@ class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
         return m
 
     def layer_shares(self, masks, weights, signals, nnz) -> list[float]:
-        raw = []
-        for m, w, g, k in zip(masks, weights, signals, nnz):
-            if self.redistribution == "momentum":
-                v = float(g.abs()[m].mean()) if k > 0 else float("nan")
-            elif self.redistribution == "magnitude":
-                v = float(w.abs()[m].mean()) if k > 0 else float("nan")
-            elif self.redistribution == "nonzero":
-                v = float((w.abs() > self.nonzero_threshold).sum())
-            else:
-                v = 1.0
-            raw.append(0.0 if math.isnan(v) else v)
+        if self.redistribution == "none":
+            raw = [1.0] * len(masks)
+        else:  # one stacked tensor, one host sync for all layers
+            per = []
+            for m, w, g, k in zip(masks, weights, signals, nnz):
+                if self.redistribution == "momentum":
+                    per.append(torch.where(m, g.abs(), 0).sum() / max(k, 1))
+                elif self.redistribution == "magnitude":
+                    per.append(torch.where(m, w.abs(), 0).sum() / max(k, 1))
+                else:
+                    per.append(torch.count_nonzero(w.abs() > self.nonzero_threshold).to(w.dtype))
+            raw = [0.0 if (k == 0 and self.redistribution != "nonzero") or math.isnan(v) else v
+                   for v, k in zip(torch.stack(per).double().cpu().tolist(), nnz)]
         total = sum(raw)
         if total <= 0:
             return [1.0 / len(raw)] * len(raw)
@@ -189,7 +206,7 @@ class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
                 self.prune_layer(w, m, min(math.ceil(r * k), k))
                 for w, m, r, k in zip(weights, old, rates, nnz)
             ]
-        removed = [int(x.sum()) for x in pruned]
+        removed = [int(c) for c in torch.stack([torch.count_nonzero(x) for x in pruned]).cpu().tolist()]
         after_prune = [m & ~d for m, d in zip(old, pruned)]
         total_removed = sum(removed)
         free = [n - (k - r) for n, k, r in zip(numels, nnz, removed)]
@@ -214,7 +231,7 @@ class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
             grown = [self.grow_layer(g, m, k) for g, m, k in zip(signals, after_prune, regrow)]
 
         new = [a | g for a, g in zip(after_prune, grown)]
-        net_grown = [int((n & ~o).sum()) for n, o in zip(new, old)]
+        net_grown = [int(c) for c in torch.stack([torch.count_nonzero(n & ~o) for n, o in zip(new, old)]).cpu().tolist()]
         for i, m in enumerate(new):
             masks.masks[i] = m
         masks.apply_()

@@ -91,6 +91,8 @@ PROMOTES = ("theta", "zero")
 
 @register("topkast")
 class TopKAST(Method):
+    sparse_execution = "it keeps dense parameters theta and a backward set larger than the forward set"
+
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         fd = cfg.get("forward_density", None)

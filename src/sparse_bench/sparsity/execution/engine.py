@@ -1,0 +1,478 @@
+"""``execution``: run prunable layers masked (dense kernels times a mask) or sparse.
+
+``Execution`` wraps a Method. The trainer calls the same hooks as ever; around them it
+
+* converts the chosen prunable layers to sparse layers once the initial masks exist (after
+  ``setup``, or before a checkpoint is loaded on resume), moving each layer's optimizer entry
+  from the dense weight to the active values;
+* before each forward pass, asks the method whether this step's backward must form the dense
+  weight gradient (``Method.wants_dense_grad``: RigL on the step before an update, sparse
+  momentum every step) and tells the sparse layers, which then add one dense GEMM;
+* after the optimizer step, where the method keeps the optimizer state of inactive weights
+  (``Method.keeps_inactive_state``: sparse momentum's growth signal is the momentum of
+  inactive weights), advances that dense state with the dense gradient the way the optimizer
+  would (SGD momentum, Adam moments);
+* after every hook, closes the dense views a method's update opened (``MaskSet.params`` /
+  ``masks``) and rebuilds the sparse structures; the cost is logged as ``sparse/rebuild_s``.
+
+``execution=auto`` times, per layer, a forward and backward of the masked (dense) layer and of
+the sparse layer on the layer's own input shape and density, keeps the faster, and logs the
+choice; the plan is saved in the run folder (``execution.json``) so a resumed run rebuilds the
+same layers. A method or layer that cannot run sparse says so in one line at start and runs
+masked.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError
+from . import kernels
+from .layers import DenseGradControl, SparseLayer, sparse_twin
+
+log = logging.getLogger("sparse_bench")
+
+EXECUTIONS = ("masked", "sparse", "auto")
+PLAN_FILE = "execution.json"
+#: execution=sparse: a prunable Linear / Conv2d whose dense weight would hold more than this many
+#: weights (1 GiB in float32) is built without one (see build_model_for)
+DENSE_BUILD_LIMIT = 1 << 28
+
+
+def build_model_for(mode: str, build, device: torch.device, rule: dict, limit: int | None = None) -> nn.Module:
+    """The model, built as ``build()`` builds it, except that under execution=sparse/auto a
+    prunable layer too big to hold densely (more than `limit` weights) never gets a dense
+    weight: the model is built on the meta device, every other parameter and buffer is
+    materialised and initialised by its module's ``reset_parameters`` (the big layers' biases by
+    nn.Linear's / nn.Conv2d's default rule), and the big weights stay shapes only until the
+    engine makes them sparse layers and the method draws their masks and values. Such a run is
+    not bit-identical to execution=masked (which could not hold the layer anyway); one line says
+    which layers. Models whose layers all fit are built exactly as under execution=masked."""
+    if mode == "masked":
+        return build().to(device)
+    from ..masks import DEFAULT_TYPES, prunable_parameters
+
+    limit = DENSE_BUILD_LIMIT if limit is None else limit
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the probe leaves the RNG as it was
+        probe = build()
+    named = prunable_parameters(probe, list(rule.get("types") or DEFAULT_TYPES),
+                                list(rule.get("exclude") or []), list(rule.get("include") or []))
+    big = {id(p) for _, p in named if p.numel() > limit}
+    if not big:
+        return build().to(device)
+    owners = {}
+    for mod in probe.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None and id(p) in big and attr == "weight" and not isinstance(sparse_twin(mod), str):
+                owners[id(mod)] = mod
+    if len(owners) < len(big):
+        raise ConfigError(f"execution={mode}: a prunable tensor over {limit:,} weights is not the weight of a "
+                          f"Linear or Conv2d with a sparse kernel; it cannot be held densely either")
+    names = [n for n, p in named if id(p) in big]
+    log.info(f"execution={mode}: {', '.join(names)} too big to hold densely (> {limit:,} weights): built without a "
+             f"dense weight; masks and values are drawn for the active weights only")
+    for mod in probe.modules():
+        if id(mod) in owners:
+            b = mod._parameters.get("bias")
+            if b is not None:
+                fan_in = mod.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                mod._parameters["bias"] = nn.Parameter(torch.empty(b.shape, device=device).uniform_(-bound, bound))
+            mod._sparse_native = True
+            continue
+        has_own = any(t is not None for t in [*mod._parameters.values(), *mod._buffers.values()])
+        if has_own:
+            mod.to_empty(device=device, recurse=False)
+            if hasattr(mod, "reset_parameters"):
+                mod.reset_parameters()
+    return probe
+
+
+def execution_mode(cfg) -> str:
+    value = str(cfg.get("execution", "masked"))
+    if value not in EXECUTIONS:
+        raise ConfigError(f"execution={value} is unknown; choose one of: {', '.join(EXECUTIONS)}")
+    return value
+
+
+def _parent_of(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
+    out = []
+    for mod in model.modules():
+        for name, child in mod._modules.items():
+            if child is target:
+                out.append((mod, name))
+    return out
+
+
+class Execution:
+    """A Method with its prunable layers executed masked or sparse (see the module docstring)."""
+
+    def __init__(self, method, mode: str, optimizer: torch.optim.Optimizer, model: nn.Module,
+                 dist=None, run_dir: Path | None = None, batches=None, loss_fn=None):
+        self.inner = method
+        self.mode = mode
+        self.optimizer = optimizer
+        self.model = model
+        self.dist = dist
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.batches = batches
+        self.loss_fn = loss_fn
+        self.control = DenseGradControl()
+        self.plan: dict[str, str] = {}  # parameter name -> "sparse" | "masked: why"
+        self.notes: list[str] = []
+        self.timings: dict[str, tuple[float, float]] = {}
+        self.active = False  # any layer sparse
+        masks = method.masks
+        if mode != "masked" and masks is not None:
+            support = getattr(method, "sparse_execution", True)
+            native = [n for n, o in zip(masks.names, masks.owners) if o is not None and getattr(o[0], "_sparse_native", False)]
+            if native and (support is not True or getattr(method, "needs_dense_views", True)):
+                why = support if support is not True else "its updates read dense views of the layers"
+                raise ConfigError(f"execution={mode}: {native[0]} is too big to hold densely, but method="
+                                  f"{method.name} cannot train it ({why}); use method=gse or method=static")
+            if support is not True:
+                self.notes.append(f"execution={mode}: method={method.name} runs masked: {support}")
+                self.mode = "masked"
+            elif native:
+                # layers built without a dense weight are sparse from the start (empty until setup)
+                cands = self.candidates()
+                for i, name in enumerate(masks.names):
+                    if name in native:
+                        self._convert_one(i, cands[i], resume=True)
+                        self.plan[name] = "sparse"
+                self.active = True
+                masks._any_sparse = True
+                masks.optimizer = optimizer
+
+    def __getattr__(self, name):  # everything else is the method's own (name, rounds, cadence, ...)
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    @property
+    def masks(self):
+        return self.inner.masks
+
+    # --- choosing and converting layers ---------------------------------------------------------
+    def candidates(self) -> dict[int, type]:
+        """Entries that can run sparse, with their sparse class; the others get a note."""
+        out = {}
+        masks = self.inner.masks
+        for i, name in enumerate(masks.names):
+            owner = masks.owners[i]
+            if masks.layers[i] is not None:  # sparse already (built without a dense weight)
+                out[i] = type(masks.layers[i])
+                continue
+            if owner is None or owner[1] != "weight":
+                self.plan[name] = "masked: not a module's weight"
+                continue
+            twin = sparse_twin(owner[0])
+            if isinstance(twin, str):
+                self.plan[name] = f"masked: {twin} has no sparse kernel"
+                continue
+            if owner[0].weight.dtype != torch.float32 and owner[0].weight.device.type == "cpu":
+                self.plan[name] = f"masked: dtype {owner[0].weight.dtype} (the CPU kernels are float32)"
+                continue
+            out[i] = twin
+        return out
+
+    def _load_plan(self) -> dict[str, str] | None:
+        if self.run_dir is None or not (self.run_dir / PLAN_FILE).exists():
+            return None
+        return json.loads((self.run_dir / PLAN_FILE).read_text()).get("plan")
+
+    def _save_plan(self) -> None:
+        if self.run_dir is None or (self.dist is not None and not self.dist.is_main):
+            return
+        rec = {"execution": self.mode, "kernels": kernels.backend(), "plan": self.plan,
+               "timings_ms": {k: {"masked": a * 1e3, "sparse": b * 1e3} for k, (a, b) in self.timings.items()}}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / PLAN_FILE).write_text(json.dumps(rec, indent=2))
+
+    def convert(self, resume: bool = False) -> None:
+        """Replace the chosen layers by sparse ones (resume: empty, the checkpoint fills them)."""
+        masks = self.inner.masks
+        if masks is None or self.mode == "masked":
+            self._report()
+            return
+        cands = self.candidates()
+        chosen: dict[int, type] = {}
+        saved = self._load_plan() if resume else None
+        if saved is not None:
+            chosen = {i: c for i, c in cands.items() if saved.get(masks.names[i]) == "sparse"}
+            for i in cands:
+                if i not in chosen:
+                    self.plan[masks.names[i]] = saved.get(masks.names[i], "masked")
+        elif self.mode == "sparse":
+            chosen = dict(cands)
+        else:
+            chosen = self._auto(cands)
+        for i, cls in chosen.items():
+            if masks.layers[i] is None:
+                self._convert_one(i, cls, resume)
+            self.plan[masks.names[i]] = "sparse"
+        self.active = bool(chosen)
+        masks._any_sparse = self.active
+        masks.optimizer = self.optimizer
+        masks.keeps_inactive_state = bool(getattr(self.inner, "keeps_inactive_state", False))
+        if masks.keeps_inactive_state and self.active:
+            kind = type(self.optimizer).__name__
+            if kind not in ("SGD", "Adam", "AdamW"):
+                raise ConfigError(f"execution={self.mode}: method={self.inner.name} keeps the optimizer state of "
+                                  f"inactive weights, supported for optimizer=sgd/adam/adamw, not {kind}")
+        masks._changed()
+        self._save_plan()
+        self._report()
+
+    @torch.no_grad()
+    def _convert_one(self, i: int, cls, resume: bool) -> None:
+        masks = self.inner.masks
+        mod, _ = masks.owners[i]
+        w = mod.weight
+        layer = cls.from_dense(mod, None if resume else masks._masks[i])
+        layer._ctl = self.control
+        for parent, name in _parent_of(self.model, mod):
+            setattr(parent, name, layer)
+        for group in self.optimizer.param_groups:
+            group["params"] = [layer.values if p is w else p for p in group["params"]]
+        state = self.optimizer.state.pop(w, None)
+        if w.device.type != "meta":
+            layer._init_bound = None
+        else:  # built without a dense weight: values are drawn with the layer type's default bound
+            layer._init_bound = 1.0 / math.sqrt(layer.cols) if layer.cols > 0 else 0.0
+        if state and not resume:
+            lin = layer.active_linear()
+            self.optimizer.state[layer.values] = {
+                k: (v.reshape(-1)[lin].clone() if torch.is_tensor(v) and v.shape == w.shape else v)
+                for k, v in state.items()}
+        masks.layers[i] = layer
+        masks._params[i] = None
+        masks._masks[i] = None
+        masks.owners[i] = (layer, "values")
+
+    def _report(self) -> None:
+        if self.dist is not None and not self.dist.is_main:
+            return
+        for note in self.notes:
+            log.info(note)
+        masks = self.inner.masks
+        if masks is None or not self.plan:
+            return
+        sparse = [n for n, v in self.plan.items() if v == "sparse"]
+        masked = {n: v for n, v in self.plan.items() if v != "sparse"}
+        if self.mode == "auto":
+            for n, (a, b) in self.timings.items():
+                log.info(f"execution=auto: {n} {self.plan[n].split(':')[0]} "
+                         f"(masked {a * 1e3:.3f} ms, sparse {b * 1e3:.3f} ms per forward+backward)")
+        line = f"execution={self.mode}: {len(sparse)} of {len(self.plan)} prunable layers sparse"
+        if sparse:
+            line += f" (kernels: {kernels.backend()})"
+        log.info(line)
+        for n, why in masked.items():
+            if self.mode != "auto" or not why.startswith("masked: slower"):
+                log.info(f"execution={self.mode}: {n} runs {why}")
+
+    # --- auto: measure each layer both ways ------------------------------------------------------
+    def _input_shapes(self, mods: list[nn.Module]) -> dict[int, tuple]:
+        shapes: dict[int, tuple] = {}
+        handles = []
+
+        def hook(mod, args):  # the input's shape, and whether the backward needs its gradient
+            shapes.setdefault(id(mod), (tuple(args[0].shape), bool(args[0].requires_grad)))
+
+        batches = self.batches(1) if self.batches is not None else []
+        if not batches:
+            return shapes
+        for m in mods:
+            handles.append(m.register_forward_pre_hook(hook))
+        try:
+            was = self.model.training
+            with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+                self.model.eval()
+                self.model(batches[0][0])
+            self.model.train(was)
+        finally:
+            for h in handles:
+                h.remove()
+        return shapes
+
+    def _auto(self, cands: dict[int, type]) -> dict[int, type]:
+        masks = self.inner.masks
+        mods = {i: masks.owners[i][0] for i in cands}
+        shapes = self._input_shapes(list(mods.values()))
+        chosen = {}
+        decisions = []
+        if self.dist is None or self.dist.is_main:
+            for i, cls in cands.items():
+                shape = shapes.get(id(mods[i]))
+                if shape is None:
+                    decisions.append(False)
+                    self.plan[masks.names[i]] = "masked: not reached by a forward pass"
+                    continue
+                t_masked, t_sparse = time_layer(mods[i], cls, masks._masks[i], *shape)
+                self.timings[masks.names[i]] = (t_masked, t_sparse)
+                decisions.append(t_sparse < t_masked)
+        if self.dist is not None and self.dist.enabled:
+            import torch.distributed as tdist
+
+            box = [decisions]
+            tdist.broadcast_object_list(box, src=0)
+            decisions = box[0]
+        for (i, cls), yes in zip(cands.items(), decisions):
+            if yes:
+                chosen[i] = cls
+            elif masks.names[i] not in self.plan:
+                self.plan[masks.names[i]] = "masked: slower sparse at this density (measured)"
+        return chosen
+
+    # --- per step ---------------------------------------------------------------------------------
+    def _close(self, logs):
+        masks = self.inner.masks
+        if masks is not None:
+            masks.close_view()
+        if logs and self.active and masks.last_rebuild_s > 0:
+            logs = dict(logs)
+            logs["sparse/rebuild_s"] = masks.last_rebuild_s  # dense views closed / structures rebuilt
+        if masks is not None:
+            masks.last_rebuild_s = 0.0
+        return logs
+
+    def setup(self):
+        logs = self.inner.setup()
+        logs = self._close(logs)
+        self.convert()
+        return logs
+
+    def before_forward(self, step: int) -> None:
+        if self.active:
+            self.control.grads = {}
+            self.control.dense = bool(self.inner.wants_dense_grad(step))
+        self.inner.before_forward(step)
+
+    def before_optimizer_step(self, step: int) -> None:
+        if self.active and self.dist is not None and self.dist.enabled:
+            self._average_grads()
+        self.inner.before_optimizer_step(step)
+        self._close(None)
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.inner.after_optimizer_step(step)
+        if self.active and self.inner.masks.keeps_inactive_state and self.control.grads:
+            self._advance_inactive_state()
+        self._close(None)
+
+    def on_step_end(self, step: int):
+        return self._close(self.inner.on_step_end(step))
+
+    def on_epoch_end(self, epoch: int, step: int):
+        return self._close(self.inner.on_epoch_end(epoch, step))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+        self._close(None)
+
+    @torch.no_grad()
+    def _advance_inactive_state(self) -> None:
+        """The optimizer's state update, on the dense gradient, for the inactive weights' state
+        (the active entries are overwritten from the values' state whenever a view opens)."""
+        masks = self.inner.masks
+        opt = self.optimizer
+        group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+        for i, layer in enumerate(masks.layers):
+            if layer is None:
+                continue
+            g = self.control.grads.get(layer)
+            if g is None:
+                continue
+            g = g.reshape(-1)
+            group = group_of[id(layer.values)]
+            shadow = masks.shadow[i]
+            if isinstance(opt, torch.optim.SGD):
+                mu, damp = group["momentum"], group.get("dampening", 0.0)
+                if mu == 0:
+                    continue
+                buf = shadow.get("momentum_buffer")
+                if buf is None:
+                    shadow["momentum_buffer"] = g.clone()
+                else:
+                    buf.mul_(mu).add_(g, alpha=1 - damp)
+            else:  # Adam / AdamW: weight decay adds wd * w = 0 for inactive weights
+                b1, b2 = group["betas"]
+                m = shadow.setdefault("exp_avg", torch.zeros_like(g))
+                v = shadow.setdefault("exp_avg_sq", torch.zeros_like(g))
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+
+    # --- DDP ----------------------------------------------------------------------------------------
+    def prepare_ddp(self, model: nn.Module) -> None:
+        """Keep DDP's fixed-size buckets away from the sparse layers (their nnz can change): their
+        values' gradients (and dense gradients) are averaged in ``before_optimizer_step``, in one
+        all-reduce, and their structure is broadcast after mask updates (``broadcast_masks``)."""
+        if not self.active:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        names = []
+        for mname, mod in model.named_modules():
+            if isinstance(mod, SparseLayer):
+                pre = f"{mname}." if mname else ""
+                names += [pre + "values", pre + "indptr", pre + "indices"]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+    @torch.no_grad()
+    def _average_grads(self) -> None:
+        import torch.distributed as tdist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [layer.values.grad for layer in self.inner.masks.layers
+                 if layer is not None and layer.values.grad is not None]
+        grads += list(self.control.grads.values())
+        if not grads:
+            return
+        flat = _flatten_dense_tensors(grads)
+        tdist.all_reduce(flat)
+        flat.div_(self.dist.world)
+        for g, f in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(f)
+
+
+def time_layer(mod: nn.Module, cls, mask: torch.Tensor, input_shape: tuple, input_grad: bool = True,
+               repeats: int = 5) -> tuple[float, float]:
+    """Best-of-`repeats` seconds of one forward + backward (weight gradient, and the input
+    gradient if `input_grad`) of the masked layer and of its sparse twin at `mask`, on random
+    inputs of `input_shape`."""
+    dev = mod.weight.device
+    x = torch.randn(input_shape, device=dev, dtype=mod.weight.dtype)
+    dense = copy.deepcopy(mod)
+    sparse = cls.from_dense(copy.deepcopy(mod), mask)
+
+    def run(layer):
+        xi = x.detach().requires_grad_(input_grad)
+        out = layer(xi)
+        out.backward(torch.ones_like(out))
+
+    def best(layer):
+        run(layer)
+        t = float("inf")
+        for _ in range(repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            run(layer)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t = min(t, time.perf_counter() - t0)
+        return t
+
+    tm, ts = best(dense), best(sparse)
+    tm, ts = min(tm, best(dense)), min(ts, best(sparse))  # interleaved: A B A B
+    return tm, ts

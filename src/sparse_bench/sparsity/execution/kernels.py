@@ -1,0 +1,238 @@
+"""The sparse x dense kernels behind sparse layers: a small C file or torch's CSR ops.
+
+``spkernels.c`` (beside this file) holds two kernels on feature-major activations (see its
+header): ``spmm`` (forward pass, and the input gradient on the transposed structure) and
+``sddmm`` (the gradient of the active weights only). On first use it is compiled with the
+system's C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``, OpenMP when the
+compiler has it) into a per-user cache (``$SPARSE_BENCH_CACHE`` or ``~/.cache/sparse_bench``),
+keyed by a hash of the source, the flags, the compiler and the CPU, and loaded with ctypes: about a
+second once, nothing at install time, no torch build machinery.
+
+Without a compiler, on CUDA tensors, for dtypes other than float32, or with
+``SPARSE_BENCH_KERNELS=torch``, the same operations run on torch's CSR ops
+(``torch.sparse.mm`` and ``torch.sparse.sampled_addmm``); the first fallback for a missing
+compiler is logged in one line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("sparse_bench")
+
+SOURCE = Path(__file__).with_name("spkernels.c")
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+         "-fno-signed-zeros", "-shared", "-fPIC"]
+BACKENDS = ("auto", "c", "torch")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_reason = ""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPARSE_BENCH_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "sparse_bench"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and its feature flags (so a cache shared by
+    machines with different CPUs never loads a binary built for another)."""
+    info = platform.machine() + platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features")):
+                info += line
+            if line.strip() == "":
+                break
+    except OSError:
+        pass
+    return info
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _compile(cc: str, out: Path) -> None:
+    """Compile SOURCE into `out` (with OpenMP if the compiler takes -fopenmp), atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    last = None
+    for extra in (["-fopenmp"], []):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(tmp, out)
+                return
+            last = proc.stderr.strip().splitlines()[-1:] or ["failed"]
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"{cc} could not compile {SOURCE.name}: {last[0]}")
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried, _reason
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        cc = _compiler()
+        if cc is None:
+            _reason = "no C compiler found ($CC, gcc, cc)"
+        else:
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+            key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, *version, _cpu_id()]).encode()).hexdigest()[:16]
+            path = cache_dir() / f"spkernels-{key}.so"
+            try:
+                if not path.exists():
+                    _compile(cc, path)
+                lib = ctypes.CDLL(str(path))
+                P, I64 = ctypes.c_void_p, ctypes.c_int64
+                lib.sb_spmm.argtypes = [I64, I64, I64, P, P, P, P, I64, P, P, I64, ctypes.c_int]
+                lib.sb_spmm.restype = None
+                lib.sb_sddmm.argtypes = [I64, I64, I64, P, P, P, I64, P, I64, P, ctypes.c_int]
+                lib.sb_sddmm.restype = None
+                lib.sb_conv_fwd.argtypes = [I64, I64, I64, I64, P, P, P, P, P, P, ctypes.c_int]
+                lib.sb_conv_fwd.restype = None
+                lib.sb_conv_dgrad.argtypes = [I64, I64, I64, I64, I64, P, P, P, P, P, P, ctypes.c_int]
+                lib.sb_conv_dgrad.restype = None
+                lib.sb_conv_wgrad.argtypes = [I64, I64, I64, I64, P, P, P, P, P, ctypes.c_int]
+                lib.sb_conv_wgrad.restype = None
+                _lib = lib
+            except (OSError, RuntimeError) as e:
+                _reason = str(e)
+        if _lib is None:
+            log.warning(f"sparse kernels: {_reason}; sparse layers use torch's CSR ops instead")
+        return _lib
+
+
+def backend() -> str:
+    """``c`` when the compiled kernels are available and allowed, else ``torch``."""
+    want = os.environ.get("SPARSE_BENCH_KERNELS", "auto")
+    if want not in BACKENDS:
+        from ...errors import ConfigError
+
+        raise ConfigError(f"SPARSE_BENCH_KERNELS={want} is unknown; use one of {', '.join(BACKENDS)}")
+    if want == "torch":
+        return "torch"
+    return "c" if _load() is not None else "torch"
+
+
+def _use_c(*tensors: torch.Tensor) -> bool:
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    return backend() == "c"
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def spmm(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, xt: torch.Tensor,
+         bias: torch.Tensor | None = None, indices64: torch.Tensor | None = None) -> torch.Tensor:
+    """``W @ xt[n] (+ bias[:, None])`` for every n, for the CSR matrix W = (indptr, indices,
+    values) of shape (len(indptr) - 1, cols); xt is (nb, cols, B). Returns (nb, rows, B)."""
+    rows = indptr.numel() - 1
+    nb, cols, b = xt.shape
+    xt = xt.contiguous()
+    if _use_c(values, xt):
+        out = torch.empty(nb, rows, b, dtype=xt.dtype)
+        values = values.contiguous()
+        bias = None if bias is None else bias.detach().contiguous()
+        _lib.sb_spmm(nb, rows, b, indptr.data_ptr(), indices.data_ptr(), values.data_ptr(), xt.data_ptr(),
+                     cols * b, _ptr(bias), out.data_ptr(), rows * b, torch.get_num_threads())
+        return out
+    idx = indices64 if indices64 is not None else indices.long()
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore")
+        w = torch.sparse_csr_tensor(indptr, idx, values, (rows, cols), check_invariants=False)
+    x2 = xt[0] if nb == 1 else xt.transpose(0, 1).reshape(cols, nb * b)
+    out = torch.sparse.mm(w, x2)
+    if bias is not None:
+        out = out + bias[:, None]
+    return out.unsqueeze(0) if nb == 1 else out.view(rows, nb, b).transpose(0, 1).contiguous()
+
+
+def sddmm(indptr: torch.Tensor, indices: torch.Tensor, dyt: torch.Tensor, xt: torch.Tensor,
+          indices64: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_n (dyt[n] @ xt[n].T)`` at the structure's positions only, in its order: one value
+    per nonzero. dyt is (nb, rows, B), xt (nb, cols, B)."""
+    rows = indptr.numel() - 1
+    nnz = indices.numel()
+    nb, cols, b = xt.shape
+    dyt, xt = dyt.contiguous(), xt.contiguous()
+    if _use_c(dyt, xt):
+        out = torch.empty(nnz, dtype=dyt.dtype)
+        _lib.sb_sddmm(nb, rows, b, indptr.data_ptr(), indices.data_ptr(), dyt.data_ptr(), rows * b,
+                      xt.data_ptr(), cols * b, out.data_ptr(), torch.get_num_threads())
+        return out
+    idx = indices64 if indices64 is not None else indices.long()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(indptr, idx, torch.zeros(nnz, dtype=dyt.dtype, device=dyt.device),
+                                          (rows, cols), check_invariants=False)
+    d2 = dyt[0] if nb == 1 else dyt.transpose(0, 1).reshape(rows, nb * b)
+    x2 = xt[0] if nb == 1 else xt.transpose(0, 1).reshape(cols, nb * b)
+    return torch.sparse.sampled_addmm(pattern, d2, x2.t(), beta=0.0, alpha=1.0).values()
+
+
+def direct_conv_available(*tensors: torch.Tensor) -> bool:
+    """The direct convolution kernels need the compiled C file (CPU, float32)."""
+    return _use_c(*tensors)
+
+
+def conv_fwd(indptr, off, values, xp, bias, h_out: int, w_out: int) -> torch.Tensor:
+    """Direct stride-1 convolution on the padded input xp (C, Hp, Wp, N): y (rows, h_out, w_out, N)."""
+    rows = indptr.numel() - 1
+    _, hp, wp, n = xp.shape
+    y = torch.empty(rows, h_out, w_out, n, dtype=xp.dtype)
+    b = None if bias is None else bias.detach().contiguous()
+    _lib.sb_conv_fwd(rows, h_out, w_out * n, wp * n, indptr.data_ptr(), off.data_ptr(),
+                     values.detach().contiguous().data_ptr(), xp.data_ptr(), _ptr(b), y.data_ptr(),
+                     torch.get_num_threads())
+    return y
+
+
+def conv_dgrad(c_indptr, t_off, t_src, t_vals, dy, shape) -> torch.Tensor:
+    """The input gradient of conv_fwd, padded: dxp of `shape` (C, Hp, Wp, N); dy (rows, h_out, w_out, N)."""
+    c, hp, wp, n = shape
+    _, h_out, w_out, _ = dy.shape
+    dxp = torch.zeros(shape, dtype=dy.dtype)
+    _lib.sb_conv_dgrad(c, h_out, w_out * n, wp * n, hp * wp * n, c_indptr.data_ptr(), t_off.data_ptr(),
+                       t_src.data_ptr(), t_vals.contiguous().data_ptr(), dy.data_ptr(), dxp.data_ptr(),
+                       torch.get_num_threads())
+    return dxp
+
+
+def conv_wgrad(indptr, off, dy, xp) -> torch.Tensor:
+    """The gradient of conv_fwd's active weights, one value per nonzero."""
+    rows = indptr.numel() - 1
+    _, h_out, w_out, n = dy.shape
+    out = torch.empty(int(indptr[-1]), dtype=dy.dtype)
+    _lib.sb_conv_wgrad(rows, h_out, w_out * n, xp.shape[2] * n, indptr.data_ptr(), off.data_ptr(),
+                       dy.data_ptr(), xp.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out

@@ -1,0 +1,378 @@
+"""Sparse layers: a Linear or Conv2d whose weight exists only as its active values.
+
+A sparse layer stores, for its weight read as a matrix W (out x fan_in; a conv's fan_in is
+C_in * kh * kw in ``flatten(1)`` order):
+
+* ``values`` (nn.Parameter, nnz): the active weights, in row-major order of their positions;
+* ``indptr`` (out + 1, int64) and ``indices`` (nnz, int32): W's CSR structure (saved);
+* ``t_indptr``, ``t_indices``, ``t_perm``: the CSR structure of W^T, with ``t_perm`` mapping
+  its nonzeros to ``values`` (rebuilt from the former, not saved).
+
+No tensor of the weight's dense shape exists. The forward pass, the input gradient and the
+gradient of the active weights run the kernels of ``kernels.py`` on feature-major activations
+(a layer's output is returned as a transposed view, so a chain of sparse layers passes its
+activations on without copies). A stride-1 Conv2d runs the direct convolution kernels on
+(C, H, W, N) activations (no patches; a 1x1 one is a plain sparse matmul); a strided one
+unfolds its input into patches and multiplies each sample's (its input gradient folds back
+through autograd); with torch's CSR ops (no compiler) every conv unfolds.
+
+``dense_grad`` holds the gradient of the loss with respect to the whole dense weight when the
+engine asks for it (``want_dense_grad``): one dense GEMM in that step's backward, for the
+methods that define their growth on it (RigL on update steps, sparse momentum every step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import kernels
+
+
+def structure_from_linear(lin: torch.Tensor, rows: int, cols: int) -> dict[str, torch.Tensor]:
+    """CSR of W and of W^T from the sorted linear indices (row * cols + col) of the nonzeros."""
+    lin = lin.to(torch.int64)
+    device = lin.device
+    r = torch.div(lin, cols, rounding_mode="floor")
+    c = lin - r * cols
+    indptr = torch.zeros(rows + 1, dtype=torch.int64, device=device)
+    indptr[1:] = torch.bincount(r, minlength=rows).cumsum(0)
+    perm = torch.argsort(c * rows + r)
+    t_indptr = torch.zeros(cols + 1, dtype=torch.int64, device=device)
+    t_indptr[1:] = torch.bincount(c, minlength=cols).cumsum(0)
+    return {
+        "indptr": indptr,
+        "indices": c.to(torch.int32),
+        "t_indptr": t_indptr,
+        "t_indices": r[perm].to(torch.int32),
+        "t_perm": perm,
+    }
+
+
+class DenseGradControl:
+    """Whether sparse layers form their dense weight gradient in the backward, and the results
+    (shared by all of an engine's layers, so one assignment per step switches them all)."""
+
+    def __init__(self):
+        self.dense = False
+        self.grads: dict = {}
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """yt[n] = W xt[n] + bias for each of nb batches (xt: nb x cols x B, feature-major);
+    backward: active-weight gradient, input gradient, bias gradient."""
+
+    @staticmethod
+    def forward(ctx, values, xt, bias, layer):
+        xt = xt.contiguous()
+        yt = kernels.spmm(layer.indptr, layer.indices, values.detach(), xt,
+                          None if bias is None else bias.detach(), layer._indices64())
+        ctx.layer = layer
+        ctx.save_for_backward(values, xt)
+        return yt
+
+    @staticmethod
+    def backward(ctx, dyt):
+        values, xt = ctx.saved_tensors
+        layer = ctx.layer
+        dyt = dyt.contiguous()
+        dv = dx = db = None
+        if ctx.needs_input_grad[0]:
+            dv = kernels.sddmm(layer.indptr, layer.indices, dyt, xt, layer._indices64())
+        if ctx.needs_input_grad[1]:
+            dx = kernels.spmm(layer.t_indptr, layer.t_indices, values.detach()[layer.t_perm], dyt, None,
+                              layer._t_indices64())
+        if ctx.needs_input_grad[2]:
+            db = dyt.sum((0, 2))
+        ctl = layer._ctl
+        if ctl.dense:
+            g = torch.einsum("nib,njb->ij", dyt, xt) if xt.shape[0] > 1 else dyt[0] @ xt[0].t()
+            prev = ctl.grads.get(layer)
+            ctl.grads[layer] = g if prev is None else prev + g
+        return dv, dx, db, None
+
+
+class _SparseConvDirect(torch.autograd.Function):
+    """Stride-1 sparse convolution without unfolding: activations as (C, H, W, N), N innermost."""
+
+    @staticmethod
+    def forward(ctx, values, x, bias, layer):
+        n, c, h, w = x.shape
+        (p0, p1), (kh, kw) = layer.padding, layer.kernel_size
+        hp, wp = h + 2 * p0, w + 2 * p1
+        h_out, w_out = hp - kh + 1, wp - kw + 1
+        xp = F.pad(x, (p1, p1, p0, p0)).permute(1, 2, 3, 0).contiguous()  # (C, Hp, Wp, N)
+        off = layer._conv_offsets(layer.indices.long(), hp, wp, n)
+        y = kernels.conv_fwd(layer.indptr, off, values, xp, bias, h_out, w_out)
+        ctx.layer, ctx.geometry = layer, (n, c, h, w, hp, wp)
+        ctx.save_for_backward(values, xp, off)
+        return y.permute(3, 0, 1, 2)  # (N, C_out, H_out, W_out), a view
+
+    @staticmethod
+    def backward(ctx, dy):
+        values, xp, off = ctx.saved_tensors
+        layer = ctx.layer
+        n, c, h, w, hp, wp = ctx.geometry
+        (p0, p1) = layer.padding
+        dyt = dy.permute(1, 2, 3, 0).contiguous()  # (C_out, H_out, W_out, N)
+        dv = dx = db = None
+        if ctx.needs_input_grad[0]:
+            dv = kernels.conv_wgrad(layer.indptr, off, dyt, xp)
+        if ctx.needs_input_grad[1]:
+            kk = layer.kernel_size[0] * layer.kernel_size[1]
+            t_cols = torch.repeat_interleave(torch.arange(layer.cols), layer.t_indptr[1:] - layer.t_indptr[:-1])
+            t_off = layer._conv_offsets(t_cols, hp, wp, n) - (t_cols // kk) * (hp * wp * n)
+            dxp = kernels.conv_dgrad(layer.t_indptr[::kk].contiguous(), t_off, layer.t_indices,
+                                     values.detach()[layer.t_perm], dyt, (c, hp, wp, n))
+            dx = dxp[:, p0:p0 + h, p1:p1 + w, :].permute(3, 0, 1, 2)
+        if ctx.needs_input_grad[2]:
+            db = dyt.sum((1, 2, 3))
+        ctl = layer._ctl
+        if ctl.dense:
+            x = xp[:, p0:p0 + h, p1:p1 + w, :].permute(3, 0, 1, 2)
+            g = torch.nn.grad.conv2d_weight(x, layer.weight_shape, dyt.permute(3, 0, 1, 2), 1, layer.padding)
+            g = g.reshape(layer.rows, layer.cols)
+            prev = ctl.grads.get(layer)
+            ctl.grads[layer] = g if prev is None else prev + g
+        return dv, dx, db, None
+
+
+class SparseLayer(nn.Module):
+    """What sparse Linear and Conv2d share: the structure, its rebuilds and dense views."""
+
+    rows: int
+    cols: int
+    weight_shape: tuple[int, ...]
+
+    def _init_sparse(self, rows: int, cols: int, weight_shape, bias: nn.Parameter | None,
+                     dtype: torch.dtype, device) -> None:
+        self.rows, self.cols = int(rows), int(cols)
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.values = nn.Parameter(torch.zeros(0, dtype=dtype, device=device))
+        self.bias = bias
+        empty = structure_from_linear(torch.zeros(0, dtype=torch.int64, device=device), self.rows, self.cols)
+        self.register_buffer("indptr", empty["indptr"])
+        self.register_buffer("indices", empty["indices"])
+        for k in ("t_indptr", "t_indices", "t_perm"):
+            self.register_buffer(k, empty[k], persistent=False)
+        self._idx64: tuple | None = None
+        self._ctl = DenseGradControl()
+
+    @property
+    def want_dense_grad(self) -> bool:
+        return self._ctl.dense
+
+    @want_dense_grad.setter
+    def want_dense_grad(self, value: bool) -> None:
+        self._ctl.dense = bool(value)
+
+    @property
+    def dense_grad(self) -> torch.Tensor | None:
+        """The dense weight gradient (rows x cols) this step's backward formed, if asked to."""
+        return self._ctl.grads.get(self)
+
+    # --- structure ----------------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        return self.indices.numel()
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def _indices64(self) -> torch.Tensor | None:
+        """int64 column indices for torch's CSR ops (built once per structure, only when used)."""
+        if kernels.backend() == "c" and self.values.device.type == "cpu" and self.values.dtype == torch.float32:
+            return None
+        if self._idx64 is None:
+            self._idx64 = (self.indices.long(), self.t_indices.long())
+        return self._idx64[0]
+
+    def _t_indices64(self) -> torch.Tensor | None:
+        return None if self._indices64() is None else self._idx64[1]
+
+    def _set_structure(self, parts: dict[str, torch.Tensor]) -> None:
+        for k, v in parts.items():
+            setattr(self, k, v)
+        self._idx64 = None
+
+    @torch.no_grad()
+    def set_active(self, lin: torch.Tensor, values: torch.Tensor) -> None:
+        """Install the sorted linear positions `lin` and their `values` (the Parameter object
+        stays the same, so the optimizer keeps pointing at it)."""
+        lin = lin.to(device=self.values.device, dtype=torch.int64)
+        self._set_structure(structure_from_linear(lin, self.rows, self.cols))
+        new = values.detach().to(device=self.values.device, dtype=self.values.dtype).reshape(-1).clone()
+        if new.shape == self.values.shape:
+            self.values.data = new
+        else:
+            # a new size: swap in a fresh tensor under the same Python object, so the optimizer's
+            # reference stays valid and autograd does not reuse the old size's grad accumulator
+            self.values.grad = None
+            torch.utils.swap_tensors(self.values, nn.Parameter(new, requires_grad=self.values.requires_grad))
+
+    def row_ids(self) -> torch.Tensor:
+        counts = self.indptr[1:] - self.indptr[:-1]
+        return torch.repeat_interleave(torch.arange(self.rows, device=self.indptr.device), counts)
+
+    def active_linear(self) -> torch.Tensor:
+        """Sorted linear positions (row * cols + col) of the active weights, in values' order."""
+        return self.row_ids() * self.cols + self.indices.long()
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense tensor of its module's shape (a copy; used on update steps)."""
+        w = torch.zeros(self.numel, dtype=self.values.dtype, device=self.values.device)
+        w[self.active_linear()] = self.values.detach()
+        return w.view(self.weight_shape)
+
+    @torch.no_grad()
+    def dense_mask(self) -> torch.Tensor:
+        m = torch.zeros(self.numel, dtype=torch.bool, device=self.values.device)
+        m[self.active_linear()] = True
+        return m.view(self.weight_shape)
+
+    # --- state dict: the structure's size changes with nnz ------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        ind, ptr, val = (state_dict.get(prefix + k) for k in ("indices", "indptr", "values"))
+        if ind is not None and ptr is not None and val is not None:
+            dev = self.values.device
+            rows = torch.repeat_interleave(torch.arange(self.rows, device=dev), (ptr[1:] - ptr[:-1]).to(dev))
+            lin = rows * self.cols + ind.to(dev).long()
+            self.set_active(lin, val)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _matmul(self, xt: torch.Tensor) -> torch.Tensor:
+        return _SparseMatmul.apply(self.values, xt, self.bias, self)
+
+
+class SparseLinear(SparseLayer):
+    """nn.Linear with a sparse weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: nn.Parameter | None = None,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._init_sparse(out_features, in_features, (out_features, in_features), bias, dtype, device)
+
+    @classmethod
+    def from_dense(cls, mod: nn.Linear, mask: torch.Tensor | None) -> "SparseLinear":
+        w = mod.weight
+        layer = cls(mod.in_features, mod.out_features, mod.bias, w.dtype, _real_device(mod))
+        if mask is not None:
+            lin = mask.reshape(-1).nonzero().squeeze(1)
+            layer.set_active(lin, w.detach().reshape(-1)[lin])
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = self._matmul(x2.t().unsqueeze(0))[0].t()
+        return y if len(lead) == 1 else y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, nnz={self.nnz}")
+
+
+class SparseConv2d(SparseLayer):
+    """nn.Conv2d (groups=1, zero padding) with a sparse weight: direct kernels for stride 1,
+    a sparse matmul over unfolded patches otherwise."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: nn.Parameter | None = None, dtype=torch.float32, device=None):
+        super().__init__()
+        pair = nn.modules.utils._pair
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.padding, self.dilation = pair(padding), pair(dilation)
+        self.groups, self.padding_mode = 1, "zeros"
+        self.direct = True  # stride-1 convs: the direct kernels (False: always unfold)
+        fan_in = self.in_channels * math.prod(self.kernel_size)
+        self._init_sparse(out_channels, fan_in, (out_channels, in_channels, *self.kernel_size), bias, dtype, device)
+
+    @staticmethod
+    def supports(mod: nn.Conv2d) -> str | None:
+        """None if `mod` can run sparse, else the reason it cannot."""
+        if mod.groups != 1:
+            return f"groups={mod.groups}"
+        if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            return f"padding={mod.padding!r}, padding_mode={mod.padding_mode}"
+        return None
+
+    @classmethod
+    def from_dense(cls, mod: nn.Conv2d, mask: torch.Tensor | None) -> "SparseConv2d":
+        w = mod.weight
+        layer = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                    mod.dilation, mod.bias, w.dtype, _real_device(mod))
+        if mask is not None:
+            lin = mask.reshape(-1).nonzero().squeeze(1)
+            layer.set_active(lin, w.detach().reshape(-1)[lin])
+        return layer
+
+    def _conv_offsets(self, cols: torch.Tensor, hp: int, wp: int, n: int) -> torch.Tensor:
+        """Element offsets into the padded (C, Hp, Wp, N) input of fan-in columns (c, kh, kw)."""
+        kh, kw = self.kernel_size
+        c = torch.div(cols, kh * kw, rounding_mode="floor")
+        r = cols - c * (kh * kw)
+        i = torch.div(r, kw, rounding_mode="floor")
+        return ((c * hp + i) * wp + (r - i * kw)) * n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        h_out = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        w_out = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        # (N, fan_in, L) patches: one matrix per sample, used in place (no transpose); a 1x1
+        # convolution with stride 1 and no padding is a matmul on the input as it is; other
+        # stride-1 convolutions run the direct kernels (no patches at all) where they are compiled
+        one_by_one = self.kernel_size == (1, 1) and self.padding == (0, 0)
+        if self.stride == (1, 1) and self.dilation == (1, 1) and not one_by_one and self.direct \
+                and kernels.direct_conv_available(self.values, x):
+            return _SparseConvDirect.apply(self.values, x, self.bias, self)
+        if one_by_one and self.stride == (1, 1):
+            patches = x.reshape(n, self.cols, h * w)
+        else:
+            patches = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
+        return self._matmul(patches).view(n, self.out_channels, h_out, w_out)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, nnz={self.nnz}")
+
+
+def _real_device(mod: nn.Module) -> torch.device:
+    """The weight's device, or the bias' (or the CPU) when the weight exists as a shape only."""
+    if mod.weight.device.type != "meta":
+        return mod.weight.device
+    if getattr(mod, "bias", None) is not None and mod.bias.device.type != "meta":
+        return mod.bias.device
+    return torch.device("cpu")
+
+
+def sample_positions(numel: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct positions in [0, numel), uniformly at random, sorted, drawn without an
+    O(numel) tensor (random draws, duplicates dropped, topped up)."""
+    if count > numel // 2:
+        return torch.randperm(numel, generator=generator)[:count].sort().values
+    idx = torch.zeros(0, dtype=torch.int64)
+    while idx.numel() < count:
+        extra = torch.randint(numel, (int(1.1 * (count - idx.numel())) + 16,), generator=generator)
+        idx = torch.unique(torch.cat([idx, extra]))
+    keep = torch.randperm(idx.numel(), generator=generator)[:count]
+    return idx[keep].sort().values
+
+
+def sparse_twin(mod: nn.Module) -> type[SparseLayer] | str:
+    """The sparse class for a dense module, or the one-line reason there is none."""
+    if type(mod) is nn.Linear:
+        return SparseLinear
+    if type(mod) is nn.Conv2d:
+        why = SparseConv2d.supports(mod)
+        return SparseConv2d if why is None else f"a Conv2d with {why}"
+    return f"a {type(mod).__name__}"

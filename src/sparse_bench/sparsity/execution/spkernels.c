@@ -1,0 +1,265 @@
+/* Sparse x dense kernels for sparse_bench's sparse layers: plain C with GCC/Clang vector
+ * extensions and no torch headers, compiled on first use (see sparse_bench/sparse/kernels.py).
+ *
+ * Layout: activations are feature-major ("transposed"): X^T is (features, B) row-major, so the
+ * batch of one feature is one contiguous row of B floats. A sparse weight W (rows x cols) is
+ * CSR: indptr[rows + 1] (int64), indices[nnz] (int32 column ids), values[nnz] (float32).
+ *
+ *   sb_spmm:  Y^T[i, :] = bias[i] + sum_k values[k] * X^T[indices[k], :]   (AXPYs of length B).
+ *             The input gradient is the same kernel on the transposed structure (CSR of W^T).
+ *   sb_sddmm: out[k] = sum_b DY^T[i, b] * X^T[indices[k], b]               (dot products of
+ *             length B): the gradient of the active weights, and of nothing else.
+ *
+ * Both take nb batches of such matrices at a fixed stride: a Linear passes nb = 1 (B = batch
+ * size), a Conv2d one per sample with B = its output positions, so unfolded patches
+ * (N, C_in*kh*kw, L) and outputs (N, C_out, L) are used in place, without a transpose.
+ *
+ * The batch is cut into column tiles of NV vectors of VL floats (NV = 8, then 4, 2, 1 for the
+ * rest, then a scalar tail). Within a tile one row's NV accumulators (spmm) or its NV vectors
+ * of DY^T (sddmm) stay in registers while the row's nonzeros stream past, and the tile of X^T
+ * (cols x tile floats) stays in cache across the rows. Rows are split over OpenMP threads when
+ * the file is compiled with -fopenmp (each row is written by one thread only).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define VL 16 /* floats per vector: one AVX-512 register, or two AVX2 registers */
+
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+
+static inline vf loadu(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline void storeu(float *p, vf v) { memcpy(p, &v, sizeof(v)); }
+
+static inline float hsum(vf v) {
+    float s = 0.0f;
+    for (int t = 0; t < VL; t++) s += v[t];
+    return s;
+}
+
+/* spmm over one tile of NV vectors for row i; sddmm likewise. The loops over `v` have a
+ * constant trip count, so the compiler keeps acc[] / d[] in registers. */
+#define DEFINE_TILE(NV)                                                                          \
+    static inline void spmm_tile##NV(const int64_t *indptr, const int32_t *indices,              \
+                                     const float *values, const float *xt, int64_t B, int64_t i, \
+                                     int64_t b0, float init, float *out) {                       \
+        vf acc[NV];                                                                              \
+        for (int v = 0; v < NV; v++) acc[v] = (vf){0} + init;                                    \
+        const int64_t end = indptr[i + 1];                                                       \
+        for (int64_t k = indptr[i]; k < end; k++) {                                              \
+            const vf w = (vf){0} + values[k];                                                    \
+            const float *x = xt + (int64_t)indices[k] * B + b0;                                  \
+            for (int v = 0; v < NV; v++) acc[v] += w * loadu(x + v * VL);                        \
+        }                                                                                        \
+        for (int v = 0; v < NV; v++) storeu(out + v * VL, acc[v]);                               \
+    }                                                                                            \
+    static inline void sddmm_tile##NV(const int64_t *indptr, const int32_t *indices,             \
+                                      const float *dyt, const float *xt, int64_t B, int64_t i,   \
+                                      int64_t b0, float *out) {                                  \
+        vf d[NV];                                                                                \
+        for (int v = 0; v < NV; v++) d[v] = loadu(dyt + i * B + b0 + v * VL);                    \
+        const int64_t end = indptr[i + 1];                                                       \
+        for (int64_t k = indptr[i]; k < end; k++) {                                              \
+            const float *x = xt + (int64_t)indices[k] * B + b0;                                  \
+            vf s0 = d[0] * loadu(x), s1 = (vf){0};                                               \
+            for (int v = 1; v < NV; v++) {                                                       \
+                if (v & 1) s1 += d[v] * loadu(x + v * VL);                                       \
+                else s0 += d[v] * loadu(x + v * VL);                                             \
+            }                                                                                    \
+            out[k] += hsum(s0 + s1);                                                             \
+        }                                                                                        \
+    }
+
+DEFINE_TILE(8)
+DEFINE_TILE(4)
+DEFINE_TILE(2)
+DEFINE_TILE(1)
+
+static inline void spmm_scalar(const int64_t *indptr, const int32_t *indices, const float *values,
+                               const float *xt, int64_t B, int64_t i, int64_t b0, int64_t n,
+                               float init, float *out) {
+    for (int64_t t = 0; t < n; t++) out[t] = init;
+    for (int64_t k = indptr[i]; k < indptr[i + 1]; k++) {
+        const float w = values[k];
+        const float *x = xt + (int64_t)indices[k] * B + b0;
+        for (int64_t t = 0; t < n; t++) out[t] += w * x[t];
+    }
+}
+
+static inline void sddmm_scalar(const int64_t *indptr, const int32_t *indices, const float *dyt,
+                                const float *xt, int64_t B, int64_t i, int64_t b0, int64_t n,
+                                float *out) {
+    const float *d = dyt + i * B + b0;
+    for (int64_t k = indptr[i]; k < indptr[i + 1]; k++) {
+        const float *x = xt + (int64_t)indices[k] * B + b0;
+        float s = 0.0f;
+        for (int64_t t = 0; t < n; t++) s += d[t] * x[t];
+        out[k] += s;
+    }
+}
+
+/* For each of nb batches n: yt_n (rows x B) = W xt_n (+ bias), xt_n (cols x B); batch n of xt
+ * starts at xt + n * x_stride and of yt at yt + n * y_stride. bias may be NULL. */
+void sb_spmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const int32_t *indices,
+             const float *values, const float *xt, int64_t x_stride, const float *bias, float *yt,
+             int64_t y_stride, int nthreads) {
+    for (int64_t n = 0; n < nb; n++) {
+        const float *xn = xt + n * x_stride;
+        float *yn = yt + n * y_stride;
+        int64_t b0 = 0;
+        while (b0 < B) {
+            const int64_t left = B - b0;
+            const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
+                            : left >= VL ? VL : left;
+#pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads) if (nthreads > 1)
+            for (int64_t i = 0; i < rows; i++) {
+                const float init = bias ? bias[i] : 0.0f;
+                float *out = yn + i * B + b0;
+                if (w == 8 * VL) spmm_tile8(indptr, indices, values, xn, B, i, b0, init, out);
+                else if (w == 4 * VL) spmm_tile4(indptr, indices, values, xn, B, i, b0, init, out);
+                else if (w == 2 * VL) spmm_tile2(indptr, indices, values, xn, B, i, b0, init, out);
+                else if (w == VL) spmm_tile1(indptr, indices, values, xn, B, i, b0, init, out);
+                else spmm_scalar(indptr, indices, values, xn, B, i, b0, w, init, out);
+            }
+            b0 += w;
+        }
+    }
+}
+
+/* out[k] = sum_n dot(dyt_n[i, :], xt_n[indices[k], :]) for every nonzero k of every row i. */
+void sb_sddmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const int32_t *indices,
+              const float *dyt, int64_t dy_stride, const float *xt, int64_t x_stride, float *out,
+              int nthreads) {
+    memset(out, 0, (size_t)indptr[rows] * sizeof(float));
+    for (int64_t n = 0; n < nb; n++) {
+        const float *dn = dyt + n * dy_stride;
+        const float *xn = xt + n * x_stride;
+        int64_t b0 = 0;
+        while (b0 < B) {
+            const int64_t left = B - b0;
+            const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
+                            : left >= VL ? VL : left;
+#pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads) if (nthreads > 1)
+            for (int64_t i = 0; i < rows; i++) {
+                if (w == 8 * VL) sddmm_tile8(indptr, indices, dn, xn, B, i, b0, out);
+                else if (w == 4 * VL) sddmm_tile4(indptr, indices, dn, xn, B, i, b0, out);
+                else if (w == 2 * VL) sddmm_tile2(indptr, indices, dn, xn, B, i, b0, out);
+                else if (w == VL) sddmm_tile1(indptr, indices, dn, xn, B, i, b0, out);
+                else sddmm_scalar(indptr, indices, dn, xn, B, i, b0, w, out);
+            }
+            b0 += w;
+        }
+    }
+}
+
+/* --- direct convolution (stride 1, dilation 1), activations as (C, H, W, N): N innermost ------
+ * A weight's nonzero k at (o, c, kh, kw) reads the input at element offset off[k] =
+ * ((c * Hp + kh) * Wp + kw) * N of the zero-padded input Xp (C, Hp, Wp, N). For output row h,
+ * the run of W_out * N floats Y[o, h, :, :] takes v * Xp[c, h + kh, kw : kw + W_out, :], which is
+ * contiguous too: every product is an AXPY or a dot product over contiguous memory, and no
+ * patches are unfolded. */
+
+#define DEFINE_CONV_TILE(NV)                                                                     \
+    static inline void conv_tile##NV(const int64_t *indptr, const int64_t *off, const float *values, \
+                                     const float *xh, int64_t o, int64_t b0, float init,           \
+                                     float *out) {                                                 \
+        vf acc[NV];                                                                                \
+        for (int v = 0; v < NV; v++) acc[v] = (vf){0} + init;                                      \
+        const int64_t end = indptr[o + 1];                                                         \
+        for (int64_t k = indptr[o]; k < end; k++) {                                                \
+            const vf s = (vf){0} + values[k];                                                      \
+            const float *x = xh + off[k] + b0;                                                     \
+            for (int v = 0; v < NV; v++) acc[v] += s * loadu(x + v * VL);                          \
+        }                                                                                          \
+        for (int v = 0; v < NV; v++) storeu(out + v * VL, acc[v]);                                 \
+    }
+
+DEFINE_CONV_TILE(8)
+DEFINE_CONV_TILE(4)
+DEFINE_CONV_TILE(2)
+DEFINE_CONV_TILE(1)
+
+/* y (rows, H_out, L) with L = W_out * N: y[o, h, :] = bias[o] + sum_k v_k xp[h * row + off_k + :] */
+void sb_conv_fwd(int64_t rows, int64_t h_out, int64_t L, int64_t row, const int64_t *indptr,
+                 const int64_t *off, const float *values, const float *xp, const float *bias,
+                 float *y, int nthreads) {
+    for (int64_t h = 0; h < h_out; h++) {
+        const float *xh = xp + h * row;
+        int64_t b0 = 0;
+        while (b0 < L) {
+            const int64_t left = L - b0;
+            const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
+                            : left >= VL ? VL : left;
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nthreads) if (nthreads > 1)
+            for (int64_t o = 0; o < rows; o++) {
+                const float init = bias ? bias[o] : 0.0f;
+                float *out = y + (o * h_out + h) * L + b0;
+                if (w == 8 * VL) conv_tile8(indptr, off, values, xh, o, b0, init, out);
+                else if (w == 4 * VL) conv_tile4(indptr, off, values, xh, o, b0, init, out);
+                else if (w == 2 * VL) conv_tile2(indptr, off, values, xh, o, b0, init, out);
+                else if (w == VL) conv_tile1(indptr, off, values, xh, o, b0, init, out);
+                else {
+                    for (int64_t t = 0; t < w; t++) out[t] = init;
+                    for (int64_t k = indptr[o]; k < indptr[o + 1]; k++) {
+                        const float s = values[k];
+                        const float *x = xh + off[k] + b0;
+                        for (int64_t t = 0; t < w; t++) out[t] += s * x[t];
+                    }
+                }
+            }
+            b0 += w;
+        }
+    }
+}
+
+/* dxp (cols, Hp, Wp, N), zeroed by the caller: for every input channel c (transposed structure:
+ * its nonzeros k, t_off[k] = ((c * Hp + kh) * Wp + kw) * N - the channel base, t_src[k] = o,
+ * t_vals[k] = v) and output row h: dxp[c][h * row + t_off[k] + :L] += v * dy[o, h, :L]. */
+void sb_conv_dgrad(int64_t cols, int64_t h_out, int64_t L, int64_t row, int64_t chan,
+                   const int64_t *t_indptr, const int64_t *t_off, const int32_t *t_src,
+                   const float *t_vals, const float *dy, float *dxp, int nthreads) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t c = 0; c < cols; c++) {
+        float *dc = dxp + c * chan;
+        for (int64_t k = t_indptr[c]; k < t_indptr[c + 1]; k++) {
+            const float s = t_vals[k];
+            const vf sv = (vf){0} + s;
+            const float *src = dy + (int64_t)t_src[k] * h_out * L;
+            for (int64_t h = 0; h < h_out; h++) {
+                float *d = dc + h * row + t_off[k];
+                const float *g = src + h * L;
+                int64_t t = 0;
+                for (; t + VL <= L; t += VL) storeu(d + t, loadu(d + t) + sv * loadu(g + t));
+                for (; t < L; t++) d[t] += s * g[t];
+            }
+        }
+    }
+}
+
+/* out[k] = sum_h dot(dy[o, h, :L], xp[h * row + off[k] + :L]) for every nonzero k of row o. */
+void sb_conv_wgrad(int64_t rows, int64_t h_out, int64_t L, int64_t row, const int64_t *indptr,
+                   const int64_t *off, const float *dy, const float *xp, float *out, int nthreads) {
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t o = 0; o < rows; o++) {
+        for (int64_t k = indptr[o]; k < indptr[o + 1]; k++) {
+            vf s0 = (vf){0}, s1 = (vf){0};
+            float tail = 0.0f;
+            for (int64_t h = 0; h < h_out; h++) {
+                const float *g = dy + (o * h_out + h) * L;
+                const float *x = xp + h * row + off[k];
+                int64_t t = 0;
+                for (; t + 2 * VL <= L; t += 2 * VL) {
+                    s0 += loadu(g + t) * loadu(x + t);
+                    s1 += loadu(g + t + VL) * loadu(x + t + VL);
+                }
+                for (; t + VL <= L; t += VL) s0 += loadu(g + t) * loadu(x + t);
+                for (; t < L; t++) tail += g[t] * x[t];
+            }
+            out[k] = hsum(s0 + s1) + tail;
+        }
+    }
+}

@@ -1,0 +1,437 @@
+"""execution=sparse: kernels against dense arithmetic (compiled C and torch CSR), sparse layers
+against masked dense layers, and whole runs that train the same model as execution=masked."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_bench.errors import ConfigError
+from sparse_bench.run import run
+from sparse_bench.sparsity.execution import kernels
+from sparse_bench.sparsity.execution.layers import SparseConv2d, SparseLinear, structure_from_linear
+
+from conftest import compose, read_jsonl
+
+BACKENDS = ["c", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("SPARSE_BENCH_KERNELS", request.param)
+    if request.param == "c" and kernels.backend() != "c":
+        pytest.skip("no C compiler on this machine")
+    return request.param
+
+
+def _random_csr(rows, cols, density, gen):
+    mask = torch.rand(rows, cols, generator=gen) < density
+    mask[0] = False  # an empty row
+    lin = mask.reshape(-1).nonzero().squeeze(1)
+    s = structure_from_linear(lin, rows, cols)
+    values = torch.randn(lin.numel(), generator=gen)
+    dense = torch.zeros(rows * cols)
+    dense[lin] = values
+    return s, values, dense.view(rows, cols), mask
+
+
+@pytest.mark.parametrize("nb,batch", [(1, 1), (1, 7), (1, 16), (1, 100), (1, 133), (1, 300), (3, 37)])
+def test_kernels_match_dense_products(backend, nb, batch):
+    gen = torch.Generator().manual_seed(batch)
+    rows, cols = 37, 53
+    s, values, w, mask = _random_csr(rows, cols, 0.2, gen)
+    xt = torch.randn(nb, cols, batch, generator=gen)
+    dyt = torch.randn(nb, rows, batch, generator=gen)
+    bias = torch.randn(rows, generator=gen)
+    y = kernels.spmm(s["indptr"], s["indices"], values, xt, bias)
+    torch.testing.assert_close(y, w @ xt + bias[:, None], rtol=1e-5, atol=1e-5)
+    # the input gradient: the same kernel on the transposed structure
+    dx = kernels.spmm(s["t_indptr"], s["t_indices"], values[s["t_perm"]], dyt)
+    torch.testing.assert_close(dx, w.t() @ dyt, rtol=1e-5, atol=1e-5)
+    g = kernels.sddmm(s["indptr"], s["indices"], dyt, xt)
+    torch.testing.assert_close(g, (dyt @ xt.transpose(1, 2)).sum(0)[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_with_no_nonzeros(backend):
+    s = structure_from_linear(torch.zeros(0, dtype=torch.long), 4, 3)
+    y = kernels.spmm(s["indptr"], s["indices"], torch.zeros(0), torch.randn(1, 3, 5), torch.ones(4))
+    assert torch.equal(y, torch.ones(1, 4, 5))
+    assert kernels.sddmm(s["indptr"], s["indices"], torch.randn(1, 4, 5), torch.randn(1, 3, 5)).numel() == 0
+
+
+def test_missing_compiler_falls_back_to_torch_with_one_line(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    monkeypatch.delenv("SPARSE_BENCH_KERNELS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="sparse_bench"):
+        assert kernels.backend() == "torch"
+        assert kernels.backend() == "torch"
+    lines = [r.message for r in caplog.records if "sparse kernels" in r.message]
+    assert len(lines) == 1 and "no C compiler" in lines[0]
+    monkeypatch.setattr(kernels, "_tried", False)  # let later tests load the real kernels again
+
+
+def test_compiled_kernels_are_cached_by_source_hash(monkeypatch, tmp_path):
+    if kernels._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("SPARSE_BENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    assert kernels._load() is not None
+    built = list(tmp_path.glob("spkernels-*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    mtime = built[0].stat().st_mtime_ns
+    assert kernels._load() is not None and built[0].stat().st_mtime_ns == mtime  # not rebuilt
+
+
+def _layer_pair(kind, gen):
+    torch.manual_seed(0)
+    if kind == "linear":
+        dense = nn.Linear(40, 24)
+        x = torch.randn(3, 5, 40, generator=gen)  # leading dimensions are flattened
+    elif kind == "conv1x1":  # a matmul on the input as it is, no unfold
+        dense = nn.Conv2d(12, 8, 1)
+        x = torch.randn(4, 12, 5, 6, generator=gen)
+    elif kind == "conv_direct":  # stride 1: the direct kernels (C), or unfold (torch backend)
+        dense = nn.Conv2d(5, 7, (3, 5), padding=(1, 2))
+        x = torch.randn(6, 5, 7, 9, generator=gen)
+    elif kind == "conv_direct_nopad":
+        dense = nn.Conv2d(3, 4, 5)
+        x = torch.randn(3, 3, 12, 11, generator=gen)
+    else:
+        dense = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        x = torch.randn(4, 3, 9, 11, generator=gen)
+    mask = torch.rand(dense.weight.shape, generator=gen) < 0.3
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    cls = SparseLinear if kind == "linear" else SparseConv2d
+    sparse = cls.from_dense(dense, mask)
+    sparse.bias = nn.Parameter(dense.bias.detach().clone())
+    return dense, sparse, mask, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1x1", "conv_direct", "conv_direct_nopad"])
+def test_sparse_layer_matches_masked_dense_layer(backend, kind):
+    gen = torch.Generator().manual_seed(1)
+    dense, sparse, mask, x = _layer_pair(kind, gen)
+    sparse.want_dense_grad = True
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = dense(x1), sparse(x2)
+    torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-5)
+    g = torch.randn(y1.shape, generator=gen)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.values.grad, dense.weight.grad[mask], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.dense_grad.view_as(dense.weight), dense.weight.grad, rtol=1e-4, atol=1e-5)
+    # nothing the layer holds has the weight's dense size
+    held = [t.numel() for t in [*sparse.parameters(), *sparse.buffers()] if t is not sparse.bias]
+    assert max(held) < dense.weight.numel()
+    torch.testing.assert_close(sparse.dense_weight(), dense.weight.detach())
+
+
+def test_sparse_layer_state_dict_round_trip_with_another_nnz():
+    gen = torch.Generator().manual_seed(2)
+    dense, sparse, mask, x = _layer_pair("linear", gen)
+    other = SparseLinear(40, 24, nn.Parameter(torch.zeros(24)))
+    assert other.nnz == 0
+    other.load_state_dict(sparse.state_dict())
+    assert other.nnz == sparse.nnz
+    torch.testing.assert_close(other(x), sparse(x))
+    assert set(sparse.state_dict()) == {"values", "bias", "indptr", "indices"}
+
+
+# --- whole runs: sparse trains the same model as masked -------------------------------------------
+BASE = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=3", "density=0.2",
+        "limit_train_batches=8", "eval.train_samples=100", "logger=none", "progress=false", "device=cpu"]
+METHODS = {
+    "static": [],
+    "set": ["method.update_every=4"],
+    "rigl": ["method.update_every=4"],
+    "sparse_momentum": ["method.update_every=5"],
+    "dsr": ["method.update_every=4"],
+    "gse": ["method.update_every=4", "method.sampling=graest", "method.end_fraction=1.0"],
+    "snip": [],
+}
+METRICS = ("train/loss", "train/acc", "val/loss", "test/loss", "train_eval/loss")
+
+
+def _masks_equal(masked_dir, sparse_dir, near_ties: int = 0):
+    """The final masks (and active weights) of a masked and a sparse run agree; `near_ties`
+    positions may differ in all, where float rounding flips a boundary decision."""
+    a = torch.load(masked_dir / "checkpoint.pt", weights_only=False)
+    b = torch.load(sparse_dir / "checkpoint.pt", weights_only=False)
+    names = a["method"]["masks"]["names"]
+    differ = 0
+    for name, m in zip(names, a["method"]["masks"]["masks"]):
+        pre = name[: -len("weight")]
+        m = m.bool().reshape(m.shape[0], -1)
+        ptr = b["model"][pre + "indptr"]
+        ind = b["model"][pre + "indices"].long()
+        rows = torch.repeat_interleave(torch.arange(m.shape[0]), ptr[1:] - ptr[:-1])
+        got = torch.zeros_like(m)
+        got[rows, ind] = True
+        differ += int((got != m).sum())
+        if differ == 0:  # after a flipped position the runs train (slightly) different models
+            w = a["model"][name].reshape(m.shape)
+            torch.testing.assert_close(b["model"][pre + "values"], w[rows, ind], rtol=1e-4, atol=1e-5)
+    assert differ <= near_ties, f"masks differ in {differ} positions"
+
+
+def _run(tmp_path, method, execution, extra=()):
+    cfg = compose([*BASE, f"method={method}", *METHODS.get(method, []), f"execution={execution}",
+                   f"paths.runs={tmp_path / execution}", *extra])
+    run(cfg)
+    return tmp_path / execution / cfg.run_name
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sparse_and_masked_train_the_same_model(method, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_BENCH_KERNELS", "auto")
+    a = _run(tmp_path, method, "masked")
+    b = _run(tmp_path, method, "sparse")
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        for k in METRICS:
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (k, x.get("epoch"))
+        for k in x:
+            if k.startswith(("density/", "mask/")):
+                assert y[k] == x[k], k
+    if method not in ("static", "snip"):
+        assert any(r.get("mask/grown", 0) > 0 for r in ra), "the masks must change for this test to mean anything"
+        assert any("sparse/rebuild_s" in r for r in rb)
+    _masks_equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["set", "sparse_momentum"])
+def test_torch_csr_backend_trains_the_same_model(method, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSE_BENCH_KERNELS", "torch")
+    a = _run(tmp_path, method, "masked")
+    b = _run(tmp_path, method, "sparse")
+    for x, y in zip(read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")):
+        assert y["test/loss" if "test/loss" in x else "train/loss"] == pytest.approx(
+            x["test/loss" if "test/loss" in x else "train/loss"], rel=1e-4)
+    _masks_equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["rigl", "gse"])
+def test_conv_model_runs_sparse_like_masked(method, tmp_path):
+    extra = ["dataset=synthetic", "model=lenet5_caffe", "dataset.n_train=300", "dataset.n_test=100",
+             "limit_train_batches=3", "schedule.epochs=2", "method.update_every=2", "method.end_fraction=1.0"]
+    a = _run(tmp_path, method, "masked", extra)
+    b = _run(tmp_path, method, "sparse", extra)
+    for x, y in zip(read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")):
+        if "train/loss" in x:
+            assert y["train/loss"] == pytest.approx(x["train/loss"], rel=1e-4)
+    # dense convolutions (mkldnn) and unfolded sparse ones round differently; GSE ranks |w| over
+    # all layers at once, where a rounding-level near tie can move one position between layers
+    _masks_equal(a, b, near_ties=4 if method == "gse" else 0)
+
+
+def test_unsupported_method_says_so_and_runs_masked(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="sparse_bench"):
+        d = _run(tmp_path, "deepr", "sparse", ["schedule.epochs=1"])
+    lines = [r.message for r in caplog.records if "runs masked" in r.message]
+    assert len(lines) == 1 and "method=deepr" in lines[0]
+    assert not (d / "execution.json").exists() or "sparse" not in (d / "execution.json").read_text().split('"plan"')[1]
+
+
+def test_auto_picks_per_layer_and_logs_the_choice(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="sparse_bench"):
+        d = _run(tmp_path, "static", "auto", ["schedule.epochs=1"])
+    import json
+
+    plan = json.loads((d / "execution.json").read_text())
+    assert set(plan["plan"]) == {"net.0.weight", "net.2.weight", "net.4.weight"}
+    assert set(plan["timings_ms"]) == set(plan["plan"])
+    for name, choice in plan["plan"].items():
+        t = plan["timings_ms"][name]
+        assert (choice == "sparse") == (t["sparse"] < t["masked"])
+    assert sum("execution=auto:" in r.message for r in caplog.records) >= 3
+
+
+def test_bad_execution_is_one_config_error():
+    with pytest.raises(ConfigError, match="execution=fast is unknown"):
+        run(compose([*BASE, "execution=fast"]))
+
+
+# --- resume and DDP ----------------------------------------------------------------------------
+class Crash(RuntimeError):
+    pass
+
+
+def _strip(recs):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "sparse/rebuild_s"))}
+            for r in recs]
+
+
+@pytest.mark.parametrize("method,execution", [("set", "sparse"), ("rigl", "sparse"), ("sparse_momentum", "sparse"),
+                                              ("gse", "sparse"), ("set", "auto")])
+def test_sparse_resume_is_bit_identical(method, execution, tmp_path, monkeypatch):
+    from sparse_bench.sparsity.execution import engine
+    from sparse_bench.train import trainer as trainer_mod
+
+    calls = []
+
+    def fake_timing(mod, cls, mask, shape, input_grad=True, repeats=5):  # auto: first layer sparse, the rest masked
+        calls.append(shape)
+        return (1.0, 0.5) if mod.in_features == 64 and mod.out_features == 128 else (0.5, 1.0)
+
+    monkeypatch.setattr(engine, "time_layer", fake_timing)
+    over = [*BASE, "schedule.epochs=4", f"method={method}", *METHODS[method], f"execution={execution}"]
+    a = compose([*over, f"paths.runs={tmp_path / 'a'}"])
+    run(a)
+    b = compose([*over, f"paths.runs={tmp_path / 'b'}"])
+    real_save = trainer_mod.Trainer.save
+
+    def save_then_crash(self):
+        real_save(self)
+        if self.epoch == 2:
+            raise Crash("killed after epoch 2")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "save", save_then_crash)
+    with pytest.raises(Crash):
+        run(b)
+    monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
+    n_timed = len(calls)
+    run(b)
+    assert len(calls) == n_timed, "a resumed run rebuilds the layers its plan file names, without timing"
+    fa, fb = tmp_path / "a" / a.run_name, tmp_path / "b" / b.run_name
+    ra, rb = read_jsonl(fa / "metrics.jsonl"), read_jsonl(fb / "metrics.jsonl")
+    assert _strip(ra) == _strip(rb)
+    assert any(r.get("mask/grown", 0) > 0 for r in ra[2:])
+    ca = torch.load(fa / "checkpoint.pt", weights_only=False)
+    cb = torch.load(fb / "checkpoint.pt", weights_only=False)
+    assert set(ca["model"]) == set(cb["model"])
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    if execution == "auto":
+        assert "net.0.values" in cb["model"] and "net.2.weight" in cb["model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["set", "sparse_momentum"])
+def test_sparse_two_processes_match_one(method, tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if shutil.which(str(torchrun)) is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    args = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=2", "density=0.3",
+            "logger=none", "progress=false", "device=cpu", f"method={method}", "method.update_every=5",
+            "execution=sparse"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    port = "29571" if method == "set" else "29572"
+    ddp = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={port}", "-m", "sparse_bench", *args,
+                          f"paths.runs={tmp_path / 'ddp'}"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "sparse_bench", *args, f"paths.runs={tmp_path / 'one'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    name = f"digits-mlp-{method}-d0.3-s0"
+    a = json.loads((tmp_path / "ddp" / name / "results.json").read_text())
+    b = json.loads((tmp_path / "one" / name / "results.json").read_text())
+    assert a["density"]["achieved"] == b["density"]["achieved"]
+    assert a["final"]["train/loss"] == pytest.approx(b["final"]["train/loss"], rel=1e-3)
+    assert a["final"]["test/acc"] == pytest.approx(b["final"]["test/acc"], abs=0.02)
+    assert any(r.get("mask/grown", 0) > 0 for r in read_jsonl(tmp_path / "ddp" / name / "metrics.jsonl"))
+
+
+def test_a_layer_too_big_to_hold_densely_is_built_and_trained_sparse(tmp_path, monkeypatch, caplog):
+    """With the limit lowered, the 128x64 layer of the digits MLP stands in for a 65,536^2 one:
+    it never gets a dense weight, mask, gradient or momentum, and GSE trains it."""
+    from sparse_bench.sparsity.execution import engine
+    from sparse_bench.sparsity.masks import MaskSet
+
+    monkeypatch.setattr(engine, "DENSE_BUILD_LIMIT", 8000)
+    numel = 128 * 64
+    real_open = MaskSet._open_view
+    monkeypatch.setattr(MaskSet, "_open_view", lambda self: pytest.fail("a dense view was opened"))
+    with caplog.at_level(logging.INFO, logger="sparse_bench"):
+        d = _run(tmp_path, "gse", "sparse", ["schedule.epochs=2"])
+    assert any("too big to hold densely" in r.message and "net.0.weight" in r.message for r in caplog.records)
+    recs = read_jsonl(d / "metrics.jsonl")
+    assert any(r.get("mask/grown", 0) > 0 for r in recs)
+    assert recs[-1]["density/achieved"] == pytest.approx(0.2, abs=1e-4)
+    ck = torch.load(d / "checkpoint.pt", weights_only=False)
+    assert "net.0.values" in ck["model"] and "net.0.weight" not in ck["model"]
+    sizes = [t.numel() for t in ck["model"].values()]
+    sizes += [v.numel() for st in ck["optimizer"]["state"].values() for v in st.values() if torch.is_tensor(v)]
+    assert numel not in sizes
+    monkeypatch.setattr(MaskSet, "_open_view", real_open)
+    # a method that runs masked, or whose updates read dense views, cannot train it: one clear line
+    for other in ("deepr", "set"):
+        with pytest.raises(ConfigError, match="too big to hold densely"):
+            _run(tmp_path / other, other, "sparse")
+
+
+@pytest.mark.parametrize("method", ["sparse_momentum", "rigl"])
+def test_sparse_matches_masked_under_adam(method, tmp_path):
+    """Adam's moments live on the values; sparse momentum's inactive moments follow Adam's rule."""
+    a = _run(tmp_path, method, "masked", ["optimizer=adam", "optimizer.lr=0.001"])
+    b = _run(tmp_path, method, "sparse", ["optimizer=adam", "optimizer.lr=0.001"])
+    for x, y in zip(read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")):
+        for k in METRICS:
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
+    _masks_equal(a, b)
+
+
+@pytest.mark.parametrize("method,every,expect", [("set", 4, "never"), ("rigl", 4, "before_updates"),
+                                                 ("sparse_momentum", 4, "always"), ("gse", 4, "never")])
+def test_dense_gradients_only_where_the_method_defines_them(method, every, expect):
+    """RigL forms the dense weight gradient on the step before each update only, sparse momentum
+    on every step (its growth signal), SET and GSE never."""
+    from omegaconf import OmegaConf
+
+    from sparse_bench.cli import conf_dir
+    from sparse_bench.models import build_model
+    from sparse_bench.sparsity.execution import Execution
+    from sparse_bench.sparsity.methods import MethodContext, build_method
+
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.create({"name": "mlp", "hidden": [32, 16]}), (1, 8, 8), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    cfg = OmegaConf.load(conf_dir() / "method" / f"{method}.yaml")
+    cfg.update_every = every
+    cfg.end_fraction = 1.0
+    ctx = MethodContext(model=model, optimizer=opt, density=0.3, epochs=1, steps_per_epoch=12,
+                        device=torch.device("cpu"), generator=torch.Generator().manual_seed(1),
+                        loss_fn=nn.CrossEntropyLoss(), batches=lambda n: [(x, y)])
+    m = Execution(build_method(cfg, ctx), "sparse", opt, model, batches=lambda n: [(x, y)])
+    m.setup()
+    dense_steps, updates = [], []
+    for step in range(12):
+        m.before_forward(step)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if m.control.grads:
+            dense_steps.append(step)
+            assert all(g.shape == (layer.rows, layer.cols) for layer, g in m.control.grads.items())
+        m.before_optimizer_step(step)
+        opt.step()
+        m.after_optimizer_step(step)
+        if m.on_step_end(step + 1):
+            updates.append(step + 1)
+        assert not m.masks.view_open
+    if expect == "never":
+        assert dense_steps == []
+    elif expect == "always":
+        assert dense_steps == list(range(12))
+    else:
+        assert updates and dense_steps == [u - 1 for u in updates]
