@@ -294,8 +294,14 @@ def test_min_density_keeps_a_weight_in_every_layer():
 
 
 def test_zero_width_layer_is_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="has no weights"):
+    with pytest.raises(ConfigError, match=r"model.hidden=\[0\]: every value must be > 0"):
         run(compose([*TINY, "model.hidden=[0]", f"paths.runs={tmp_path}"]))
+    from torch import nn
+
+    from sparse_bench.sparsity.masks import MaskSet
+
+    with pytest.raises(ConfigError, match="has no weights"):  # a model of the user's with an empty layer
+        MaskSet([("fc.weight", nn.Parameter(torch.zeros(0, 3)))])
 
 
 def test_lr_milestones_the_run_never_reaches_are_warned_about():

@@ -289,8 +289,9 @@ class Execution:
         def hook(mod, args):  # the input's shape, and whether the backward needs its gradient
             shapes.setdefault(id(mod), (tuple(args[0].shape), bool(args[0].requires_grad)))
 
-        batches = self.batches(1) if self.batches is not None else []
-        if not batches:
+        # one fresh statistics batch (a pure function of the key: no data stream moves)
+        x = next(iter(self.batches(1, 0)), (None,))[0] if self.batches is not None else None
+        if x is None:
             return shapes
         for m in mods:
             handles.append(m.register_forward_pre_hook(hook))
@@ -298,7 +299,7 @@ class Execution:
             was = self.model.training
             with torch.enable_grad(), torch.random.fork_rng(devices=[]):
                 self.model.eval()
-                self.model(batches[0][0])
+                self.model(x)
             self.model.train(was)
         finally:
             for h in handles:
