@@ -42,3 +42,27 @@ def read_jsonl(path: Path) -> list[dict]:
 def fast_overrides(tmp_path):
     """Overrides for a tiny CPU run writing into a temporary runs folder."""
     return ["logger=none", "progress=false", "device=cpu", f"paths.runs={tmp_path / 'runs'}"]
+
+
+# names whose use means a test starts other processes (the CLI, torchrun, pip): such tests are
+# `slow`, left out of `make test-fast` (the quick tier while working) and run by `make test`
+_PROCESS_HELPERS = {"cli", "subprocess", "_torchrun", "spawn"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fn = getattr(item, "function", None)
+        names = set(getattr(getattr(fn, "__code__", None), "co_names", ()))
+        if names & _PROCESS_HELPERS:
+            item.add_marker(pytest.mark.slow)
+
+
+def tiered(values, every: int = 4, ids=None):
+    """Parameters for a long parametrized test: all of them run in `make test`, one in `every`
+    also in the quick tier (the others are marked slow)."""
+    out = []
+    for i, v in enumerate(values):
+        args = v if isinstance(v, tuple) else (v,)
+        out.append(pytest.param(*args, id=None if ids is None else ids(v),
+                                marks=() if i % every == 0 else pytest.mark.slow))
+    return out

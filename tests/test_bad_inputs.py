@@ -16,7 +16,7 @@ from sparse_bench import cli
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run
 
-from conftest import compose
+from conftest import compose, tiered
 
 # (override(s), what the one line must name)
 CASES = [
@@ -102,7 +102,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("args,named", CASES, ids=[" ".join(a) for a, _ in CASES])
+@pytest.mark.parametrize("args,named", tiered(CASES, 4, ids=lambda c: " ".join(c[0])))
 def test_bad_command_line_is_refused_in_one_line(args, named, tmp_path, capsys):
     runs = tmp_path / "runs"
     code = cli.main([*args, "logger=none" if not any(a.startswith("logger") for a in args) else "progress=false",
@@ -144,7 +144,7 @@ RUN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("args,named", RUN_CASES, ids=[" ".join(a) for a, _ in RUN_CASES])
+@pytest.mark.parametrize("args,named", tiered(RUN_CASES, 3, ids=lambda c: " ".join(c[0])))
 def test_bad_input_that_needs_data_or_a_model(args, named, tmp_path):
     chosen = {a.split("=", 1)[0]: a for a in TINY}
     chosen.update({a.split("=", 1)[0]: a.replace("NOWHERE", str(tmp_path / "nowhere")) for a in args})

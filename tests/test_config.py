@@ -6,7 +6,7 @@ from sparse_bench.cli import GROUPS, check_overrides, group_options
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run, validate
 
-from conftest import CONF, cli, compose
+from conftest import CONF, cli, compose, tiered
 
 OPTIONS = [(g, o) for g in GROUPS if g != "experiment" for o in group_options(g, CONF)]
 
@@ -23,7 +23,7 @@ def test_every_group_option_composes(group, option):
     validate(cfg)
 
 
-@pytest.mark.parametrize("experiment", group_options("experiment", CONF))
+@pytest.mark.parametrize("experiment", tiered(group_options("experiment", CONF), 4, ids=str))
 def test_every_experiment_composes(experiment):
     cfg = compose([f"experiment={experiment}"])
     validate(cfg)

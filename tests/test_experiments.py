@@ -10,7 +10,7 @@ import pytest
 from sparse_bench.cli import group_options
 from sparse_bench.run import run, validate
 
-from conftest import CONF, compose
+from conftest import CONF, compose, tiered
 
 EXPERIMENTS = [e for e in group_options("experiment", CONF)]
 SHAPES = {"mnist": [1, 28, 28], "fashion_mnist": [1, 28, 28], "digits": [1, 8, 8],
@@ -41,7 +41,7 @@ def test_there_is_an_experiment_for_every_paper():
         assert any(n.startswith(prefix) for n in names), prefix
 
 
-@pytest.mark.parametrize("name", [e for e in EXPERIMENTS if e != "demo"])
+@pytest.mark.parametrize("name", tiered([e for e in EXPERIMENTS if e != "demo"], 4, ids=str))
 def test_experiment_has_a_paper_block(name):
     cfg = compose([f"experiment={name}"])
     validate(cfg)
@@ -70,6 +70,7 @@ def _distinct() -> list[str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _distinct())
 def test_experiment_trains_two_steps_on_its_input_shape(name, tmp_path):
     real = compose([f"experiment={name}"])
