@@ -10,6 +10,8 @@ attribute ``schema``.
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -42,12 +44,12 @@ def _check_interval(value, key: str) -> None:
 
 
 def _check_temperature(value, key: str) -> None:
-    """DeepR's temperature: a number >= 0, or {unit, points: [[at, T], ...]}."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+    """DeepR's temperature: a finite number >= 0, or {unit, points: [[at, T], ...]}."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
         return
     if isinstance(value, dict) and set(value) == {"unit", "points"}:
         return _check_points(value, key, positive_int=False)
-    raise ConfigError(f"{key}={value} must be a number >= 0 or a schedule {{unit: fraction|epoch|step, "
+    raise ConfigError(f"{key}={value} must be a finite number >= 0 or a schedule {{unit: fraction|epoch|step, "
                       f"points: [[at, T], ...]}}")
 
 
@@ -61,14 +63,28 @@ def _check_points(value: dict, key: str, positive_int: bool) -> None:
         if isinstance(at, bool) or not isinstance(at, (int, float)) or at < 0:
             raise ConfigError(f"{key}.points: change point {at} must be a number >= 0")
         bad = (not isinstance(v, int) or isinstance(v, bool) or v <= 0) if positive_int else (
-            isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0)
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0)
         if bad:
-            want = "a positive number of steps" if positive_int else "a number >= 0"
+            want = "a positive number of steps" if positive_int else "a finite number >= 0"
             raise ConfigError(f"{key}.points: {v} must be {want}")
 
 
+def _check_non_increasing(value, key: str) -> None:
+    if value is not None and any(b > a for a, b in zip(value, value[1:])):
+        raise ConfigError(f"{key}={list(value)} must not increase: each level is at most as dense as the one before")
+
+
 def interval(default, hint: str = ""):
-    return field(default=default, metadata={"check": _check_interval, "hint": hint})
+    meta = {"check": _check_interval, "hint": hint}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+#: DSR's reallocation periods: the reference's WRN schedule (TimDettmers/sparse_learning,
+#: learning_schedules/wrnet_schedule.yaml: 100/200/400/800 iterations from epochs 0/25/80/140 of 200)
+#: as fractions of the run
+DSR_PERIODS = {"unit": "fraction", "points": [[0, 100], [0.125, 200], [0.4, 400], [0.7, 800]]}
 
 
 def init(default="uniform"):
@@ -164,7 +180,7 @@ class DSR:
     np_target: float = fraction(0.1, open_low=True, hint="a fraction of the active weights")
     np_count: Optional[int] = S.count(None, ge=1, nullable=True)
     delta: float = fraction(0.1)
-    update_every: Any = interval(100)
+    update_every: Any = interval(DSR_PERIODS)
     end: Optional[Milestone] = milestone(0.95)
     exclude_pruned: bool = True
 
@@ -268,8 +284,8 @@ class SynFlow:
 @dataclass
 class Lottery:
     name: str = "lottery"
-    densities: Optional[List[float]] = field(default=None, metadata={"items_gt": 0.0, "items_le": 1.0,
-                                                                     "hint": "densities in (0, 1]"})
+    densities: Optional[List[float]] = S.numbers(None, items_gt=0.0, items_le=1.0, check=_check_non_increasing,
+                                                 hint="non-increasing densities in (0, 1], e.g. [0.5, 0.25, 0.1]")
     n_rounds: Optional[int] = S.count(None, ge=1, nullable=True)
     keep_per_round: float = fraction(0.8, open_low=True, hint="the papers keep 0.8 (prune 20%)")
     scope: str = scope()
