@@ -453,6 +453,10 @@ def _merge(schema, node, prefix: str) -> DictConfig:
         return OmegaConf.merge(OmegaConf.structured(schema), node)
     except OmegaConfBaseException as exc:
         sub = str(getattr(exc, "full_key", "") or "")
+        value = getattr(exc, "value", None)
+        if not sub:  # OmegaConf names no key when a mapping was expected (start=2 for a milestone)
+            sub = _failing_key(schema, node)
+            value = node.get(sub) if sub in node else value
         key = f"{prefix}{sub}" if sub else prefix.rstrip(".")
         f, typ = _field_of(schema, sub) if sub else (None, None)
         if f is None:  # a key the schema does not have
@@ -461,10 +465,22 @@ def _merge(schema, node, prefix: str) -> DictConfig:
             known = ", ".join(x.name for x in dataclasses.fields(owner)) if dataclasses.is_dataclass(owner) else ""
             where = f"{prefix}{parent}".rstrip(".") or "the top level"
             raise ConfigError(f"{key} is not a config key; the keys of {where} are: {known}") from None
-        value = getattr(exc, "value", None)
-        want = _TYPE_WORDS.get(typ, f"of type {getattr(typ, '__name__', typ)}")
+        if dataclasses.is_dataclass(typ):
+            want = f"a mapping with the keys {', '.join(x.name for x in dataclasses.fields(typ))}"
+        else:
+            want = _TYPE_WORDS.get(typ, f"of type {getattr(typ, '__name__', typ)}")
         hint = f"; {f.metadata['hint']}" if f.metadata.get("hint") else ""
         raise ConfigError(f"{key}={_shown(value)} is not {want}{hint}") from None
+
+
+def _failing_key(schema, node) -> str:
+    """The (dotted) key of `node` whose merge into `schema` fails, or ''."""
+    for k, v in (node.items() if hasattr(node, "items") else []):
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), {k: v})
+        except OmegaConfBaseException as exc:
+            return str(getattr(exc, "full_key", "") or "") or str(k)
+    return ""
 
 
 def _check_ranges(schema, node: DictConfig, prefix: str) -> None:

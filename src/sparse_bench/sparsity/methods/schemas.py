@@ -178,8 +178,9 @@ class DSR:
     reinit: str = reinit()
     init_threshold: float = S.num(1e-3, gt=0.0, hint="the paper uses 0.001")
     np_target: float = fraction(0.1, open_low=True, hint="a fraction of the active weights")
-    np_count: Optional[int] = S.count(None, ge=1, nullable=True)
-    delta: float = fraction(0.1)
+    np_count: Optional[int] = S.count(None, ge=1, nullable=True, hint="a number of weights, or null for np_target x "
+                                                                      "the active weights")
+    delta: float = fraction(0.1, hint="the paper uses 0.1")
     update_every: Any = interval(DSR_PERIODS)
     end: Optional[Milestone] = milestone(0.95)
     exclude_pruned: bool = True
@@ -196,21 +197,23 @@ class RigL:
     end: Optional[Milestone] = milestone(0.75)
     scope: str = scope("layer")
     exclude_pruned: bool = False
-    stat_batches: Optional[int] = S.count(None, ge=1, nullable=True)
+    stat_batches: Optional[int] = S.count(None, ge=1, nullable=True, hint="null (the step's own batch) or a number "
+                                                                          "of batches (GSE: 1 on CIFAR-10, 8 on CIFAR-100)")
     grow_init: str = S.choice("zeros", ("zeros",))
-    drop_noise: float = S.num(0.0, ge=0.0)
+    drop_noise: float = S.num(0.0, ge=0.0, hint="the reference uses 1e-5")
 
 
 @dataclass
 class TopKAST:
     name: str = "topkast"
-    forward_density: Optional[float] = S.num(None, gt=0.0, le=1.0, nullable=True)
-    backward_density: Optional[float] = S.num(None, gt=0.0, le=1.0, nullable=True)
+    forward_density: Optional[float] = S.num(None, gt=0.0, le=1.0, nullable=True, hint="leave it null to use density")
+    backward_density: Optional[float] = S.num(None, gt=0.0, le=1.0, nullable=True,
+                                              hint="leave it null for min(1, 2 * density)")
     init: str = S.choice("uniform", ("uniform", "er", "erk"))
     update_every: int = S.count(100, ge=1)
     explore_end: Optional[Milestone] = milestone()
-    exploration_l2: float = S.num(0.0, ge=0.0)
-    norm_penalty: float = S.num(0.0, ge=0.0)
+    exploration_l2: float = S.num(0.0, ge=0.0, hint="0 turns it off")
+    norm_penalty: float = S.num(0.0, ge=0.0, hint="0 turns it off; GSE uses 1e-4")
     promote: str = S.choice("theta", ("theta", "zero"))
     reinit: str = reinit()
 
@@ -239,7 +242,7 @@ class GMP:
     frequency: Milestone = field(default_factory=lambda: Milestone("fraction", 0.02))
     initial_sparsity: float = fraction(0.0)
     curve: str = S.choice("polynomial", ("polynomial", "cosine"))
-    power: float = S.num(3.0, gt=0.0)
+    power: float = S.num(3.0, gt=0.0, hint="Zhu & Gupta use 3 (cubic)")
     scope: str = scope()
     reinit: str = reinit()
 
@@ -258,7 +261,7 @@ class ACDC:
 @dataclass
 class SNIP:
     name: str = "snip"
-    batches: int = S.count(1, ge=1)
+    batches: int = S.count(1, ge=1, hint="the paper scores one mini-batch")
     scope: str = scope()
     train_mode: bool = True
     reinit: str = reinit()
@@ -286,7 +289,7 @@ class Lottery:
     name: str = "lottery"
     densities: Optional[List[float]] = S.numbers(None, items_gt=0.0, items_le=1.0, check=_check_non_increasing,
                                                  hint="non-increasing densities in (0, 1], e.g. [0.5, 0.25, 0.1]")
-    n_rounds: Optional[int] = S.count(None, ge=1, nullable=True)
+    n_rounds: Optional[int] = S.count(None, ge=1, nullable=True, hint="a number of prune steps, or null")
     keep_per_round: float = fraction(0.8, open_low=True, hint="the papers keep 0.8 (prune 20%)")
     scope: str = scope()
     rewind_epoch: float = S.num(0.0, ge=0.0, hint="0 rewinds to the initialisation")
