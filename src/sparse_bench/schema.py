@@ -134,6 +134,16 @@ def _check_module_types(value, key: str) -> None:
             raise ConfigError(f"{key}: '{name}' is not a torch.nn module class; use e.g. [Linear, Conv2d]")
 
 
+def _check_nonempty(value, key: str) -> None:
+    if value is not None and not str(value).strip():
+        raise ConfigError(f"{key} is empty; set {key}=<the folder holding the data set's files>")
+
+
+def root(hint: str = ""):
+    """A data set's folder (a non-empty string)."""
+    return field(default=MISSING, metadata={"check": _check_nonempty, "hint": hint})
+
+
 def _check_metric(value, key: str) -> None:
     if value is not None and not str(value).startswith(("val/", "train/", "train_eval/")):
         raise ConfigError(f"{key}={value} must be a validation (or training) metric such as val/acc; tuning on "
@@ -258,7 +268,7 @@ class _Data:
 
 @dataclass
 class IdxData(_Data):
-    root: str = MISSING
+    root: str = root()
     download: bool = False
 
 
@@ -288,14 +298,14 @@ class Augment:
 
 @dataclass
 class CifarData(_Data):
-    root: str = MISSING
+    root: str = root()
     download: bool = False
     augment: Augment = field(default_factory=Augment)
 
 
 @dataclass
 class ImageNetData(_Data):
-    root: str = MISSING
+    root: str = root()
     download: bool = False
     image_size: int = count(224, ge=1)
     val_resize: Optional[int] = count(None, ge=1, nullable=True)
@@ -447,8 +457,22 @@ def _field_of(schema, dotted: str):
     return f, obj
 
 
+def _strict_bools(schema, node, prefix: str) -> None:
+    """A bool field takes true or false only: OmegaConf would turn 'yes', 'off' or 1 into a bool."""
+    if not (dataclasses.is_dataclass(schema) and hasattr(node, "items")):
+        return
+    hints = _hints(schema)
+    for k, v in node.items():
+        typ = _plain(hints.get(k)) if k in hints else None
+        if typ is bool and v is not None and not isinstance(v, bool):
+            raise ConfigError(f"{prefix}{k}={v} is not true or false")
+        if dataclasses.is_dataclass(typ):
+            _strict_bools(typ, v, f"{prefix}{k}.")
+
+
 def _merge(schema, node, prefix: str) -> DictConfig:
     """`node` merged into `schema` (struct mode): unknown keys and wrong types are refused."""
+    _strict_bools(schema, node, prefix)
     try:
         return OmegaConf.merge(OmegaConf.structured(schema), node)
     except OmegaConfBaseException as exc:
@@ -555,7 +579,8 @@ def schema_for(group: str, node):
     if group == "schedule" and name not in table and name is not None:
         return Schedule  # a schedule file of the user's own
     if name not in table:
-        raise ConfigError(f"{group}.name={name} is not a known {group}; choose one of: {', '.join(sorted(table))} "
+        given = f"{group}.name={name} is not a known {group}" if name is not None else f"{group}.name is not set"
+        raise ConfigError(f"{given}; choose one of: {', '.join(sorted(table))} "
                           f"(or name your own implementation with {group}._target_)")
     return table[name]
 
