@@ -185,8 +185,11 @@ def build_variant(model_name: str, variant: str, density: float, method: str):
     from sparse_bench.cli import conf_dir
 
     mcfg = OmegaConf.load(conf_dir() / "method" / f"{'dense' if variant == 'dense' else method}.yaml")
-    mcfg.init = "uniform"
-    mcfg.update_every = 10**9  # per-step cost only: no mask update inside the timed steps
+    # per-step cost only: uniform layer densities, no mask update inside the timed steps (keys the
+    # method has; its schema refuses others)
+    for key, value in (("init", "uniform"), ("update_every", 10**9)):
+        if key in mcfg:
+            mcfg[key] = value
     ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=1, steps_per_epoch=10**6,
                         device=DEVICE, generator=torch.Generator().manual_seed(1),
                         loss_fn=nn.CrossEntropyLoss(), batches=lambda n: [(x, y)])

@@ -208,11 +208,17 @@ class SGD:
     weight_decay: float = num(0.0, ge=0.0, hint="e.g. optimizer.weight_decay=5e-4")
 
 
+def _check_pair(value, key: str) -> None:
+    if value is not None and len(value) != 2:
+        raise ConfigError(f"{key}={list(value)} must be two numbers (beta1, beta2), e.g. {key}=[0.9,0.999]")
+
+
 @dataclass
 class Adam:
     name: str = "adam"
     lr: float = num(MISSING, gt=0.0, hint="pass e.g. optimizer.lr=1e-3")
-    betas: List[float] = numbers([0.9, 0.999], items_ge=0.0, items_lt=1.0, hint="e.g. optimizer.betas=[0.9,0.999]")
+    betas: List[float] = numbers([0.9, 0.999], items_ge=0.0, items_lt=1.0, hint="e.g. optimizer.betas=[0.9,0.999]",
+                                 check=_check_pair)
     weight_decay: float = num(0.0, ge=0.0, hint="e.g. optimizer.weight_decay=0")
 
 
@@ -488,6 +494,8 @@ def _merge(schema, node, prefix: str) -> DictConfig:
             _, owner = _field_of(schema, parent) if parent else (None, schema)
             known = ", ".join(x.name for x in dataclasses.fields(owner)) if dataclasses.is_dataclass(owner) else ""
             where = f"{prefix}{parent}".rstrip(".") or "the top level"
+            if not parent and prefix and hasattr(node, "get") and node.get("name"):
+                where = f"{prefix.rstrip('.')}={node.get('name')}"  # e.g. the keys of model=wrn16_8
             raise ConfigError(f"{key} is not a config key; the keys of {where} are: {known}") from None
         if dataclasses.is_dataclass(typ):
             want = f"a mapping with the keys {', '.join(x.name for x in dataclasses.fields(typ))}"
