@@ -12,7 +12,9 @@ into the schema in OmegaConf's struct mode, so
 each with one line naming the key and the fix (:class:`~sparse_bench.errors.ConfigError`). The
 result is the typed config the readers, models and methods receive: they read values, they do
 not parse them. Options that name their own implementation with ``_target_`` (a user's method,
-model or data set) are checked for their ``name`` only.
+model or data set), and ``@register``-ed methods of the user's, are checked by the
+implementation's ``schema`` attribute (a dataclass like the ones here) when it has one; without
+one their keys are their own business.
 
 Ranges are declared beside the types with :func:`num` (``num(0.1, gt=0)`` means a float default
 0.1 that must be > 0), :func:`count` (whole numbers), :func:`choice`, :func:`widths` and
@@ -105,9 +107,12 @@ def option(base, name: str, **defaults):
         else:
             f = field(default=value, metadata=meta)
         new.append((key, typ, f))
-    title = "".join(part.capitalize() for part in re.split(r"[^0-9A-Za-z]+", name))
-    return dataclasses.make_dataclass(f"{base.__name__.strip('_')}_{title}", new, bases=(base,),
-                                      namespace={"__module__": __name__})
+    title = "_".join(part.capitalize() for part in re.split(r"[^0-9A-Za-z]+", name))
+    cls_name = f"{base.__name__.strip('_')}_{title}"
+    assert cls_name not in globals(), f"two options make the schema {cls_name}"
+    cls = dataclasses.make_dataclass(cls_name, new, bases=(base,), namespace={"__module__": __name__})
+    globals()[cls_name] = cls  # a module attribute, so typed configs pickle
+    return cls
 
 
 def _bounds_text(meta) -> str:
