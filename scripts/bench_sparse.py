@@ -185,13 +185,16 @@ def build_variant(model_name: str, variant: str, density: float, method: str):
     from sparse_bench.cli import conf_dir
 
     mcfg = OmegaConf.load(conf_dir() / "method" / f"{'dense' if variant == 'dense' else method}.yaml")
-    mcfg.init = "uniform"
-    mcfg.update_every = 10**9  # per-step cost only: no mask update inside the timed steps
+    # per-step cost only: uniform layer densities, no mask update inside the timed steps (keys the
+    # method has; its schema refuses others)
+    for key, value in (("init", "uniform"), ("update_every", 10**9)):
+        if key in mcfg:
+            mcfg[key] = value
     ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=1, steps_per_epoch=10**6,
                         device=DEVICE, generator=torch.Generator().manual_seed(1),
-                        loss_fn=nn.CrossEntropyLoss(), batches=lambda n: [(x, y)])
+                        loss_fn=nn.CrossEntropyLoss(), batches=lambda n, key=0: [(x, y)])
     inner = build_method(mcfg, ctx)
-    m = Execution(inner, "masked" if variant == "dense" else variant, opt, model, batches=lambda n: [(x, y)])
+    m = Execution(inner, "masked" if variant == "dense" else variant, opt, model, batches=lambda n, key=0: [(x, y)])
     m.setup()
     state = {"i": 0}
 
@@ -309,7 +312,7 @@ def table_update(a):
         cfg = OmegaConf.load(conf_dir() / "method" / f"{method}.yaml")
         ctx = MethodContext(model=model, optimizer=opt, density=a.update_density, epochs=2, steps_per_epoch=1000,
                             device=torch.device("cpu"), generator=torch.Generator().manual_seed(1),
-                            loss_fn=nn.CrossEntropyLoss(), batches=lambda n: [(x, y)])
+                            loss_fn=nn.CrossEntropyLoss(), batches=lambda n, key=0: [(x, y)])
         m = build_method(cfg, ctx)
         m.setup()
         nn.functional.cross_entropy(model(x), y).backward()

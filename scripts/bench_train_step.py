@@ -31,7 +31,7 @@ def sync(device):
 
 def bench(model_name: str, method: str, density: float, steps: int, batch: int, device) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = build_model(OmegaConf.create({"name": model_name, "in_features": 784}), (1, 28, 28), 10).to(device)
+    model = build_model(OmegaConf.create({"name": model_name}), (1, 28, 28), 10).to(device)  # the YAML defaults
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     cfg = OmegaConf.load(conf_dir() / "method" / f"{method}.yaml")
     ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=1, steps_per_epoch=steps,

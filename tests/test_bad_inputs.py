@@ -40,6 +40,7 @@ CASES = [
     (["optimizer.momentum=1.0"], "optimizer.momentum"), (["optimizer.momentum=-0.5"], "optimizer.momentum"),
     (["optimizer.weight_decay=-1"], "optimizer.weight_decay"), (["optimizer.nesterov=maybe"], "optimizer.nesterov"),
     (["+optimizer.foo=1"], "optimizer.foo"), (["optimizer=adam", "optimizer.betas=[2,0.9]"], "optimizer.betas"),
+    (["optimizer=adam", "optimizer.betas=[0.9]"], "optimizer.betas"),
     (["optimizer=bogus"], "optimizer=bogus"),
     # schedule
     (["schedule.epochs=0"], "schedule.epochs=0"), (["schedule.epochs=1.5"], "schedule.epochs=1.5"),
@@ -56,6 +57,7 @@ CASES = [
     (["dataset=cifar10", "dataset.augment.padding=40"], "dataset.augment.padding"),
     (["dataset=cifar10", "dataset.augment.pad_mode=bogus"], "dataset.augment.pad_mode"),
     (["dataset=cifar10", "dataset.augment.crop=maybe"], "dataset.augment.crop"),
+    (["dataset=cifar10", "dataset.augment.flip=yes"], "dataset.augment.flip=yes"), (["dataset.root="], "dataset.root"),
     (["dataset=digits", "dataset.test_fraction=0"], "dataset.test_fraction"),
     (["dataset=synthetic", "dataset.input_shape=[0,28,28]"], "dataset.input_shape"),
     (["dataset=synthetic", "dataset.num_classes=1"], "dataset.num_classes"),
@@ -91,6 +93,9 @@ CASES = [
     (["method=acdc", "method.momentum_reset=bogus"], "method.momentum_reset"),
     (["method=lottery", "method.keep_per_round=1"], "method.keep_per_round"),
     (["method=lottery", "method.densities=[0,0.5]"], "method.densities"),
+    (["method=lottery", "method.densities=[0.5,0.6]"], "method.densities"),
+    (["method=gmp", "method.start=2"], "method.start=2"), (["method=deepr", "method.temperature=inf"], "method.temperature"),
+    (["method=rigl", "method.exclude_pruned=yes"], "method.exclude_pruned"),
     (["method=synflow", "method.iterations=0"], "method.iterations"),
     (["method=synflow", "method.precision=float16"], "method.precision"),
     (["method=static", "method.init=bogus"], "method.init"), (["method=bogus"], "method=bogus"),
@@ -141,6 +146,7 @@ RUN_CASES = [
     (["method=rigl", "method.end={unit:epoch,value:50}"], "method.end"),
     (["method=acdc", "method.warmup={unit:epoch,value:5}"], "method.warmup"),
     (["device=cuda:7"], "device=cuda:7"),
+    (["optimizer.momentum=0", "optimizer.nesterov=true"], "optimizer.nesterov"),
 ]
 
 

@@ -73,5 +73,5 @@ def test_models_fit_their_data_and_misfits_are_one_line_errors():
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="model=lenet300_100 does not fit"):
         build_model(_cfg(name="lenet300_100", in_features=784), (1, 8, 8), 10)
-    with pytest.raises(ConfigError, match="model=nope is unknown"):
+    with pytest.raises(ConfigError, match="model.name=nope is not a known model; choose one of: "):
         build_model(_cfg(name="nope"), (1, 8, 8), 10)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from conftest import CONF, compose
 from sparse_bench.errors import ConfigError
 from sparse_bench.models import _BUILDERS, build_model
+from sparse_bench.schema import check_option
 from sparse_bench.sparsity.masks import MaskSet
 
 CIFAR = (3, 32, 32)
@@ -29,8 +30,9 @@ def cfg(**kw):
 
 
 def make(name: str, shape=CIFAR, classes: int = 10, **kw):
-    """The builder alone, without build_model's fit-check forward pass (for counts only)."""
-    return _BUILDERS[name](cfg(name=name, **kw), shape, classes)
+    """The builder alone (on the schema-checked config), without build_model's fit-check forward
+    pass (for counts only)."""
+    return _BUILDERS[name](check_option("model", cfg(name=name, **kw)), shape, classes)
 
 
 def masked(model) -> int:
@@ -200,10 +202,12 @@ def test_wrn_generic_matches_named_and_widen_factor_scales():
 
 @pytest.mark.parametrize("name", ["alexnet_s", "vgg16_d", "wrn16_8", "resnet50"])
 def test_width_is_refused_where_the_papers_have_none(name):
-    with pytest.raises(ConfigError, match=f"model.width=2.0 is not supported by model={name}"):
+    with pytest.raises(ConfigError, match=f"model.width is not a config key; the keys of model={name} are"):
         build_model(cfg(name=name, width=2.0), CIFAR, 10)
-    with pytest.raises(ConfigError, match="model.width=-1.0 must be positive"):
+    with pytest.raises(ConfigError, match=r"model.width=-1.0 must be > 0"):
         build_model(cfg(name="resnet56", width=-1.0), CIFAR, 10)
+    with pytest.raises(ConfigError, match="model.depth is not a config key; the keys of model=resnet56"):
+        build_model(cfg(name="resnet56", depth=20), CIFAR, 10)  # model=resnet_cifar model.depth=D instead
 
 
 # ---- timm pass-through -----------------------------------------------------------------------------

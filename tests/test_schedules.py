@@ -12,7 +12,7 @@ from sparse_bench.train.optim import LRSchedule
 
 def sched(kind, **kw):
     lr = {"kind": kind, **{k: v for k, v in kw.items() if k != "warmup_epochs"}}
-    return OmegaConf.create({"epochs": 10, "warmup_epochs": kw.get("warmup_epochs", 0), "lr": lr})
+    return OmegaConf.create({"name": "custom", "epochs": 10, "warmup_epochs": kw.get("warmup_epochs", 0), "lr": lr})
 
 
 def test_step_every_n_iterations():

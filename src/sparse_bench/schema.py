@@ -12,14 +12,26 @@ into the schema in OmegaConf's struct mode, so
 each with one line naming the key and the fix (:class:`~sparse_bench.errors.ConfigError`). The
 result is the typed config the readers, models and methods receive: they read values, they do
 not parse them. Options that name their own implementation with ``_target_`` (a user's method,
-model or data set) are checked for their ``name`` only.
+model or data set), and ``@register``-ed methods of the user's, are checked by the
+implementation's ``schema`` attribute (a dataclass like the ones here) when it has one; without
+one their keys are their own business.
 
 Ranges are declared beside the types with :func:`num` (``num(0.1, gt=0)`` means a float default
-0.1 that must be > 0), :func:`count` (whole numbers), :func:`choice` and :func:`widths`.
+0.1 that must be > 0), :func:`count` (whole numbers), :func:`choice`, :func:`widths` and
+:func:`numbers`; a field's ``check`` metadata runs a function of the value for what a range cannot
+say. Every option of a group has its own schema (:func:`option`) whose defaults are the values of
+its YAML file (``tests/test_schema.py`` keeps the two equal), so a builder called directly (a test,
+a script) with a partial config gets what a run gets.
+
+The builders (``build_data``, ``build_model``, ``build_optimizer``, ``LRSchedule``,
+``build_method``) check their own group with :func:`check_option`, so they too receive typed,
+range-checked values; what a schema cannot know (the run's length, the data's shape, the
+density, layer types, file contents) is checked where it is known, one line naming the key.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -57,11 +69,50 @@ def widths(default=MISSING, *, hint: str = ""):
                  metadata={"items_gt": 0, "hint": hint})
 
 
-def numbers(default=MISSING, *, items_gt=None, items_ge=None, items_lt=None, items_le=None, hint: str = ""):
-    """A list of numbers with bounds on every item."""
+def numbers(default=MISSING, *, items_gt=None, items_ge=None, items_lt=None, items_le=None, hint: str = "",
+            check=None):
+    """A list of finite numbers with bounds on every item (``default=None``: an optional list)."""
+    meta = {"items_gt": items_gt, "items_ge": items_ge, "items_lt": items_lt, "items_le": items_le, "finite": True,
+            "hint": hint, "check": check}
+    if default is None:
+        return field(default=None, metadata=meta)
     return field(default_factory=(lambda: list(default)) if default is not MISSING else (lambda: MISSING),
-                 metadata={"items_gt": items_gt, "items_ge": items_ge, "items_lt": items_lt, "items_le": items_le,
-                           "hint": hint})
+                 metadata=meta)
+
+
+def _hints(schema) -> dict:
+    return typing.get_type_hints(schema)
+
+
+def _plain(typ):
+    """X for Optional[X], else the type itself."""
+    args = getattr(typ, "__args__", ())
+    if getattr(typ, "__origin__", None) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return typ
+
+
+def option(base, name: str, **defaults):
+    """The schema of the config option `name`: `base` (its types and ranges) with the defaults of
+    the option's YAML file (a dict for a nested schema, e.g. ``normalize={"mean": ..., "std": ...}``)."""
+    hints, fields = _hints(base), {f.name: f for f in dataclasses.fields(base)}
+    new = []
+    for key, value in {"name": name, **defaults}.items():
+        typ, meta = hints[key], fields[key].metadata
+        sub = _plain(typ)
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            f = field(default_factory=lambda sub=sub, value=value: sub(**copy.deepcopy(value)), metadata=meta)
+        elif isinstance(value, (list, dict)):
+            f = field(default_factory=lambda value=value: copy.deepcopy(value), metadata=meta)
+        else:
+            f = field(default=value, metadata=meta)
+        new.append((key, typ, f))
+    title = "_".join(part.capitalize() for part in re.split(r"[^0-9A-Za-z]+", name))
+    cls_name = f"{base.__name__.strip('_')}_{title}"
+    assert cls_name not in globals(), f"two options make the schema {cls_name}"
+    cls = dataclasses.make_dataclass(cls_name, new, bases=(base,), namespace={"__module__": __name__})
+    globals()[cls_name] = cls  # a module attribute, so typed configs pickle
+    return cls
 
 
 def _bounds_text(meta) -> str:
@@ -86,6 +137,16 @@ def _check_module_types(value, key: str) -> None:
         t = getattr(nn, str(name), None)
         if not (isinstance(t, type) and issubclass(t, nn.Module)):
             raise ConfigError(f"{key}: '{name}' is not a torch.nn module class; use e.g. [Linear, Conv2d]")
+
+
+def _check_nonempty(value, key: str) -> None:
+    if value is not None and not str(value).strip():
+        raise ConfigError(f"{key} is empty; set {key}=<the folder holding the data set's files>")
+
+
+def root(hint: str = ""):
+    """A data set's folder (a non-empty string)."""
+    return field(default=MISSING, metadata={"check": _check_nonempty, "hint": hint})
 
 
 def _check_metric(value, key: str) -> None:
@@ -152,11 +213,17 @@ class SGD:
     weight_decay: float = num(0.0, ge=0.0, hint="e.g. optimizer.weight_decay=5e-4")
 
 
+def _check_pair(value, key: str) -> None:
+    if value is not None and len(value) != 2:
+        raise ConfigError(f"{key}={list(value)} must be two numbers (beta1, beta2), e.g. {key}=[0.9,0.999]")
+
+
 @dataclass
 class Adam:
     name: str = "adam"
     lr: float = num(MISSING, gt=0.0, hint="pass e.g. optimizer.lr=1e-3")
-    betas: List[float] = numbers([0.9, 0.999], items_ge=0.0, items_lt=1.0, hint="e.g. optimizer.betas=[0.9,0.999]")
+    betas: List[float] = numbers([0.9, 0.999], items_ge=0.0, items_lt=1.0, hint="e.g. optimizer.betas=[0.9,0.999]",
+                                 check=_check_pair)
     weight_decay: float = num(0.0, ge=0.0, hint="e.g. optimizer.weight_decay=0")
 
 
@@ -212,7 +279,7 @@ class _Data:
 
 @dataclass
 class IdxData(_Data):
-    root: str = MISSING
+    root: str = root()
     download: bool = False
 
 
@@ -242,14 +309,14 @@ class Augment:
 
 @dataclass
 class CifarData(_Data):
-    root: str = MISSING
+    root: str = root()
     download: bool = False
     augment: Augment = field(default_factory=Augment)
 
 
 @dataclass
 class ImageNetData(_Data):
-    root: str = MISSING
+    root: str = root()
     download: bool = False
     image_size: int = count(224, ge=1)
     val_resize: Optional[int] = count(None, ge=1, nullable=True)
@@ -258,8 +325,25 @@ class ImageNetData(_Data):
     prefetch_factor: Optional[int] = count(None, ge=1, nullable=True)
 
 
-DATASETS = {"mnist": IdxData, "fashion_mnist": IdxData, "digits": DigitsData, "synthetic": SyntheticData,
-            "cifar10": CifarData, "cifar100": CifarData, "imagenet": ImageNetData}
+def _stats(mean, std) -> dict:
+    return {"mean": list(mean), "std": list(std)}
+
+
+#: one schema per data set; the defaults are its YAML's (the normalisation statistics are the
+#: readers' own defaults: data/datasets.py, data/cifar.py, data/imagenet.py)
+DATASETS = {
+    "mnist": option(IdxData, "mnist", root="data/mnist", batch_size=100, normalize=_stats([0.1307], [0.3081])),
+    "fashion_mnist": option(IdxData, "fashion_mnist", root="/usr/share/datasets/fashion-mnist", batch_size=100,
+                            normalize=_stats([0.2860], [0.3530])),
+    "digits": option(DigitsData, "digits", batch_size=64, normalize=_stats([0.3], [0.4])),
+    "synthetic": option(SyntheticData, "synthetic", batch_size=100),
+    "cifar10": option(CifarData, "cifar10", root="data", val_fraction=0.0, batch_size=128,
+                      normalize=_stats([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])),
+    "cifar100": option(CifarData, "cifar100", root="data", val_fraction=0.0, batch_size=128,
+                       normalize=_stats([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762])),
+    "imagenet": option(ImageNetData, "imagenet", root="data/imagenet", val_fraction=0.0, batch_size=256,
+                       test_batch_size=250, normalize=_stats([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])),
+}
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -318,18 +402,47 @@ class Timm(_Model):
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
-MODELS = {"lenet300_100": LeNet300, "lenet5_caffe": _Model, "mlp": MLP, "alexnet_s": _Model, "alexnet_b": _Model,
-          "vgg16_c": _Model, "vgg16_d": _Model, "vgg16_like": _Model, "vgg16_small": VGGSmall,
-          "resnet56": Widthed, "resnet_cifar": ResNetCifar, "vit_cifar": ViT, "resnet50": _Model, "timm": Timm,
-          "wrn": WRN, "wrn16_8": WRN, "wrn16_10": WRN, "wrn22_8": WRN, "wrn28_2": WRN, "wrn28_10": WRN,
-          "wrn_acdc": WRN, "wrn28_10_acdc": WRN}
+_WRN_SIZES = {"wrn": (28, 2), "wrn16_8": (16, 8), "wrn16_10": (16, 10), "wrn22_8": (22, 8), "wrn28_2": (28, 2),
+              "wrn28_10": (28, 10), "wrn_acdc": (28, 10), "wrn28_10_acdc": (28, 10)}
 
-OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": Adam}
+#: one schema per model; the defaults are its YAML's
+MODELS = {
+    **{n: option(_Model, n) for n in ("lenet5_caffe", "alexnet_s", "alexnet_b", "vgg16_c", "vgg16_d", "vgg16_like",
+                                      "resnet50")},
+    "lenet300_100": option(LeNet300, "lenet300_100"),
+    "mlp": option(MLP, "mlp"),
+    "vgg16_small": option(VGGSmall, "vgg16_small"),
+    "resnet56": option(Widthed, "resnet56"),
+    "resnet_cifar": option(ResNetCifar, "resnet_cifar"),
+    "vit_cifar": option(ViT, "vit_cifar"),
+    "timm": option(Timm, "timm", arch="resnet18"),
+    **{n: option(WRN, n, depth=d, widen_factor=k) for n, (d, k) in _WRN_SIZES.items()},
+}
+
+OPTIMIZERS = {"sgd": option(SGD, "sgd", lr=0.1, nesterov=True, weight_decay=5e-4),
+              "adam": option(Adam, "adam", lr=1e-3), "adamw": option(Adam, "adamw", lr=1e-3)}
+
+#: one schema per schedule file; a schedule of the user's own (another name) gets `Schedule`
+SCHEDULES = {
+    "sm_mnist": option(Schedule, "sm_mnist", epochs=100, lr={"kind": "step", "step_size": 25000}),
+    "sm_cifar": option(Schedule, "sm_cifar", epochs=250, lr={"kind": "step", "step_size": 30000}),
+    "sm_imagenet": option(Schedule, "sm_imagenet", epochs=100, lr={"kind": "multistep", "milestones": [30, 60, 90]}),
+    "wrn_cifar": option(Schedule, "wrn_cifar", epochs=200,
+                        lr={"kind": "multistep", "milestones": [60, 120, 160], "gamma": 0.2}),
+    "gse_cifar": option(Schedule, "gse_cifar", epochs=200, warmup_epochs=5,
+                        lr={"kind": "multistep", "milestones": [80, 120]}),
+    "multistep": option(Schedule, "multistep", epochs=200, lr={"kind": "multistep", "milestones": [80, 120]}),
+    "rigl_imagenet": option(Schedule, "rigl_imagenet", epochs=100,
+                            lr={"kind": "multistep", "milestones": [30, 70, 90]}),
+    "cosine": option(Schedule, "cosine", epochs=100, warmup_epochs=5, lr={"kind": "cosine"}),
+    "acdc_imagenet": option(Schedule, "acdc_imagenet", epochs=100, warmup_epochs=5, lr={"kind": "cosine"}),
+    "constant": option(Schedule, "constant", epochs=10, lr={"kind": "constant"}),
+}
 LOGGERS = {"wandb": WandbLogger, "none": NoLogger}
 
-#: group -> {option name: schema}; `schedule` has one schema for every option
+#: group -> {option name: schema}
 GROUPS: Dict[str, Any] = {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "logger": LOGGERS,
-                          "schedule": Schedule}
+                          "schedule": SCHEDULES}
 #: filled by sparsity.methods.schemas: method name -> schema
 METHODS: Dict[str, Any] = {}
 
@@ -340,18 +453,6 @@ _TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", 
 
 def _shown(value) -> str:
     return "null" if value is None else str(value)
-
-
-def _hints(schema) -> dict:
-    return typing.get_type_hints(schema)
-
-
-def _plain(typ):
-    """X for Optional[X], else the type itself."""
-    args = getattr(typ, "__args__", ())
-    if getattr(typ, "__origin__", None) is typing.Union and type(None) in args:
-        return next(a for a in args if a is not type(None))
-    return typ
 
 
 def _field_of(schema, dotted: str):
@@ -367,12 +468,30 @@ def _field_of(schema, dotted: str):
     return f, obj
 
 
+def _strict_bools(schema, node, prefix: str) -> None:
+    """A bool field takes true or false only: OmegaConf would turn 'yes', 'off' or 1 into a bool."""
+    if not (dataclasses.is_dataclass(schema) and hasattr(node, "items")):
+        return
+    hints = _hints(schema)
+    for k, v in node.items():
+        typ = _plain(hints.get(k)) if k in hints else None
+        if typ is bool and v is not None and not isinstance(v, bool):
+            raise ConfigError(f"{prefix}{k}={v} is not true or false")
+        if dataclasses.is_dataclass(typ):
+            _strict_bools(typ, v, f"{prefix}{k}.")
+
+
 def _merge(schema, node, prefix: str) -> DictConfig:
     """`node` merged into `schema` (struct mode): unknown keys and wrong types are refused."""
+    _strict_bools(schema, node, prefix)
     try:
         return OmegaConf.merge(OmegaConf.structured(schema), node)
     except OmegaConfBaseException as exc:
         sub = str(getattr(exc, "full_key", "") or "")
+        value = getattr(exc, "value", None)
+        if not sub:  # OmegaConf names no key when a mapping was expected (start=2 for a milestone)
+            sub = _failing_key(schema, node)
+            value = node.get(sub) if sub in node else value
         key = f"{prefix}{sub}" if sub else prefix.rstrip(".")
         f, typ = _field_of(schema, sub) if sub else (None, None)
         if f is None:  # a key the schema does not have
@@ -380,11 +499,25 @@ def _merge(schema, node, prefix: str) -> DictConfig:
             _, owner = _field_of(schema, parent) if parent else (None, schema)
             known = ", ".join(x.name for x in dataclasses.fields(owner)) if dataclasses.is_dataclass(owner) else ""
             where = f"{prefix}{parent}".rstrip(".") or "the top level"
+            if not parent and prefix and hasattr(node, "get") and node.get("name"):
+                where = f"{prefix.rstrip('.')}={node.get('name')}"  # e.g. the keys of model=wrn16_8
             raise ConfigError(f"{key} is not a config key; the keys of {where} are: {known}") from None
-        value = getattr(exc, "value", None)
-        want = _TYPE_WORDS.get(typ, f"of type {getattr(typ, '__name__', typ)}")
+        if dataclasses.is_dataclass(typ):
+            want = f"a mapping with the keys {', '.join(x.name for x in dataclasses.fields(typ))}"
+        else:
+            want = _TYPE_WORDS.get(typ, f"of type {getattr(typ, '__name__', typ)}")
         hint = f"; {f.metadata['hint']}" if f.metadata.get("hint") else ""
         raise ConfigError(f"{key}={_shown(value)} is not {want}{hint}") from None
+
+
+def _failing_key(schema, node) -> str:
+    """The (dotted) key of `node` whose merge into `schema` fails, or ''."""
+    for k, v in (node.items() if hasattr(node, "items") else []):
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), {k: v})
+        except OmegaConfBaseException as exc:
+            return str(getattr(exc, "full_key", "") or "") or str(k)
+    return ""
 
 
 def _check_ranges(schema, node: DictConfig, prefix: str) -> None:
@@ -415,6 +548,8 @@ def _check_ranges(schema, node: DictConfig, prefix: str) -> None:
                 raise ConfigError(f"{key}={value} must be {_bounds_text(meta)}{hint}")
         items = {k[len("items_"):]: meta[k] for k in ("items_gt", "items_ge", "items_lt", "items_le")
                  if meta.get(k) is not None}
+        if meta.get("finite") and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ConfigError(f"{key}={list(value)}: every value must be a finite number{hint}")
         if items and any(not _within(v, items) for v in value):
             raise ConfigError(f"{key}={list(value)}: every value must be {_bounds_text(items)}{hint}")
 
@@ -433,27 +568,57 @@ def check_group(group: str, node, schema) -> DictConfig:
     return merged
 
 
-def _schema_for(group: str, node):
+def _register_methods() -> None:
+    if not METHODS:
+        from .sparsity.methods import schemas  # noqa: F401  (registers the method schemas)
+
+
+def schema_for(group: str, node):
+    """The schema of `node`, one option of `group`, looked up by its ``name``; for a user's own
+    implementation (``_target_``, or a ``@register``-ed method) the implementation's ``schema``
+    attribute, None when it has none (its keys are then its own business)."""
+    _register_methods()
+    if node.get("_target_"):
+        from .plugins import target_of
+
+        return getattr(target_of(node, group), "schema", None)
     table = METHODS if group == "method" else GROUPS[group]
-    if not isinstance(table, dict):
-        return table
     name = node.get("name")
     if group == "method" and name not in table:
         from .sparsity.methods import METHODS as registered  # a user's @register-ed method
 
-        own = getattr(registered.get(name), "schema", None)
-        if own is not None:
-            return own
+        if name in registered:
+            return getattr(registered[name], "schema", None)
+    if group == "schedule" and name not in table and name is not None:
+        return Schedule  # a schedule file of the user's own
     if name not in table:
-        raise ConfigError(f"{group}.name={name} is not a known {group}; choose one of: {', '.join(sorted(table))} "
+        given = f"{group}.name={name} is not a known {group}" if name is not None else f"{group}.name is not set"
+        raise ConfigError(f"{given}; choose one of: {', '.join(sorted(table))} "
                           f"(or name your own implementation with {group}._target_)")
     return table[name]
 
 
+def check_option(group: str, node):
+    """`node` (one option of `group`, e.g. the ``method`` node) checked against its schema: the
+    typed config with every default filled in, or `node` itself when no schema applies (a user's
+    implementation without one). The builders call this, so a direct call gets a run's checks."""
+    schema = schema_for(group, node)
+    if schema is None:
+        return node
+    try:
+        data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else copy.deepcopy(dict(node))
+    except OmegaConfBaseException as exc:  # an interpolation that does not resolve
+        raise ConfigError(f"{group}: {str(exc).splitlines()[0]}") from None
+    target = data.pop("_target_", None)
+    typed = check_group(group, data, schema)
+    if target is None:
+        return typed
+    return OmegaConf.create({**OmegaConf.to_container(typed), "_target_": target})
+
+
 def check(cfg) -> DictConfig:
     """The whole config (without its `hydra` node) checked against the schema, resolved and typed."""
-    if not METHODS:
-        from .sparsity.methods import schemas  # noqa: F401  (registers the method schemas)
+    _register_methods()
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     plain.pop("hydra", None)
     try:
@@ -471,8 +636,6 @@ def check(cfg) -> DictConfig:
         node = data.get(group)
         if not isinstance(node, dict):
             raise ConfigError(f"{group} is not chosen; pass e.g. {group}=<option>")
-        if node.get("_target_"):  # a user's implementation: its own keys are its business
-            out[group] = node
-            continue
-        out[group] = OmegaConf.to_container(check_group(group, node, _schema_for(group, node)))
+        typed = check_option(group, node)
+        out[group] = OmegaConf.to_container(typed) if OmegaConf.is_config(typed) else typed
     return OmegaConf.create(out)

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sparse_bench.data.augment import PAD_MODES, CropFlip, Normalize
-from sparse_bench.data.datasets import _bool, _channel_stats, _get, _int, resolve_root
+from sparse_bench.data.augment import CropFlip, Normalize
+from sparse_bench.data.datasets import _channel_stats, resolve_root
 from sparse_bench.errors import ConfigError
 
 __all__ = ["CIFAR_SPECS", "find_cifar_folder", "load_cifar_split", "read_cifar_file", "cifar_transforms"]
@@ -214,15 +214,10 @@ def _download(root: Path, spec: CifarSpec) -> None:
 def load_cifar_split(cfg: Any, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_test, y_test)``: CPU ``uint8 (N, 3, 32, 32)`` images and ``int64`` labels."""
     spec = CIFAR_SPECS[name]
-    root_cfg = _get(cfg, "root", None)
-    if root_cfg is None or str(root_cfg).strip() == "":
-        raise ConfigError(
-            f"dataset.root: missing; set dataset.root=<folder holding {spec.folder}> or set dataset.download=true"
-        )
-    root = resolve_root(root_cfg)
+    root = resolve_root(cfg.root)
     folder = find_cifar_folder(root, spec)
     if folder is None:
-        if not _bool(cfg, "download", False):
+        if not cfg.download:
             raise ConfigError(_missing_message(root, spec))
         _download(root, spec)
         folder = find_cifar_folder(root, spec)
@@ -245,49 +240,18 @@ def load_cifar_split(cfg: Any, name: str) -> tuple[Tensor, Tensor, Tensor, Tenso
 
 
 def cifar_transforms(cfg: Any, name: str) -> tuple[CropFlip | Normalize, Normalize]:
-    """``(train_transform, eval_transform)`` from ``dataset.augment`` and ``dataset.normalize``.
+    """``(train_transform, eval_transform)`` from ``dataset.augment`` and ``dataset.normalize``
+    (checked by the schema: padding in [0, 31] for 32x32 images, pad_mode zeros or reflect).
 
-    ``dataset.augment`` is a mapping ``{crop, padding, pad_mode, flip}`` or a bool
-    (``false``: no augmentation; ``true``: the defaults, crop with 4-pixel zero padding + flip).
+    ``dataset.augment`` is ``{crop, padding, pad_mode, flip}``; ``{crop: false, flip: false}``
+    turns augmentation off.
     """
     spec = CIFAR_SPECS[name]
     mean, std = _channel_stats(cfg, 3, spec.mean, spec.std)
     eval_tf = Normalize(mean, std, scale=255.0)
-
-    aug = _get(cfg, "augment", True)
-    if isinstance(aug, bool):
-        aug = {} if aug else {"crop": False, "flip": False}
-    elif not hasattr(aug, "get"):
-        raise ConfigError(
-            f"dataset.augment: expected true, false or a mapping, got {aug!r}; "
-            "set e.g. dataset.augment={crop: true, padding: 4, pad_mode: reflect, flip: true}"
-        )
-    sub = _Prefixed(aug)
-    crop = _bool(sub, "augment.crop", True)
-    flip = _bool(sub, "augment.flip", True)
-    padding = _int(sub, "augment.padding", 4, 0)
-    if padding >= 32:
-        raise ConfigError(
-            f"dataset.augment.padding: {padding} is too large for 32x32 images; set dataset.augment.padding=4"
-        )
-    pad_mode = _get(aug, "pad_mode", "zeros")
-    if pad_mode not in PAD_MODES:
-        raise ConfigError(
-            f"dataset.augment.pad_mode: expected one of {', '.join(PAD_MODES)}, got {pad_mode!r}; "
-            "set dataset.augment.pad_mode=reflect (sparse momentum) or zeros (GSE)"
-        )
-    train_tf = CropFlip(mean, std, pad=padding if crop else 0, pad_mode=pad_mode, flip=flip, scale=255.0)
+    aug = cfg.augment
+    train_tf = CropFlip(mean, std, pad=aug.padding if aug.crop else 0, pad_mode=aug.pad_mode, flip=aug.flip,
+                        scale=255.0)
     if train_tf.identity:
         return eval_tf, eval_tf
     return train_tf, eval_tf
-
-
-class _Prefixed:
-    """``dataset.augment`` seen through the ``dataset.<key>`` helpers: ``get("augment.x")`` reads ``x``,
-    so their messages name ``dataset.augment.x``."""
-
-    def __init__(self, cfg: Any) -> None:
-        self._cfg = cfg
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._cfg.get(key.removeprefix("augment."), default)

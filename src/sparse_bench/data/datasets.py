@@ -25,9 +25,12 @@ objects.  Supported data sets:
 
 Validation data is the *last* ``round(val_fraction * n_train)`` training
 samples, in file order (as in the sparse momentum paper); for ImageNet, whose
-file order is by class, the last files of every class.  Every mistake in the
-config is reported as a one-line :class:`~sparse_bench.errors.ConfigError`
-naming the key and the fix.
+file order is by class, the last files of every class.  The ``dataset`` node is
+checked and typed by its schema (``sparse_bench.schema``: types, ranges and the
+defaults of the data set's YAML) before anything is read, so the readers take
+typed values; what only the files can tell (missing or corrupt files, channel
+counts, splits that leave a part empty) is a one-line
+:class:`~sparse_bench.errors.ConfigError` naming the key and the fix.
 """
 
 from __future__ import annotations
@@ -118,100 +121,36 @@ class DataBundle:
     train_eval: Any | None = None
 
 
-# --------------------------------------------------------------------------- config helpers
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """``cfg.get(key, default)`` for DictConfig and plain dicts; ``None`` counts as missing."""
-    value = cfg.get(key, default)
-    return default if value is None else value
-
-
-def _int(cfg: Any, key: str, default: int | None, minimum: int) -> int:
-    value = _get(cfg, key, default)
-    if value is None:
-        raise ConfigError(f"dataset.{key}: missing; set dataset.{key}=<integer >= {minimum}>")
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ConfigError(
-                f"dataset.{key}: expected an integer >= {minimum}, got {value!r}; "
-                f"set dataset.{key}=<integer >= {minimum}>"
-            )
-    if int(value) < minimum:
-        raise ConfigError(
-            f"dataset.{key}: must be >= {minimum}, got {value}; set dataset.{key}=<integer >= {minimum}>"
-        )
-    return int(value)
-
-
-def _fraction(cfg: Any, key: str, default: float) -> float:
-    value = _get(cfg, key, default)
-    try:
-        frac = float(value)
-    except (TypeError, ValueError):
-        frac = math.nan
-    if isinstance(value, bool) or not (0.0 <= frac < 1.0):
-        raise ConfigError(
-            f"dataset.{key}: expected a number in [0, 1), got {value!r}; set e.g. dataset.{key}={default}"
-        )
-    return frac
-
-
-def _bool(cfg: Any, key: str, default: bool) -> bool:
-    value = _get(cfg, key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"dataset.{key}: expected true or false, got {value!r}; set dataset.{key}=false")
-    return value
-
-
-def _float_list(value: Any, key: str) -> list[float]:
-    items = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-    try:
-        out = [float(v) for v in items]
-    except (TypeError, ValueError):
-        out = []
-    if not out or any(not math.isfinite(v) for v in out):
-        raise ConfigError(f"{key}: expected a number or a list of numbers, got {value!r}; set e.g. {key}=[0.5]")
-    return out
+# --------------------------------------------------------------------------- normalisation
 
 
 def _normalization(cfg: Any, channels: int, default: tuple[Any, Any] | None) -> tuple[list[float], list[float]] | None:
-    """Per-channel (mean, std) from ``dataset.normalize`` or the data set's default.
+    """Per-channel (mean, std) from ``dataset.normalize`` (finite, std > 0: the schema checked them),
+    or the data set's own statistics when it is null.
 
     Returns ``None`` when neither the config nor the data set asks for normalisation.
     """
-    norm = _get(cfg, "normalize", None)
-    if norm is None or (hasattr(norm, "keys") and len(norm) == 0):
+    norm = cfg.normalize
+    if norm is None:
         if default is None:
             return None
         return [default[0]], [default[1]]
-    if not hasattr(norm, "get"):
-        raise ConfigError(
-            f"dataset.normalize: expected a mapping with mean and std, got {norm!r}; "
-            "set dataset.normalize={mean: [..], std: [..]}"
-        )
-    d_mean, d_std = default if default is not None else (0.0, 1.0)
-    mean = _float_list(_get(norm, "mean", d_mean), "dataset.normalize.mean")
-    std = _float_list(_get(norm, "std", d_std), "dataset.normalize.std")
-    for key, vals in (("mean", mean), ("std", std)):
+    mean, std = [float(v) for v in norm.mean], [float(v) for v in norm.std]
+    for key, vals in (("mean", mean), ("std", std)):  # the data's channel count: only known here
         if len(vals) not in (1, channels):
             raise ConfigError(
                 f"dataset.normalize.{key}: has {len(vals)} values but the data has {channels} channel(s); "
                 f"give 1 or {channels} values"
             )
-    if any(s <= 0 for s in std):
-        raise ConfigError(f"dataset.normalize.std: values must be > 0, got {std}; fix dataset.normalize.std")
     return mean, std
 
 
 def _channel_stats(
     cfg: Any, channels: int, mean: Sequence[float], std: Sequence[float]
 ) -> tuple[list[float], list[float]]:
-    """Per-channel ``(mean, std)``, ``channels`` values each: ``dataset.normalize`` over the given defaults."""
-    norm = _get(cfg, "normalize", None)
-    if norm is None or (hasattr(norm, "keys") and len(norm) == 0):
+    """Per-channel ``(mean, std)``, ``channels`` values each: ``dataset.normalize``, or the given
+    statistics when it is null."""
+    if cfg.normalize is None:
         return [float(m) for m in mean], [float(s) for s in std]
     stats = _normalization(cfg, channels, (list(mean), list(std)))
     assert stats is not None
@@ -354,13 +293,10 @@ def _download(root: Path, spec: _IdxSpec) -> None:
 def load_idx_split(cfg: Any, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_test, y_test)`` as CPU uint8 images (N, H, W) and int64 labels."""
     spec = _IDX_SPECS[name]
-    root_cfg = _get(cfg, "root", None)
-    if root_cfg is None or str(root_cfg).strip() == "":
-        raise ConfigError(f"dataset.root: missing; set dataset.root=<folder with the {spec.label} IDX files>")
-    root = resolve_root(root_cfg)
+    root = resolve_root(cfg.root)
     files = find_idx_files(root, name)
     if files is None:
-        if not _bool(cfg, "download", False):
+        if not cfg.download:
             raise ConfigError(_missing_message(root, spec))
         _download(root, spec)
         files = find_idx_files(root, name)
@@ -422,8 +358,7 @@ def load_digits_split(cfg: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """
     from sklearn.datasets import load_digits
 
-    split_seed = _int(cfg, "split_seed", 0, 0)
-    test_fraction = _fraction(cfg, "test_fraction", 0.2)
+    split_seed, test_fraction = cfg.split_seed, cfg.test_fraction
     digits = load_digits()
     x = torch.from_numpy(np.asarray(digits.images, dtype=np.float32) / 16.0).unsqueeze(1)
     y = torch.from_numpy(np.asarray(digits.target, dtype=np.int64))
@@ -451,20 +386,6 @@ def _digits_tensors(cfg: Any, device: torch.device) -> tuple[Tensor, Tensor, Ten
 
 
 # --------------------------------------------------------------------------- synthetic
-
-
-def _shape(cfg: Any) -> tuple[int, ...]:
-    value = _get(cfg, "input_shape", None)
-    try:
-        shape = tuple(int(v) for v in value) if not isinstance(value, (str, bytes)) else ()
-    except (TypeError, ValueError):
-        shape = ()
-    if not shape or any(s < 1 for s in shape):
-        raise ConfigError(
-            f"dataset.input_shape: expected a list of positive integers, got {value!r}; "
-            "set e.g. dataset.input_shape=[1,28,28]"
-        )
-    return shape
 
 
 def make_synthetic(
@@ -497,19 +418,8 @@ def make_synthetic(
 
 
 def _synthetic_tensors(cfg: Any, device: torch.device) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
-    shape = _shape(cfg)
-    num_classes = _int(cfg, "num_classes", None, 2)
-    n_train = _int(cfg, "n_train", None, 1)
-    n_test = _int(cfg, "n_test", None, 1)
-    data_seed = _int(cfg, "data_seed", 0, 0)
-    noise_v = _get(cfg, "noise", 1.0)
-    try:
-        noise = float(noise_v)
-    except (TypeError, ValueError):
-        noise = math.nan
-    if isinstance(noise_v, bool) or not (noise >= 0 and math.isfinite(noise)):
-        raise ConfigError(f"dataset.noise: expected a number >= 0, got {noise_v!r}; set e.g. dataset.noise=1.0")
-    x_tr, y_tr, x_te, y_te = make_synthetic(shape, num_classes, n_train, n_test, data_seed, noise)
+    shape, num_classes = tuple(cfg.input_shape), cfg.num_classes
+    x_tr, y_tr, x_te, y_te = make_synthetic(shape, num_classes, cfg.n_train, cfg.n_test, cfg.data_seed, cfg.noise)
     stats = _normalization(cfg, shape[0], None)
     tensors = (
         _normalize(x_tr.to(device), stats),
@@ -544,8 +454,8 @@ def _cifar_bundle(
     from sparse_bench.data.cifar import IMAGE_SHAPE, CIFAR_SPECS, cifar_transforms, load_cifar_split
 
     spec = CIFAR_SPECS[name]
-    train_tf, eval_tf = cifar_transforms(cfg, name)  # config mistakes before any file is read
-    drop_last = _bool(cfg, "drop_last", False)
+    train_tf, eval_tf = cifar_transforms(cfg, name)
+    drop_last = cfg.drop_last
     x_tr, y_tr, x_te, y_te = load_cifar_split(cfg, name)
     # uint8 on the device (4x smaller than float); the transforms convert and normalise per batch
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in (x_tr, y_tr, x_te, y_te))
@@ -570,26 +480,24 @@ def build_data(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     """Build the train / val / test loaders described by the ``dataset`` config group.
 
     Args:
-        cfg: the ``dataset`` group (DictConfig or dict).
+        cfg: the ``dataset`` group (DictConfig or dict), checked here by its schema (a key given
+            neither here nor by the caller takes the data set's YAML value).
         device: where every batch is delivered (and where tensor data sets live).
         seed: run seed; only the training order (and augmentation) depends on it.
     """
     from sparse_bench.plugins import target_of
+    from sparse_bench.schema import check_option
 
     builder = target_of(cfg, "dataset")  # a user's data set, named by dataset._target_
+    cfg = check_option("dataset", cfg)
     if builder is not None:
         bundle = builder(cfg, torch.device(device), seed)
         if not isinstance(bundle, DataBundle):
             raise ConfigError(f"dataset._target_={cfg.get('_target_')} must return a sparse_bench.data.DataBundle")
         return bundle
-    name = _get(cfg, "name", None)
-    if name not in DATASETS:
-        raise ConfigError(f"dataset.name: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    name = cfg.name
     device = torch.device(device)
-    batch_size = _int(cfg, "batch_size", 128, 1)
-    test_batch_size = _int(cfg, "test_batch_size", 1000, 1)
-    default_val = 0.0 if name in _CIFAR or name == "imagenet" else 0.1
-    val_fraction = _fraction(cfg, "val_fraction", default_val)
+    batch_size, test_batch_size, val_fraction = cfg.batch_size, cfg.test_batch_size, cfg.val_fraction
 
     if name in _CIFAR:
         return _cifar_bundle(cfg, name, device, seed, batch_size, test_batch_size, val_fraction)

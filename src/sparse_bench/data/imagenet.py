@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
-from sparse_bench.data.datasets import DataBundle, _bool, _channel_stats, _get, _int, resolve_root
+from sparse_bench.data.datasets import DataBundle, _channel_stats, resolve_root
 from sparse_bench.data.loader import _SEED_STRIDE, STATS_STREAM, StatBatches, _splitmix64, epoch_seed, mix_seed
 from sparse_bench.errors import ConfigError
 
@@ -460,24 +460,19 @@ def build_imagenet(
     cfg: Any, device: torch.device, seed: int, batch_size: int, test_batch_size: int, val_fraction: float
 ) -> DataBundle:
     """ImageNet loaders from ``dataset.root`` (see the module docstring)."""
-    root_cfg = _get(cfg, "root", None)
-    if root_cfg is None or str(root_cfg).strip() == "":
-        raise ConfigError(
-            "dataset.root: missing; set dataset.root=<folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG>"
-        )
-    root = resolve_root(root_cfg)
+    root = resolve_root(cfg.root)
     if not root.is_dir():
         raise ConfigError(
             f"dataset.root: {root} does not exist; set dataset.root to the folder holding train/ and val/"
-            + (" (ImageNet cannot be downloaded automatically)" if _bool(cfg, "download", False) else "")
+            + (" (ImageNet cannot be downloaded automatically)" if cfg.download else "")
         )
-    image_size = _int(cfg, "image_size", 224, 1)
-    resize = _int(cfg, "val_resize", int(round(image_size / 0.875)), image_size)
-    num_workers = _int(cfg, "num_workers", 8, 0)
-    persistent = _bool(cfg, "persistent_workers", True)
-    prefetch = _get(cfg, "prefetch_factor", None)
-    prefetch = None if prefetch is None else _int(cfg, "prefetch_factor", None, 1)
-    drop_last = _bool(cfg, "drop_last", False)
+    image_size = cfg.image_size
+    resize = int(round(image_size / 0.875)) if cfg.val_resize is None else cfg.val_resize
+    if resize < image_size:  # two keys: checked here
+        raise ConfigError(f"dataset.val_resize={resize} is smaller than dataset.image_size={image_size}; the eval "
+                          f"centre crop needs val_resize >= image_size (null: round(image_size / 0.875))")
+    num_workers, persistent, prefetch = cfg.num_workers, cfg.persistent_workers, cfg.prefetch_factor
+    drop_last = cfg.drop_last
     mean, std = _channel_stats(cfg, 3, IMAGENET_MEAN, IMAGENET_STD)
 
     train_images, classes = scan_split(root / "train")

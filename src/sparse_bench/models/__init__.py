@@ -27,14 +27,17 @@ MODEL_NAMES = tuple(sorted(_BUILDERS))
 def build_model(cfg, input_shape, num_classes: int) -> nn.Module:
     """Build the model named by `cfg.name` and check that it fits the data.
 
-    The fit check runs one forward pass on a batch of two zero inputs, so a model whose
-    layers do not match the dataset's shape (or whose output is not `num_classes` wide)
-    fails here, before any training, with one line naming both.
+    `cfg` (the ``model`` group) is checked and typed by its schema first (``sparse_bench.schema``;
+    a key not given takes the model's YAML value), so the builders read typed values. The fit
+    check runs one forward pass on a batch of two zero inputs, so a model whose layers do not
+    match the dataset's shape (or whose output is not `num_classes` wide) fails here, before any
+    training, with one line naming both.
     """
-    name = cfg.name
+    from ..schema import check_option
+
     builder = target_of(cfg, "model")  # a user's model, named by model._target_
-    if builder is None and name not in _BUILDERS:
-        raise ConfigError(f"model={name} is unknown; choose one of: {', '.join(MODEL_NAMES)}")
+    cfg = check_option("model", cfg)
+    name = cfg.name
     model = (builder or _BUILDERS[name])(cfg, tuple(input_shape), int(num_classes))
     shape_txt = "x".join(str(s) for s in input_shape)
     was_training = model.training

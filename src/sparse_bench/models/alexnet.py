@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .zoo import no_width, require_image
+from .zoo import require_image
 
 # (out_channels, kernel, stride, padding) of the five convolutions
 CONVS = ((96, 11, 2, 2), (256, 5, 2, 2), (384, 3, 2, 1), (384, 3, 2, 1), (256, 3, 2, 1))
@@ -64,7 +64,6 @@ class AlexNet(nn.Module):
 
 def _builder(factor: int, name: str):
     def build(cfg, input_shape, num_classes):
-        no_width(cfg, name)
         require_image(name, input_shape)
         return AlexNet(factor, input_shape[0], num_classes, tuple(input_shape[1:]))
 

@@ -65,12 +65,12 @@ class MLP(nn.Module):
 
 
 MODELS = {
-    "lenet300_100": lambda cfg, shape, nc: LeNet300100(in_features=int(cfg.get("in_features", 784)), num_classes=nc),
+    "lenet300_100": lambda cfg, shape, nc: LeNet300100(in_features=cfg.in_features, num_classes=nc),
     "lenet5_caffe": lambda cfg, shape, nc: LeNet5Caffe(in_channels=shape[0], num_classes=nc),
     "mlp": lambda cfg, shape, nc: MLP(
         in_features=int(torch.Size(shape).numel()),
-        hidden=list(cfg.get("hidden", [100])),
+        hidden=list(cfg.hidden),
         num_classes=nc,
-        dropout=float(cfg.get("dropout", 0.0)),
+        dropout=cfg.dropout,
     ),
 }

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from .zoo import int_option, require_image, scaled, width_option
+from .zoo import require_image, scaled
 
 
 class BasicBlock(nn.Module):
@@ -91,17 +91,13 @@ class CifarResNet(nn.Module):
 
 def _generic(cfg, input_shape, num_classes):
     require_image("resnet_cifar", input_shape)
-    depth = int_option(cfg, "depth", 20, "resnet_cifar")
-    return CifarResNet(depth, input_shape[0], num_classes, width_option(cfg, "resnet_cifar"))
+    return CifarResNet(cfg.depth, input_shape[0], num_classes, cfg.width)
 
 
 def _resnet56(cfg, input_shape, num_classes):
+    """ResNet-56 (its schema has no depth: model=resnet_cifar model.depth=D for other depths)."""
     require_image("resnet56", input_shape)
-    if int_option(cfg, "depth", 56, "resnet56") != 56:
-        raise ConfigError(
-            f"model.depth={cfg.get('depth')} contradicts model=resnet56; use model=resnet_cifar model.depth=D for other depths"
-        )
-    return CifarResNet(56, input_shape[0], num_classes, width_option(cfg, "resnet56"))
+    return CifarResNet(56, input_shape[0], num_classes, cfg.width)
 
 
 MODELS = {

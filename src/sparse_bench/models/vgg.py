@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .zoo import no_width, require_image, scaled, width_option
+from .zoo import require_image, scaled
 
 # numbers are 3x3 convolutions, (k, n) a k x k convolution with n channels, "M" a 2x2 max-pool
 PLANS = {
@@ -108,7 +108,6 @@ class VGG16Small(nn.Module):
 
 def _sm_builder(config: str, name: str):
     def build(cfg, input_shape, num_classes):
-        no_width(cfg, name)
         require_image(name, input_shape)
         return VGG16(config, input_shape[0], num_classes, tuple(input_shape[1:]))
 
@@ -117,10 +116,7 @@ def _sm_builder(config: str, name: str):
 
 def _small(cfg, input_shape, num_classes):
     require_image("vgg16_small", input_shape)
-    dropout = float(cfg.get("dropout", 0.5))
-    if not 0 <= dropout < 1:
-        raise ConfigError(f"model.dropout={dropout} must be in [0, 1); set e.g. model.dropout=0.5")
-    return VGG16Small(input_shape[0], num_classes, tuple(input_shape[1:]), width_option(cfg, "vgg16_small"), dropout)
+    return VGG16Small(input_shape[0], num_classes, tuple(input_shape[1:]), cfg.width, cfg.dropout)
 
 
 MODELS = {

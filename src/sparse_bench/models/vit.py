@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from .zoo import int_option, require_image, scaled, width_option
+from .zoo import require_image, scaled
 
 
 def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -132,22 +132,17 @@ class SimpleViT(nn.Module):
 
 def _build(cfg, input_shape, num_classes):
     require_image("vit_cifar", input_shape)
-    width = width_option(cfg, "vit_cifar")
-    opt = {k: int_option(cfg, k, d, "vit_cifar") for k, d in
-           (("patch_size", 4), ("dim", 512), ("depth", 4), ("heads", 6), ("dim_head", 64), ("mlp_dim", 256))}
-    for key in ("depth", "heads", "dim_head", "mlp_dim", "dim"):
-        if opt[key] < 1:
-            raise ConfigError(f"model.{key}={opt[key]} must be a positive integer")
+    width = cfg.width
     return SimpleViT(
         image_size=tuple(input_shape[1:]),
-        patch_size=opt["patch_size"],
+        patch_size=cfg.patch_size,
         in_channels=input_shape[0],
         num_classes=num_classes,
-        dim=scaled(opt["dim"], width),
-        depth=opt["depth"],
-        heads=scaled(opt["heads"], width),
-        dim_head=opt["dim_head"],
-        mlp_dim=scaled(opt["mlp_dim"], width),
+        dim=scaled(cfg.dim, width),
+        depth=cfg.depth,
+        heads=scaled(cfg.heads, width),
+        dim_head=cfg.dim_head,
+        mlp_dim=scaled(cfg.mlp_dim, width),
     )
 
 

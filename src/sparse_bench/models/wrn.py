@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
-from .zoo import int_option, no_width, require_image
+from .zoo import require_image
 
 
 class WideBasicBlock(nn.Module):
@@ -165,51 +165,36 @@ class WideResNetACDC(nn.Module):
         return self.linear(out)
 
 
-def _dropout(cfg) -> float:
-    p = float(cfg.get("dropout", 0.3))
-    if not 0 <= p < 1:
-        raise ConfigError(f"model.dropout={p} must be in [0, 1); set e.g. model.dropout=0.3")
-    return p
-
-
-
 def _generic(cfg, input_shape, num_classes):
-    no_width(cfg, "wrn")
     require_image("wrn", input_shape)
-    depth = int_option(cfg, "depth", 28, "wrn")
-    k = int_option(cfg, "widen_factor", 2, "wrn")
-    return WideResNet(depth, k, input_shape[0], num_classes, _dropout(cfg))
+    return WideResNet(cfg.depth, cfg.widen_factor, input_shape[0], num_classes, cfg.dropout)
 
 
 def _named(depth: int, k: int):
     name = f"wrn{depth}_{k}"
 
     def build(cfg, input_shape, num_classes):
-        no_width(cfg, name)
         require_image(name, input_shape)
-        for key, fixed in (("depth", depth), ("widen_factor", k)):
-            if int_option(cfg, key, fixed, name) != fixed:
+        for key, fixed in (("depth", depth), ("widen_factor", k)):  # the name fixes the size
+            if cfg[key] != fixed:
                 raise ConfigError(
-                    f"model.{key}={cfg.get(key)} contradicts model={name} (WRN-{depth}-{k}); "
+                    f"model.{key}={cfg[key]} contradicts model={name} (WRN-{depth}-{k}); "
                     f"use model=wrn model.depth=D model.widen_factor=K for other sizes"
                 )
-        return WideResNet(depth, k, input_shape[0], num_classes, _dropout(cfg))
+        return WideResNet(depth, k, input_shape[0], num_classes, cfg.dropout)
 
     return name, build
 
 
 def _acdc(cfg, input_shape, num_classes):
-    no_width(cfg, "wrn_acdc")
     require_image("wrn_acdc", input_shape)
-    depth = int_option(cfg, "depth", 28, "wrn_acdc")
-    k = int_option(cfg, "widen_factor", 10, "wrn_acdc")
-    return WideResNetACDC(depth, k, input_shape[0], num_classes, _dropout(cfg))
+    return WideResNetACDC(cfg.depth, cfg.widen_factor, input_shape[0], num_classes, cfg.dropout)
 
 
 def _acdc_28_10(cfg, input_shape, num_classes):
-    for key, fixed in (("depth", 28), ("widen_factor", 10)):
-        if int_option(cfg, key, fixed, "wrn28_10_acdc") != fixed:
-            raise ConfigError(f"model.{key}={cfg.get(key)} contradicts model=wrn28_10_acdc; "
+    for key, fixed in (("depth", 28), ("widen_factor", 10)):  # the name fixes the size
+        if cfg[key] != fixed:
+            raise ConfigError(f"model.{key}={cfg[key]} contradicts model=wrn28_10_acdc; "
                               f"use model=wrn_acdc model.depth=D model.widen_factor=K for other sizes")
     return _acdc(cfg, input_shape, num_classes)
 

@@ -1,7 +1,7 @@
 """Models we do not write ourselves: torchvision's ResNet-50 and a pass-through to any timm model.
 
-Also holds the small option readers the other model modules share (``model.width`` and friends),
-so every model reports a bad option the same way: one line naming the key and the fix.
+Also holds the helpers the other model modules share: the image-input check and the width
+scaling (the options themselves are typed and range-checked by the schema, ``sparse_bench.schema``).
 
 Nothing here ever downloads weights: torchvision is called with ``weights=None`` and timm with
 ``pretrained=False``.
@@ -15,40 +15,12 @@ from torch import nn
 from ..errors import ConfigError
 
 
-def width_option(cfg, model: str) -> float:
-    """``model.width`` (default 1.0): a positive channel multiplier."""
-    try:
-        width = float(cfg.get("width", 1.0))
-    except (TypeError, ValueError):
-        raise ConfigError(f"model.width={cfg.get('width')!r} is not a number; set e.g. model.width=2") from None
-    if not width > 0:
-        raise ConfigError(f"model.width={width} must be positive for model={model}; set e.g. model.width=1")
-    return width
-
-
-def no_width(cfg, model: str) -> None:
-    """Models with no width multiplier in their papers refuse ``model.width`` other than 1."""
-    if cfg.get("width", 1.0) not in (1, 1.0, None):
-        raise ConfigError(
-            f"model.width={cfg.get('width')} is not supported by model={model}; "
-            f"drop model.width (width multipliers exist for resnet_cifar/resnet56, vgg16_small, vit_cifar; wrn has model.widen_factor)"
-        )
-
-
 def require_image(name: str, input_shape) -> None:
     """Image models need (C, H, W) inputs; anything else is a one-line ConfigError."""
     if len(input_shape) != 3:
         raise ConfigError(
             f"model={name} takes images (C, H, W), the dataset gives shape {tuple(input_shape)}; pick another model"
         )
-
-
-def int_option(cfg, key: str, default: int, model: str) -> int:
-    """An integer option ``model.<key>``; anything else is a one-line ConfigError."""
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise ConfigError(f"model.{key}={value!r} must be an integer for model={model}; set e.g. model.{key}={default}")
-    return int(value)
 
 
 def scaled(channels: int, width: float, key: str = "model.width") -> int:
@@ -63,7 +35,6 @@ def _resnet50(cfg, input_shape, num_classes: int) -> nn.Module:
     """torchvision's ResNet-50 (no pretrained weights); a non-RGB input gets a matching stem conv."""
     import torchvision
 
-    no_width(cfg, "resnet50")
     model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
     if input_shape[0] != 3:
         model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -75,19 +46,13 @@ def _timm(cfg, input_shape, num_classes: int) -> nn.Module:
     """Any timm model by name (``model.arch``), randomly initialised; extra ``model.kwargs`` pass through."""
     import timm
 
-    no_width(cfg, "timm")
-    arch = cfg.get("arch")
-    if not arch:
-        raise ConfigError("model=timm needs model.arch, the timm model name; set e.g. model.arch=resnet18")
-    arch = str(arch)
+    arch = cfg.arch
     if not timm.is_model(arch):
         raise ConfigError(
             f"model.arch={arch} is not a timm model; pick a name from timm.list_models(), e.g. model.arch=resnet18"
         )
-    kwargs = cfg.get("kwargs") or {}
-    if OmegaConf.is_config(kwargs):
-        kwargs = OmegaConf.to_container(kwargs, resolve=True)
-    kwargs = dict(kwargs)
+    kwargs = cfg.kwargs
+    kwargs = dict(OmegaConf.to_container(kwargs, resolve=True) if OmegaConf.is_config(kwargs) else kwargs)
     for reserved in ("pretrained", "num_classes", "in_chans", "pretrained_cfg_overlay"):
         if reserved in kwargs:
             raise ConfigError(f"model.kwargs.{reserved} is set by sparse_bench itself; remove it from model.kwargs")

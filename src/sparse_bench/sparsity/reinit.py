@@ -26,19 +26,6 @@ from torch import nn
 
 from ..errors import ConfigError
 
-REINITS = ("fan_in", "none")
-
-
-def reinit_choice(cfg, default: str = "none") -> str:
-    """`method.reinit`: fan_in | none (true / false accepted)."""
-    value = cfg.get("reinit", default)
-    if isinstance(value, bool):
-        value = "fan_in" if value else "none"
-    value = str(value)
-    if value not in REINITS:
-        raise ConfigError(f"method.reinit={value} is unknown; choose one of: {', '.join(REINITS)}")
-    return value
-
 
 def owning_modules(model: nn.Module, names: Sequence[str], params: Sequence[torch.Tensor]) -> list[nn.Module | None]:
     """The module whose ``.weight`` each parameter is (None for a parameter that is no module's weight)."""

@@ -42,21 +42,7 @@ from .distributions import allocate
 SCOPES = ("global", "layer")
 
 
-# --- small helpers shared by the prune-at-init and lottery methods ---------------------------
-def choice(cfg, key: str, default: str, choices: Sequence[str]) -> str:
-    value = str(cfg.get(key, default))
-    if value not in choices:
-        raise ConfigError(f"method.{key}={value} is unknown; choose one of: {', '.join(choices)}")
-    return value
-
-
-def positive_int(cfg, key: str, default: int, hint: str) -> int:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"method.{key}={value} must be a positive whole number; {hint}")
-    return int(value)
-
-
+# --- shared by the prune-at-init methods -------------------------------------------------------
 def scoring_batches(ctx, n: int, what: str):
     """`n` statistics batches from the context, drawn for step 0 (an error naming the method
     when there are none). The result may be iterated more than once (GraSP does)."""

@@ -235,6 +235,28 @@ class UpdateCadence:
         """Whether to update after `epoch` (1-based) finished, `step` steps done."""
         return self.per_epoch and epoch < epochs and self.start <= step < max(self.end, self.start + 1)
 
+    def first_update(self, steps_per_epoch: int, epochs: int) -> int | None:
+        """The step count after which the first update comes (None: no update in the run), without
+        walking the steps: per epoch, the first epoch end in range; per step, the first multiple of
+        the period in force in [max(start, 1), end)."""
+        if self.per_epoch:
+            spe = max(int(steps_per_epoch), 1)
+            e = max(1, -(-self.start // spe))
+            return e * spe if e < epochs and e * spe < max(self.end, self.start + 1) else None
+        if self.schedule is None:
+            segments = [(0, None, self.every)]
+        else:
+            s = self.schedule.steps
+            segments = [(a, s[i + 1] if i + 1 < len(s) else None, int(v))
+                        for i, (a, v) in enumerate(zip(s, self.schedule.values))]
+        for a, b, period in segments:  # `period` is in force for the steps t with t - 1 in [a, b)
+            lo = max(self.start, 1, a + 1)
+            hi = self.end if b is None else min(self.end, b + 1)
+            first = -(-lo // period) * period
+            if first < hi:
+                return first
+        return None
+
     def steps(self) -> list[int]:
         """Every update step of the run (step cadences only)."""
         return [s for s in range(max(self.start, 1), self.end) if self.at_step(s)]

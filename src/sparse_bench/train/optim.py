@@ -1,7 +1,9 @@
 """Optimizers and learning-rate schedules.
 
 The LR is a pure function of the optimizer-step counter (`lr_at`), set on every step, so a
-resumed run continues the schedule exactly with no scheduler state to restore.
+resumed run continues the schedule exactly with no scheduler state to restore. Both builders
+check their group (``optimizer``, ``schedule``) with its schema (``sparse_bench.schema``) first,
+so a direct call gets a run's checks and the YAML's defaults.
 """
 
 from __future__ import annotations
@@ -13,30 +15,23 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-LR_KINDS = ("step", "multistep", "cosine", "constant")
+from ..schema import check_option
 
 log = logging.getLogger("sparse_bench")
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    name = str(cfg.name)
-    lr = float(cfg.lr)
-    wd = float(cfg.get("weight_decay", 0.0))
+    """SGD, Adam or AdamW from the ``optimizer`` group (sgd | adam | adamw, checked by the schema)."""
+    cfg = check_option("optimizer", cfg)
     params = model.parameters()
-    if name == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=lr,
-            momentum=float(cfg.get("momentum", 0.9)),
-            nesterov=bool(cfg.get("nesterov", False)),
-            weight_decay=wd,
-        )
-    if name in ("adam", "adamw"):
-        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return cls(params, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), weight_decay=wd)
-    raise ConfigError(f"optimizer={name} is unknown; choose one of: {', '.join(OPTIMIZERS)}")
+    if cfg.name == "sgd":
+        if cfg.nesterov and cfg.momentum == 0:  # two keys: checked here
+            raise ConfigError("optimizer.nesterov=true needs optimizer.momentum > 0; set optimizer.momentum=0.9 "
+                              "or optimizer.nesterov=false")
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 class LRSchedule:
@@ -51,21 +46,19 @@ class LRSchedule:
     """
 
     def __init__(self, cfg, base_lr: float, steps_per_epoch: int, epochs: int, multiplier: float = 1.0):
+        cfg = check_option("schedule", cfg)
         lr_cfg = cfg.lr
-        self.kind = str(lr_cfg.kind)
-        if self.kind not in LR_KINDS:
-            raise ConfigError(f"schedule.lr.kind={self.kind} is unknown; choose one of: {', '.join(LR_KINDS)}")
+        self.kind = lr_cfg.kind
         self.base = base_lr
         self.spe = steps_per_epoch
         self.total = steps_per_epoch * epochs
-        self.warmup = int(round(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch))
-        self.gamma = float(lr_cfg.get("gamma", 0.1))
-        self.step_size = int(round(int(lr_cfg.get("step_size", 0) or 0) * multiplier))
-        if self.kind == "step" and self.step_size <= 0:
+        self.warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+        self.gamma = lr_cfg.gamma
+        self.step_size = int(round(lr_cfg.step_size * multiplier))
+        if self.kind == "step" and self.step_size <= 0:  # two keys: checked here
             raise ConfigError("schedule.lr.step_size must be a positive number of iterations for kind=step")
-        self.milestones = [int(round(float(m) * multiplier * steps_per_epoch))
-                           for m in lr_cfg.get("milestones", []) or []]
-        self.min_lr = float(lr_cfg.get("min_lr", 0.0))
+        self.milestones = [int(round(m * multiplier * steps_per_epoch)) for m in lr_cfg.milestones]
+        self.min_lr = lr_cfg.min_lr
         for warning in self.warnings():
             log.warning(warning)
 

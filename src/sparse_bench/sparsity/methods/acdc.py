@@ -47,11 +47,8 @@ import torch
 from ...errors import ConfigError
 from ..ops import mask_change_logs
 from ..pruning_schedules import DENSE, SPARSE, acdc_phases, phase_at
-from ..schedules import milestone
 from .base import Method, register
-from .gmp import SCOPES, check_choice, magnitude_masks, mask_gradients
-
-MOMENTUM_RESETS = ("all", "restored", "none")
+from .gmp import magnitude_masks, mask_gradients
 
 __all__ = ["ACDC", "acdc_phases"]
 
@@ -64,12 +61,11 @@ class ACDC(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.scope = check_choice(cfg, "scope", SCOPES, "global")
-        self.momentum_reset = check_choice(cfg, "momentum_reset", MOMENTUM_RESETS, "all")
+        self.scope = cfg.scope
+        self.momentum_reset = cfg.momentum_reset
         tl = ctx.timeline
-        defaults = (("warmup", 0.1, 0), ("phase_length", 0.05, 1), ("final_dense", 0.1, 0), ("final_sparse", 0.15, 1))
-        lengths = {k: tl.length(cfg.get(k, milestone("fraction", d)), f"method.{k}", minimum=low)
-                   for k, d, low in defaults}
+        minimum = {"warmup": 0, "phase_length": 1, "final_dense": 0, "final_sparse": 1}
+        lengths = {k: tl.length(cfg[k], f"method.{k}", minimum=low) for k, low in minimum.items()}
         try:
             self.phases = acdc_phases(ctx.total_steps, **lengths)
         except ValueError as e:

@@ -24,11 +24,12 @@ convention. A method overrides them next to its algorithm when it differs from t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import OmegaConf
 from torch import nn
 
 from ...errors import ConfigError
@@ -38,6 +39,8 @@ from ..ops import random_inactive
 from ..schedules import Timeline, UpdateCadence
 
 METHODS: dict[str, type["Method"]] = {}
+
+log = logging.getLogger("sparse_bench")
 
 
 def register(name: str):
@@ -225,36 +228,50 @@ class Method:
         self.ctx.generator.set_state(state["generator"].cpu())
 
 
-def update_interval(cfg, ctx: MethodContext, default):
-    """`method.update_every`: 'epoch', a positive number of steps, or a period schedule
-    ``{unit, points: [[at, steps], ...]}`` (DSR's reallocation periods)."""
-    every = cfg.get("update_every", default)
-    if isinstance(every, (dict, DictConfig)):
+def update_interval(cfg, ctx: MethodContext):
+    """`method.update_every` (its form checked by the schema): 'epoch', a number of steps, or a
+    period schedule ``{unit, points: [[at, steps], ...]}`` (DSR's reallocation periods) in steps."""
+    every = cfg.update_every
+    if OmegaConf.is_config(every) or isinstance(every, dict):
         return ctx.timeline.piecewise(every, "method.update_every", cast=int)
-    if str(every) == "epoch":
-        return "epoch"
-    if isinstance(every, bool) or not str(every).isdigit() or int(every) <= 0:
-        raise ConfigError(f"method.update_every={every} must be 'epoch', a positive number of steps or a period "
-                          f"schedule, e.g. method.update_every={{unit:fraction,points:[[0,100],[0.5,200]]}}")
-    return int(every)
+    return every
 
 
-def end_step(cfg, ctx: MethodContext, default=None, key: str = "end") -> int:
+def end_step(cfg, ctx: MethodContext, key: str = "end") -> int:
     """`method.<key>`: the milestone from which a method stops changing its masks (null: the end
     of training)."""
-    value = cfg.get(key, default)
-    step = ctx.timeline.step(value, f"method.{key}", allow_none=True)
+    step = ctx.timeline.step(cfg.get(key), f"method.{key}", allow_none=True)
     return ctx.total_steps if step is None else step
 
 
-def cadence_from(cfg, ctx: MethodContext, default_every, default_end=None) -> UpdateCadence:
-    """The update cadence from `method.update_every` and the end milestone `method.end`."""
-    every = update_interval(cfg, ctx, default_every)
-    try:
-        return UpdateCadence(every, ctx.total_steps, end=end_step(cfg, ctx, default_end))
-    except (TypeError, ValueError):
-        raise ConfigError("method.update_every must be 'epoch', a positive number of steps or a period schedule "
-                          "of positive step counts") from None
+def cadence_from(cfg, ctx: MethodContext, warn: bool = True) -> UpdateCadence:
+    """The update cadence from `method.update_every` and the end milestone `method.end`; with
+    `warn`, one warning line when no update can happen in this run."""
+    cadence = UpdateCadence(update_interval(cfg, ctx), ctx.total_steps, end=end_step(cfg, ctx))
+    if warn:
+        warn_if_never_updated(cadence, ctx)
+    return cadence
+
+
+def warn_if_never_updated(cadence: UpdateCadence, ctx: MethodContext) -> str | None:
+    """Log (and return) one warning line when `cadence` has no update in this run: an update
+    interval longer than the steps before the method stops updating. Legal, but the run then
+    trains a static mask, which is almost surely not what was meant."""
+    if cadence.first_update(ctx.steps_per_epoch, ctx.epochs) is not None:
+        return None
+    if cadence.per_epoch:
+        every = "epoch (after every epoch but the last)"
+    elif cadence.schedule is not None:
+        every = f"a period schedule starting at {cadence.period(1)} steps"
+    else:
+        every = f"{cadence.every} steps"
+    until = (f"method.end (step {cadence.end})" if cadence.end < ctx.total_steps
+             else f"the end of the run (step {ctx.total_steps})")
+    line = (f"method.update_every={every}: no mask update comes before {until} of the {ctx.epochs}-epoch run of "
+            f"{ctx.total_steps} steps, so the masks never change; lower method.update_every"
+            + (" or move method.end later" if cadence.end < ctx.total_steps else " or lengthen schedule.epochs"))
+    log.warning(line)
+    return line
 
 
 class ScheduledUpdates:
@@ -272,15 +289,35 @@ class ScheduledUpdates:
         return self.update(step) if self.cadence.at_epoch_end(epoch, self.ctx.epochs, step) else None
 
 
+def _with_builtin_defaults(cls, cfg):
+    """A user's method without a schema: its config as given, over the defaults of the built-in
+    method it extends (if any), unchecked."""
+    from ... import schema as S
+
+    for k in cls.__mro__:
+        name = k.__dict__.get("name")
+        if name in S.METHODS and METHODS.get(name) is k:
+            return OmegaConf.merge(OmegaConf.to_container(OmegaConf.structured(S.METHODS[name])), cfg)
+    return cfg
+
+
 def build_method(cfg, ctx: MethodContext) -> Method:
+    """The method `cfg` (the ``method`` group) names, its options checked and typed by its schema
+    (``sparsity/methods/schemas.py``), so a direct call gets the checks a run gets. A user's
+    method (``_target_``, or ``@register``-ed) is checked with its ``schema`` attribute when it
+    has one; otherwise it gets its config as given over the defaults of the built-in it extends."""
+    from ... import schema as S
     from ...plugins import target_of
 
     cls = target_of(cfg, "method")  # a user's method, named by method._target_
     if cls is not None:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise ConfigError(f"method._target_={cfg._target_} is not a subclass of sparse_bench's Method")
-        return cls(cfg, ctx)
-    name = cfg.name
-    if name not in METHODS:
-        raise ConfigError(f"method={name} is unknown; choose one of: {', '.join(sorted(METHODS))}")
-    return METHODS[name](cfg, ctx)
+    else:
+        name = cfg.get("name")
+        if name not in METHODS:
+            raise ConfigError(f"method={name} is unknown; choose one of: {', '.join(sorted(METHODS))}")
+        cls = METHODS[name]
+    if S.schema_for("method", cfg) is None:
+        return cls(_with_builtin_defaults(cls, cfg), ctx)
+    return cls(S.check_option("method", cfg), ctx)

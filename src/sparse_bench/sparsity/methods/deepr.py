@@ -66,33 +66,11 @@ from __future__ import annotations
 import math
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import OmegaConf
 
-from ...errors import ConfigError
 from ..ops import mask_change_logs
 from .base import Method, end_step, register
 from .dense import RandomInitMixin
-
-SIGN_MODES = ("fixed", "random", "first_update")
-L1_MODES = ("shrink", "loss")
-NOISE_MODES = ("weight", "gradient")
-
-
-def _nonneg(cfg, key: str, default: float) -> float:
-    try:
-        value = float(cfg.get(key, default))
-    except (TypeError, ValueError):
-        raise ConfigError(f"method.{key}={cfg.get(key)} is not a number; pass e.g. method.{key}={default}") from None
-    if not (value >= 0.0 and math.isfinite(value)):
-        raise ConfigError(f"method.{key}={value} must be a finite number >= 0; the default is {default}")
-    return value
-
-
-def _mode(cfg, key: str, default: str, choices) -> str:
-    value = str(cfg.get(key, default))
-    if value not in choices:
-        raise ConfigError(f"method.{key}={value} is unknown; choose one of: {', '.join(choices)}")
-    return value
 
 
 def _cpu_state(state: torch.Tensor) -> torch.Tensor:
@@ -107,21 +85,19 @@ class DeepR(RandomInitMixin, Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.l1 = _nonneg(cfg, "l1", 1e-4)
-        temperature = cfg.get("temperature", 1e-12)
-        if isinstance(temperature, (dict, DictConfig)):
+        self.l1 = cfg.l1
+        temperature = cfg.temperature  # a number or a schedule (both checked by the schema)
+        if OmegaConf.is_config(temperature) or isinstance(temperature, dict):
             self.temperature_schedule = ctx.timeline.piecewise(temperature, "method.temperature")
-            if any(not (v >= 0 and math.isfinite(v)) for v in self.temperature_schedule.values):
-                raise ConfigError("method.temperature: every temperature must be a finite number >= 0")
         else:
             self.temperature_schedule = None
-            self.temperature = _nonneg(cfg, "temperature", 1e-12)
-        self.regrow_sign = _mode(cfg, "regrow_sign", "fixed", SIGN_MODES)
-        self.l1_mode = _mode(cfg, "l1_mode", "shrink", L1_MODES)
-        self.noise_mode = _mode(cfg, "noise_mode", "weight", NOISE_MODES)
-        self.eta = _nonneg(cfg, "eta", 0.01)
-        self.exclude_pruned = bool(cfg.get("exclude_pruned", False))
-        self.end = end_step(cfg, ctx, None)
+            self.temperature = float(temperature)
+        self.regrow_sign = cfg.regrow_sign
+        self.l1_mode = cfg.l1_mode
+        self.noise_mode = cfg.noise_mode
+        self.eta = cfg.eta
+        self.exclude_pruned = cfg.exclude_pruned
+        self.end = end_step(cfg, ctx)
         device = ctx.device
         # the per-step generator lives on the device; its seed comes from the run's generator
         self.step_generator = torch.Generator(device=device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reinit import fan_in_reinit, reinit_choice
+from ..reinit import fan_in_reinit
 from .base import Method, register
 
 
@@ -21,17 +21,15 @@ class RandomInitMixin:
     GSE's baselines do; default none: the model's own initialisation times the mask); that is the
     whole `setup()` unless a method overrides it."""
 
-    default_reinit = "none"
-
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.reinit = reinit_choice(cfg, self.default_reinit)
+        self.reinit = cfg.reinit
 
     def setup(self):
         return self.init_random_masks()
 
     def init_random_masks(self) -> dict:
-        kind = str(self.cfg.get("init", "uniform"))
+        kind = self.cfg.init
         self.masks.draw_random(self.ctx.density, kind, self.ctx.generator)  # = set_masks(random_masks(...))
         logs = {"init/distribution": kind}
         if self.reinit == "fan_in":

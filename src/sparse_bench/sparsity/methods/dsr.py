@@ -47,31 +47,12 @@ Where this differs from the reference and why:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ...errors import ConfigError
 from ..distributions import allocate
 from ..ops import mask_change_logs
-from ..schedules import milestone
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
-
-
-#: the reference's WRN period schedule (wrnet_schedule.yaml: 100/200/400/800 iterations from epochs
-#: 0/25/80/140 of 200) as fractions of the run
-DEFAULT_PERIODS = {"unit": "fraction", "points": [[0, 100], [0.125, 200], [0.4, 400], [0.7, 800]]}
-
-
-def _number(cfg, key: str, default: float) -> float:
-    try:
-        value = float(cfg.get(key, default))
-    except (TypeError, ValueError):
-        raise ConfigError(f"method.{key}={cfg.get(key)} is not a number; pass e.g. method.{key}={default}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"method.{key}={value} must be finite; the default is {default}")
-    return value
 
 
 @register("dsr")
@@ -82,22 +63,12 @@ class DSR(ScheduledUpdates, RandomInitMixin, Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.threshold = _number(cfg, "init_threshold", 1e-3)
-        if self.threshold <= 0:
-            raise ConfigError(f"method.init_threshold={self.threshold} must be > 0; the paper uses 0.001")
-        self.np_target = _number(cfg, "np_target", 0.1)
-        if not 0.0 < self.np_target < 1.0:
-            raise ConfigError(f"method.np_target={self.np_target} must be in (0, 1): a fraction of the active weights")
-        np_count = cfg.get("np_count")
-        if np_count is not None and (isinstance(np_count, bool) or not isinstance(np_count, int) or np_count < 1):
-            raise ConfigError(f"method.np_count={np_count} must be a positive whole number of weights or null "
-                              f"(null: np_target x the active weights)")
-        self.np_count = np_count
-        self.delta = _number(cfg, "delta", 0.1)
-        if not 0.0 <= self.delta < 1.0:
-            raise ConfigError(f"method.delta={self.delta} must be in [0, 1); the paper uses 0.1")
-        self.exclude_pruned = bool(cfg.get("exclude_pruned", True))
-        self.cadence = cadence_from(cfg, ctx, DEFAULT_PERIODS, milestone("fraction", 0.95))
+        self.threshold = cfg.init_threshold
+        self.np_target = cfg.np_target
+        self.np_count = cfg.np_count  # null: np_target x the active weights
+        self.delta = cfg.delta
+        self.exclude_pruned = cfg.exclude_pruned
+        self.cadence = cadence_from(cfg, ctx)
         self.last_update: dict = {}
 
     @staticmethod

@@ -55,19 +55,8 @@ from ...errors import ConfigError
 from ..distributions import allocate
 from ..ops import mask_change_logs, smallest_active
 from ..pruning_schedules import gmp_events, gmp_sparsity
-from ..reinit import fan_in_reinit, reinit_choice
-from ..schedules import milestone
+from ..reinit import fan_in_reinit
 from .base import Method, register
-
-SCOPES = ("global", "layer")
-CURVES = ("polynomial", "cosine")
-
-
-def check_choice(cfg, key: str, choices, default: str) -> str:
-    value = str(cfg.get(key, default))
-    if value not in choices:
-        raise ConfigError(f"method.{key}={value} is unknown; choose one of: {', '.join(choices)}")
-    return value
 
 
 def layer_counts_like(numels: list[int], caps: list[int], keep: int) -> list[int]:
@@ -112,23 +101,21 @@ class GMP(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.scope = check_choice(cfg, "scope", SCOPES, "global")
-        self.curve = check_choice(cfg, "curve", CURVES, "polynomial")
-        self.reinit = reinit_choice(cfg, "none")
+        self.scope = cfg.scope
+        self.curve = cfg.curve
+        self.reinit = cfg.reinit
         self.final_sparsity = 1.0 - float(ctx.density)
-        self.initial_sparsity = float(cfg.get("initial_sparsity", 0.0))
-        if not 0.0 <= self.initial_sparsity <= self.final_sparsity:
+        self.initial_sparsity = cfg.initial_sparsity
+        if self.initial_sparsity > self.final_sparsity:  # needs the density: checked here
             raise ConfigError(f"method.initial_sparsity={self.initial_sparsity} must be in [0, 1 - density = "
                               f"{self.final_sparsity:g}]; the paper starts at 0")
-        self.power = float(cfg.get("power", 3))
-        if self.power <= 0:
-            raise ConfigError(f"method.power={self.power} must be positive; Zhu & Gupta use 3 (cubic)")
+        self.power = cfg.power
         tl = ctx.timeline
-        t0 = tl.step(cfg.get("start", milestone("fraction", 0.1)), "method.start")
-        t1 = tl.step(cfg.get("end", milestone("fraction", 0.8)), "method.end")
+        t0 = tl.step(cfg.start, "method.start")
+        t1 = tl.step(cfg.end, "method.end")
         if t1 < t0:
             raise ConfigError(f"method.end (step {t1}) comes before method.start (step {t0}); set end >= start")
-        self.frequency = tl.length(cfg.get("frequency", milestone("fraction", 0.02)), "method.frequency", minimum=1)
+        self.frequency = tl.length(cfg.frequency, "method.frequency", minimum=1)
         self.start, self.end = t0, t1
         self.events = gmp_events(t0, t1, self.frequency)
         self._events = frozenset(self.events)

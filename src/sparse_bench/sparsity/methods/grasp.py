@@ -40,8 +40,7 @@ keeping the largest θ ⊙ Hg over all layers (the same rule as here).
 
 from __future__ import annotations
 
-from ...errors import ConfigError
-from ..saliency import grasp_scores, keep_top, positive_int, scoring_batches
+from ..saliency import grasp_scores, keep_top, scoring_batches
 from .base import register
 from .snip import PruneAtInit
 
@@ -51,11 +50,9 @@ class GraSP(PruneAtInit):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.n_batches = positive_int(cfg, "batches", 1, "e.g. 1 (about the reference's 10 samples per class)")
-        self.temperature = float(cfg.get("temperature", 200.0))
-        if not self.temperature > 0:
-            raise ConfigError(f"method.temperature={self.temperature} must be positive; the official code uses 200")
-        self.train_mode = bool(cfg.get("train_mode", True))
+        self.n_batches = cfg.batches  # 1: about the reference's 10 samples per class
+        self.temperature = cfg.temperature
+        self.train_mode = cfg.train_mode
 
     def prune_masks(self):
         batches = scoring_batches(self.ctx, self.n_batches, "grasp")

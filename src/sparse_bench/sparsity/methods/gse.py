@@ -71,7 +71,6 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..candidate_grad import (
-    DEFAULT_CHUNK,
     candidate_gradients,
     check_layer,
     num_rows,
@@ -80,20 +79,10 @@ from ..candidate_grad import (
 )
 from ..flops import SPARSE, Extra
 from ..ops import count_change_logs
-from ..schedules import decay, milestone
+from ..schedules import decay
 from ..statistics import quiet_pass
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
-
-SAMPLINGS = ("uniform", "grabo", "graest")
-SCOPES = ("global", "layer")
-
-
-def _choice(cfg, key: str, choices, default: str) -> str:
-    value = str(cfg.get(key, default))
-    if value not in choices:
-        raise ConfigError(f"method.{key}={value} is unknown; choose one of: {', '.join(choices)}")
-    return value
 
 
 def sampling_distribution(scores: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -134,7 +123,6 @@ def sample_candidates(
 class GSE(ScheduledUpdates, RandomInitMixin, Method):
     """Guided stochastic exploration: grow the sampled candidates of largest |gradient|."""
 
-    default_reinit = "fan_in"
     # updates use index-level MaskSet calls only: no dense weight, gradient, momentum or mask of
     # a sparse layer is ever formed
     sparse_execution = True
@@ -142,22 +130,14 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.sampling = _choice(cfg, "sampling", SAMPLINGS, "uniform")
-        self.scope = _choice(cfg, "scope", SCOPES, "global")
-        self.alpha = float(cfg.get("alpha", 0.1))
-        if not 0.0 < self.alpha <= 0.5:
-            raise ConfigError(f"method.alpha={self.alpha} must be in (0, 0.5]; the paper uses 0.1 (at most 0.2 per update)")
-        self.gamma = float(cfg.get("gamma", 1.0))
-        if not self.gamma > 0.0:
-            raise ConfigError(f"method.gamma={self.gamma} must be > 0; the paper uses 1 (CIFAR) or 2 (ImageNet)")
-        self.stat_batches = int(cfg.get("stat_batches", 1))
-        if self.stat_batches < 1:
-            raise ConfigError(f"method.stat_batches={self.stat_batches} must be a positive whole number")
-        self.chunk_size = int(cfg.get("chunk_size", DEFAULT_CHUNK))
-        if self.chunk_size < 1:
-            raise ConfigError(f"method.chunk_size={self.chunk_size} must be a positive number of elements")
-        self.all_candidates_density = float(cfg.get("all_candidates_density", 0.5))
-        self.cadence = cadence_from(cfg, ctx, 1000, milestone("fraction", 0.6))
+        self.sampling = cfg.sampling
+        self.scope = cfg.scope
+        self.alpha = cfg.alpha
+        self.gamma = cfg.gamma
+        self.stat_batches = cfg.stat_batches
+        self.chunk_size = cfg.chunk_size
+        self.all_candidates_density = cfg.all_candidates_density
+        self.cadence = cadence_from(cfg, ctx)
         self.t_end = self.cadence.end
         self._find_modules()  # checks every prunable weight belongs to a Linear or Conv2d
         self.last_update: dict = {}

@@ -66,8 +66,8 @@ import torch
 
 from ...errors import ConfigError
 from ..ops import mask_change_logs
-from ..reinit import fan_in_reinit, reinit_choice
-from ..saliency import SCOPES, choice, keep_top
+from ..reinit import fan_in_reinit
+from ..saliency import keep_top
 from .base import Method, register
 
 
@@ -77,17 +77,13 @@ class Lottery(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.scope = choice(cfg, "scope", "global", SCOPES)
-        self.reinit = reinit_choice(cfg, "none")
+        self.scope = cfg.scope
+        self.reinit = cfg.reinit
         self.densities = self._density_sequence()
         self.rounds = len(self.densities) + 1
-        rewind_epoch = cfg.get("rewind_epoch", 0.0)
-        try:
-            rewind_epoch = float(rewind_epoch)
-        except (TypeError, ValueError):
-            raise ConfigError(f"method.rewind_epoch={rewind_epoch!r} must be a number of epochs, e.g. 0 (init) or 0.5") from None
+        rewind_epoch = cfg.rewind_epoch
         self.rewind_step = int(round(rewind_epoch * ctx.multiplier * ctx.steps_per_epoch))
-        if rewind_epoch < 0 or (self.rounds > 1 and self.rewind_step >= ctx.total_steps):
+        if self.rounds > 1 and self.rewind_step >= ctx.total_steps:  # needs the run's length: checked here
             raise ConfigError(f"method.rewind_epoch={rewind_epoch} must lie in [0, schedule.epochs) "
                               f"(it is a point early in round 1; 0 rewinds to the initialisation)")
         self.round = 1
@@ -95,14 +91,9 @@ class Lottery(Method):
 
     def _density_sequence(self) -> list[float]:
         d = float(self.ctx.density)
-        explicit = self.cfg.get("densities")
+        explicit = self.cfg.densities  # non-increasing, in (0, 1]: the schema checked it
         if explicit is not None:
-            try:
-                seq = [float(x) for x in explicit]
-            except (TypeError, ValueError):
-                raise ConfigError(f"method.densities={explicit!r} must be a list of densities, e.g. [0.5, 0.25, {d}]") from None
-            if any(not 0.0 < x <= 1.0 for x in seq) or any(b > a for a, b in zip(seq, seq[1:])):
-                raise ConfigError(f"method.densities={seq} must be non-increasing values in (0, 1]")
+            seq = [float(x) for x in explicit]
             hit = [i for i, x in enumerate(seq) if abs(x - d) <= 1e-9]
             if not hit:
                 raise ConfigError(f"method.densities={seq} does not contain the run's density {d}; add it to the "
@@ -110,14 +101,10 @@ class Lottery(Method):
             seq = seq[:hit[0] + 1]
             seq[-1] = d
             return seq
-        n = self.cfg.get("n_rounds")
+        n = self.cfg.n_rounds
         if n is None:
-            keep = float(self.cfg.get("keep_per_round", 0.8))
-            if not 0.0 < keep < 1.0:
-                raise ConfigError(f"method.keep_per_round={keep} must be in (0, 1); the papers keep 0.8 (prune 20%)")
+            keep = self.cfg.keep_per_round
             n = 0 if d >= 1.0 else max(1, math.ceil(math.log(d) / math.log(keep) - 1e-9))
-        elif isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"method.n_rounds={n} must be a positive whole number of prune steps, or null")
         seq = [d ** (r / n) for r in range(1, n + 1)]
         if seq:
             seq[-1] = d

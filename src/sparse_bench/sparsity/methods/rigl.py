@@ -76,20 +76,10 @@ import torch
 from ...errors import ConfigError
 from ..flops import DENSE_GRADIENT_STEP, SPARSE_STEP
 from ..ops import largest_inactive, mask_change_logs, smallest_active
-from ..schedules import DECAYS, decay, milestone
+from ..schedules import decay
 from ..statistics import dense_gradients, quiet_pass
 from .base import Method, cadence_from, register
 from .dense import RandomInitMixin
-
-SCOPES = ("layer", "global")
-GROW_INITS = ("zeros",)
-
-
-def _choice(cfg, key: str, default: str, choices) -> str:
-    value = str(cfg.get(key, default))
-    if value not in choices:
-        raise ConfigError(f"method.{key}={value} is unknown; choose one of: {', '.join(choices)}")
-    return value
 
 
 @register("rigl")
@@ -98,25 +88,16 @@ class RigL(RandomInitMixin, Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.alpha0 = float(cfg.get("drop_fraction", 0.3))
-        if not 0.0 <= self.alpha0 <= 1.0:
-            raise ConfigError(f"method.drop_fraction={self.alpha0} must be in [0, 1]; the paper uses 0.3")
-        self.decay_kind = _choice(cfg, "decay", "cosine", DECAYS)
-        self.scope = _choice(cfg, "scope", "layer", SCOPES)
-        self.grow_init = _choice(cfg, "grow_init", "zeros", GROW_INITS)
-        self.drop_noise = float(cfg.get("drop_noise", 0.0))
-        if self.drop_noise < 0:
-            raise ConfigError(f"method.drop_noise={self.drop_noise} must be >= 0 (the reference uses 1e-5)")
-        if str(cfg.get("update_every", 100)) == "epoch":
-            raise ConfigError("method.update_every=epoch is not supported by rigl; give a number of steps (paper: 100)")
-        self.cadence = cadence_from(cfg, ctx, 100, milestone("fraction", 0.75))
+        self.alpha0 = cfg.drop_fraction
+        self.decay_kind = cfg.decay
+        self.scope = cfg.scope
+        self.grow_init = cfg.grow_init
+        self.drop_noise = cfg.drop_noise
+        self.cadence = cadence_from(cfg, ctx)
         self.end_step = self.cadence.end
-        stat = cfg.get("stat_batches")
-        if stat is not None and (isinstance(stat, bool) or not isinstance(stat, int) or stat < 1):
-            raise ConfigError(f"method.stat_batches={stat} must be null (the step's own batch) or a positive "
-                              f"number of statistics batches (GSE's protocol: 1 on CIFAR-10, 8 on CIFAR-100)")
-        self.stat_batches = stat
-        self.exclude_pruned = bool(cfg.get("exclude_pruned", False))
+        # null: the step's own batch; else statistics batches (GSE's protocol: 1 on CIFAR-10, 8 on CIFAR-100)
+        self.stat_batches = cfg.stat_batches
+        self.exclude_pruned = cfg.exclude_pruned
         self._grow_scores: list[torch.Tensor | None] | None = None
         self.last_update: dict = {}
 

@@ -10,6 +10,8 @@ attribute ``schema``.
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -42,12 +44,12 @@ def _check_interval(value, key: str) -> None:
 
 
 def _check_temperature(value, key: str) -> None:
-    """DeepR's temperature: a number >= 0, or {unit, points: [[at, T], ...]}."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+    """DeepR's temperature: a finite number >= 0, or {unit, points: [[at, T], ...]}."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
         return
     if isinstance(value, dict) and set(value) == {"unit", "points"}:
         return _check_points(value, key, positive_int=False)
-    raise ConfigError(f"{key}={value} must be a number >= 0 or a schedule {{unit: fraction|epoch|step, "
+    raise ConfigError(f"{key}={value} must be a finite number >= 0 or a schedule {{unit: fraction|epoch|step, "
                       f"points: [[at, T], ...]}}")
 
 
@@ -61,14 +63,28 @@ def _check_points(value: dict, key: str, positive_int: bool) -> None:
         if isinstance(at, bool) or not isinstance(at, (int, float)) or at < 0:
             raise ConfigError(f"{key}.points: change point {at} must be a number >= 0")
         bad = (not isinstance(v, int) or isinstance(v, bool) or v <= 0) if positive_int else (
-            isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0)
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0)
         if bad:
-            want = "a positive number of steps" if positive_int else "a number >= 0"
+            want = "a positive number of steps" if positive_int else "a finite number >= 0"
             raise ConfigError(f"{key}.points: {v} must be {want}")
 
 
+def _check_non_increasing(value, key: str) -> None:
+    if value is not None and any(b > a for a, b in zip(value, value[1:])):
+        raise ConfigError(f"{key}={list(value)} must not increase: each level is at most as dense as the one before")
+
+
 def interval(default, hint: str = ""):
-    return field(default=default, metadata={"check": _check_interval, "hint": hint})
+    meta = {"check": _check_interval, "hint": hint}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+#: DSR's reallocation periods: the reference's WRN schedule (TimDettmers/sparse_learning,
+#: learning_schedules/wrnet_schedule.yaml: 100/200/400/800 iterations from epochs 0/25/80/140 of 200)
+#: as fractions of the run
+DSR_PERIODS = {"unit": "fraction", "points": [[0, 100], [0.125, 200], [0.4, 400], [0.7, 800]]}
 
 
 def init(default="uniform"):
@@ -162,9 +178,10 @@ class DSR:
     reinit: str = reinit()
     init_threshold: float = S.num(1e-3, gt=0.0, hint="the paper uses 0.001")
     np_target: float = fraction(0.1, open_low=True, hint="a fraction of the active weights")
-    np_count: Optional[int] = S.count(None, ge=1, nullable=True)
-    delta: float = fraction(0.1)
-    update_every: Any = interval(100)
+    np_count: Optional[int] = S.count(None, ge=1, nullable=True, hint="a number of weights, or null for np_target x "
+                                                                      "the active weights")
+    delta: float = fraction(0.1, hint="the paper uses 0.1")
+    update_every: Any = interval(DSR_PERIODS)
     end: Optional[Milestone] = milestone(0.95)
     exclude_pruned: bool = True
 
@@ -180,21 +197,23 @@ class RigL:
     end: Optional[Milestone] = milestone(0.75)
     scope: str = scope("layer")
     exclude_pruned: bool = False
-    stat_batches: Optional[int] = S.count(None, ge=1, nullable=True)
+    stat_batches: Optional[int] = S.count(None, ge=1, nullable=True, hint="null (the step's own batch) or a number "
+                                                                          "of batches (GSE: 1 on CIFAR-10, 8 on CIFAR-100)")
     grow_init: str = S.choice("zeros", ("zeros",))
-    drop_noise: float = S.num(0.0, ge=0.0)
+    drop_noise: float = S.num(0.0, ge=0.0, hint="the reference uses 1e-5")
 
 
 @dataclass
 class TopKAST:
     name: str = "topkast"
-    forward_density: Optional[float] = S.num(None, gt=0.0, le=1.0, nullable=True)
-    backward_density: Optional[float] = S.num(None, gt=0.0, le=1.0, nullable=True)
+    forward_density: Optional[float] = S.num(None, gt=0.0, le=1.0, nullable=True, hint="leave it null to use density")
+    backward_density: Optional[float] = S.num(None, gt=0.0, le=1.0, nullable=True,
+                                              hint="leave it null for min(1, 2 * density)")
     init: str = S.choice("uniform", ("uniform", "er", "erk"))
     update_every: int = S.count(100, ge=1)
     explore_end: Optional[Milestone] = milestone()
-    exploration_l2: float = S.num(0.0, ge=0.0)
-    norm_penalty: float = S.num(0.0, ge=0.0)
+    exploration_l2: float = S.num(0.0, ge=0.0, hint="0 turns it off")
+    norm_penalty: float = S.num(0.0, ge=0.0, hint="0 turns it off; GSE uses 1e-4")
     promote: str = S.choice("theta", ("theta", "zero"))
     reinit: str = reinit()
 
@@ -223,7 +242,7 @@ class GMP:
     frequency: Milestone = field(default_factory=lambda: Milestone("fraction", 0.02))
     initial_sparsity: float = fraction(0.0)
     curve: str = S.choice("polynomial", ("polynomial", "cosine"))
-    power: float = S.num(3.0, gt=0.0)
+    power: float = S.num(3.0, gt=0.0, hint="Zhu & Gupta use 3 (cubic)")
     scope: str = scope()
     reinit: str = reinit()
 
@@ -242,7 +261,7 @@ class ACDC:
 @dataclass
 class SNIP:
     name: str = "snip"
-    batches: int = S.count(1, ge=1)
+    batches: int = S.count(1, ge=1, hint="the paper scores one mini-batch")
     scope: str = scope()
     train_mode: bool = True
     reinit: str = reinit()
@@ -268,9 +287,9 @@ class SynFlow:
 @dataclass
 class Lottery:
     name: str = "lottery"
-    densities: Optional[List[float]] = field(default=None, metadata={"items_gt": 0.0, "items_le": 1.0,
-                                                                     "hint": "densities in (0, 1]"})
-    n_rounds: Optional[int] = S.count(None, ge=1, nullable=True)
+    densities: Optional[List[float]] = S.numbers(None, items_gt=0.0, items_le=1.0, check=_check_non_increasing,
+                                                 hint="non-increasing densities in (0, 1], e.g. [0.5, 0.25, 0.1]")
+    n_rounds: Optional[int] = S.count(None, ge=1, nullable=True, hint="a number of prune steps, or null")
     keep_per_round: float = fraction(0.8, open_low=True, hint="the papers keep 0.8 (prune 20%)")
     scope: str = scope()
     rewind_epoch: float = S.num(0.0, ge=0.0, hint="0 rewinds to the initialisation")

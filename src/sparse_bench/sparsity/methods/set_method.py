@@ -58,31 +58,9 @@ import torch
 from ...errors import ConfigError
 from ..distributions import allocate
 from ..ops import mask_change_logs, smallest_active
-from ..schedules import DECAYS, decay
+from ..schedules import decay
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
-
-PRUNE_MODES = ("magnitude", "set")
-SCOPES = ("layer", "global")
-
-
-def _choice(cfg, key: str, default: str, choices) -> str:
-    value = str(cfg.get(key, default))
-    if value not in choices:
-        raise ConfigError(f"method.{key}={value} is unknown; choose one of: {', '.join(choices)}")
-    return value
-
-
-def _fraction(cfg, key: str, default: float, low_open: bool = False) -> float:
-    try:
-        value = float(cfg.get(key, default))
-    except (TypeError, ValueError):
-        raise ConfigError(f"method.{key}={cfg.get(key)} is not a number; pass e.g. method.{key}={default}") from None
-    ok = (0.0 < value < 1.0) if low_open else (0.0 <= value < 1.0)
-    if not ok:
-        interval = "(0, 1)" if low_open else "[0, 1)"
-        raise ConfigError(f"method.{key}={value} must be in {interval}; the default is {default}")
-    return value
 
 
 @torch.no_grad()
@@ -110,15 +88,15 @@ class SET(ScheduledUpdates, RandomInitMixin, Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.prune_mode = _choice(cfg, "prune", "magnitude", PRUNE_MODES)
-        self.decay_kind = _choice(cfg, "decay", "constant", DECAYS)
-        self.p0 = _fraction(cfg, "prune_rate", 0.3, low_open=True)
-        self.p_min = _fraction(cfg, "prune_rate_min", 0.0)
-        self.scope = _choice(cfg, "scope", "layer", SCOPES)
-        if self.scope == "global" and self.prune_mode != "magnitude":
+        self.prune_mode = cfg.prune
+        self.decay_kind = cfg.decay
+        self.p0 = cfg.prune_rate
+        self.p_min = cfg.prune_rate_min
+        self.scope = cfg.scope
+        if self.scope == "global" and self.prune_mode != "magnitude":  # two keys: not the schema's business
             raise ConfigError("method.scope=global ranks |w| over all layers: use it with method.prune=magnitude")
-        self.exclude_pruned = bool(cfg.get("exclude_pruned", False))
-        self.cadence = cadence_from(cfg, ctx, "epoch")
+        self.exclude_pruned = cfg.exclude_pruned
+        self.cadence = cadence_from(cfg, ctx)
         self.last_update: dict = {}
 
     def prune_rate(self, step: int) -> float:

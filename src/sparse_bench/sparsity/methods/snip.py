@@ -35,8 +35,8 @@ from __future__ import annotations
 import torch
 
 from ..ops import mask_change_logs
-from ..reinit import fan_in_reinit, reinit_choice
-from ..saliency import SCOPES, choice, keep_top, positive_int, preserved_rng, scoring_batches, snip_scores
+from ..reinit import fan_in_reinit
+from ..saliency import keep_top, preserved_rng, scoring_batches, snip_scores
 from .base import Method, register
 
 
@@ -52,8 +52,8 @@ class PruneAtInit(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.scope = choice(cfg, "scope", "global", SCOPES)
-        self.reinit = reinit_choice(cfg, "none")
+        self.scope = cfg.scope
+        self.reinit = cfg.reinit
 
     def n_keep(self) -> int:
         return int(round(self.ctx.density * sum(self.masks.numels)))
@@ -78,8 +78,8 @@ class SNIP(PruneAtInit):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.n_batches = positive_int(cfg, "batches", 1, "the paper scores one mini-batch")
-        self.train_mode = bool(cfg.get("train_mode", True))
+        self.n_batches = cfg.batches  # the paper scores one mini-batch
+        self.train_mode = cfg.train_mode
 
     def prune_masks(self):
         batches = scoring_batches(self.ctx, self.n_batches, "snip")

@@ -36,24 +36,12 @@ import math
 
 import torch
 
-from ...errors import ConfigError
 from ..distributions import allocate
 from ..flops import DENSE_GRADIENT_STEP, SPARSE_STEP
 from ..ops import largest_inactive, mask_change_logs, random_inactive, smallest_active
-from ..schedules import DECAYS, decay
+from ..schedules import decay
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
-
-PRUNE_MODES = ("magnitude", "set", "negativity", "global_magnitude")
-GROWTH_MODES = ("momentum", "random", "momentum_neuron", "global_momentum")
-REDISTRIBUTION_MODES = ("momentum", "magnitude", "nonzero", "none")
-
-
-def _check(cfg, key: str, choices) -> str:
-    value = str(cfg.get(key))
-    if value not in choices:
-        raise ConfigError(f"method.{key}={value} is unknown; choose one of: {', '.join(choices)}")
-    return value
 
 
 def spread_budget(targets: list[float], caps: list[float], iterations: int = 1000) -> list[float]:
@@ -94,18 +82,16 @@ class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.prune_mode = _check(cfg, "prune", PRUNE_MODES)
-        self.growth_mode = _check(cfg, "growth", GROWTH_MODES)
-        self.redistribution = _check(cfg, "redistribution", REDISTRIBUTION_MODES)
-        self.decay_kind = _check(cfg, "decay", DECAYS)
-        self.p0 = float(cfg.get("prune_rate", 0.5))
-        self.p_min = float(cfg.get("prune_rate_min", 0.005))
-        if not 0.0 < self.p0 < 1.0:
-            raise ConfigError(f"method.prune_rate={self.p0} must be in (0, 1); the paper uses 0.5 (ImageNet 0.2)")
-        self.guard_density = float(cfg.get("dense_guard", 0.8))
-        self.regrow_cap = float(cfg.get("regrow_cap", 0.99))
-        self.nonzero_threshold = float(cfg.get("nonzero_threshold", 0.0))
-        self.cadence = cadence_from(cfg, ctx, "epoch")
+        self.prune_mode = cfg.prune
+        self.growth_mode = cfg.growth
+        self.redistribution = cfg.redistribution
+        self.decay_kind = cfg.decay
+        self.p0 = cfg.prune_rate
+        self.p_min = cfg.prune_rate_min
+        self.guard_density = cfg.dense_guard
+        self.regrow_cap = cfg.regrow_cap
+        self.nonzero_threshold = cfg.nonzero_threshold
+        self.cadence = cadence_from(cfg, ctx)
         self.last_update: dict = {}
 
     def prune_rate(self, step: int) -> float:

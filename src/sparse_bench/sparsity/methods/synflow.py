@@ -45,12 +45,10 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import ConfigError
-from ..saliency import SynFlowScorer, check_finite, choice, keep_top, positive_int, scoring_batches
+from ..saliency import SynFlowScorer, check_finite, keep_top, scoring_batches
 from .base import register
 from .snip import PruneAtInit
 
-SCHEDULES = ("exponential", "linear")
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -59,13 +57,10 @@ class SynFlow(PruneAtInit):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.iterations = positive_int(cfg, "iterations", 100, "the paper uses 100")
-        self.schedule = choice(cfg, "schedule", "exponential", SCHEDULES)
-        precision = str(cfg.get("precision", "float32"))
-        if precision not in PRECISIONS:
-            raise ConfigError(f"method.precision={precision} is unknown; choose one of: float32, float64")
-        self.dtype = PRECISIONS[precision]
-        self.linearise = bool(cfg.get("linearise", False))
+        self.iterations = cfg.iterations
+        self.schedule = cfg.schedule
+        self.dtype = PRECISIONS[cfg.precision]
+        self.linearise = cfg.linearise
 
     def round_density(self, k: int) -> float:
         """Density after round k (1-based) of `iterations`; exactly `density` at the last."""

@@ -82,11 +82,8 @@ from ...errors import ConfigError
 from ..distributions import layer_counts
 from ..flops import Passes
 from ..ops import mask_change_logs
-from ..reinit import fan_in_reinit, reinit_choice
-from .base import Method, cadence_from, register
-
-INITS = ("uniform", "er", "erk")
-PROMOTES = ("theta", "zero")
+from ..reinit import fan_in_reinit
+from .base import Method, cadence_from, register, warn_if_never_updated
 
 
 @register("topkast")
@@ -95,34 +92,24 @@ class TopKAST(Method):
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        fd = cfg.get("forward_density", None)
+        fd = cfg.forward_density
         self.forward_density = float(ctx.density if fd is None else fd)
-        if not 0.0 < self.forward_density <= 1.0:
-            raise ConfigError(f"method.forward_density={fd} must be in (0, 1]; leave it null to use density")
-        bd = cfg.get("backward_density", None)
+        bd = cfg.backward_density
         self.backward_density = float(min(1.0, 2.0 * self.forward_density) if bd is None else bd)
-        if not self.forward_density <= self.backward_density <= 1.0:
+        if self.backward_density < self.forward_density:  # two keys (or the density): checked here
             raise ConfigError(
                 f"method.backward_density={bd} must be in [forward density {self.forward_density}, 1]; "
                 f"leave it null for min(1, 2 * density)"
             )
-        self.exploration_l2 = float(cfg.get("exploration_l2", 0.0))
-        if self.exploration_l2 < 0:
-            raise ConfigError(f"method.exploration_l2={self.exploration_l2} must be >= 0 (0 turns it off)")
-        self.norm_penalty = float(cfg.get("norm_penalty", 0.0))
-        if self.norm_penalty < 0:
-            raise ConfigError(f"method.norm_penalty={self.norm_penalty} must be >= 0 (0 turns it off; GSE: 1e-4)")
-        self.init = str(cfg.get("init", "uniform"))
-        if self.init not in INITS:
-            raise ConfigError(f"method.init={self.init} is unknown; choose one of: {', '.join(INITS)}")
-        self.promote = str(cfg.get("promote", "theta"))
-        if self.promote not in PROMOTES:
-            raise ConfigError(f"method.promote={self.promote} is unknown; choose one of: {', '.join(PROMOTES)}")
-        self.reinit = reinit_choice(cfg, "none")
-        if str(cfg.get("update_every", 100)) == "epoch":
-            raise ConfigError("method.update_every=epoch is not supported by topkast; give a number of steps, e.g. 100")
-        self.cadence = cadence_from(cfg, ctx, 100, None)
-        self.explore_end = ctx.timeline.step(cfg.get("explore_end"), "method.explore_end", allow_none=True) or 0
+        self.exploration_l2 = cfg.exploration_l2
+        self.norm_penalty = cfg.norm_penalty
+        self.init = cfg.init
+        self.promote = cfg.promote
+        self.reinit = cfg.reinit
+        self.explore_end = ctx.timeline.step(cfg.explore_end, "method.explore_end", allow_none=True) or 0
+        self.cadence = cadence_from(cfg, ctx, warn=False)
+        if self.explore_end == 0:  # an exploration phase re-selects the sets after every step
+            warn_if_never_updated(self.cadence, ctx)
         shapes = self.masks.shapes
         self.k_forward = layer_counts(shapes, self.forward_density, self.init)
         if bd is None:  # twice the forward set in every layer, capped at the layer
