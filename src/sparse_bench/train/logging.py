@@ -297,3 +297,16 @@ class NullSink:
 
     def finish(self, exit_code: int = 0) -> None:
         pass
+
+
+class ShortFormatter(logging.Formatter):
+    """Console and log-file lines as ``[HH:MM:SS] message``; a warning says so
+    (``[HH:MM:SS] warning: ...``), since the short format shows no level."""
+
+    def __init__(self, format: str = "[%(asctime)s] %(message)s", datefmt: str | None = "%H:%M:%S"):  # noqa: A002
+        super().__init__(format, datefmt)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.WARNING and not str(record.message).startswith("warning:"):
+            record = logging.makeLogRecord({**record.__dict__, "message": f"warning: {record.message}"})
+        return super().formatMessage(record)
