@@ -223,3 +223,25 @@ def test_mode_follows_config_then_environment_then_credentials(monkeypatch, tmp_
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode(None) == "disabled"
     assert wandb_mode("offline") == "offline"
+
+
+def test_progress_lines_when_output_is_not_a_terminal(caplog):
+    import logging
+
+    import torch
+
+    from sparse_bench.train.logging import Progress
+
+    with caplog.at_level(logging.INFO, logger="sparse_bench"):
+        bar = Progress(epoch=1, epochs=3, n_batches=5, enabled=True, log_every=2, tty=False)
+        for done in range(1, 6):
+            bar.update(done, torch.tensor(2.0 * done), torch.tensor(done), 2 * done, done, 15)
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/3 batch 2/5", "epoch 1/3 batch 4/5"]
+    assert all("loss 1.0000 acc 0.5000" in line and "ETA epoch" in line and "run" in line for line in lines)
+    with caplog.at_level(logging.INFO, logger="sparse_bench"):
+        caplog.clear()
+        quiet = Progress(epoch=1, epochs=3, n_batches=5, enabled=False, log_every=2, tty=False)
+        quiet.update(2, torch.tensor(1.0), torch.tensor(1), 2, 2, 15)
+    assert caplog.records == []

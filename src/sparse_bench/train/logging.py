@@ -240,8 +240,8 @@ class Progress:
 
     On a terminal: a tqdm bar with the running loss and accuracy (read from the device about
     once a second). Elsewhere (SLURM, nohup, CI): a log line every `log_every` batches with the
-    running loss and accuracy, throughput and the time left in the epoch and in the run.
-    Disabled: nothing, and no host sync at all.
+    running loss and accuracy, throughput and the time left in the epoch and in the run (none at
+    the epoch's last batch: the epoch line follows). Disabled: nothing, and no host sync at all.
     """
 
     def __init__(self, epoch: int, epochs: int, n_batches: int, enabled: bool, log_every: int = 0,
@@ -266,7 +266,7 @@ class Progress:
                 self.last = now
                 self.bar.set_postfix_str(f"loss {float(loss_sum) / max(seen, 1):.4f} "
                                          f"acc {float(correct) / max(seen, 1):.4f}", refresh=False)
-        elif self.log_every and (done % self.log_every == 0 or done == self.n_batches):
+        elif self.log_every and done % self.log_every == 0 and done < self.n_batches:  # the epoch line ends it
             loss, acc = float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1)  # one sync
             elapsed = time.perf_counter() - self.t0
             per_batch = elapsed / max(done, 1)
