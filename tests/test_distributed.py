@@ -117,3 +117,34 @@ def test_ranks_whose_masks_differ_stop_with_one_line(tmp_path):
         text = (tmp_path / f"out.{rank}").read_text()
         assert "masks differ between processes after the mask update at step 8" in text
         assert "b.weight" in text and "\n" not in text
+
+
+@pytest.mark.parametrize("outcome, code", [(0, 0), (3, 3), ("exit2", 2), ("bug", 1)])
+def test_a_torchrun_worker_ends_with_its_status_and_skips_the_teardown(monkeypatch, outcome, code):
+    """Under torchrun (WORLD_SIZE > 1) main() ends the process itself, with the job's exit status
+    (from a return, sys.exit or an uncaught bug), instead of returning into interpreter teardown."""
+    from sparse_bench import cli
+
+    def job(argv):
+        if outcome == "exit2":
+            sys.exit(2)
+        if outcome == "bug":
+            raise RuntimeError("a bug")
+        return outcome
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(status):
+        raise Exited(status)
+
+    monkeypatch.setattr(cli, "_main", job)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)  # leave this process's W&B alone
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exited) as info:
+        cli.main([])
+    assert info.value.args == (code,)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    if outcome == 0:
+        assert cli.main([]) == 0  # one process: main() returns as before

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -297,6 +298,29 @@ class SweepReport:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _main(argv)
+    # A torchrun worker. Once training uses DDP, torch keeps the process group (and Gloo's
+    # threads) alive past destroy_process_group(), and tearing them down with the interpreter
+    # can abort a process whose run has finished ("terminate called without an active
+    # exception", exit -6). Everything is written and flushed by now, so the worker ends here
+    # with its own exit status and skips that teardown.
+    try:
+        code = _main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception:  # noqa: BLE001 - a bug: its traceback, then the same exit without the teardown
+        traceback.print_exc()
+        code = 1
+    if "wandb" in sys.modules:  # what its exit hook would do: stop W&B's service process
+        sys.modules["wandb"].teardown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         _STATE["precheck"] = precheck(argv)

@@ -438,4 +438,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         return final_metrics
     finally:
         sink.finish(exit_code=0 if ok else 1)
-        dist_util.shutdown(dist)
+        # the DDP wrapper's reducer holds the process group: drop it first, so destroying the
+        # group really joins Gloo's threads now and not during interpreter teardown (an abort)
+        trainer.train_model = model
+        dist_util.shutdown(dist, wait=ok)

@@ -105,6 +105,16 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def shutdown(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(d: Dist, wait: bool = True) -> None:
+    """Destroy the process group. After a finished run (wait=True) every rank first waits for
+    the others, so no rank tears its connections down while another still uses them; after a
+    failure there is no waiting for a rank that may be gone. Nothing may still reference the
+    group (a DDP wrapper does): its threads are joined only when the last reference goes."""
+    if not (d.enabled and dist.is_initialized()):
+        return
+    import gc
+
+    if wait:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
