@@ -40,6 +40,7 @@ from sparse_bench.models import build_model  # noqa: E402
 from sparse_bench.sparsity.execution import Execution, kernels  # noqa: E402
 from sparse_bench.sparsity.execution.layers import SparseLinear  # noqa: E402
 from sparse_bench.sparsity.methods import MethodContext, build_method  # noqa: E402
+from sparse_bench.train.trainer import hooked_step  # noqa: E402
 
 DENSITIES = (0.01, 0.02, 0.05, 0.10)
 DEVICE = torch.device("cpu")
@@ -200,13 +201,7 @@ def build_variant(model_name: str, variant: str, density: float, method: str):
 
     def step():
         i = state["i"]
-        m.before_forward(i)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        m.before_optimizer_step(i)
-        opt.step()
-        m.after_optimizer_step(i)
+        hooked_step(m, opt, i, lambda: nn.functional.cross_entropy(model(x), y))
         m.on_step_end(i + 1)
         state["i"] = i + 1
 

@@ -26,6 +26,7 @@ from torch import nn
 from sparse_bench.cli import conf_dir
 from sparse_bench.models import build_model
 from sparse_bench.sparsity.methods import MethodContext, build_method
+from sparse_bench.train.trainer import hooked_step
 
 
 def sync(device):
@@ -47,13 +48,7 @@ def build(model_name: str, method: str, density: float, steps: int, batch: int, 
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step(i):
-        m.before_forward(i)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        m.before_optimizer_step(i)
-        opt.step()
-        m.after_optimizer_step(i)
+        hooked_step(m, opt, i, lambda: nn.functional.cross_entropy(model(x), y))
 
     for i in range(10):  # warm-up
         step(i)

@@ -20,6 +20,7 @@ from sparse_bench.sparsity.methods.acdc import acdc_phases
 
 from conftest import cli, read_jsonl
 from sparse_bench.cli import conf_dir
+from sparse_bench.train.trainer import hooked_step
 
 CONF = conf_dir() / "method"
 SPE = 4  # steps per epoch
@@ -80,13 +81,7 @@ def train(model, opt, m, first_epoch, last_epoch, before_epoch_end=None, after_e
     for epoch in range(first_epoch, last_epoch + 1):
         record = {}
         for i in range(SPE):
-            m.before_forward(step)
-            loss = nn.functional.cross_entropy(model(X), Y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            m.before_optimizer_step(step)
-            opt.step()
-            m.after_optimizer_step(step)
+            hooked_step(m, opt, step, lambda: nn.functional.cross_entropy(model(X), Y))
             step += 1
             if before_step_end:
                 before_step_end(step)

@@ -19,6 +19,7 @@ from sparse_bench.sparsity import candidate_grad as cg
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.methods import gse as gse_mod
 from sparse_bench.cli import conf_dir
+from sparse_bench.train.trainer import hooked_step
 
 CONF = conf_dir() / "method" / "gse.yaml"
 EPOCHS, SPE = 5, 20  # 100 steps; end_fraction 0.6 -> updates before step 60
@@ -62,13 +63,7 @@ def train(model, opt, method, xy, start, stop, on_update=None):
     x, y = xy
     loss = None
     for step in range(start, stop):
-        method.before_forward(step)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.before_optimizer_step(step)
-        opt.step()
-        method.after_optimizer_step(step)
+        loss = hooked_step(method, opt, step, lambda: F.cross_entropy(model(x), y))
         old = [m.clone() for m in method.masks.masks]
         logs = method.on_step_end(step + 1)
         if logs and on_update is not None:

@@ -19,6 +19,7 @@ from sparse_bench.train import trainer as trainer_mod
 from sparse_bench.train.checkpoint import load_checkpoint
 from conftest import compose, read_jsonl
 from sparse_bench.cli import conf_dir
+from sparse_bench.train.trainer import hooked_step
 
 CONF = conf_dir() / "method" / "lottery.yaml"
 EPOCHS, SPE = 2, 4
@@ -45,13 +46,7 @@ def train(model, opt, method, on_step=None, on_boundary=None):
     step = 0
     for epoch in range(1, method.rounds * method.ctx.epochs + 1):
         for _ in range(SPE):
-            method.before_forward(step)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            method.before_optimizer_step(step)
-            opt.step()
-            method.after_optimizer_step(step)
+            hooked_step(method, opt, step, lambda: F.cross_entropy(model(x), y))
             step += 1
             method.on_step_end(step)
             if on_step:

@@ -18,6 +18,7 @@ from sparse_bench.sparsity.distributions import allocate
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.methods.dsr import DSR
 from sparse_bench.cli import conf_dir
+from sparse_bench.train.trainer import hooked_step
 
 CPU = torch.device("cpu")
 STEPS_PER_EPOCH = 6
@@ -82,13 +83,7 @@ def train(model, opt, method, epochs, start_epoch=1, on_step=None, on_update=Non
     step = (start_epoch - 1) * STEPS_PER_EPOCH
     for epoch in range(start_epoch, start_epoch + epochs):
         for x, y in DATA:
-            method.before_forward(step)
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            method.before_optimizer_step(step)
-            opt.step()
-            method.after_optimizer_step(step)
+            hooked_step(method, opt, step, lambda x=x, y=y: loss_fn(model(x), y))
             step += 1
             logs = method.on_step_end(step)
             if logs and on_update:

@@ -21,6 +21,7 @@ from sparse_bench.errors import ConfigError
 from sparse_bench.run import run
 from sparse_bench.sparsity.distributions import layer_counts
 from sparse_bench.sparsity.methods import MethodContext, build_method
+from sparse_bench.train.trainer import hooked_step
 from test_data_cifar_imagenet import inet_cfg, write_cifar10, write_imagenet
 
 CPU = torch.device("cpu")
@@ -66,13 +67,7 @@ def make(name, density=0.2, epochs=4, model=None, wd=0.0, seed=0, **over):
 
 def step(model, opt, m, t, x=X, y=Y):
     """One optimizer step in the trainer's hook order; returns the step's logs."""
-    m.before_forward(t)
-    loss = nn.functional.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    m.before_optimizer_step(t)
-    opt.step()
-    m.after_optimizer_step(t)
+    hooked_step(m, opt, t, lambda: nn.functional.cross_entropy(model(x), y))
     return m.on_step_end(t + 1)
 
 
@@ -150,13 +145,7 @@ def test_gse_rigl_grows_by_the_gradient_of_separate_statistics_batches():
     for t in range(2):
         step(model, opt, m, t)
     # the update after step 3: its growth score is the dense gradient summed over 2 statistics batches
-    m.before_forward(2)
-    loss = nn.functional.cross_entropy(model(X), Y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    m.before_optimizer_step(2)
-    opt.step()
-    m.after_optimizer_step(2)
+    hooked_step(m, opt, 2, lambda: nn.functional.cross_entropy(model(X), Y))
     ref = copy.deepcopy(model)
     grads = [torch.zeros_like(p) for p in m.masks.params]
     names = m.masks.names

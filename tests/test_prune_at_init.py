@@ -16,6 +16,7 @@ from sparse_bench.sparsity.saliency import SynFlowScorer, grasp_scores, snip_sco
 
 from conftest import cli
 from sparse_bench.cli import conf_dir
+from sparse_bench.train.trainer import hooked_step
 
 CONF = conf_dir() / "method"
 METHODS = ["snip", "grasp", "synflow"]
@@ -199,13 +200,7 @@ def test_masks_stay_fixed_during_training(name):
     masks = [m.clone() for m in method.masks.masks]
     x, y = data(n_batches=1)[0]
     for step in range(12):
-        method.before_forward(step)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        method.before_optimizer_step(step)
-        opt.step()
-        method.after_optimizer_step(step)
+        hooked_step(method, opt, step, lambda: F.cross_entropy(model(x), y))
         assert method.on_step_end(step + 1) is None
         if (step + 1) % 5 == 0:
             assert method.on_epoch_end((step + 1) // 5, step + 1) is None

@@ -37,6 +37,23 @@ def summed_loss(loss_fn):
     return lambda out, y: loss_fn(out, y) * y.shape[0]
 
 
+def hooked_step(method: Method, optimizer: torch.optim.Optimizer, step: int, forward):
+    """One optimizer step with a method's hooks in the trainer's order: ``before_forward``, the
+    forward pass and loss (``forward()``, returning the loss or a tuple whose first item is the
+    loss), backward, ``before_optimizer_step`` (where methods edit gradients),
+    ``optimizer.step()``, ``after_optimizer_step`` (where masks are re-applied). Returns what
+    ``forward()`` returned; the caller advances the step and calls ``on_step_end(step + 1)``.
+    The Trainer, the tests that drive a method by hand and the benchmarks all step through it."""
+    method.before_forward(step)
+    result = forward()
+    optimizer.zero_grad(set_to_none=True)
+    (result[0] if isinstance(result, tuple) else result).backward()
+    method.before_optimizer_step(step)
+    optimizer.step()
+    method.after_optimizer_step(step)
+    return result
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -104,23 +121,20 @@ class Trainer:
             samples = global_n * per_rank  # the global batch, before this rank's slice (FLOP count)
             x, y = self._shard(loader, x, y)
             set_lr(self.optimizer, self.lr_schedule(self.method.schedule_step(self.step)))
-            self.method.before_forward(self.step)
-            out = self.train_model(x)
-            if self.dist.enabled:
-                # DDP averages the ranks' gradients equally; weighting each rank's summed loss by
-                # world / global batch makes that average the single-process mean gradient,
-                # whatever the split (an odd batch, a short last batch, an empty slice)
-                batch_loss = self._summed_loss(out, y)
-                loss = batch_loss * (self.dist.world / self._global_count(loader, global_n, y))
-                loss_detached = batch_loss.detach()
-            else:
+
+            def forward(x=x, y=y, global_n=global_n):
+                out = self.train_model(x)
+                if self.dist.enabled:
+                    # DDP averages the ranks' gradients equally; weighting each rank's summed loss
+                    # by world / global batch makes that average the single-process mean
+                    # gradient, whatever the split (an odd batch, a short last batch, an empty slice)
+                    batch_loss = self._summed_loss(out, y)
+                    loss = batch_loss * (self.dist.world / self._global_count(loader, global_n, y))
+                    return loss, out, batch_loss.detach()
                 loss = self.loss_fn(out, y)
-                loss_detached = loss.detach() * y.shape[0]
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.method.before_optimizer_step(self.step)
-            self.optimizer.step()
-            self.method.after_optimizer_step(self.step)
+                return loss, out, loss.detach() * y.shape[0]
+
+            _, out, loss_detached = hooked_step(self.method, self.optimizer, self.step, forward)
             if self.flops is not None:
                 self.flops.step(self.step, samples)
             self.step += 1
