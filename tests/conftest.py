@@ -38,6 +38,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and tensors: intra-op threads only add contention on a busy machine
+    (a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def fast_overrides(tmp_path):
     """Overrides for a tiny CPU run writing into a temporary runs folder."""

@@ -36,13 +36,8 @@ def S(value):
     return {"unit": "step", "value": value}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: extra threads only add contention on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models and tensors: one intra-op thread (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name, density=0.1, epochs=10, multiplier=1.0, seed=0, wide_first=False, lr=0.05, **over):
