@@ -102,6 +102,12 @@ static inline void sddmm_scalar(const int64_t *indptr, const int32_t *indices, c
     }
 }
 
+/* The widest column tile (8, 4, 2 or 1 vectors) that fits in what is left of a row; under one
+ * vector, the remainder itself (the scalar tail). */
+static inline int64_t tile_width(int64_t left) {
+    return left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL : left >= VL ? VL : left;
+}
+
 /* For each of nb batches n: yt_n (rows x B) = W xt_n (+ bias), xt_n (cols x B); batch n of xt
  * starts at xt + n * x_stride and of yt at yt + n * y_stride. bias may be NULL. */
 void sb_spmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const int32_t *indices,
@@ -113,8 +119,7 @@ void sb_spmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const i
         int64_t b0 = 0;
         while (b0 < B) {
             const int64_t left = B - b0;
-            const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
-                            : left >= VL ? VL : left;
+            const int64_t w = tile_width(left);
 #pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads) if (nthreads > 1)
             for (int64_t i = 0; i < rows; i++) {
                 const float init = bias ? bias[i] : 0.0f;
@@ -141,8 +146,7 @@ void sb_sddmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const 
         int64_t b0 = 0;
         while (b0 < B) {
             const int64_t left = B - b0;
-            const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
-                            : left >= VL ? VL : left;
+            const int64_t w = tile_width(left);
 #pragma omp parallel for schedule(dynamic, 32) num_threads(nthreads) if (nthreads > 1)
             for (int64_t i = 0; i < rows; i++) {
                 if (w == 8 * VL) sddmm_tile8(indptr, indices, dn, xn, B, i, b0, out);
@@ -192,8 +196,7 @@ void sb_conv_fwd(int64_t rows, int64_t h_out, int64_t L, int64_t row, const int6
         int64_t b0 = 0;
         while (b0 < L) {
             const int64_t left = L - b0;
-            const int64_t w = left >= 8 * VL ? 8 * VL : left >= 4 * VL ? 4 * VL : left >= 2 * VL ? 2 * VL
-                            : left >= VL ? VL : left;
+            const int64_t w = tile_width(left);
 #pragma omp parallel for schedule(dynamic, 8) num_threads(nthreads) if (nthreads > 1)
             for (int64_t o = 0; o < rows; o++) {
                 const float init = bias ? bias[o] : 0.0f;
