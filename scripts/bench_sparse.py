@@ -326,9 +326,43 @@ def table_update(a):
               f"| {ev.get('aten::topk', 0)} |", flush=True)
 
 
+# --- DeepR's per-step rewiring ----------------------------------------------------------------------
+def table_deepr(a):
+    """DeepR rewires after every optimizer step; how the regrown positions are drawn decides its
+    cost: one sort of each layer's random scores (sync-free, used on accelerators) against a
+    top-k of the dead count (used on the CPU). Both variants step the same method on the same
+    weights, interleaved A B A B."""
+    from sparse_bench.cli import conf_dir
+
+    print(f"# DeepR's rewiring after one optimizer step (masked, density {a.update_density}), {machine()}")
+    print("| model | weights | sort draw s (min/med) | top-k draw s (min/med) | ratio (min) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, shape in (("vgg16_d", (3, 32, 32)), ("resnet50", (3, 224, 224))):
+        torch.manual_seed(0)
+        model = build_model(OmegaConf.create({"name": name}), shape, 10 if name == "vgg16_d" else 1000)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        cfg = OmegaConf.load(conf_dir() / "method" / "deepr.yaml")
+        cfg.temperature = 1e-3  # some connections die every step
+        ctx = MethodContext(model=model, optimizer=opt, density=a.update_density, epochs=2, steps_per_epoch=1000,
+                            device=torch.device("cpu"), generator=torch.Generator().manual_seed(1),
+                            loss_fn=nn.CrossEntropyLoss())
+        m = build_method(cfg, ctx)
+        m.setup()
+        times = {True: [], False: []}
+        for r in range(a.rounds):
+            for sort_draw in (True, False):
+                m.sort_draw = sort_draw
+                t0 = time.perf_counter()
+                m.after_optimizer_step(r)
+                times[sort_draw].append(time.perf_counter() - t0)
+        srt, top = times[True], times[False]
+        print(f"| {name} | {sum(m.masks.numels):,} | {min(srt):.3f}/{statistics.median(srt):.3f} | "
+              f"{min(top):.3f}/{statistics.median(top):.3f} | {min(srt) / min(top):.1f}x |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("table", choices=["layers", "models", "gse", "update"])
+    ap.add_argument("table", choices=["layers", "models", "gse", "update", "deepr"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (layers and models tables)")
     ap.add_argument("--rounds", type=int, default=5)
@@ -349,7 +383,8 @@ def main():
     torch.set_num_threads(a.threads)
     a.kernels = os.environ.get("SPARSE_BENCH_KERNELS", "auto")
     print(f"# kernels: {kernels.backend()}")
-    {"layers": table_layers, "models": table_models, "gse": table_gse, "update": table_update}[a.table](a)
+    {"layers": table_layers, "models": table_models, "gse": table_gse, "update": table_update,
+     "deepr": table_deepr}[a.table](a)
 
 
 if __name__ == "__main__":

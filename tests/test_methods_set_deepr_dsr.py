@@ -382,6 +382,25 @@ def test_deepr_random_regrow_sign_mode_redraws_signs_of_new_connections():
     assert changed["n"] > 0
 
 
+@pytest.mark.parametrize("exclude_pruned", [False, True])
+def test_deepr_top_k_draw_picks_what_the_sort_draw_picks(exclude_pruned):
+    """The CPU's top-k of the dead count and the accelerator's sort-and-rank draw the same
+    connections from the same random scores: two runs that differ only in the draw train the same."""
+    cfg = {**CONFIGS["deepr"], "temperature": 1e-3, "exclude_pruned": exclude_pruned}
+    runs = []
+    for sort_draw in (False, True):
+        model, opt, method = build(cfg)
+        method.sort_draw = sort_draw
+        born = []
+        train(model, opt, method, 2, on_step=lambda step: born.append(
+            sum(int(b.sum()) for b in method.last_step["born"])))
+        runs.append((born, [m.clone() for m in method.masks.masks], [p.detach().clone() for p in model.parameters()]))
+    (born_a, masks_a, weights_a), (born_b, masks_b, weights_b) = runs
+    assert born_a == born_b and sum(born_a) > 0  # connections were rewired, the same number each step
+    assert all(torch.equal(a, b) for a, b in zip(masks_a, masks_b))
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
+
+
 # --------------------------------------------------------------------------- DSR
 
 
