@@ -79,6 +79,7 @@ def test_experiment_trains_two_steps_on_its_input_shape(name, tmp_path):
             f"dataset.num_classes={CLASSES[ds]}", "dataset.n_train=4", "dataset.n_test=2", "dataset.batch_size=2",
             "dataset.test_batch_size=2", "dataset.val_fraction=0", "schedule.epochs=1", "limit_train_batches=2",
             "eval.train_samples=0", "logger=none", "progress=false", "device=cpu", f"paths.runs={tmp_path}",
+            "schedule.multiplier=1",  # a 2x or 5x row would train (and checkpoint) 2 or 5 epochs here
             *SMOKE.get(method, [])]
     if "augment" in compose(over).dataset:  # the experiment's CIFAR augmentation means nothing here
         over.append("~dataset.augment")
