@@ -272,6 +272,20 @@ def test_real_fashion_mnist():
 # --------------------------------------------------------------------------- digits
 
 
+def test_digits_read_directly_equal_scikit_learns_loader(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    from sparse_bench.data import datasets
+
+    ref = load_digits()
+    images, target = datasets.digits_arrays()
+    assert np.array_equal(images, ref.images) and np.array_equal(target, ref.target)
+    # no file where it is expected: scikit-learn's loader, the same arrays
+    monkeypatch.setattr(datasets.Path, "is_file", lambda self: False)
+    images, target = datasets.digits_arrays()
+    assert np.array_equal(images, ref.images) and np.array_equal(target, ref.target)
+
+
 def test_digits_shapes_and_fixed_split():
     from sklearn.datasets import load_digits
 

@@ -350,18 +350,36 @@ def _idx_tensors(cfg: Any, name: str, device: torch.device) -> tuple[Tensor, Ten
 # --------------------------------------------------------------------------- digits
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: images (1797, 8, 8) with values 0..16 and their labels, as
+    ``sklearn.datasets.load_digits()`` gives them. Read from the CSV file scikit-learn ships,
+    found without importing scikit-learn, whose import costs about a second per process (every
+    digits run pays it). If the file is not where it is expected, scikit-learn's own loader runs."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")
+            if table.ndim == 2 and table.shape[1] == 65:
+                return table[:, :64].reshape(-1, 8, 8), table[:, 64].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target
+
+
 def load_digits_split(cfg: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's 8x8 digits as CPU float32 (N, 1, 8, 8) in [0, 1] and int64 labels.
 
     The split is a permutation from a generator seeded with ``dataset.split_seed``
     (default 0): the last ``round(test_fraction * N)`` permuted samples are the test set.
     """
-    from sklearn.datasets import load_digits
-
     split_seed, test_fraction = cfg.split_seed, cfg.test_fraction
-    digits = load_digits()
-    x = torch.from_numpy(np.asarray(digits.images, dtype=np.float32) / 16.0).unsqueeze(1)
-    y = torch.from_numpy(np.asarray(digits.target, dtype=np.int64))
+    images, target = digits_arrays()
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(np.asarray(target, dtype=np.int64))
     n = x.shape[0]
     n_test = int(round(test_fraction * n))
     if n_test < 1:
