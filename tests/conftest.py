@@ -34,6 +34,22 @@ def cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(args: list[str]) -> dict:
+    """`python -m sparse_bench <args>` run in this process with one torch thread (as a torchrun
+    rank runs with OMP_NUM_THREADS=1): the single-process reference a DDP test starts while its
+    torchrun job is still running, instead of a third process start after it."""
+    import torch
+
+    from sparse_bench.run import run
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(compose(args))
+    finally:
+        torch.set_num_threads(before)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -11,6 +11,7 @@ import torch
 from pathlib import Path
 
 import pytest
+from conftest import run_in_process
 
 def _torchrun(tmp_path, args, port, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
@@ -31,12 +32,9 @@ def test_odd_batches_and_mask_updates_match_one_process(tmp_path):
             "dataset.batch_size=65", "method=rigl", "method.update_every=4", "logger=none", "progress=false",
             "device=cpu", "run_name=r"]
     proc = _torchrun(tmp_path, [*args, f"paths.runs={tmp_path / 'ddp'}"], 29563)
+    run_in_process([*args, f"paths.runs={tmp_path / 'one'}"])  # the reference, while torchrun runs
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
-    one = subprocess.run([sys.executable, "-m", "sparse_bench", *args, f"paths.runs={tmp_path / 'one'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
     a = load_checkpoint(tmp_path / "ddp" / "r" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "one" / "r" / "checkpoint.pt")
     for ma, mb in zip(a["method"]["masks"]["masks"], b["method"]["masks"]["masks"]):

@@ -13,7 +13,7 @@ from sparse_bench.sparsity.execution import kernels
 from sparse_bench.sparsity.execution.layers import SparseConv2d, SparseLinear, structure_from_linear
 
 from sparse_bench.train.checkpoint import load_checkpoint
-from conftest import compose, read_jsonl
+from conftest import compose, read_jsonl, run_in_process
 
 BACKENDS = ["c", "torch"]
 
@@ -337,13 +337,12 @@ def test_sparse_two_processes_match_one(method, tmp_path):
             "execution=sparse"]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
     port = "29571" if method == "set" else "29572"
-    ddp = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master_port={port}", "-m", "sparse_bench", *args,
-                          f"paths.runs={tmp_path / 'ddp'}"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "sparse_bench", *args, f"paths.runs={tmp_path / 'one'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
+    ddp = subprocess.Popen([str(torchrun), "--nproc_per_node=2", f"--master_port={port}", "-m", "sparse_bench", *args,
+                            f"paths.runs={tmp_path / 'ddp'}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    run_in_process([*args, f"paths.runs={tmp_path / 'one'}"])  # the reference, while torchrun runs
+    out, _ = ddp.communicate(timeout=300)
+    assert ddp.returncode == 0, out[-3000:]
     name = f"digits-mlp-{method}-d0.3-s0"
     a = json.loads((tmp_path / "ddp" / name / "results.json").read_text())
     b = json.loads((tmp_path / "one" / name / "results.json").read_text())
