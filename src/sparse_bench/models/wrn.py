@@ -72,28 +72,38 @@ class WideBasicBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(act))
 
 
+def _widths(depth: int, widen_factor: int, depth_example: str, widen_example: int) -> list[int]:
+    """The stem's and the three groups' channel counts of WRN-depth-widen_factor (sizes checked)."""
+    if depth < 10 or (depth - 4) % 6 != 0:
+        raise ConfigError(f"model.depth={depth} is not a WRN depth (6n + 4, n >= 1); use e.g. model.depth={depth_example}")
+    if widen_factor < 1:
+        raise ConfigError(f"model.widen_factor={widen_factor} must be a positive integer; "
+                          f"use e.g. model.widen_factor={widen_example}")
+    return [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+
+
+def _groups(block, depth: int, widths: list[int], dropout: float) -> list[nn.Sequential]:
+    """The three groups of (depth - 4) / 6 blocks each; the first block of groups 2 and 3 has stride 2."""
+    n = (depth - 4) // 6
+    groups, in_planes = [], widths[0]
+    for g, stride in enumerate((1, 2, 2)):
+        blocks = []
+        for i in range(n):
+            blocks.append(block(in_planes, widths[g + 1], stride if i == 0 else 1, dropout))
+            in_planes = widths[g + 1]
+        groups.append(nn.Sequential(*blocks))
+    return groups
+
+
 class WideResNet(nn.Module):
     """WRN-depth-widen_factor for small images."""
 
     def __init__(self, depth: int = 16, widen_factor: int = 8, in_channels: int = 3, num_classes: int = 10,
                  dropout: float = 0.3):
         super().__init__()
-        if depth < 10 or (depth - 4) % 6 != 0:
-            raise ConfigError(f"model.depth={depth} is not a WRN depth (6n + 4, n >= 1); use e.g. model.depth=16, 22 or 28")
-        if widen_factor < 1:
-            raise ConfigError(f"model.widen_factor={widen_factor} must be a positive integer; use e.g. model.widen_factor=8")
-        n = (depth - 4) // 6
-        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        widths = _widths(depth, widen_factor, "16, 22 or 28", 8)
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
-        groups = []
-        in_planes = widths[0]
-        for g, stride in enumerate((1, 2, 2)):
-            blocks = []
-            for i in range(n):
-                blocks.append(WideBasicBlock(in_planes, widths[g + 1], stride if i == 0 else 1, dropout))
-                in_planes = widths[g + 1]
-            groups.append(nn.Sequential(*blocks))
-        self.block1, self.block2, self.block3 = groups
+        self.block1, self.block2, self.block3 = _groups(WideBasicBlock, depth, widths, dropout)
         self.bn = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
 
@@ -140,21 +150,9 @@ class WideResNetACDC(nn.Module):
     def __init__(self, depth: int = 28, widen_factor: int = 10, in_channels: int = 3, num_classes: int = 100,
                  dropout: float = 0.3):
         super().__init__()
-        if depth < 10 or (depth - 4) % 6 != 0:
-            raise ConfigError(f"model.depth={depth} is not a WRN depth (6n + 4, n >= 1); use e.g. model.depth=28")
-        if widen_factor < 1:
-            raise ConfigError(f"model.widen_factor={widen_factor} must be a positive integer; use e.g. model.widen_factor=10")
-        n = (depth - 4) // 6
-        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        widths = _widths(depth, widen_factor, "28", 10)
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=True)
-        groups, in_planes = [], widths[0]
-        for g, stride in enumerate((1, 2, 2)):
-            blocks = []
-            for i in range(n):
-                blocks.append(ACDCBasicBlock(in_planes, widths[g + 1], stride if i == 0 else 1, dropout))
-                in_planes = widths[g + 1]
-            groups.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = groups
+        self.layer1, self.layer2, self.layer3 = _groups(ACDCBasicBlock, depth, widths, dropout)
         self.bn1 = nn.BatchNorm2d(widths[3], momentum=0.9)
         self.linear = nn.Linear(widths[3], num_classes)
 
