@@ -60,6 +60,11 @@ class DenseGradControl:
         self.dense = False
         self.grads: dict = {}
 
+    def add(self, layer, g: torch.Tensor) -> None:
+        """Accumulate a dense weight gradient of `layer` (a layer may run more than once a step)."""
+        prev = self.grads.get(layer)
+        self.grads[layer] = g if prev is None else prev + g
+
 
 class _SparseMatmul(torch.autograd.Function):
     """yt[n] = W xt[n] + bias for each of nb batches (xt: nb x cols x B, feature-major);
@@ -89,9 +94,7 @@ class _SparseMatmul(torch.autograd.Function):
             db = dyt.sum((0, 2))
         ctl = layer._ctl
         if ctl.dense:
-            g = torch.einsum("nib,njb->ij", dyt, xt) if xt.shape[0] > 1 else dyt[0] @ xt[0].t()
-            prev = ctl.grads.get(layer)
-            ctl.grads[layer] = g if prev is None else prev + g
+            ctl.add(layer, torch.einsum("nib,njb->ij", dyt, xt) if xt.shape[0] > 1 else dyt[0] @ xt[0].t())
         return dv, dx, db, None
 
 
@@ -104,8 +107,8 @@ class _SparseConvDirect(torch.autograd.Function):
         (p0, p1), (kh, kw) = layer.padding, layer.kernel_size
         hp, wp = h + 2 * p0, w + 2 * p1
         h_out, w_out = hp - kh + 1, wp - kw + 1
-        xp = F.pad(x, (p1, p1, p0, p0)).permute(1, 2, 3, 0).contiguous()  # (C, Hp, Wp, N)
-        off = layer._conv_offsets(layer.indices.long(), hp, wp, n)
+        xp = F.pad(x.permute(1, 2, 3, 0), (0, 0, p1, p1, p0, p0)).contiguous()  # (C, Hp, Wp, N), one copy
+        off = layer._direct_offsets(hp, wp, n)[0]
         y = kernels.conv_fwd(layer.indptr, off, values, xp, bias, h_out, w_out)
         ctx.layer, ctx.geometry = layer, (n, c, h, w, hp, wp)
         ctx.save_for_backward(values, xp, off)
@@ -122,11 +125,9 @@ class _SparseConvDirect(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dv = kernels.conv_wgrad(layer.indptr, off, dyt, xp)
         if ctx.needs_input_grad[1]:
-            kk = layer.kernel_size[0] * layer.kernel_size[1]
-            t_cols = torch.repeat_interleave(torch.arange(layer.cols), layer.t_indptr[1:] - layer.t_indptr[:-1])
-            t_off = layer._conv_offsets(t_cols, hp, wp, n) - (t_cols // kk) * (hp * wp * n)
-            dxp = kernels.conv_dgrad(layer.t_indptr[::kk].contiguous(), t_off, layer.t_indices,
-                                     values.detach()[layer.t_perm], dyt, (c, hp, wp, n))
+            _, t_off, t_indptr = layer._direct_offsets(hp, wp, n)
+            dxp = kernels.conv_dgrad(t_indptr, t_off, layer.t_indices, values.detach()[layer.t_perm], dyt,
+                                     (c, hp, wp, n))
             dx = dxp[:, p0:p0 + h, p1:p1 + w, :].permute(3, 0, 1, 2)
         if ctx.needs_input_grad[2]:
             db = dyt.sum((1, 2, 3))
@@ -134,9 +135,7 @@ class _SparseConvDirect(torch.autograd.Function):
         if ctl.dense:
             x = xp[:, p0:p0 + h, p1:p1 + w, :].permute(3, 0, 1, 2)
             g = torch.nn.grad.conv2d_weight(x, layer.weight_shape, dyt.permute(3, 0, 1, 2), 1, layer.padding)
-            g = g.reshape(layer.rows, layer.cols)
-            prev = ctl.grads.get(layer)
-            ctl.grads[layer] = g if prev is None else prev + g
+            ctl.add(layer, g.reshape(layer.rows, layer.cols))
         return dv, dx, db, None
 
 
@@ -159,6 +158,7 @@ class SparseLayer(nn.Module):
         for k in ("t_indptr", "t_indices", "t_perm"):
             self.register_buffer(k, empty[k], persistent=False)
         self._idx64: tuple | None = None
+        self._offsets: dict = {}  # SparseConv2d's direct-kernel offsets per input geometry
         self._ctl = DenseGradControl()
 
     @property
@@ -198,6 +198,7 @@ class SparseLayer(nn.Module):
         for k, v in parts.items():
             setattr(self, k, v)
         self._idx64 = None
+        self._offsets = {}
 
     @torch.no_grad()
     def set_active(self, lin: torch.Tensor, values: torch.Tensor) -> None:
@@ -292,7 +293,6 @@ class SparseConv2d(SparseLayer):
         self.kernel_size, self.stride = pair(kernel_size), pair(stride)
         self.padding, self.dilation = pair(padding), pair(dilation)
         self.groups, self.padding_mode = 1, "zeros"
-        self.direct = True  # stride-1 convs: the direct kernels (False: always unfold)
         fan_in = self.in_channels * math.prod(self.kernel_size)
         self._init_sparse(out_channels, fan_in, (out_channels, in_channels, *self.kernel_size), bias, dtype, device)
 
@@ -323,6 +323,20 @@ class SparseConv2d(SparseLayer):
         i = torch.div(r, kw, rounding_mode="floor")
         return ((c * hp + i) * wp + (r - i * kw)) * n
 
+    def _direct_offsets(self, hp: int, wp: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The direct kernels' index data for a padded (C, Hp, Wp, N) input: the forward's offset of
+        each active weight, the transposed structure's offsets within one input channel, and its
+        row pointers per input channel. Built once per structure and input geometry (a mask
+        update clears them), not every step."""
+        key = (hp, wp, n)
+        if key not in self._offsets:
+            kk = self.kernel_size[0] * self.kernel_size[1]
+            off = self._conv_offsets(self.indices.long(), hp, wp, n)
+            t_cols = self.indices[self.t_perm].long()  # the fan-in column of each transposed entry
+            t_off = off[self.t_perm] - (t_cols // kk) * (hp * wp * n)
+            self._offsets[key] = (off, t_off, self.t_indptr[::kk].contiguous())
+        return self._offsets[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
@@ -332,8 +346,7 @@ class SparseConv2d(SparseLayer):
         # convolution with stride 1 and no padding is a matmul on the input as it is; other
         # stride-1 convolutions run the direct kernels (no patches at all) where they are compiled
         one_by_one = self.kernel_size == (1, 1) and self.padding == (0, 0)
-        if self.stride == (1, 1) and self.dilation == (1, 1) and not one_by_one and self.direct \
-                and kernels.direct_conv_available(self.values, x):
+        if self.stride == (1, 1) and self.dilation == (1, 1) and not one_by_one and kernels.direct_conv_available(self.values, x):
             return _SparseConvDirect.apply(self.values, x, self.bias, self)
         if one_by_one and self.stride == (1, 1):
             patches = x.reshape(n, self.cols, h * w)
