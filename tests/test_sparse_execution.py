@@ -211,6 +211,17 @@ def test_sparse_and_masked_train_the_same_model(method, tmp_path, monkeypatch):
     _masks_equal(a, b)
 
 
+def test_rigl_growth_from_statistics_batches_is_the_same_sparse_as_masked(tmp_path, monkeypatch):
+    """GSE's RigL protocol scores growth by the dense gradient of separate batches: sparse layers
+    must form it in their own backward (their dense views are not in the forward pass)."""
+    monkeypatch.setenv("SPARSE_BENCH_KERNELS", "auto")
+    a = _run(tmp_path, "rigl", "masked", ["method.stat_batches=2"])
+    b = _run(tmp_path, "rigl", "sparse", ["method.stat_batches=2"])
+    grown = [[r["mask/grown"] for r in read_jsonl(d / "metrics.jsonl") if r.get("update")] for d in (a, b)]
+    assert grown[0] == grown[1] and sum(grown[0]) > 0
+    _masks_equal(a, b)
+
+
 @pytest.mark.parametrize("method", ["set", "sparse_momentum"])
 def test_torch_csr_backend_trains_the_same_model(method, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSE_BENCH_KERNELS", "torch")

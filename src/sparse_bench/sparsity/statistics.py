@@ -35,20 +35,35 @@ def quiet_pass(model: nn.Module, device):
                     b.copy_(saved[n])
 
 
-def dense_gradients(model: nn.Module, params: list[torch.Tensor], batches, loss_fn=None) -> list[torch.Tensor]:
+def dense_gradients(model: nn.Module, params: list[torch.Tensor], batches, loss_fn=None,
+                    layers: list | None = None) -> list[torch.Tensor]:
     """Sum over `batches` of dL/dp for every parameter in `params` (train mode, as the reference),
-    without touching any ``.grad``."""
+    without touching any ``.grad``.
+
+    Where ``layers[i]`` is a sparse layer (``execution=sparse``), ``params[i]`` is only a view of
+    it that the forward pass does not use: that layer forms its dense weight gradient in its own
+    backward instead (its dense-gradient switch is on during the pass and restored after)."""
     loss_fn = loss_fn or nn.functional.cross_entropy
+    layers = layers if layers is not None else [None] * len(params)
+    targets = [p if layer is None else layer.values for p, layer in zip(params, layers)]
+    controls = {id(layer._ctl): layer._ctl for layer in layers if layer is not None}
+    saved = {k: (c.dense, c.grads) for k, c in controls.items()}
     total = [torch.zeros_like(p) for p in params]
     was_training = model.training
     model.train()
     try:
         with torch.enable_grad():
             for x, y in batches:
-                grads = torch.autograd.grad(loss_fn(model(x), y), params, allow_unused=True)
-                for t, g in zip(total, grads):
+                for c in controls.values():
+                    c.dense, c.grads = True, {}
+                grads = torch.autograd.grad(loss_fn(model(x), y), targets, allow_unused=True)
+                for t, g, layer in zip(total, grads, layers):
+                    if layer is not None:
+                        g = layer._ctl.grads.get(layer)
                     if g is not None:
-                        t.add_(g)
+                        t.add_(g.view(t.shape))
     finally:
         model.train(was_training)
+        for k, c in controls.items():
+            c.dense, c.grads = saved[k]
     return total

@@ -109,7 +109,8 @@ class RigL(RandomInitMixin, Method):
 
     # --- per step ---------------------------------------------------------------------------
     def wants_dense_grad(self, step):
-        return self.cadence.at_step(step + 1)  # a mask update follows this optimizer step
+        # a mask update follows this optimizer step and reads its gradient (not with stat_batches)
+        return self.stat_batches is None and self.cadence.at_step(step + 1)
 
     @torch.no_grad()
     def before_optimizer_step(self, step):
@@ -125,7 +126,7 @@ class RigL(RandomInitMixin, Method):
     def step_passes(self, step):
         """Sparse passes, but the dense weight gradient on the step whose gradient a mask update
         reads: 2 f_S + f_D there, 3 f_S elsewhere (RigL's (3 f_S dT + 2 f_S + f_D) / (dT + 1))."""
-        return DENSE_GRADIENT_STEP if self.cadence.at_step(step + 1) else SPARSE_STEP
+        return DENSE_GRADIENT_STEP if self.wants_dense_grad(step) else SPARSE_STEP
 
     # --- one drop / grow update -------------------------------------------------------------
     def _growth_scores(self, step: int) -> list[torch.Tensor]:
@@ -134,7 +135,8 @@ class RigL(RandomInitMixin, Method):
             if len(batches) == 0:
                 raise ConfigError("method.stat_batches needs training batches (ctx.batches)")
             with quiet_pass(self.ctx.model, self.ctx.device):
-                grads = dense_gradients(self.ctx.model, self.masks.params, batches, self.ctx.loss_fn)
+                grads = dense_gradients(self.ctx.model, self.masks.params, batches, self.ctx.loss_fn,
+                                        self.masks.layers)
             return [g.abs() for g in grads]
         scores = self._grow_scores
         self._grow_scores = None
