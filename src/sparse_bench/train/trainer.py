@@ -202,12 +202,13 @@ class Trainer:
             self._sum_loss = summed_loss(self.loss_fn)
         return self._sum_loss(out, y)
 
-    def _global_count(self, loader, global_n: int, y) -> float:
-        """Samples in this step's global batch (a sum over ranks for per-rank loaders)."""
+    def _global_count(self, loader, global_n: int, y) -> float | torch.Tensor:
+        """Samples in this step's global batch: a number, or for per-rank loaders a sum over the
+        ranks that stays on the device (read on the host it would stall every step)."""
         if not getattr(loader, "sharded", False):
             return float(global_n)
-        n = torch.tensor(float(y.shape[0]), device=self.device)
-        return float(dist_util.all_reduce_sum(n, self.dist))
+        n = torch.full((), float(y.shape[0]), device=self.device)
+        return dist_util.all_reduce_sum(n, self.dist)
 
     def _watch_loss(self, loss: torch.Tensor, epoch: int) -> None:
         """Remember the first step whose loss is not finite (on the device), and stop there."""
