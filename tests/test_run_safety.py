@@ -317,3 +317,17 @@ def test_lr_milestones_the_run_never_reaches_are_warned_about():
                              "lr": {"kind": "step", "step_size": 25000}})
     assert "never drops" in LRSchedule(step, 0.1, 540, 5).warnings()[0]
     assert LRSchedule(step, 0.1, 540, 100).warnings() == []
+
+
+def test_a_failure_already_recorded_by_the_run_keeps_its_detail(tmp_path):
+    """A sweep job's failure is recorded by the run (resolved config, epochs done) and again by
+    the sweep's job wrapper (what it has: the unresolved config): the first record stays."""
+    from sparse_bench.run import record_failure
+
+    record_failure(tmp_path, {"density": 0.1}, "loss is nan at step 3", 2)
+    record_failure(tmp_path, {"density": "${oops}"}, "loss is nan at step 3")
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["config"] == {"density": 0.1} and res["epochs"] == 2
+    record_failure(tmp_path, {"density": 0.2}, "another failure")  # a new failure replaces it
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["error"] == "another failure" and res["config"] == {"density": 0.2}

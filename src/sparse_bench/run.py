@@ -189,10 +189,12 @@ def prepare_run_dir(run_dir: Path) -> None:
 
 
 def record_failure(run_dir: Path, resolved: dict, message: str, epochs_done: int | None = None) -> None:
-    """results.json with status failed and the reason (never over a finished run's results)."""
+    """results.json with status failed and the reason (never over a finished run's results, nor
+    over the record of this same failure that the run itself wrote with its resolved config)."""
     path = run_dir / "results.json"
     try:
-        if path.exists() and json.loads(path.read_text()).get("status") == "complete":
+        old = json.loads(path.read_text()) if path.exists() else {}
+        if old.get("status") == "complete" or (old.get("status") == "failed" and old.get("error") == message):
             return
     except (OSError, ValueError):
         pass
