@@ -2,7 +2,7 @@
 
 import pytest
 
-from sparse_bench.cli import GROUPS, check_overrides, group_options
+from sparse_bench.cli import GROUPS, group_options, precheck
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run, validate
 
@@ -31,8 +31,10 @@ def test_every_experiment_composes(experiment):
 
 def test_unknown_group_option_is_caught_before_hydra():
     with pytest.raises(ConfigError, match=r"method=bogus is unknown; choose one of: .*sparse_momentum"):
-        check_overrides(["method=sparse_momentum,bogus"], CONF)
-    check_overrides(["method=static,sparse_momentum", "density=0.1", "+foo=1"], CONF)
+        precheck(["-m", "method=sparse_momentum,bogus"])
+    with pytest.raises(ConfigError, match=r"method=bogus is unknown; choose one of: .*sparse_momentum"):
+        precheck(["method=bogus"])
+    precheck(["-m", "method=static,sparse_momentum", "density=0.1", "+foo=1"])
 
 
 @pytest.mark.parametrize("override,match", [

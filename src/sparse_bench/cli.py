@@ -40,21 +40,6 @@ def group_options(group: str, root: Path | None = None) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
-def check_overrides(argv: list[str], root: Path | None = None) -> None:
-    """Raise ConfigError for `group=option` overrides whose option file is not in `root`."""
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
-        if key not in GROUPS or not value or any(c in value for c in "()[]{}$"):
-            continue
-        choices = group_options(key, root)
-        for option in value.split(","):
-            if option and option != "null" and option not in choices:
-                raise ConfigError(f"{key}={option} is unknown; choose one of: {', '.join(choices)}")
-
-
 # --- the check before Hydra ---------------------------------------------------------------------
 def _one_line(exc: BaseException) -> str:
     text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())

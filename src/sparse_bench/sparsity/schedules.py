@@ -86,11 +86,6 @@ def parse_milestone(value, key: str) -> tuple[str, float] | None:
     return str(unit), float(number)
 
 
-def milestone(unit: str, value: float) -> dict:
-    """The config form of a milestone (for defaults written in code)."""
-    return {"unit": unit, "value": value}
-
-
 class Timeline:
     """Converts milestones to optimizer steps for one training schedule of a run.
 

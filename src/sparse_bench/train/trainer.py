@@ -20,7 +20,7 @@ from ..errors import RunFailed
 from ..sparsity.flops import FlopMeter
 from ..sparsity.methods import Method
 from . import distributed as dist_util
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .logging import MetricSink, NullSink, Progress, console_line, final_line
 from .optim import LRSchedule, set_lr
 
@@ -310,9 +310,6 @@ class Trainer:
         if self.dist.is_main:
             save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict(), self.fingerprint)
         dist_util.barrier(self.dist)
-
-    def load(self, path: Path) -> None:
-        self.load_state(load_checkpoint(path, map_location=self.device, config_fingerprint=self.fingerprint))
 
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
