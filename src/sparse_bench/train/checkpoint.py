@@ -139,20 +139,22 @@ def read_header(path: Path) -> tuple[dict, bytes]:
     path = Path(path)
     fix = "delete it or pass resume=false to start the run over"
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:  # the header line, then the payload: one copy of it in memory
+            head = f.readline()
+            payload = f.read()
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {describe_os_error(exc)}") from None
-    if not data:
+    if not head:
         raise CheckpointError(f"checkpoint {path} is empty (a write was interrupted?); {fix}")
-    if not data.startswith(MAGIC):
+    if not head.startswith(MAGIC):
         raise CheckpointError(f"{path} is not a sparse_bench checkpoint (or one from an older version); {fix}")
-    end = data.find(b"\n")
     try:
-        header = json.loads(data[len(MAGIC):end])
+        if not head.endswith(b"\n"):
+            raise ValueError("no end of header")
+        header = json.loads(head[len(MAGIC):-1])
         size, digest = int(header["size"]), str(header["sha256"])
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"checkpoint {path} has a damaged header; {fix}") from None
-    payload = data[end + 1:]
     if len(payload) != size:
         raise CheckpointError(f"checkpoint {path} is truncated ({len(payload)} of {size} bytes); {fix}")
     if hashlib.sha256(payload).hexdigest() != digest:
