@@ -72,6 +72,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .provenance import NOT_RECIPE, _short
+
 METRICS = ("test/acc", "test/error")
 # config keys that do not change what a run computes (the same as run.py's resume check, plus
 # paper and what run.py adds to the W&B config)
@@ -454,16 +456,12 @@ def dedupe(runs: list[RunRecord], notes: list[str]) -> list[RunRecord]:
     return list(best.values())
 
 
-# keys that never split a row: what does not change what is trained (provenance.NOT_RECIPE:
-# where the data lives, logging, device, measurement extras) besides seed and density
-_NOT_TRAINING = ("seed", "density", "eval", "execution", "dataset.root", "dataset.download", "dataset.num_workers",
-                 "dataset.persistent_workers", "dataset.prefetch_factor", "dataset.test_batch_size")
-
-
 def _recipe_flat(config: dict) -> dict:
+    """The keys that can split a row: not those that leave what is trained unchanged
+    (provenance.NOT_RECIPE: seed and density, where the data lives, logging, device, extras)."""
     flat = _flat({k: v for k, v in config.items() if k not in _VOLATILE})
     return {k: v for k, v in flat.items()
-            if not any(k == x or k.startswith(x + ".") for x in _NOT_TRAINING)}
+            if not any(k == x or k.startswith(x + ".") for x in NOT_RECIPE)}
 
 
 def _same_recipe(a: dict, b: dict, lenient: bool = False) -> bool:
@@ -471,14 +469,6 @@ def _same_recipe(a: dict, b: dict, lenient: bool = False) -> bool:
     without some keys): on every key both have."""
     keys = a.keys() & b.keys() if lenient else a.keys() | b.keys()
     return all(k in a and k in b and json.dumps(a[k], default=str) == json.dumps(b[k], default=str) for k in keys)
-
-
-def _short(value) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_short(v) for v in value) + "]"
-    return str(value)
 
 
 def _listing(items: list[str], n: int = 3) -> str:
