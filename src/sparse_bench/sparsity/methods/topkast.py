@@ -149,7 +149,8 @@ class TopKAST(Method):
     def _set_backward(self, bwd: list[torch.Tensor]) -> None:
         self.backward = bwd
         self.outside = [~b for b in bwd]
-        self.just_backward = [b & ~a for a, b in zip(self.masks.masks, bwd)]
+        if self.norm_penalty > 0:  # B \ A: read by the norm penalty only
+            self.just_backward = [b & ~a for a, b in zip(self.masks.masks, bwd)]
         if self.exploration_l2 > 0:
             inv_d = 1.0 / self.forward_density
             self.l2_scale = [
@@ -253,7 +254,7 @@ class TopKAST(Method):
 
     @torch.no_grad()
     def update(self, step: int, log: bool = True) -> dict | None:
-        old_fwd = [m.clone() for m in self.masks.masks]
+        old_fwd = list(self.masks.masks)  # select() makes new masks: the old ones stay as they are
         old_bwd = self.backward
         fwd, bwd = self.select()
         if self.promote == "zero":  # entering A from B \ A: restart at 0 (GSE's topkast_training.py)
