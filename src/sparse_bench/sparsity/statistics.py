@@ -16,17 +16,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .saliency import preserved_rng
+
 
 @contextmanager
 def quiet_pass(model: nn.Module, device):
     """Fork the global RNG (CPU and the device's CUDA stream) and restore the model's buffers."""
     saved = {n: b.detach().clone() for n, b in model.named_buffers()}
-    dev = torch.device(device)
-    devices = []
-    if dev.type == "cuda":
-        devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
     try:
-        with torch.random.fork_rng(devices=devices):
+        with preserved_rng(torch.device(device)):
             yield
     finally:
         with torch.no_grad():

@@ -167,7 +167,7 @@ class RigL(RandomInitMixin, Method):
             dropped = [smallest_active(s, m, k) for s, m, k in zip(drop_scores, old, ks)]
             kept = [m & ~d for m, d in zip(old, dropped)]
             # exclude_pruned: growth only among positions inactive before the update (GSE)
-            blocked = [k | d for k, d in zip(kept, dropped)] if self.exclude_pruned else kept
+            blocked = old if self.exclude_pruned else kept  # kept | dropped is old
             grown = [largest_inactive(g, m, k) for g, m, k in zip(grow_scores, blocked, ks)]
         else:
             numels = ms.numels
