@@ -22,6 +22,8 @@ import time
 import traceback
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+
 from .errors import ConfigError, RunFailed
 
 GROUPS = ("model", "dataset", "method", "schedule", "optimizer", "logger", "experiment")
@@ -240,7 +242,7 @@ def run_job(cfg):
     return float(value)
 
 
-class SweepReport:
+class SweepReport(Callback):
     """Hydra callback: after a sweep, collect the jobs whose results.json says ``failed``.
 
     It runs in the launching process for every launcher (basic, joblib, submitit), reading the
@@ -267,19 +269,6 @@ class SweepReport:
                 found.append((path.parent, str(res.get("error", ""))))
         known = {Path(d).resolve() for d, _ in _STATE["failures"]}
         _STATE["failures"] += [(d, m) for d, m in found if d.resolve() not in known]
-
-    # Hydra calls these too
-    def on_run_start(self, config, **kwargs) -> None:
-        pass
-
-    def on_run_end(self, config, **kwargs) -> None:
-        pass
-
-    def on_job_start(self, config, **kwargs) -> None:
-        pass
-
-    def on_job_end(self, config, job_return, **kwargs) -> None:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -138,12 +139,6 @@ def sweep_group(cfg: DictConfig | None = None) -> str | None:
         return sweep_dir.name
     return f"{_sweep_label(task, cfg)}-{sweep_dir.name}"
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _comparable(cfg: dict) -> dict:
@@ -433,9 +428,11 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
                       **{f"paper/{k}": v for k, v in (paper or {}).items()},
                       "experiment": prov.get("experiment")})
         shapes = prunable["prunable"]
-        sink.table("density/final_per_layer", ["layer", "shape", "weights", "active", "density"],
-                   [[name, "x".join(str(s) for s in shapes.get(name, [])), _numel(shapes.get(name, [])),
-                     round(d * _numel(shapes.get(name, []))), d] for name, d in per_layer.items()])
+        rows = []
+        for name, d in per_layer.items():
+            shape = [int(x) for x in shapes.get(name, [])]
+            rows.append([name, "x".join(map(str, shape)), math.prod(shape), round(d * math.prod(shape)), d])
+        sink.table("density/final_per_layer", ["layer", "shape", "weights", "active", "density"], rows)
         ok = True
         return final_metrics
     finally:

@@ -43,6 +43,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
+from .train.logging import WANDB_MODES
 
 # --- declaring ranges ---------------------------------------------------------------------------
 
@@ -250,7 +251,7 @@ class WandbLogger:
     name: str = "wandb"
     project: str = "sparse_bench"
     entity: Optional[str] = None
-    mode: Optional[str] = choice(None, ("online", "offline", "disabled", "dryrun", "shared", "run"))
+    mode: Optional[str] = choice(None, WANDB_MODES)
     tags: List[str] = field(default_factory=list)
     job_type: str = "train"
 

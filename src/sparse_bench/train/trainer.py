@@ -92,7 +92,7 @@ class Trainer:
         self.train_time = 0.0
         self.fingerprint = fingerprint  # the run config's hash, written into every checkpoint
         # under DDP every rank's loss is weighted by its share of the global batch
-        self._sum_loss = getattr(loss_fn, "summed", None)
+        self._sum_loss = summed_loss(loss_fn)  # DDP: each rank's summed loss, weighted
         # a non-finite loss is caught at the step it happens; on CUDA the flag is read every
         # `nonfinite_check_every` steps (and before every checkpoint) to keep the step sync-free
         self.nonfinite_check_every = 1 if device.type == "cpu" else int(nonfinite_check_every)
@@ -128,7 +128,7 @@ class Trainer:
                     # DDP averages the ranks' gradients equally; weighting each rank's summed loss
                     # by world / global batch makes that average the single-process mean
                     # gradient, whatever the split (an odd batch, a short last batch, an empty slice)
-                    batch_loss = self._summed_loss(out, y)
+                    batch_loss = self._sum_loss(out, y)
                     loss = batch_loss * (self.dist.world / self._global_count(loader, global_n, y))
                     return loss, out, batch_loss.detach()
                 loss = self.loss_fn(out, y)
@@ -149,7 +149,7 @@ class Trainer:
             seen += y.shape[0]
             bar.update(i + 1, loss_sum, correct, seen, self.step, self.epochs * n_batches)
         bar.close()
-        self._check_loss(epoch, force=True)
+        self._check_loss(epoch)
         seen_t = dist_util.all_reduce_sum(torch.tensor(float(seen), device=self.device), self.dist)
         dist_util.all_reduce_sum(loss_sum, self.dist)
         dist_util.all_reduce_sum(correct, self.dist)
@@ -197,11 +197,6 @@ class Trainer:
         return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
 
     # --- guards -----------------------------------------------------------------------------
-    def _summed_loss(self, out, y):
-        if self._sum_loss is None:
-            self._sum_loss = summed_loss(self.loss_fn)
-        return self._sum_loss(out, y)
-
     def _global_count(self, loader, global_n: int, y) -> float | torch.Tensor:
         """Samples in this step's global batch: a number, or for per-rank loaders a sum over the
         ranks that stays on the device (read on the host it would stall every step)."""
@@ -219,8 +214,9 @@ class Trainer:
         if self.step % self.nonfinite_check_every == 0:
             self._check_loss(epoch)
 
-    def _check_loss(self, epoch: int, force: bool = False) -> None:
-        if self._first_bad is None or not (force or self.step % self.nonfinite_check_every == 0):
+    def _check_loss(self, epoch: int) -> None:
+        """Stop at the first non-finite loss seen so far (reads one device scalar)."""
+        if self._first_bad is None:
             return
         first = int(self._first_bad)
         if first < 0:

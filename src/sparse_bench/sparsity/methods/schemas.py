@@ -19,12 +19,11 @@ from omegaconf import MISSING
 
 from ... import schema as S
 from ...errors import ConfigError
-from ..schedules import MILESTONE_UNITS
+from ..distributions import DISTRIBUTIONS as INITS
+from ..saliency import SCOPES
+from ..schedules import DECAYS, MILESTONE_UNITS
 
-INITS = ("uniform", "er", "erk", "bernoulli")
 REINITS = ("none", "fan_in")
-DECAYS = ("cosine", "linear", "constant")
-SCOPES = ("global", "layer")
 
 
 @dataclass
