@@ -168,17 +168,20 @@ def _generic(cfg, input_shape, num_classes):
     return WideResNet(cfg.depth, cfg.widen_factor, input_shape[0], num_classes, cfg.dropout)
 
 
+def _fixed_size(cfg, name: str, depth: int, k: int, generic: str) -> None:
+    """A model named by its size (wrn16_8, wrn28_10_acdc) refuses other depth / widen_factor values."""
+    for key, fixed in (("depth", depth), ("widen_factor", k)):
+        if cfg[key] != fixed:
+            raise ConfigError(f"model.{key}={cfg[key]} contradicts model={name} (WRN-{depth}-{k}); "
+                              f"use model={generic} model.depth=D model.widen_factor=K for other sizes")
+
+
 def _named(depth: int, k: int):
     name = f"wrn{depth}_{k}"
 
     def build(cfg, input_shape, num_classes):
         require_image(name, input_shape)
-        for key, fixed in (("depth", depth), ("widen_factor", k)):  # the name fixes the size
-            if cfg[key] != fixed:
-                raise ConfigError(
-                    f"model.{key}={cfg[key]} contradicts model={name} (WRN-{depth}-{k}); "
-                    f"use model=wrn model.depth=D model.widen_factor=K for other sizes"
-                )
+        _fixed_size(cfg, name, depth, k, "wrn")
         return WideResNet(depth, k, input_shape[0], num_classes, cfg.dropout)
 
     return name, build
@@ -190,10 +193,7 @@ def _acdc(cfg, input_shape, num_classes):
 
 
 def _acdc_28_10(cfg, input_shape, num_classes):
-    for key, fixed in (("depth", 28), ("widen_factor", 10)):  # the name fixes the size
-        if cfg[key] != fixed:
-            raise ConfigError(f"model.{key}={cfg[key]} contradicts model=wrn28_10_acdc; "
-                              f"use model=wrn_acdc model.depth=D model.widen_factor=K for other sizes")
+    _fixed_size(cfg, "wrn28_10_acdc", 28, 10, "wrn_acdc")
     return _acdc(cfg, input_shape, num_classes)
 
 
