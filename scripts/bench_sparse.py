@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_grow_step import LiveBytes, sample_active  # noqa: E402
+from bench_grow_step import LiveBytes, sample_active, sync  # noqa: E402
 
 from sparse_bench.models import build_model  # noqa: E402
 from sparse_bench.sparsity.execution import Execution, kernels  # noqa: E402
@@ -44,11 +44,6 @@ from sparse_bench.train.trainer import hooked_step  # noqa: E402
 
 DENSITIES = (0.01, 0.02, 0.05, 0.10)
 DEVICE = torch.device("cpu")
-
-
-def sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
 
 
 def machine() -> str:
@@ -72,22 +67,22 @@ def interleaved(fns: dict, rounds: int, steps: int) -> dict[str, tuple[float, fl
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
-            sync()
+            sync(DEVICE)
             t0 = time.perf_counter()
             for _ in range(steps):
                 f()
-            sync()
+            sync(DEVICE)
             times[k].append((time.perf_counter() - t0) / steps)
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
 
 
 def peak_bytes(f) -> int:
     if DEVICE.type == "cuda":  # the allocator's own peak, above what was allocated before
-        sync()
+        sync(DEVICE)
         base = torch.cuda.memory_allocated(DEVICE)
         torch.cuda.reset_peak_memory_stats(DEVICE)
         f()
-        sync()
+        sync(DEVICE)
         return torch.cuda.max_memory_allocated(DEVICE) - base
     with LiveBytes() as mode:
         f()
@@ -151,7 +146,8 @@ def table_layers(a):
                     os.environ["SPARSE_BENCH_KERNELS"] = a.kernels
 
             fns = {"dense": lambda: step(dense), "sparse": lambda: step(sparse)}
-            fns["csr"] = torch_csr if DEVICE.type == "cpu" else fns["sparse"]  # CUDA: torch's CSR ops anyway
+            if DEVICE.type == "cpu":  # on CUDA the sparse step is torch's CSR ops already
+                fns["csr"] = torch_csr
             if sp_cls is not None:
                 spl = sp_cls.from_dense(dense)
                 fns["sparseprop"] = lambda: step(spl)
@@ -163,7 +159,7 @@ def table_layers(a):
             sp_txt = f"{ms(spt[0])}" if spt else "-"
             vs_sp = f"{spt[0] / t['sparse'][0]:.2f}x" if spt else "-"
             print(f"| {fan_in}->{fan_out} | {batch} | {d:.0%} | {ms(t['dense'][0])}/{ms(t['dense'][1])} "
-                  f"| {ms(t['sparse'][0])}/{ms(t['sparse'][1])} | {ms(t['csr'][0])} | {sp_txt} "
+                  f"| {ms(t['sparse'][0])}/{ms(t['sparse'][1])} | {ms(t.get('csr', t['sparse'])[0])} | {sp_txt} "
                   f"| {t['dense'][0] / t['sparse'][0]:.1f}x | {vs_sp} | {mib(res_d)}/{mib(pk_d)} "
                   f"| {mib(res_s)}/{mib(pk_s)} |", flush=True)
 
