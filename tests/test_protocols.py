@@ -473,3 +473,114 @@ def test_reproduce_sweeps_the_densities_the_published_runs_used():
     assert "density=0.15626087,0.25626087" in cmd  # the "10%" / "20%" columns' real densities
     cfg = compose(["experiment=sm_imagenet_resnet50"])
     assert cfg.density == 0.15626087 and cfg.paper["values"][0.15626087].column == "10%"
+
+
+# --- the last gaps of a second read (GSE's Top-KAST init, its loader, its GMP window) ---------------
+def _row_method(row: str, model: nn.Module, steps_per_epoch: int = SPE, density: float | None = None):
+    """The method of an experiment row, as a run of that row builds it, on `model`."""
+    cfg = compose([f"experiment={row}"])
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ctx = MethodContext(model=model, optimizer=opt, density=float(density or cfg.density),
+                        epochs=int(cfg.schedule.epochs), steps_per_epoch=steps_per_epoch, device=CPU,
+                        generator=torch.Generator().manual_seed(1), loss_fn=nn.CrossEntropyLoss(),
+                        batches=lambda n, key=0: STATS[:n])
+    return build_method(cfg.method, ctx)
+
+
+@pytest.mark.parametrize("row", ["gse_cifar100_resnet56_topkast", "gse_cifar10_resnet56_topkast"])
+def test_gse_topkast_on_resnet56_trains_torchs_default_init_not_kaiming_normal(row):
+    # topkast_training.py's sparsify builds every Linear and Conv2d afresh (layers.py MaskedLinear /
+    # MaskedConv2d) without copying the old weight: U(-1, 1) / sqrt(fan_in), as reset_parameters draws
+    from sparse_bench.models import build_model
+
+    classes = 100 if "cifar100" in row else 10
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.create({"name": "resnet56"}), (3, 32, 32), classes)
+    own = {n: p.detach().std().item() for n, p in model.named_parameters() if p.dim() > 1}
+    m = _row_method(row, model)
+    m.setup()
+    layers = {n: mod for n, mod in model.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
+    assert len(m.theta) == len(layers) == len(m.masks.names)
+    for name, theta in zip(m.masks.names, m.theta):
+        mod = layers[name[: -len(".weight")]]
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(mod.weight)
+        bound = 1.0 / math.sqrt(fan_in)
+        assert theta.abs().max().item() <= bound + 1e-7, name
+        if theta.numel() >= 1000:  # a uniform draw over (-bound, bound): std bound / sqrt(3)
+            assert theta.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1), name
+            # ResNet-56's own Kaiming-normal weights: sqrt(2 / fan_in), about 2.45x larger
+            assert own[name] / theta.std().item() == pytest.approx(math.sqrt(6), rel=0.1), name
+        if mod.bias is not None:
+            assert mod.bias.abs().max().item() <= bound + 1e-7
+    fc = layers["linear"] if "linear" in layers else list(layers.values())[-1]
+    assert fc.bias is not None and fc.bias.abs().max().item() > 0
+
+
+def test_reinit_default_refuses_a_weight_no_linear_or_conv_owns():
+    from sparse_bench.sparsity.reinit import reinit_
+
+    emb = nn.Embedding(10, 4)
+    with pytest.raises(ConfigError) as exc:
+        reinit_("default", emb, ["weight"], [emb.weight.data], [torch.ones_like(emb.weight, dtype=torch.bool)],
+                torch.Generator().manual_seed(0))
+    assert "method.reinit=default" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_gse_rows_drop_the_last_partial_batch_as_its_loader_does(tmp_path):
+    from sparse_bench.data.loader import DeviceLoader
+
+    # datasets.py get_dataloader: drop_last=True, so 50,000 CIFAR images at batch 128 are 390 steps
+    assert len(DeviceLoader(torch.zeros(50_000, 1), torch.zeros(50_000), 128, True, drop_last=True)) == 390
+    assert len(DeviceLoader(torch.zeros(50_000, 1), torch.zeros(50_000), 128, True, drop_last=False)) == 391
+    for row in ("gse_cifar10_resnet56", "gse_cifar100_vit_cifar_rigl", "gse_cifar10_vgg16_small_gmp",
+                "gse_imagenet_resnet50", "gse_width_cifar100_resnet56"):
+        assert compose([f"experiment={row}"]).dataset.drop_last is True, row
+    write_cifar10(tmp_path)
+    cfg = OmegaConf.merge(compose(["experiment=gse_cifar10_resnet56"]).dataset, {"root": str(tmp_path)})
+    data = build_data(cfg, CPU, seed=0)
+    n = data.train.num_samples
+    assert len(data.train) == n // 128 and n % 128 and len(list(data.train)) == n // 128
+
+
+@pytest.mark.parametrize("name,extra", [("synthetic", {"n_train": 250}), ("digits", {})])
+def test_every_reader_honours_drop_last(name, extra):
+    cfg = OmegaConf.create({"name": name, "batch_size": 100, "val_fraction": 0.0, **extra})
+    for drop in (False, True):
+        data = build_data(OmegaConf.merge(cfg, {"drop_last": drop}), CPU, seed=0)
+        n = data.train.num_samples
+        assert len(data.train) == (n // 100 if drop else -(-n // 100))
+        assert sum(len(y) for _, y in data.train) == (n // 100 * 100 if drop else n)
+
+
+def test_drop_last_with_no_whole_batch_is_refused_in_one_line(tmp_path):
+    over = ["dataset=synthetic", "dataset.n_train=50", "dataset.batch_size=64", "dataset.drop_last=true",
+            "model=mlp", "logger=none", "progress=false", "device=cpu", f"paths.runs={tmp_path}", "schedule.epochs=1"]
+    with pytest.raises(ConfigError) as exc:
+        run(compose(over))
+    msg = str(exc.value)
+    assert "\n" not in msg and "dataset.drop_last" in msg and "dataset.batch_size=64" in msg
+
+
+def test_gse_gmp_window_ends_at_epoch_120_of_390_steps():
+    # gradual_sparse_training.py: final_prune_step = prune_finish * len(train_loader) = 120 * 390
+    for row in ("gse_cifar10_resnet56_gmp", "gse_cifar100_vit_cifar_gmp"):
+        m = _row_method(row, mlp(), steps_per_epoch=390, density=0.02)
+        assert m.end == 46_800 and m.start == 0 and m.frequency == 1000
+
+
+@pytest.mark.parametrize("name", ["static", "gmp", "snip", "topkast"])
+def test_fan_in_reinit_draws_each_layers_bias_from_its_units_bound(name):
+    # layers.py init_masked_params: bias ~ U(-1, 1) * sqrt(3 / fan_in) of the unit, like its weights
+    model = mlp()
+    before = [m.bias.detach().clone() for m in model if isinstance(m, nn.Linear)]
+    _, _, m = make(name, model=model, reinit="fan_in")
+    m.setup()
+    linears = [mod for mod in model if isinstance(mod, nn.Linear)]
+    dense_fan_in = name != "static"  # the others re-draw the dense model before choosing the mask
+    for mod, old, mask in zip(linears, before, m.masks.masks):
+        fan = torch.full((mod.out_features,), float(mod.in_features)) if dense_fan_in else mask.sum(1).float()
+        bound = (3.0 / fan.clamp_min(1)).sqrt()
+        assert not torch.equal(mod.bias, old)
+        assert bool((mod.bias.abs() <= bound + 1e-6).all())
+        assert mod.bias.abs().max() > 0.5 * bound.min()  # drawn from the bound, not the default's 1/sqrt(fan_in)

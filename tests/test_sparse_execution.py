@@ -237,8 +237,11 @@ def test_torch_csr_backend_trains_the_same_model(method, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("method", ["rigl", "gse"])
 def test_conv_model_runs_sparse_like_masked(method, tmp_path):
+    # lr 0.01: at 0.1 GSE's fan-in re-initialised LeNet-5 (biases drawn from the sparse fan-in's bound, as
+    # the reference draws them) diverges in its first steps, where rounding differences grow without bound
     extra = ["dataset=synthetic", "model=lenet5_caffe", "dataset.n_train=300", "dataset.n_test=100",
-             "limit_train_batches=3", "schedule.epochs=2", "method.update_every=2", "method.end={unit:fraction,value:1.0}"]
+             "limit_train_batches=3", "schedule.epochs=2", "method.update_every=2", "method.end={unit:fraction,value:1.0}",
+             "optimizer.lr=0.01"]
     a = _run(tmp_path, method, "masked", extra)
     b = _run(tmp_path, method, "sparse", extra)
     for x, y in zip(read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")):

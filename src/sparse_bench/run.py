@@ -301,6 +301,13 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
 
     multiplier = float(cfg.schedule.get("multiplier", 1))
     epochs = max(1, int(round(cfg.schedule.epochs * multiplier)))
+    if len(data.train) == 0:
+        n = getattr(data.train, "num_samples", 0)
+        raise ConfigError(f"the training split of dataset={cfg.dataset.name} holds no samples; check dataset.root"
+                          if not n else
+                          f"the training split ({n} samples) holds no whole batch of dataset.batch_size="
+                          f"{cfg.dataset.batch_size} with dataset.drop_last=true; lower dataset.batch_size or set "
+                          f"dataset.drop_last=false")
     limit = cfg.get("limit_train_batches")
     steps_per_epoch = len(data.train) if limit is None else min(len(data.train), int(limit))
     lr_schedule = LRSchedule(cfg.schedule, float(cfg.optimizer.lr), steps_per_epoch, epochs, multiplier)

@@ -539,7 +539,7 @@ def build_data(cfg: Any, device: torch.device, seed: int) -> DataBundle:
         val = DeviceLoader(x_va, y_va, test_batch_size, shuffle=False)
 
     return DataBundle(
-        train=DeviceLoader(x_tr, y_tr, batch_size, shuffle=True, seed=seed, drop_last=False),
+        train=DeviceLoader(x_tr, y_tr, batch_size, shuffle=True, seed=seed, drop_last=cfg.drop_last),
         val=val,
         test=DeviceLoader(x_te, y_te, test_batch_size, shuffle=False),
         input_shape=tuple(int(s) for s in x_tr.shape[1:]),

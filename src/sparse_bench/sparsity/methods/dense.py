@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reinit import fan_in_reinit
+from ..reinit import reinit_, unit_bounds
 from .base import Method, register
 
 
@@ -17,9 +17,9 @@ class Dense(Method):
 
 class RandomInitMixin:
     """Draws the initial masks from `cfg.init` (uniform / er / erk / bernoulli) at `density`, then
-    optionally re-initialises the active weights by their sparse fan-in (`cfg.reinit`: fan_in, as
-    GSE's baselines do; default none: the model's own initialisation times the mask); that is the
-    whole `setup()` unless a method overrides it."""
+    optionally re-initialises the active weights (`cfg.reinit`: fan_in by their sparse fan-in, as
+    GSE's baselines do, or torch's default layer initialisation; default none: the model's own
+    initialisation times the mask); that is the whole `setup()` unless a method overrides it."""
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -32,14 +32,15 @@ class RandomInitMixin:
         kind = self.cfg.init
         self.masks.draw_random(self.ctx.density, kind, self.ctx.generator)  # = set_masks(random_masks(...))
         logs = {"init/distribution": kind}
-        if self.reinit == "fan_in":
-            self.reinit_fan_in()
+        if self.reinit != "none":
+            self.reinit_weights()
         logs["init/reinit"] = self.reinit
         return logs
 
     @torch.no_grad()
-    def reinit_fan_in(self) -> None:
-        """Active weights ~ U(-1, 1) * sqrt(3 / sparse fan-in of the output unit); bias likewise.
+    def reinit_weights(self) -> None:
+        """Active weights ~ U(-1, 1) * the bound of their output unit (``reinit.unit_bounds``); bias
+        likewise.
 
         A layer that is sparse already (built without a dense weight, execution=sparse) draws
         its active values only, from its index structure."""
@@ -47,14 +48,13 @@ class RandomInitMixin:
         dense = [i for i in range(len(ms)) if not ms.is_sparse(i)]
         if dense:
             entries = [ms.masked_entry(i) for i in dense]
-            fan_in_reinit(self.ctx.model, [ms.names[i] for i in dense], [p.data for p, _ in entries],
-                          [m for _, m in entries], gen)
+            reinit_(self.reinit, self.ctx.model, [ms.names[i] for i in dense], [p.data for p, _ in entries],
+                    [m for _, m in entries], gen)
         for i in range(len(ms)):
             if not ms.is_sparse(i):
                 continue
             layer = ms.layers[i]
-            fan = (layer.indptr[1:] - layer.indptr[:-1]).clamp_min(1).to(torch.float64).cpu()
-            bound = (3.0 / fan).sqrt()
+            bound = unit_bounds(self.reinit, (layer.indptr[1:] - layer.indptr[:-1]).cpu(), layer.cols)
             u = torch.rand(layer.nnz, generator=gen, dtype=torch.float64) * 2 - 1
             layer.values.data.copy_((u * bound[layer.row_ids().cpu()]).to(layer.values))
             if layer.bias is not None:

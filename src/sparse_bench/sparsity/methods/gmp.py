@@ -28,10 +28,11 @@ model by its fan-in before training (GSE's ``sparsify(model, 0.0, "uniform")``).
 GMP as GSE's comparison runs it (``gradual_sparse_training.py --prune magnitude``): the dense
 model re-initialised by fan-in, then every 1000 steps (``frequency: {unit: step, value: 1000}``)
 from step 0 to epoch 120 (``start: {unit: epoch, value: 0}``, ``end: {unit: epoch, value: 120}``)
-global magnitude pruning to ``s_f (1 - cos(pi t / T)) / 2`` (``curve: cosine``). The reference's
-last event is the last multiple of 1000 at or before epoch 120 (step 45,999 of 46,920 on CIFAR at
-batch 128), where the cosine has not quite reached s_f (density 0.0209 at 98%); here ``end`` is
-always an event, so the run ends at the target density exactly.
+global magnitude pruning to ``s_f (1 - cos(pi t / T)) / 2`` (``curve: cosine``). Its pruning
+window ends at T = 120 x len(train_loader) = 120 x 390 = 46,800 (its loader drops the last partial
+batch: ``dataset.drop_last: true``), and its last event is the last step index of the form 1000k - 1
+at or before T (45,999), where the cosine has not quite reached s_f (density about 0.0207 at 98%);
+here ``end`` is always an event, so the run ends at the target density exactly.
 
 Where this implementation differs from the references, and why:
 
@@ -55,7 +56,7 @@ from ...errors import ConfigError
 from ..distributions import allocate
 from ..ops import mask_change_logs, smallest_active
 from ..pruning_schedules import gmp_events, gmp_sparsity
-from ..reinit import fan_in_reinit
+from ..reinit import reinit_
 from .base import Method, register
 
 
@@ -136,9 +137,9 @@ class GMP(Method):
 
     # --- hooks --------------------------------------------------------------------------------
     def setup(self):
-        if self.reinit == "fan_in":  # the dense model, by its dense fan-in (GSE's baselines)
-            fan_in_reinit(self.ctx.model, self.masks.names, [p.data for p in self.masks.params],
-                          self.masks.masks, self.ctx.generator)
+        # the dense model: fan_in by its dense fan-in (GSE's baselines)
+        reinit_(self.reinit, self.ctx.model, self.masks.names, [p.data for p in self.masks.params],
+                self.masks.masks, self.ctx.generator)
         logs = {"gmp/start_step": self.start, "gmp/end_step": self.end,
                 "gmp/frequency_steps": self.frequency, "gmp/events": len(self.events)}
         if 0 in self._events:

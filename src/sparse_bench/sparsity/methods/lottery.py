@@ -66,7 +66,7 @@ import torch
 
 from ...errors import ConfigError
 from ..ops import mask_change_logs
-from ..reinit import fan_in_reinit
+from ..reinit import reinit_
 from ..saliency import keep_top
 from .base import Method, register
 
@@ -116,9 +116,9 @@ class Lottery(Method):
 
     def setup(self):
         self.masks.set_masks([torch.ones_like(m) for m in self.masks.masks])
-        if self.reinit == "fan_in":  # the dense model, by its dense fan-in (GSE's baselines)
-            fan_in_reinit(self.ctx.model, self.masks.names, [p.data for p in self.masks.params],
-                          self.masks.masks, self.ctx.generator)
+        # the dense model (all-ones masks): fan_in by its dense fan-in (GSE's baselines)
+        reinit_(self.reinit, self.ctx.model, self.masks.names, [p.data for p in self.masks.params],
+                self.masks.masks, self.ctx.generator)
         self.round = 1
         if self.rewind_step == 0:
             self.rewind_state = self.snapshot()

@@ -21,9 +21,9 @@ from ... import schema as S
 from ...errors import ConfigError
 from ..distributions import DISTRIBUTIONS as INITS
 from ..saliency import SCOPES
+from ..reinit import REINITS
 from ..schedules import DECAYS, MILESTONE_UNITS
 
-REINITS = ("none", "fan_in")
 
 
 @dataclass
@@ -91,7 +91,8 @@ def init(default="uniform"):
 
 
 def reinit():
-    return S.choice("none", REINITS, hint="fan_in re-initialises weights by their (sparse) fan-in")
+    return S.choice("none", REINITS, hint="fan_in re-initialises weights by their (sparse) fan-in, default by "
+                                          "torch's default layer initialisation")
 
 
 def scope(default="global"):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import mask_change_logs
-from ..reinit import fan_in_reinit
+from ..reinit import reinit_
 from ..saliency import keep_top, preserved_rng, scoring_batches, snip_scores
 from .base import Method, register
 
@@ -62,10 +62,8 @@ class PruneAtInit(Method):
         raise NotImplementedError
 
     def setup(self):
-        if self.reinit == "fan_in":
-            with torch.no_grad():
-                fan_in_reinit(self.ctx.model, self.masks.names, [p.data for p in self.masks.params],
-                              [torch.ones_like(m) for m in self.masks.masks], self.ctx.generator)
+        reinit_(self.reinit, self.ctx.model, self.masks.names, [p.data for p in self.masks.params],
+                [torch.ones_like(m) for m in self.masks.masks], self.ctx.generator)
         old = [m.clone() for m in self.masks.masks]
         with preserved_rng(self.ctx.device):
             new, logs = self.prune_masks()
