@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,13 +68,19 @@ def test_user_config_dir_with_own_method_model_and_experiment(user_project):
     assert res["status"] == "complete"
     assert res["density"]["achieved"] == pytest.approx(0.25, abs=1e-3)
     assert set(res["prunable"]["prunable"]) == {"1.weight", "3.weight"}
+    # the provenance's rerun command finds the user's configs again (it says --config-dir)
+    command = shlex.split(res["provenance"]["command"])
+    assert command[:5] == ["python", "-m", "sparse_bench", "--config-dir", str(user_project / "myconf")]
+    again = cli(command[3:], cwd=user_project)
+    assert again.returncode == 0 and "run already complete" in again.stderr + again.stdout, again.stderr[-2000:]
 
 
 def test_user_config_on_hydra_searchpath(user_project):
     proc = cli([f"hydra.searchpath=[file://{user_project / 'myconf'}]", "experiment=mine", *TINY,
                 f"paths.runs={user_project / 'runs'}"], cwd=user_project)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (user_project / "runs" / "digits-tiny-halfstatic-d0.25-s0" / "results.json").exists()
+    res = json.loads((user_project / "runs" / "digits-tiny-halfstatic-d0.25-s0" / "results.json").read_text())
+    assert f"hydra.searchpath=[file://{user_project / 'myconf'}]" in shlex.split(res["provenance"]["command"])
 
 
 def test_group_check_knows_the_users_options(user_project):

@@ -364,5 +364,96 @@ def test_mask_update_records_do_not_count_as_finished_epochs(tmp_path):
     _write_run(folder, _config("mlp", "rigl", 0.1, 0), epochs_done=2)
     with (folder / "metrics.jsonl").open("a") as f:  # an update during epoch 3, then a crash
         f.write(json.dumps({"epoch": 3, "step": 25, "update": True, "mask/pruned": 4}) + "\n")
-    assert tables.progress(folder / "metrics.jsonl") == (2, None)
+    assert tables.progress(folder / "metrics.jsonl")[:2] == (2, None)
     assert tables.read_run_folder(folder).epoch == 2
+
+
+def test_a_failed_run_reads_failed_with_its_reason(tmp_path, capsys):
+    root = tmp_path / "runs"
+    _write_full(root / "ok", _config("mlp", "set", 0.1, 0, dataset="digits"), 0.9)
+    bad = root / "bad"
+    _write_run(bad, _config("mlp", "set", 0.1, 1, dataset="digits"), epochs_done=2)
+    (bad / "results.json").write_text(json.dumps({"status": "failed", "error": "the training loss became non-finite",
+                                                  "config": _config("mlp", "set", 0.1, 1, dataset="digits"),
+                                                  "epochs": 2}))
+    captured = _run_main(root, tmp_path / "out", capsys)
+    _, rows = _md_rows((tmp_path / "out" / "digits-mlp.md").read_text())
+    assert rows["set"][1] == "90.00 (n=1); failed (epoch 2/5)"
+    assert "running" not in rows["set"][1]
+    assert f"{bad} failed at epoch 2/5: the training loss became non-finite" in captured.err
+    with open(tmp_path / "out" / "digits-mlp.csv", newline="") as f:
+        rec = next(csv.DictReader(f))
+    assert rec["status"] == "complete+failed" and rec["failed"] == "2/5"
+
+
+def test_rows_that_differ_from_what_the_table_shares_say_how(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for method in ("set", "rigl", "static"):
+        _write_full(root / method, _config("mlp", method, 0.1, 0, dataset="digits", epochs=200), 0.9)
+    _write_full(root / "short", _config("mlp", "rigl", 0.1, 1, dataset="digits", epochs=5), 0.5)
+    _run_main(root, tmp_path / "out", capsys)
+    md = (tmp_path / "out" / "digits-mlp.md").read_text()
+    _, rows = _md_rows(md)
+    assert set(rows) == {"set", "rigl", "static", "rigl [schedule.epochs=5]"}
+    assert "scikit-learn digits, MLP, 200 epochs." in md  # the length most rows share
+    # no length most rows share: every row says its own
+    _write_full(root / "short2", _config("mlp", "set", 0.1, 1, dataset="digits", epochs=5), 0.5)
+    _write_full(root / "short3", _config("mlp", "static", 0.1, 1, dataset="digits", epochs=5), 0.5)
+    _run_main(root, tmp_path / "out2", capsys)
+    md = (tmp_path / "out2" / "digits-mlp.md").read_text()
+    _, rows = _md_rows(md)
+    assert all("schedule.epochs=" in label for label in rows) and len(rows) == 6
+    assert "epochs." not in md.splitlines()[2]
+
+
+def test_figure_axes_hold_every_error_bar_and_label_flops_one_way(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    root = tmp_path / "runs"
+    for seed, acc in enumerate([0.70, 0.99, 0.72]):  # a wide spread: the bar reaches past the means
+        _write_full(root / f"a{seed}", _config("mlp", "set", 0.1, seed, dataset="digits"), acc, flops=(0.013, 0.1))
+        _write_full(root / f"b{seed}", _config("mlp", "rigl", 0.1, seed, dataset="digits"), 0.9, flops=(0.03, 0.1))
+    table = tables.build_tables([tables.read_run_folder(p) for p in tables.find_run_folders([root])])["digits-mlp"]
+    fig = tables.plot(table, tmp_path / "f.png")
+    ax, ax2 = fig.axes[:2]
+    lo, hi = ax.get_ylim()
+    for row in table.rows.values():
+        cell = row.cells[0.1]
+        assert lo <= cell.mean - cell.se and cell.mean + cell.se <= hi
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax2.get_xticklabels(minor=False) + ax2.get_xticklabels(minor=True)
+              if t.get_text()]
+    assert labels and all(label.endswith("×") and "^" not in label and "10" not in label.replace("0.", "")
+                          for label in labels), labels
+
+
+def test_per_layer_density_figures(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for method, moving in (("sparse_momentum", True), ("static", False)):
+        folder = root / method
+        _write_full(folder, _config("mlp", method, 0.1, 0, dataset="digits", epochs=3), 0.9)
+        res = json.loads((folder / "results.json").read_text())
+        res["density"] = {"per_layer": {"net.0.weight": 0.05, "net.2.weight": 0.08, "net.4.weight": 0.6}}
+        (folder / "results.json").write_text(json.dumps(res))
+        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        for rec in lines:
+            if not rec.get("final"):
+                e = rec["epoch"]
+                rec.update({"density/net.0.weight": 0.05 + (0.01 * e if moving else 0), "density/net.2.weight": 0.08,
+                            "density/net.4.weight": 0.6, "density/achieved": 0.1})
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    _run_main(root, tmp_path / "out", capsys)
+    for name in ("digits-mlp-layers.png", "digits-mlp-layers.svg", "digits-mlp-layers-over-training.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 1000, name
+    table = tables.build_tables([tables.read_run_folder(p) for p in tables.find_run_folders([root])])["digits-mlp"]
+    fig = tables.plot_layers(table, tmp_path / "l.png")
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines() if line.get_label()[0] != "_"}
+    assert lines == {"sparse_momentum": [0.05, 0.08, 0.6], "static": [0.05, 0.08, 0.6]}
+    moves = tables.plot_moves(table, tmp_path / "m.png")
+    assert [ax.get_title() for ax in moves.axes] == ["sparse_momentum, density 0.1"]  # static moves nothing
+    # runs without per-layer records: no layer figures
+    plain = tmp_path / "plain"
+    _write_full(plain / "r", _config("mlp", "set", 0.1, 0, dataset="digits"), 0.9)
+    _run_main(plain, tmp_path / "out2", capsys)
+    assert not list((tmp_path / "out2").glob("*-layers*"))

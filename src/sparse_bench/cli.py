@@ -25,6 +25,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from .errors import ConfigError, RunFailed
+from .identity import folder_name_excluded
 
 GROUPS = ("model", "dataset", "method", "schedule", "optimizer", "logger", "experiment")
 
@@ -85,11 +86,6 @@ def _check_groups(hydra, config_name: str, parsed, searchpath_overrides: list[st
                 raise ConfigError(f"{key}={v} is unknown; choose one of: {', '.join(options)}")
 
 
-# keys a run name already says (or that do not change a run): left out of sweep job folder names
-NAMED_KEYS = ("density", "seed", "method", "model", "model.arch", "dataset", "paths.runs", "run_name", "sweep_name",
-              "logger", "logger.mode", "progress", "device", "resume", "threads")
-
-
 def sweep_dirname_override(argv: list[str]) -> list[str]:
     """For a multirun: name job folders by the swept keys only (plus the run name), so a key
     fixed for the whole sweep does not lengthen every folder name."""
@@ -100,7 +96,7 @@ def sweep_dirname_override(argv: list[str]) -> list[str]:
         return []
     parsed = OverridesParser.create().parse_overrides(overrides)
     fixed = [o.key_or_group for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
-    keys = list(dict.fromkeys([*NAMED_KEYS, *fixed]))
+    keys = list(dict.fromkeys([*folder_name_excluded(), *fixed]))
     return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"]
 
 
@@ -116,7 +112,7 @@ def precheck(argv: list[str]) -> dict:
     from omegaconf.errors import OmegaConfBaseException
 
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.cfg or args.shell_completion or args.info:
+    if args.help or args.hydra_help or args.shell_completion or args.info:
         return {}
     config_name = args.config_name or "config"
     GlobalHydra.instance().clear()

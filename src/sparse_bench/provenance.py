@@ -11,9 +11,10 @@
 * ``experiment``: the ``experiment=`` choice (null without one), and ``recipe_departures``: the
   settings in which this run differs from that experiment's recipe at the same density and seed,
   as ``key=value`` (a whole group as ``dataset=fashion_mnist``), found by composing the
-  experiment's config afresh and comparing. Keys that do not change what is trained (where the
-  data lives, logging, device, progress, measurement extras) are not departures. Null when the
-  recipe could not be composed (no experiment, or no Hydra).
+  experiment's config afresh, typing it by the same schema as the run's, and comparing the keys
+  whose role is ``recipe`` (``sparse_bench.identity``): where the data lives, logging, device,
+  threads, progress and measurement extras are not departures. Null when the recipe could not be
+  composed (no experiment, or no Hydra).
 """
 
 from __future__ import annotations
@@ -26,15 +27,13 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from . import identity
+from .identity import UNSET, diff
+from .schema import GROUP_ROLES, RECIPE, check
+
 log = logging.getLogger("sparse_bench")
 
 PACKAGES = ("torch", "torchvision", "hydra-core", "omegaconf", "wandb", "timm", "sparse_bench")
-GROUPS = ("model", "dataset", "method", "schedule", "optimizer")
-# keys that do not change what a run trains: not departures from a recipe
-NOT_RECIPE = ("seed", "density", "resume", "logger", "progress", "device", "paths", "run_name",
-              "sweep_name", "log_every", "eval", "paper", "execution",
-              "dataset.root", "dataset.download", "dataset.num_workers", "dataset.persistent_workers",
-              "dataset.prefetch_factor", "dataset.test_batch_size")
 
 
 def git_state(where: Path | None = None) -> dict:
@@ -71,7 +70,9 @@ def versions() -> dict:
 
 
 def hydra_job() -> dict | None:
-    """The running Hydra job's experiment choice and task overrides, or None outside Hydra."""
+    """The running Hydra job's experiment choice, task overrides and what else the command line
+    gave Hydra to find its configs (``--config-dir``, ``--config-name``, ``hydra.searchpath``), or
+    None outside Hydra."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -79,7 +80,15 @@ def hydra_job() -> dict | None:
     except (ImportError, ValueError):
         return None
     choices = dict(hc.runtime.choices or {})
-    return {"experiment": choices.get("experiment"), "overrides": list(hc.overrides.task or [])}
+    options = []
+    for source in hc.runtime.config_sources or []:
+        if source.get("provider") == "command-line":
+            options += ["--config-dir", str(source.get("path"))]
+    if hc.job.config_name not in (None, "config"):
+        options += ["--config-name", str(hc.job.config_name)]
+    searchpath = [o for o in (hc.overrides.hydra or []) if o.lstrip("+~").startswith("hydra.searchpath")]
+    return {"experiment": choices.get("experiment"), "overrides": list(hc.overrides.task or []),
+            "options": options + searchpath, "config_name": hc.job.config_name or "config"}
 
 
 def _short(value) -> str:
@@ -92,37 +101,21 @@ def _short(value) -> str:
     return str(value)
 
 
-def _flat(d, prefix="") -> dict:
-    if not isinstance(d, dict) or not d:
-        return {prefix[:-1]: d} if prefix else {}
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def departures(recipe: dict, config: dict) -> list[str]:
-    """`key=value` for every training setting in which `config` differs from `recipe`."""
-    out = []
-    a, b = _flat(recipe), _flat(config)
-    swapped = {g for g in GROUPS
-               if (recipe.get(g) or {}).get("name") != (config.get(g) or {}).get("name")}
-    for g in GROUPS:
-        if g in swapped:
-            out.append(f"{g}={(config.get(g) or {}).get('name')}")
-    for key in sorted(set(a) | set(b)):
-        if key.split(".")[0] in swapped:
-            continue
-        if any(key == k or key.startswith(k + ".") for k in NOT_RECIPE):
-            continue
-        if a.get(key) != b.get(key):
-            out.append(f"{key}={_short(b.get(key)) if key in b else '(unset)'}")
+    """`key=value` for every recipe key in which `config` differs from `recipe` (both typed by the
+    schema); a group swapped for another option is one entry, ``group=option``."""
+    groups = [g for g, role in GROUP_ROLES.items() if role == RECIPE]
+    swapped = [g for g in groups if (recipe.get(g) or {}).get("name") != (config.get(g) or {}).get("name")]
+    out = [f"{g}={(config.get(g) or {}).get('name')}" for g in swapped]
+    for key, _, value in diff(identity.recipe(recipe), identity.recipe(config)):
+        if key.split(".")[0] not in swapped:
+            out.append(f"{key}={'(unset)' if value is UNSET else _short(value)}")
     return out
 
 
-def recipe_of(experiment: str, density, seed) -> dict | None:
-    """The experiment's resolved config at this density and seed, composed afresh (None when it
-    cannot be composed)."""
+def recipe_of(experiment: str, density, seed, config_name: str = "config") -> dict | None:
+    """The experiment's config at this density and seed, composed afresh and typed by the schema
+    (None when it cannot be composed)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -131,12 +124,12 @@ def recipe_of(experiment: str, density, seed) -> dict | None:
 
     overrides = [f"experiment={experiment}", f"density={density}", f"seed={seed}"]
     try:
-        if GlobalHydra.instance().is_initialized():
-            cfg = compose(config_name="config", overrides=overrides)
+        if GlobalHydra.instance().is_initialized():  # the run's own search path (--config-dir ...)
+            cfg = compose(config_name=config_name, overrides=overrides)
         else:
             with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-                cfg = compose(config_name="config", overrides=overrides)
-        return OmegaConf.to_container(cfg, resolve=True)
+                cfg = compose(config_name=config_name, overrides=overrides)
+        return OmegaConf.to_container(check(cfg))  # typed as the run's config is: like with like
     except Exception as exc:  # an experiment that no longer composes: say so, record null
         log.info(f"provenance: the recipe of experiment={experiment} could not be composed ({type(exc).__name__})")
         return None
@@ -146,14 +139,19 @@ def provenance(resolved: dict, experiment: str | None = None, overrides: list[st
     """The provenance block of a run (see the module docstring). `experiment` and `overrides`
     default to the running Hydra job's."""
     job = hydra_job()
+    options: list[str] = []
+    config_name = "config"
     if job is not None:
         experiment = job["experiment"] if experiment is None else experiment
         overrides = job["overrides"] if overrides is None else overrides
-    recipe = recipe_of(experiment, resolved.get("density"), resolved.get("seed")) if experiment else None
+        options, config_name = job["options"], job["config_name"]
+    recipe = (recipe_of(experiment, resolved.get("density"), resolved.get("seed"), config_name)
+              if experiment else None)
     return {
         "git": git_state(),
         "versions": versions(),
-        "command": shlex.join(["python", "-m", "sparse_bench", *overrides]) if overrides is not None else None,
+        "command": (shlex.join(["python", "-m", "sparse_bench", *options, *overrides])
+                    if overrides is not None else None),
         "argv": list(sys.argv),
         "experiment": experiment,
         "recipe_departures": departures(recipe, resolved) if recipe is not None else None,

@@ -5,7 +5,9 @@
     sparse-bench-reproduce gse_cifar100_resnet56_rigl --seeds 1 -- hydra/launcher=submitit_slurm
 
 The experiment file's `paper:` block names the densities (`values`, the densities the published
-runs used) and `seeds`; anything after `--` is passed to Hydra unchanged. A baseline's row runs
+runs used) and `seeds`; anything after `--` is passed to Hydra unchanged. A protocol value the
+reference sets per density (``${sb.by_density:...}`` in the file) resolves in every job to that
+job's density; the command prints each density's values first. A baseline's row runs
 the comparing paper's protocol for it in its own file (``gse_cifar100_resnet56_rigl``);
 ``--method`` only swaps the method group on another row's data, model and schedule. Afterwards
 `sparse-bench-tables runs/multirun/<name>` builds the table.
@@ -25,14 +27,20 @@ from .cli import conf_dir
 CONF = conf_dir() / "experiment"
 
 
-def command(experiment: str, seeds: int | None, method: str | None, extra: list[str]) -> list[str]:
+def row(experiment: str) -> tuple[dict, list[float]]:
+    """The experiment file (unresolved) and the densities of its published runs (else its own)."""
     path = CONF / f"{experiment}.yaml"
     if not path.exists():
         choices = ", ".join(sorted(p.stem for p in CONF.glob("*.yaml")))
         raise SystemExit(f"error: experiment={experiment} is unknown; choose one of: {choices}")
     cfg = yaml.safe_load(path.read_text()) or {}
     paper = cfg.get("paper") or {}
-    densities = sorted({float(d) for d in (paper.get("values") or {})}) or [float(cfg.get("density", 0.05))]
+    return cfg, sorted({float(d) for d in (paper.get("values") or {})}) or [float(cfg.get("density", 0.05))]
+
+
+def command(experiment: str, seeds: int | None, method: str | None, extra: list[str]) -> list[str]:
+    cfg, densities = row(experiment)
+    paper = cfg.get("paper") or {}
     n = seeds if seeds is not None else int(paper.get("seeds", 1))
     args = [sys.executable, "-m", "sparse_bench", "-m", f"experiment={experiment}",
             "density=" + ",".join(f"{d:.10g}" for d in densities), "seed=" + ",".join(str(s) for s in range(n)),
@@ -40,6 +48,24 @@ def command(experiment: str, seeds: int | None, method: str | None, extra: list[
     if method:
         args.append(f"method={method}")
     return args + extra
+
+
+def density_values(experiment: str) -> list[str]:
+    """One line per published density: the experiment's density-dependent values
+    (``sb.by_density``) there."""
+    from omegaconf import OmegaConf
+
+    from .identity import flat
+
+    raw, densities = row(experiment)
+    path = CONF / f"{experiment}.yaml"
+    keys = [k for k, v in flat(raw).items() if isinstance(v, str) and "sb.by_density" in v]
+    lines = []
+    for d in densities:
+        cfg = OmegaConf.load(path)
+        cfg.density = d
+        lines.append(f"density {d:g}: " + ", ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in keys))
+    return lines if keys else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true")
     a = ap.parse_args(own)
     cmd = command(a.experiment, a.seeds, a.method, extra)
+    for line in density_values(a.experiment):
+        print(line)
     print(shlex.join(cmd))
     if a.dry_run:
         return 0

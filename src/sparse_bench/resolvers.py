@@ -8,11 +8,19 @@
 * ``${sb.job_dir:${run_name},${hydra.job.override_dirname}}``: a sweep job's folder: the run name
   plus the overrides the run name does not already say (``-method.prune_rate=0.3``), so identical
   jobs share a folder (and train once) and different ones never do.
+* ``${sb.by_density:${density},{0.1: 0.138, 0.2: 0.07}}``: a protocol value that the reference sets
+  per density (an experiment row's ``method.prune_rate`` where the reference's commands give each
+  density its own): the value for the run's density, resolved when the config is composed, so
+  ``--cfg job --resolve``, the run's ``config.yaml`` and every job of a density sweep show the
+  value that density trains with. A density the table does not list is refused in one line
+  naming the key, the densities it lists and how to set the value by hand.
 """
 
 from __future__ import annotations
 
 from omegaconf import OmegaConf
+
+from .errors import ConfigError
 
 DENSE_METHODS = ("dense",)
 
@@ -30,8 +38,21 @@ def job_dir(run_name: str, overrides: str = "") -> str:
     return f"{run_name}-{extra}" if extra else str(run_name)
 
 
+def by_density(density, table, *, _node_=None):
+    """The value `table` ({density: value}) gives for `density` (see the module docstring)."""
+    key = _node_._get_full_key(None) if _node_ is not None else "this key"
+    values = {round(float(d), 10): v for d, v in dict(table).items()}
+    try:
+        return values[round(float(density), 10)]
+    except KeyError:
+        listed = ", ".join(f"{d:g}" for d in sorted(values))
+        raise ConfigError(f"{key} depends on the density and the reference gives it for density {listed} only, "
+                          f"not {density}; pick one of those densities or set {key}=<value> yourself") from None
+
+
 def register() -> None:
-    for name, fn in (("sb.density_tag", density_tag), ("sb.model_tag", model_tag), ("sb.job_dir", job_dir)):
+    for name, fn in (("sb.density_tag", density_tag), ("sb.model_tag", model_tag), ("sb.job_dir", job_dir),
+                     ("sb.by_density", by_density)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .data import build_data
 from .errors import ConfigError, RunFailed
-from .resolvers import DENSE_METHODS
+from .identity import UNSET, diff, recipe, run_identity
 from .tables import model_label, paper_comparison
 from .models import build_model
 from .provenance import provenance as make_provenance
@@ -26,16 +26,11 @@ from .sparsity.execution import Execution, build_model_for, execution_mode
 from .sparsity.methods import MethodContext, build_method
 from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, load_checkpoint
 from .train import distributed as dist_util
-from .train.logging import MetricSink, NullSink
+from .train.logging import MetricSink, NullSink, wandb_run_config
 from .train.optim import LRSchedule, build_optimizer
 from .train.trainer import CHECKPOINT, Trainer
 
 log = logging.getLogger("sparse_bench")
-
-# keys that may differ between a run and its resumption
-_VOLATILE = ("resume", "logger", "progress", "device", "paths", "run_name", "sweep_name", "log_every", "threads",
-             "optimized_metric")
-
 
 def validate(cfg: DictConfig) -> DictConfig:
     """The config checked before any data is read: the schema (types, known keys, ranges; see
@@ -141,19 +136,13 @@ def sweep_group(cfg: DictConfig | None = None) -> str | None:
 
 
 
-def _comparable(cfg: dict) -> dict:
-    """The keys that define a run (a dense run does not depend on `density`)."""
-    dense = (cfg.get("method") or {}).get("name") in DENSE_METHODS
-    return {k: v for k, v in cfg.items() if k not in _VOLATILE and not (dense and k == "density")}
+def _changes(old: dict, new: dict) -> list[str]:
+    """How the run in a folder differs from this one, in the keys that define a run."""
+    return [f"{k}: {_shown(a)} -> {_shown(b)}" for k, a, b in diff(run_identity(old), run_identity(new))]
 
 
-def _diff(a, b, prefix="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+def _shown(value) -> str:
+    return "(unset)" if value is UNSET else repr(value)
 
 
 # files this tool writes into a run folder (resume=false removes these, and only these)
@@ -243,7 +232,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     t_start = time.perf_counter()
     clean_stale_temporaries(run_dir, (CHECKPOINT, "results.json", "config.json"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    config_fp = fingerprint(_comparable(resolved))
+    config_fp = fingerprint(run_identity(resolved))
     results_path = run_dir / "results.json"
     ckpt_path = run_dir / CHECKPOINT
     resume = str(cfg.resume).lower()
@@ -256,7 +245,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         except ValueError:
             done = {}
         if done.get("status") == "complete":
-            changed = _diff(_comparable(done.get("config", {})), _comparable(resolved))
+            changed = _changes(done.get("config", {}), resolved)
             if not changed:
                 log.info(f"run already complete: {results_path} (test/acc "
                          f"{done['final'].get('test/acc')}); pass resume=false to train again")
@@ -267,7 +256,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     if resume != "false" and ckpt_path.exists():
         old_cfg = run_dir / "config.json"
         if old_cfg.exists():
-            changed = _diff(_comparable(json.loads(old_cfg.read_text())), _comparable(resolved))
+            changed = _changes(json.loads(old_cfg.read_text()), resolved)
             if changed:
                 raise ConfigError(
                     f"run folder {run_dir} holds a run with another config ({'; '.join(changed[:3])}); "
@@ -373,10 +362,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             f"dataset:{cfg.dataset.name}"]
     if prov.get("experiment"):
         tags.append(f"experiment:{prov['experiment']}")
-    # W&B's config: the resolved config plus what a reader filters by that is not a config key
-    wandb_config = {**resolved, "experiment": prov.get("experiment"), "prunable_rule": rule,
-                    "recipe_departures": prov.get("recipe_departures"),
-                    "git_commit": (prov.get("git") or {}).get("commit")}
+    wandb_config = wandb_run_config(resolved, prov, rule)
     sink = (MetricSink(run_dir, cfg.logger, str(cfg.run_name), sweep_group(cfg), tags, wandb_config,
                        resume_epoch=trainer.epoch) if dist.is_main else NullSink())
     ok = False

@@ -48,20 +48,53 @@ from .train.logging import WANDB_MODES
 # --- declaring ranges ---------------------------------------------------------------------------
 
 
-def num(default=MISSING, *, gt=None, ge=None, lt=None, le=None, hint: str = "", nullable: bool = False):
+# --- what each key is to a run -----------------------------------------------------------------
+# The one declaration of which config keys define a run. Every top-level key declares its role
+# (``role=`` below; a test fails on a top-level key without one), every group has one in
+# GROUP_ROLES, and a key inside a group takes its group's role unless its field declares another
+# (``dataset.root`` is volatile). ``sparse_bench.identity`` derives from it what resume, the
+# provenance's recipe departures, the tables, sweep folder names and Hydra's ``exclude_keys`` compare.
+RECIPE = "recipe"      # what is trained: resume must match, a change departs from an experiment's recipe,
+#                        and the tables give runs that differ in it rows of their own
+AXIS = "axis"          # seed and density: they define a run, but an experiment is read at each of them
+#                        (its recipe is composed at the run's values) and a run's name says them
+DETAIL = "detail"      # what is measured beside training and how it is executed (eval extras, execution):
+#                        resume must match, but it is no departure and splits no table row
+VOLATILE = "volatile"  # where files and data live, logging, device, threads, progress: may change between a
+#                        run and its resumption, and is never part of what a run is
+ROLES = (RECIPE, AXIS, DETAIL, VOLATILE)
+#: the role of each config group (its keys inherit it unless a field declares its own)
+GROUP_ROLES = {"model": RECIPE, "dataset": RECIPE, "method": RECIPE, "schedule": RECIPE, "optimizer": RECIPE,
+               "logger": VOLATILE}
+
+
+def num(default=MISSING, *, gt=None, ge=None, lt=None, le=None, hint: str = "", nullable: bool = False,
+        role: str | None = None):
     """A number field with bounds (``gt``/``ge``/``lt``/``le``) checked after the merge."""
-    return field(default=default, metadata={"gt": gt, "ge": ge, "lt": lt, "le": le, "hint": hint,
-                                            "nullable": nullable})
+    return field(default=default, metadata=_meta(role, gt=gt, ge=ge, lt=lt, le=le, hint=hint, nullable=nullable))
 
 
-def count(default=MISSING, *, ge=None, gt=None, le=None, hint: str = "", nullable: bool = False):
+def count(default=MISSING, *, ge=None, gt=None, le=None, hint: str = "", nullable: bool = False,
+          role: str | None = None):
     """A whole-number field with bounds."""
-    return num(default, gt=gt, ge=ge, le=le, hint=hint, nullable=nullable)
+    return num(default, gt=gt, ge=ge, le=le, hint=hint, nullable=nullable, role=role)
 
 
-def choice(default=MISSING, choices=(), hint: str = ""):
+def choice(default=MISSING, choices=(), hint: str = "", role: str | None = None):
     """A string field that must be one of `choices`."""
-    return field(default=default, metadata={"choices": tuple(choices), "hint": hint})
+    return field(default=default, metadata=_meta(role, choices=tuple(choices), hint=hint))
+
+
+def keyed(default=MISSING, *, role: str, factory=None, **meta):
+    """A field with nothing to check but its role (and any other metadata)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata=_meta(role, **meta))
+    return field(default=default, metadata=_meta(role, **meta))
+
+
+def _meta(role: str | None, **meta) -> dict:
+    assert role is None or role in ROLES, role
+    return {**meta, "role": role} if role is not None else meta
 
 
 def widths(default=MISSING, *, hint: str = ""):
@@ -146,8 +179,8 @@ def _check_nonempty(value, key: str) -> None:
 
 
 def root(hint: str = ""):
-    """A data set's folder (a non-empty string)."""
-    return field(default=MISSING, metadata={"check": _check_nonempty, "hint": hint})
+    """A data set's folder (a non-empty string): where the data lives does not change a run."""
+    return field(default=MISSING, metadata={"check": _check_nonempty, "hint": hint, "role": VOLATILE})
 
 
 def _check_metric(value, key: str) -> None:
@@ -183,25 +216,26 @@ class Paths:
 
 @dataclass
 class Root:
-    """The top-level keys (the groups are checked by their own schemas)."""
+    """The top-level keys (the groups are checked by their own schemas), each with its role."""
 
-    density: float = num(MISSING, gt=0.0, le=1.0, hint="pass e.g. density=0.05")
-    seed: int = count(0, ge=0, hint="pass e.g. seed=0")
-    device: str = field(default="auto", metadata={"check": _check_device})
-    resume: str = choice("auto", ("auto", "true", "false"), hint="auto continues an unfinished run")
-    progress: bool = True
-    limit_train_batches: Optional[int] = count(None, ge=1, nullable=True, hint="null = whole epochs")
-    threads: Optional[int] = count(None, ge=1, nullable=True, hint="null = automatic")
-    log_every: int = count(100, ge=0, hint="batches between progress lines (0 = none)")
-    execution: str = choice("masked", ("masked", "sparse", "auto"), hint="how prunable layers run")
-    optimized_metric: Optional[str] = field(default=None, metadata={"check": _check_metric})
-    loss: Loss = field(default_factory=Loss)
-    eval: Eval = field(default_factory=Eval)
-    prunable: Prunable = field(default_factory=Prunable)
-    paths: Paths = field(default_factory=Paths)
-    run_name: str = MISSING
-    sweep_name: str = MISSING
-    paper: Optional[Dict[str, Any]] = None  # an experiment's published numbers (read by the tables)
+    density: float = num(MISSING, gt=0.0, le=1.0, hint="pass e.g. density=0.05", role=AXIS)
+    seed: int = count(0, ge=0, hint="pass e.g. seed=0", role=AXIS)
+    device: str = keyed("auto", role=VOLATILE, check=_check_device)
+    resume: str = choice("auto", ("auto", "true", "false"), hint="auto continues an unfinished run", role=VOLATILE)
+    progress: bool = keyed(True, role=VOLATILE)
+    limit_train_batches: Optional[int] = count(None, ge=1, nullable=True, hint="null = whole epochs", role=RECIPE)
+    threads: Optional[int] = count(None, ge=1, nullable=True, hint="null = automatic", role=VOLATILE)
+    log_every: int = count(100, ge=0, hint="batches between progress lines (0 = none)", role=VOLATILE)
+    execution: str = choice("masked", ("masked", "sparse", "auto"), hint="how prunable layers run", role=DETAIL)
+    optimized_metric: Optional[str] = keyed(None, role=VOLATILE, check=_check_metric)
+    loss: Loss = keyed(role=RECIPE, factory=Loss)
+    eval: Eval = keyed(role=DETAIL, factory=Eval)
+    prunable: Prunable = keyed(role=RECIPE, factory=Prunable)
+    paths: Paths = keyed(role=VOLATILE, factory=Paths)
+    run_name: str = keyed(MISSING, role=VOLATILE)
+    sweep_name: str = keyed(MISSING, role=VOLATILE)
+    # an experiment's published numbers (read by the tables): what a run is compared with, not what it is
+    paper: Optional[Dict[str, Any]] = keyed(None, role=VOLATILE)
 
 
 # --- optimizer, schedule, logger ----------------------------------------------------------------
@@ -273,7 +307,7 @@ class _Data:
     name: str = MISSING
     val_fraction: float = num(0.1, ge=0.0, lt=1.0, hint="e.g. dataset.val_fraction=0.1")
     batch_size: int = count(MISSING, ge=1, hint="e.g. dataset.batch_size=128")
-    test_batch_size: int = count(1000, ge=1)
+    test_batch_size: int = count(1000, ge=1, role=DETAIL)
     drop_last: bool = False
     normalize: Optional[Normalize] = None
 
@@ -281,7 +315,7 @@ class _Data:
 @dataclass
 class IdxData(_Data):
     root: str = root()
-    download: bool = False
+    download: bool = keyed(False, role=VOLATILE)
 
 
 @dataclass
@@ -311,19 +345,19 @@ class Augment:
 @dataclass
 class CifarData(_Data):
     root: str = root()
-    download: bool = False
+    download: bool = keyed(False, role=VOLATILE)
     augment: Augment = field(default_factory=Augment)
 
 
 @dataclass
 class ImageNetData(_Data):
     root: str = root()
-    download: bool = False
+    download: bool = keyed(False, role=VOLATILE)
     image_size: int = count(224, ge=1)
     val_resize: Optional[int] = count(None, ge=1, nullable=True)
-    num_workers: int = count(8, ge=0)
-    persistent_workers: bool = True
-    prefetch_factor: Optional[int] = count(None, ge=1, nullable=True)
+    num_workers: int = count(8, ge=0, role=VOLATILE)
+    persistent_workers: bool = keyed(True, role=VOLATILE)
+    prefetch_factor: Optional[int] = count(None, ge=1, nullable=True, role=VOLATILE)
 
 
 def _stats(mean, std) -> dict:
@@ -609,12 +643,23 @@ def check_option(group: str, node):
     try:
         data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else copy.deepcopy(dict(node))
     except OmegaConfBaseException as exc:  # an interpolation that does not resolve
-        raise ConfigError(f"{group}: {str(exc).splitlines()[0]}") from None
+        raise _unresolved(exc, group) from None
     target = data.pop("_target_", None)
     typed = check_group(group, data, schema)
     if target is None:
         return typed
     return OmegaConf.create({**OmegaConf.to_container(typed), "_target_": target})
+
+
+def _unresolved(exc: OmegaConfBaseException, where: str) -> ConfigError:
+    """One line for an interpolation that does not resolve: a resolver's own ConfigError as it is
+    (it names the key and the fix), otherwise the key and OmegaConf's first line."""
+    cause = exc
+    while cause is not None:
+        if isinstance(cause, ConfigError):
+            return ConfigError(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    return ConfigError(f"{getattr(exc, 'full_key', '') or where}: {str(exc).splitlines()[0]}")
 
 
 def check(cfg) -> DictConfig:
@@ -625,7 +670,7 @@ def check(cfg) -> DictConfig:
     try:
         data = OmegaConf.to_container(plain, resolve=True)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{getattr(exc, 'full_key', '') or 'the config'}: {str(exc).splitlines()[0]}") from None
+        raise _unresolved(exc, "the config") from None
     groups = ("method", *GROUPS)
     top = {k: v for k, v in data.items() if k not in groups}
     if isinstance(top.get("resume"), bool):  # `resume=true` arrives as a bool

@@ -3,9 +3,10 @@
     python -m sparse_bench.tables RUN_OR_SWEEP_DIR [...] [--out DIR] [--wandb-project ENTITY/PROJECT]
 
 Every folder under the inputs that holds a ``config.json`` (or a ``results.json``) is a run. A run
-with ``results.json`` and ``status: complete`` is finished; any other run is shown as
+with ``results.json`` and ``status: complete`` is finished; one whose results.json says ``status:
+failed`` is shown as ``failed (epoch k/N)`` with its reason in a note; any other run is shown as
 ``running (epoch k/N)``, k being the last epoch in its ``metrics.jsonl`` and N
-``schedule.epochs x schedule.multiplier`` (a crashed run looks the same: it is never dropped).
+``schedule.epochs x schedule.multiplier`` (a killed run looks the same: it is never dropped).
 
 Grouping. A run whose config has a top-level ``paper:`` block goes to table ``paper.table``, row
 ``paper.row`` (default ``<model>/<method>``), and brings the published values of that row::
@@ -21,11 +22,14 @@ Runs without one go to table ``<dataset>-<model>`` with one row per method, metr
 (a timm model is named by its ``model.arch``). ``method=dense`` runs sit at density 1.0 whatever
 ``density`` says.
 
-Only like runs share a row. Runs are grouped into rows by their resolved config without the
-seed, the density and the keys that do not change what is trained (where the data lives,
-logging, device, measurement extras): a cell averages runs that differ in the seed alone. When
-one row label would hold runs that differ otherwise, each group gets its own row, labelled with
-the settings that tell them apart (``set [method.prune_rate=0.5]``), and a note says so. A run of
+Only like runs share a row. Runs are grouped into rows by their recipe (``identity.recipe``: the
+keys whose role is ``recipe``, so not the seed, the density or what does not change what is
+trained: where the data lives, logging, device, measurement extras): a cell averages runs that
+differ in the seed alone. When one row label would hold runs that differ otherwise, each group
+gets its own row, labelled with the settings that tell it apart from what most of them share
+(``set [method.prune_rate=0.5]``), and a note says so. In a table of runs of no paper row, a row
+whose recipe differs from what most of the table's rows share (another length, another learning
+rate) says so the same way, and the title names the length most rows share. A run of
 an experiment whose config departs from the experiment's recipe (its ``provenance`` lists
 ``recipe_departures``: another dataset, fewer epochs, other method options ...) is shown in its
 own row marked ``†`` with the departures, and is never given a paper value or difference.
@@ -46,7 +50,9 @@ density, numbers at full precision) and ``<table>.png`` with the same figure as 
 the metric against density on a log axis ordered as the table (dense on the left, sparser to the
 right), ours as points with ±1 SE bars joined by a line per row, the seeds per point in the
 caption, published values as hollow markers on dashed lines in the same colour, and dense runs
-as a horizontal band (mean ± SE) across the plot.
+as a horizontal band (mean ± SE) across the plot. ``<table>-layers.png`` shows the final density of
+every prunable layer per row and density, and ``<table>-layers-over-training.png`` (for rows whose
+method moves weights between layers) each layer's density over the epochs of one run per row.
 
 W&B. ``--wandb-project ENTITY/PROJECT`` also reads that project's finished runs (their config and
 summary carry the same keys as the run folders) when wandb is importable, ``WANDB_MODE`` is not
@@ -72,14 +78,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .provenance import NOT_RECIPE, _short
+from . import identity
+from .provenance import _short
+from .resolvers import DENSE_METHODS
+from .train.logging import WANDB_EXTRAS
 
 METRICS = ("test/acc", "test/error")
-# config keys that do not change what a run computes (the same as run.py's resume check, plus
-# paper and what run.py adds to the W&B config)
-_VOLATILE = ("resume", "logger", "progress", "device", "paths", "run_name", "sweep_name", "log_every", "paper",
-             "experiment", "prunable_rule", "recipe_departures", "git_commit")
 DAGGER = "†"
+LAYER_PREFIX = "density/"  # density/<tensor> in the run's records: one prunable tensor's density
 
 
 class NothingToTabulate(Exception):
@@ -108,6 +114,13 @@ class RunRecord:
     local: bool = True
     flops: dict = field(default_factory=dict)           # train_multiple, test_multiple (complete runs)
     departures: list | None = None                     # from the experiment's recipe; None = unknown
+    error: str | None = None                           # why it failed (results.json status failed)
+    layers: dict = field(default_factory=dict)         # final density per prunable tensor (complete runs)
+    history: list = field(default_factory=list)        # (epoch, {tensor: density}) per epoch record
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
 
 def _read_json(path: Path):
@@ -125,14 +138,15 @@ def planned_epochs(config: dict) -> int | None:
         return None
 
 
-def progress(metrics_path: Path) -> tuple[int, int | None]:
-    """The last finished training epoch in metrics.jsonl (0 when none) and the planned total the
-    trainer records with it (None in older files; iterative methods train several rounds)."""
-    epoch, planned = 0, None
+def progress(metrics_path: Path) -> tuple[int, int | None, list]:
+    """The last finished training epoch in metrics.jsonl (0 when none), the planned total the
+    trainer records with it (None in older files; iterative methods train several rounds), and
+    the per-layer densities of every epoch record that has them: [(epoch, {tensor: density})]."""
+    epoch, planned, history = 0, None, []
     try:
         lines = Path(metrics_path).read_text().splitlines()
     except OSError:
-        return 0, None
+        return 0, None, []
     for line in lines:
         try:
             rec = json.loads(line)
@@ -143,7 +157,11 @@ def progress(metrics_path: Path) -> tuple[int, int | None]:
             epoch = max(epoch, int(rec["epoch"]))
             if isinstance(rec.get("epochs"), int):
                 planned = rec["epochs"]
-    return epoch, planned
+            layers = _densities({k[len(LAYER_PREFIX):]: v for k, v in rec.items()
+                                 if k.startswith(LAYER_PREFIX) and k != "density/achieved"})
+            if layers:
+                history.append((int(rec["epoch"]), layers))
+    return epoch, planned, history
 
 
 
@@ -166,15 +184,28 @@ def read_run_folder(folder: Path) -> RunRecord | None:
         prov = _read_json(folder / "provenance.json")
     departures = prov.get("recipe_departures") if isinstance(prov, dict) else None
     departures = list(departures) if isinstance(departures, list) else None
+    done, planned, history = progress(folder / "metrics.jsonl")
     if isinstance(results, dict) and results.get("status") == "complete":
         acc = (results.get("final") or {}).get("test/acc")
         flops = results.get("flops") if isinstance(results.get("flops"), dict) else {}
+        layers = (results.get("density") or {}).get("per_layer") if isinstance(results.get("density"), dict) else {}
         if isinstance(acc, (int, float)):
             return RunRecord(str(folder), config, True, acc=float(acc), epoch=epochs or 0, epochs=epochs,
-                             wandb_id=wandb_id, flops=_flop_multiples(flops), departures=departures)
-    done, planned = progress(folder / "metrics.jsonl")
+                             wandb_id=wandb_id, flops=_flop_multiples(flops), departures=departures,
+                             layers=_densities(layers), history=history)
+    error = None
+    if isinstance(results, dict) and results.get("status") == "failed":
+        error = str(results.get("error") or "no reason recorded")
+        if isinstance(results.get("epochs"), int):
+            done = max(done, results["epochs"])
     return RunRecord(str(folder), config, False, epoch=done, epochs=planned or epochs, wandb_id=wandb_id,
-                     departures=departures)
+                     departures=departures, error=error, history=history)
+
+
+def _densities(per_layer) -> dict:
+    if not isinstance(per_layer, dict):
+        return {}
+    return {str(k): float(v) for k, v in per_layer.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def _flop_multiples(flops: dict, prefix: str = "") -> dict:
@@ -272,14 +303,17 @@ def fetch_wandb_runs(project: str) -> list[RunRecord]:
         acc = summary.get("test/acc")
         deps = config.get("recipe_departures")
         deps = list(deps) if isinstance(deps, list) else None
+        for key in WANDB_EXTRAS:  # not config keys: what run.py adds for W&B's filters
+            config.pop(key, None)
         if state == "finished" and isinstance(acc, (int, float)):
             out.append(RunRecord(source, config, True, acc=float(acc), epoch=epochs or 0, epochs=epochs,
                                  wandb_id=run_id, local=False, flops=_flop_multiples(summary, "flops/"),
                                  departures=deps))
-        elif state == "running":
+        elif state in ("running", "failed"):  # "crashed": killed, perhaps to be resumed; not counted
             epoch = summary.get("epoch")
             out.append(RunRecord(source, config, False, epoch=int(epoch) if isinstance(epoch, (int, float)) else 0,
-                                 epochs=epochs, wandb_id=run_id, local=False, departures=deps))
+                                 epochs=epochs, wandb_id=run_id, local=False, departures=deps,
+                                 error=None if state == "running" else "the W&B run failed"))
     return out
 
 
@@ -292,8 +326,7 @@ def _key(density: float) -> float:
 
 
 def run_density(config: dict) -> float:
-    method = str((config.get("method") or {}).get("name", ""))
-    if method == "dense":
+    if identity.is_dense(config):
         return 1.0
     return _key(config.get("density", 1.0))
 
@@ -318,9 +351,12 @@ class Cell:
     values: list[float] = field(default_factory=list)     # percent, in the row's metric
     seeds: list = field(default_factory=list)
     running: list[tuple[int, int | None]] = field(default_factory=list)
+    failed: list[tuple[int, int | None]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     train_flops: list[float] = field(default_factory=list)  # multiples of dense, per finished run
     test_flops: list[float] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)        # final density per tensor, per finished run
+    histories: list[list] = field(default_factory=list)     # [(epoch, {tensor: density})] per finished run
 
     @property
     def n(self) -> int:
@@ -355,6 +391,7 @@ class Table:
     dataset: str = ""
     model: str = ""
     epochs: set = field(default_factory=set)              # planned epochs of its runs
+    common_epochs: int | None = None                      # the planned epochs most of its rows share
 
     @property
     def has_flops(self) -> bool:
@@ -413,21 +450,9 @@ def placement(config: dict, notes: list[str], where: str) -> tuple[str, str, str
     return table, row, metric, str(paper.get("source") or ""), _paper_values(paper.get("values"))
 
 
-def _flat(d, prefix="") -> dict:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def _fingerprint(config: dict) -> str:
-    """What a run computed: its config without the volatile keys (and without `density` for dense
-    runs, which ignore it)."""
-    dense = str((config.get("method") or {}).get("name")) == "dense"
-    return json.dumps({k: v for k, v in config.items() if k not in _VOLATILE and not (dense and k == "density")},
-                      sort_keys=True, default=str)
+    """What a run computed: the keys that define a run (``identity.run_identity``)."""
+    return json.dumps(identity.run_identity(config), sort_keys=True, default=str)
 
 
 def dedupe(runs: list[RunRecord], notes: list[str]) -> list[RunRecord]:
@@ -457,11 +482,8 @@ def dedupe(runs: list[RunRecord], notes: list[str]) -> list[RunRecord]:
 
 
 def _recipe_flat(config: dict) -> dict:
-    """The keys that can split a row: not those that leave what is trained unchanged
-    (provenance.NOT_RECIPE: seed and density, where the data lives, logging, device, extras)."""
-    flat = _flat({k: v for k, v in config.items() if k not in _VOLATILE})
-    return {k: v for k, v in flat.items()
-            if not any(k == x or k.startswith(x + ".") for x in NOT_RECIPE)}
+    """The keys that can split a row: those that say what is trained (``identity.recipe``)."""
+    return identity.recipe(config)
 
 
 def _same_recipe(a: dict, b: dict, lenient: bool = False) -> bool:
@@ -490,6 +512,60 @@ class _Group:
     local: bool = True
 
 
+def _value_key(flat: dict, key: str) -> str:
+    return json.dumps(flat[key], sort_keys=True, default=str) if key in flat else "(unset)"
+
+
+def _majority(values: list):
+    """The value more than half of `values` hold, else None."""
+    keyed = [json.dumps(v, sort_keys=True, default=str) for v in values]
+    for v, k in zip(values, keyed):
+        if keyed.count(k) * 2 > len(keyed):
+            return v
+    return None
+
+
+def _by(groups: list[_Group], key, keep) -> list[list[_Group]]:
+    out: dict = {}
+    for g in groups:
+        if keep(g):
+            out.setdefault(key(g), []).append(g)
+    return list(out.values())
+
+
+def _shared(gs: list[_Group], skip: str | None = None) -> dict[str, str | None]:
+    """The recipe keys in which groups differ, each with the value a strict majority of them holds
+    (None where no majority does); keys under `skip` are left out."""
+    out = {}
+    for key in set().union(*(g.flat for g in gs)):
+        if skip is not None and key.split(".")[0] == skip:
+            continue
+        values = [_value_key(g.flat, key) for g in gs]
+        if len(set(values)) > 1:
+            out[key] = _majority(values)
+    return out
+
+
+def _differences(sets: list[list[_Group]], skip: str | None = None, fallback=None) -> dict[int, set]:
+    """For each group in each set of groups that share a table (or a row label): the recipe keys in
+    which it differs from what the set shares (:func:`_shared`; where no majority of the set shares
+    a value, ``fallback(group, key)``'s, else every group says the key); keys under `skip` (the
+    method's own options, which the row label says) are left out. So runs of another length or
+    learning rate sitting in one table say how they differ, and the runs behind one label are told
+    apart."""
+    out: dict[int, set] = {}
+    for gs in sets:
+        if len(gs) < 2:
+            continue
+        for key, common in _shared(gs, skip).items():
+            if common is None and fallback is not None:
+                common = fallback(gs[0], key)
+            for g in gs:
+                if _value_key(g.flat, key) != common:
+                    out.setdefault(id(g), set()).add(key)
+    return out
+
+
 def build_tables(runs: list[RunRecord], notes: list[str] | None = None) -> dict[str, Table]:
     notes = [] if notes is None else notes
     groups: list[_Group] = []
@@ -515,19 +591,22 @@ def build_tables(runs: list[RunRecord], notes: list[str] | None = None) -> dict[
     by_label: dict[tuple[str, str], list[_Group]] = {}
     for g in groups:
         by_label.setdefault((g.table, g.label), []).append(g)
+    # what the table's rows of no paper row differ in, and what tells the groups of one label apart
+    free = _by(groups, lambda g: g.table, lambda g: not isinstance(g.runs[0].config.get("paper"), dict))
+    said = _differences(free, skip="method")
+    table_shares = {gs[0].table: _shared(gs, skip="method") for gs in free}
+    said_in_label = _differences(_by(groups, lambda g: (g.table, g.label), lambda g: not g.departures),
+                                 fallback=lambda g, key: table_shares.get(g.table, {}).get(key))
     for (tid, label), gs in by_label.items():
-        plain = [g for g in gs if not g.departures]
-        # what tells the like-recipe groups of one label apart
-        keys = sorted(k for k in set().union(*(g.flat for g in plain))
-                      if len({json.dumps(g.flat[k], default=str) if k in g.flat else "unset" for g in plain}) > 1
-                      ) if len(plain) > 1 else []
+        keys = sorted(set().union(*(said_in_label.get(id(g), set()) for g in gs)))
         if keys:
             notes.append(f"note: {tid} / {label}: runs that differ in {_listing(keys, 4)} are shown as separate rows")
         for g in gs:
+            shown_keys = sorted(said_in_label.get(id(g), set()) | said.get(id(g), set()))
             if g.departures:
                 row_label = f"{label} {DAGGER} [{_listing(g.departures)}]"
-            elif keys:
-                shown = [f"{k}={_short(g.flat[k])}" if k in g.flat else f"{k}=(unset)" for k in keys]
+            elif shown_keys:
+                shown = [f"{k}={_short(g.flat[k])}" if k in g.flat else f"{k}=(unset)" for k in shown_keys]
                 row_label = f"{label} [{_listing(shown)}]"
             else:
                 row_label = label
@@ -537,6 +616,7 @@ def build_tables(runs: list[RunRecord], notes: list[str] | None = None) -> dict[
             table.model = table.model or _name(first, "model")
             table.source = table.source or g.source
             table.epochs |= {r.epochs for r in g.runs if r.epochs}
+            table.common_epochs = _majority([planned_epochs(x.runs[0].config) for x in groups if x.table == tid])
             row = table.rows.setdefault(row_label, Row(row_label, g.metric, departs=bool(g.departures),
                                                        method=_name(first, "method")))
             # published values only for runs that follow the recipe (or whose recipe is unknown and
@@ -551,11 +631,18 @@ def build_tables(runs: list[RunRecord], notes: list[str] | None = None) -> dict[
                 if r.complete:
                     pct = 100.0 * r.acc
                     cell.values.append(100.0 - pct if row.metric == "test/error" else pct)
+                    if r.layers:
+                        cell.layers.append(r.layers)
+                        cell.histories.append(r.history)
                     cell.seeds.append(r.config.get("seed"))
                     if "train_multiple" in r.flops:
                         cell.train_flops.append(r.flops["train_multiple"])
                     if "test_multiple" in r.flops:
                         cell.test_flops.append(r.flops["test_multiple"])
+                elif r.failed:
+                    cell.failed.append((r.epoch, r.epochs))
+                    notes.append(f"note: {tid} / {row_label} d={fmt_density(d)}: {r.source} failed at epoch "
+                                 f"{r.epoch}/{r.epochs or '?'}: {r.error}")
                 else:
                     cell.running.append((r.epoch, r.epochs))
     for (tid, _label), gs in by_label.items():
@@ -593,16 +680,16 @@ def fmt_density(d: float) -> str:
     return f"{d:g}"
 
 
-def _running_text(running: list[tuple[int, int | None]]) -> str:
+def _running_text(running: list[tuple[int, int | None]], what: str = "running") -> str:
     parts = [f"{k}/{n}" if n else f"{k}" for k, n in sorted(running, reverse=True)]
     if len(parts) == 1:
-        return f"running (epoch {parts[0]})"
-    return f"{len(parts)} running (epochs {', '.join(parts)})"
+        return f"{what} (epoch {parts[0]})"
+    return f"{len(parts)} {what} (epochs {', '.join(parts)})"
 
 
 def ours_text(row: Row, d: float) -> str:
     cell = row.cells.get(d)
-    if cell is None or (not cell.values and not cell.running):
+    if cell is None or (not cell.values and not cell.running and not cell.failed):
         return "missing" if d in row.paper else ""
     parts = []
     if cell.values:
@@ -612,6 +699,8 @@ def ours_text(row: Row, d: float) -> str:
         parts.append(f"{text} (n={cell.n})")
     if cell.running:
         parts.append(_running_text(cell.running))
+    if cell.failed:
+        parts.append(_running_text(cell.failed, "failed"))
     return "; ".join(parts)
 
 
@@ -657,8 +746,8 @@ def title(table: Table) -> str:
         return table.source
     if table.dataset and table.model:
         text = f"{DATASET_NAMES.get(table.dataset, table.dataset)}, {MODEL_NAMES.get(table.model, table.model)}"
-        if len(table.epochs) == 1:
-            text += f", {next(iter(table.epochs))} epochs"
+        if table.common_epochs:  # rows of another length say theirs
+            text += f", {table.common_epochs} epochs"
         return text
     return table.id
 
@@ -712,7 +801,7 @@ def markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ("table", "row", "metric", "density", "mean", "se", "n", "seeds", "status", "running",
+CSV_FIELDS = ("table", "row", "metric", "density", "mean", "se", "n", "seeds", "status", "running", "failed",
               "paper", "paper_pm", "delta", "train_flops_multiple", "test_flops_multiple", "departs", "source")
 
 
@@ -724,6 +813,10 @@ def _num(x) -> str:
     return "" if x is None else repr(float(x))
 
 
+def _epochs_field(runs: list[tuple[int, int | None]]) -> str:
+    return ";".join(f"{k}/{n}" if n else str(k) for k, n in sorted(runs, reverse=True))
+
+
 def csv_text(table: Table) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
@@ -731,18 +824,16 @@ def csv_text(table: Table) -> str:
     for row in table.rows.values():
         for d in table.densities:
             cell = row.cells.get(d) or Cell()
-            if not cell.values and not cell.running and d not in row.paper:
+            if not cell.values and not cell.running and not cell.failed and d not in row.paper:
                 continue
-            if cell.values:
-                status = "complete+running" if cell.running else "complete"
-            else:
-                status = "running" if cell.running else "missing"
+            status = "+".join(s for s, have in (("complete", cell.values), ("running", cell.running),
+                                                ("failed", cell.failed)) if have) or "missing"
             value, pm = row.paper.get(d, (None, None))
             w.writerow({
                 "table": table.id, "row": row.label, "metric": row.metric, "density": repr(d),
                 "mean": _num(cell.mean), "se": _num(cell.se), "n": cell.n,
                 "seeds": ";".join(str(s) for s in sorted(cell.seeds, key=_seed_order)), "status": status,
-                "running": ";".join(f"{k}/{n}" if n else str(k) for k, n in sorted(cell.running, reverse=True)),
+                "running": _epochs_field(cell.running), "failed": _epochs_field(cell.failed),
                 "paper": _num(value), "paper_pm": _num(pm), "delta": _num(delta(row, d)),
                 "train_flops_multiple": _num(statistics.fmean(cell.train_flops) if cell.train_flops else None),
                 "test_flops_multiple": _num(statistics.fmean(cell.test_flops) if cell.test_flops else None),
@@ -753,7 +844,7 @@ def csv_text(table: Table) -> str:
 
 
 def _is_dense_row(row: Row) -> bool:
-    return row.method == "dense" and set(row.cells) == {1.0} and not row.paper
+    return row.method in DENSE_METHODS and set(row.cells) == {1.0} and not row.paper
 
 
 def _main_range(values: list[float]) -> tuple[float, float]:
@@ -773,7 +864,22 @@ def _main_range(values: list[float]) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
-def plot(table: Table, path: Path, also: tuple[str, ...] = ()) -> None:
+def _log_labels(axis, suffix: str = "") -> None:
+    """One plain label format (``0.05``, ``0.1×``) on both tick levels of a log axis, minor ticks
+    labelled at 2x and 5x a power of ten only (matplotlib's default labels them ``2x10^-2``)."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(x, _pos=None):
+        if x <= 0:
+            return ""
+        mantissa = x / 10 ** math.floor(math.log10(x) + 1e-9)
+        return f"{x:g}{suffix}" if round(mantissa, 6) in (2.0, 5.0) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda x, _pos=None: f"{x:g}{suffix}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def plot(table: Table, path: Path, also: tuple[str, ...] = ()):
     """The metric against density, ordered as the table (dense on the left, sparsest on the right),
     on a log axis; beside it, when the runs counted FLOPs, the metric against training FLOPs.
 
@@ -782,7 +888,8 @@ def plot(table: Table, path: Path, also: tuple[str, ...] = ()) -> None:
     when they differ). Published values: hollow squares on dashed lines in the row's colour.
     A dense row is a horizontal band (mean ± SE) across the plot. A point far below all others is
     drawn as a triangle on the lower edge with its value, so the others keep a readable scale.
-    The figure is saved to `path` and to the same name with each suffix in `also` (e.g. ".svg").
+    The figure is saved to `path` and to the same name with each suffix in `also` (e.g. ".svg"),
+    and returned.
     """
     import matplotlib
 
@@ -801,6 +908,13 @@ def plot(table: Table, path: Path, also: tuple[str, ...] = ()) -> None:
     values = [c.mean for row in rows for c in row.cells.values() if c.values]
     values += [v for row in rows for v, _ in row.paper.values()]
     lo, hi = _main_range(values) if values else (0.0, 1.0)
+    # every error bar of a point inside the range stays inside the plot
+    bars = [(c.mean, c.se or 0.0) for row in rows for c in row.cells.values() if c.values]
+    bars += [(v, pm or 0.0) for row in rows for v, pm in row.paper.values()]
+    pad = 0.02 * (hi - lo)
+    for y, e in bars:
+        if y >= lo:
+            lo, hi = min(lo, y - e - pad), max(hi, y + e + pad)
     off_axis: list[tuple] = []  # (axis, x, y, color, text)
 
     def draw(axis, xs, ys, es, color, **kw):
@@ -843,7 +957,8 @@ def plot(table: Table, path: Path, also: tuple[str, ...] = ()) -> None:
             if not one_n:
                 for x, y, kk in zip(xs, ys, n):
                     if y >= lo:
-                        ax.annotate(f"n={kk}", (x * nudge, y), textcoords="offset points", xytext=(4, 4),
+                        # rows sharing a density: each row's labels at its own height, not on top of another's
+                        ax.annotate(f"n={kk}", (x * nudge, y), textcoords="offset points", xytext=(4, 4 - 9 * (k % 3)),
                                     fontsize=7, color=color)
             if flops:
                 pts = [(statistics.fmean(c.train_flops), c.mean, c.se or 0.0) for c in cells if c.train_flops]
@@ -877,10 +992,8 @@ def plot(table: Table, path: Path, also: tuple[str, ...] = ()) -> None:
     what = "test error" if table.metrics == ["test/error"] else "test accuracy"
     ax.grid(True, which="major", alpha=0.3)
     if flops:
-        from matplotlib.ticker import FuncFormatter
-
         ax2.set_xscale("log")
-        ax2.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}×"))
+        _log_labels(ax2.xaxis, "×")
         ax2.set_xlabel("training FLOPs (multiple of dense training, log scale)")
         ax2.grid(True, which="major", alpha=0.3)
         ax2.tick_params(labelleft=False)
@@ -905,9 +1018,8 @@ def plot(table: Table, path: Path, also: tuple[str, ...] = ()) -> None:
     else:
         ax.text(0.5, 0.5, "no finished runs yet", transform=ax.transAxes, ha="center", va="center")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path)
-    for suffix in also:
-        fig.savefig(Path(path).with_suffix(suffix), metadata={"Date": None} if suffix == ".svg" else {})
+    _save(fig, path, also)
+    return fig
 
 
 def safe_name(table_id: str) -> str:
@@ -925,7 +1037,116 @@ def write_tables(tables: dict[str, Table], out: Path) -> list[Path]:
         csv_path.write_text(csv_text(table))
         plot(table, png, also=(".svg",))
         written += [md, csv_path, png, png.with_suffix(".svg")]
+        for name, draw in ((f"{stem}-layers.png", plot_layers), (f"{stem}-layers-over-training.png", plot_moves)):
+            if draw(table, out / name, also=(".svg",)) is not None:
+                written += [out / name, (out / name).with_suffix(".svg")]
     return written
+
+
+def _short_layer(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=130), matplotlib.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+
+
+def _save(fig, path: Path, also: tuple[str, ...]) -> None:
+    fig.savefig(path)
+    for suffix in also:
+        fig.savefig(Path(path).with_suffix(suffix), metadata={"Date": None} if suffix == ".svg" else {})
+
+
+def plot_layers(table: Table, path: Path, also: tuple[str, ...] = ()):
+    """Where each row puts its weights: the final density of every prunable tensor (model order,
+    log scale), mean over the cell's finished runs, one line per row, one panel per density (the
+    four sparsest when there are more). Returns the figure, or None (and writes nothing) when no
+    finished run recorded per-layer densities."""
+    rows = [row for row in table.rows.values() if not _is_dense_row(row)]
+    densities = [d for d in table.densities if d < 1.0 and any(row.cells.get(d) and row.cells[d].layers
+                                                                 for row in rows)][-4:]
+    if not densities:
+        return None
+    fig, colors = _figure(min(5.0 * len(densities), 16.0) + 2.5, 4.6)
+    axes = [fig.add_subplot(1, len(densities), i + 1) for i in range(len(densities))]
+    for ax, d in zip(axes, densities):
+        names: list[str] = []
+        for i, row in enumerate(table.rows.values()):
+            cell = row.cells.get(d)
+            if row not in rows or cell is None or not cell.layers:
+                continue
+            layer_names = list(cell.layers[0])
+            names = names if len(names) >= len(layer_names) else layer_names
+            ys = [statistics.fmean(run.get(n, float("nan")) for run in cell.layers) for n in layer_names]
+            ax.plot(range(len(ys)), ys, "o-", color=colors[i % len(colors)], markersize=3, linewidth=1.2,
+                    label=row.label)
+        ax.axhline(d, color="0.5", linestyle=":", linewidth=1)
+        ax.set_yscale("log")
+        _log_labels(ax.yaxis)
+        step = max(1, math.ceil(len(names) / 30))
+        ax.set_xticks(range(0, len(names), step))
+        ax.set_xticklabels([_short_layer(n) for n in names[::step]], rotation=90, fontsize=6)
+        ax.set_title(f"density {fmt_density(d)} (dotted)", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel("final density of the layer (log scale)")
+    fig.suptitle(f"{title(table)}: final density per layer", fontsize=12)
+    handles = {}
+    for ax in axes:  # every row once, whichever panel has it
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    axes[-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                    frameon=False)
+    fig.text(0.01, 0.01, "points: mean over the cell's finished runs; dotted: the run's overall density",
+             fontsize=8, color="0.3", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _save(fig, path, also)
+    return fig
+
+
+def plot_moves(table: Table, path: Path, also: tuple[str, ...] = ()):
+    """For the rows whose method moves weights between layers during training: each layer's
+    density over the epochs of one run (the first finished one at the row's sparsest density), one
+    panel per row (six at most). Returns the figure, or None when no row's layer densities change."""
+    panels = []
+    for row in table.rows.values():
+        for d in sorted(row.cells):
+            hist = next((h for h in row.cells[d].histories if h), None)
+            if hist and any(max(v.get(n, 0.0) for _, v in hist) - min(v.get(n, 0.0) for _, v in hist) > 1e-9
+                            for n in hist[0][1]):
+                panels.append((row, d, hist))
+                break
+    if not panels:
+        return None
+    panels = panels[:6]
+    import matplotlib
+
+    fig, _ = _figure(max(7.0, min(4.2 * len(panels), 17.0) + 1.0), 4.6)
+    cmap = matplotlib.colormaps["viridis"]
+    for k, (row, d, hist) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        names = list(hist[0][1])
+        epochs = [e for e, _ in hist]
+        for j, n in enumerate(names):
+            ax.plot(epochs, [v.get(n, float("nan")) for _, v in hist], color=cmap(j / max(1, len(names) - 1)),
+                    linewidth=1.0, label=_short_layer(n) if len(names) <= 10 else None)
+        ax.set_yscale("log")
+        _log_labels(ax.yaxis)
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{row.label}, density {fmt_density(d)}", fontsize=9)
+        ax.grid(True, which="major", alpha=0.3)
+        if len(names) <= 10:
+            ax.legend(fontsize=6, loc="best", frameon=False)
+    fig.axes[0].set_ylabel("density of the layer (log scale)")
+    fig.suptitle(f"{title(table)}: density per layer during training\n(one run per row; colour: layer depth, "
+                 f"dark = first)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path, also)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,6 +62,17 @@ def wandb_mode(cfg_mode) -> str:
     return "offline"
 
 
+def wandb_run_config(resolved: dict, provenance: dict, prunable_rule: dict) -> dict:
+    """W&B's config of a run: the resolved config plus what a reader filters by that is not a
+    config key (:data:`WANDB_EXTRAS`, which the tables strip again)."""
+    return {**resolved, "experiment": provenance.get("experiment"), "prunable_rule": prunable_rule,
+            "recipe_departures": provenance.get("recipe_departures"),
+            "git_commit": (provenance.get("git") or {}).get("commit")}
+
+
+#: the keys :func:`wandb_run_config` adds to a run's config
+WANDB_EXTRAS = ("experiment", "prunable_rule", "recipe_departures", "git_commit")
+
 STEP_AXIS_PREFIXES = ("density/", "flops/")
 FLAGS = ("update", "final")
 
