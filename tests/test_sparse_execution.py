@@ -274,6 +274,34 @@ def test_auto_picks_per_layer_and_logs_the_choice(tmp_path, caplog):
     assert sum("execution=auto:" in r.message for r in caplog.records) >= 3
 
 
+def test_auto_measures_once_per_configuration_and_repeats_take_that_plan(tmp_path, monkeypatch, caplog):
+    import json
+
+    from sparse_bench.sparsity.execution import engine
+
+    calls = []
+
+    def timing(mod, cls, mask, shape, input_grad=True, repeats=5):  # a machine whose load changes every call
+        calls.append(mod)
+        return (1.0, 0.5) if len(calls) % 2 else (0.5, 1.0)
+
+    monkeypatch.setattr(engine, "time_layer", timing)
+    first = _run(tmp_path, "static", "auto", ["schedule.epochs=1", "seed=0"])
+    assert len(calls) == 3
+    plan = json.loads((first / "execution.json").read_text())["plan"]
+    assert plan == {"net.0.weight": "sparse", "net.2.weight": "masked: slower sparse at this density (measured)",
+                    "net.4.weight": "sparse"}
+    with caplog.at_level(logging.INFO, logger="sparse_bench"):
+        again = _run(tmp_path, "static", "auto", ["schedule.epochs=1", "seed=1"])  # another seed, same configuration
+    assert len(calls) == 3, "the plan measured first is taken, not measured again"
+    assert json.loads((again / "execution.json").read_text())["plan"] == plan
+    assert any("the plan measured first for this configuration" in r.message for r in caplog.records)
+    _run(tmp_path, "static", "auto", ["schedule.epochs=1", "density=0.3"])  # another configuration: measured
+    assert len(calls) == 6
+    shared = sorted((tmp_path / "auto" / ".execution-plans").glob("*.json"))
+    assert len(shared) == 2
+
+
 def test_bad_execution_is_one_config_error():
     with pytest.raises(ConfigError, match="execution=fast is not one of: masked, sparse, auto"):
         run(compose([*BASE, "execution=fast"]))

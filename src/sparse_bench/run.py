@@ -160,7 +160,7 @@ def check_run_name(key: str, name: str) -> None:
 
 def prepare_run_dir(run_dir: Path) -> None:
     """Create the run folder and make sure this process can write there (one line if not)."""
-    from .train.checkpoint import WriteError, describe_os_error
+    from .train.checkpoint import describe_os_error
 
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def prepare_run_dir(run_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise WriteError(f"cannot write the run folder {run_dir}: {describe_os_error(exc)}; choose a "
+        raise ConfigError(f"cannot write the run folder {run_dir}: {describe_os_error(exc)}; choose a "
                          f"writable folder with paths.runs=DIR") from None
 
 
@@ -185,7 +185,7 @@ def record_failure(run_dir: Path, resolved: dict, message: str, epochs_done: int
     try:
         atomic_write_json(path, {"status": "failed", "error": message, "config": resolved,
                                  "epochs": epochs_done})
-    except (ConfigError, OSError):
+    except (ConfigError, RunFailed, OSError):
         pass  # the folder itself is what failed; the message still reaches the console and log
 
 
@@ -314,7 +314,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     method = build_method(cfg.method, ctx)
     flops = build_meter(model, data.input_shape, method, device)
     # masked or sparse layers (execution=...): wraps the method's hooks, converts layers after setup
-    method = Execution(method, execution_mode(cfg), optimizer, model, dist, run_dir, batches, loss_fn)
+    # execution=auto: one measured plan per configuration (recipe, density, device kind) under paths.runs
+    shared_plan = Path(cfg.paths.runs) / ".execution-plans" / (
+        fingerprint({"recipe": recipe(resolved), "density": density, "device": device.type})[:24] + ".json")
+    method = Execution(method, execution_mode(cfg), optimizer, model, dist, run_dir, batches, loss_fn, shared_plan)
     trainer = Trainer(model, optimizer, lr_schedule, method, data, device, epochs * method.rounds, loss_fn,
                       run_dir, progress=bool(cfg.progress), max_steps_per_epoch=steps_per_epoch, dist=dist,
                       train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunFailed
 
 MAGIC = b"SBCKPT1 "
 _TMP_PREFIX = "."  # temporary files are ".<name>.<random>" beside their target
@@ -44,8 +44,9 @@ class CheckpointError(ConfigError):
     """A checkpoint that is refused: corrupt, foreign, or not ours. The message is one line."""
 
 
-class WriteError(ConfigError):
-    """A run output that cannot be written (unwritable folder, full disk): one line naming the path."""
+class WriteError(RunFailed):
+    """A run output that cannot be written once the run has started (a full disk, a folder made
+    read-only): one line naming the path, exit status 1; the last good checkpoint stays."""
 
 
 def _umask() -> int:

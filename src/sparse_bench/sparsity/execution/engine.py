@@ -18,13 +18,20 @@
 ``execution=auto`` times, per layer, a forward and backward of the masked (dense) layer and of
 the sparse layer on the layer's own input shape and density, keeps the faster, and logs the
 choice; the plan is saved in the run folder (``execution.json``) so a resumed run rebuilds the
-same layers. A method or layer that cannot run sparse says so in one line at start and runs
-masked.
+same layers. Timings depend on the machine's load, so two measurements of one configuration can
+choose differently, and a masked and a sparse layer round floats differently: the first plan
+measured for a configuration (its recipe and density, on this device kind, whatever the seed) is
+also kept under ``paths.runs`` (``.execution-plans/``, ``shared_plan``) and every later run of it
+there, each job of a sweep included, takes that plan instead of measuring again, so repeats of one
+command stay bit-identical. A method or layer that cannot run sparse says so in one line at start
+and runs masked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import math
 import logging
@@ -34,7 +41,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import ConfigError
+from ...errors import ConfigError, RunFailed
+from ...train.checkpoint import atomic_write_json
 from . import kernels
 from .layers import DenseGradControl, SparseLayer, sparse_twin
 
@@ -116,8 +124,9 @@ class Execution:
     """A Method with its prunable layers executed masked or sparse (see the module docstring)."""
 
     def __init__(self, method, mode: str, optimizer: torch.optim.Optimizer, model: nn.Module,
-                 dist=None, run_dir: Path | None = None, batches=None, loss_fn=None):
+                 dist=None, run_dir: Path | None = None, batches=None, loss_fn=None, shared_plan: Path | None = None):
         self.inner = method
+        self.shared_plan = Path(shared_plan) if shared_plan is not None else None
         self.mode = mode
         self.optimizer = optimizer
         self.model = model
@@ -190,13 +199,75 @@ class Execution:
             return None
         return json.loads((self.run_dir / PLAN_FILE).read_text()).get("plan")
 
+    def _record(self) -> dict:
+        return {"execution": self.mode, "kernels": kernels.backend(), "plan": self.plan,
+                "timings_ms": {k: {"masked": a * 1e3, "sparse": b * 1e3} for k, (a, b) in self.timings.items()}}
+
     def _save_plan(self) -> None:
         if self.run_dir is None or (self.dist is not None and not self.dist.is_main):
             return
-        rec = {"execution": self.mode, "kernels": kernels.backend(), "plan": self.plan,
-               "timings_ms": {k: {"masked": a * 1e3, "sparse": b * 1e3} for k, (a, b) in self.timings.items()}}
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / PLAN_FILE).write_text(json.dumps(rec, indent=2))
+        (self.run_dir / PLAN_FILE).write_text(json.dumps(self._record(), indent=2))
+
+    def _read_shared(self) -> dict[str, str] | None:
+        """The plan measured first for this configuration (None: none yet, or measured with other
+        kernels, or unreadable: then this run measures and replaces it)."""
+        try:
+            rec = json.loads(self.shared_plan.read_text())
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(rec, dict) and rec.get("kernels") == kernels.backend() and isinstance(rec.get("plan"), dict)
+        return rec["plan"] if ok else None
+
+    @contextlib.contextmanager
+    def _shared_lock(self):
+        """Held by the main process while it reads, measures and writes the shared plan, so the
+        parallel jobs of a sweep measure once between them."""
+        if self.shared_plan is None or (self.dist is not None and not self.dist.is_main):
+            yield
+            return
+        try:
+            self.shared_plan.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.shared_plan.with_suffix(".lock"), "a")
+        except OSError:  # an unwritable runs folder: measure for this run alone
+            self.shared_plan = None
+            yield
+            return
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _measured_or_shared(self, cands: dict[int, type]) -> dict[int, type]:
+        """execution=auto: the shared plan of this configuration if there is one (every process
+        takes the main one's), else this machine's measurement, which becomes the shared plan."""
+        masks = self.inner.masks
+        with self._shared_lock():
+            shared = self._read_shared() if self.shared_plan is not None and (self.dist is None or self.dist.is_main) \
+                else None
+            if self.dist is not None and self.dist.enabled:
+                import torch.distributed as tdist
+
+                box = [shared]
+                tdist.broadcast_object_list(box, src=0)
+                shared = box[0]
+            if shared is not None:
+                self.notes.append(f"execution=auto: the plan measured first for this configuration, from "
+                                  f"{self.shared_plan or 'the main process'} (repeats stay bit-identical; delete "
+                                  f"the file to measure again)")
+                for i in cands:
+                    self.plan[masks.names[i]] = shared.get(masks.names[i], "masked")
+                return {i: c for i, c in cands.items() if shared.get(masks.names[i]) == "sparse"}
+            chosen = self._auto(cands)
+            if self.shared_plan is not None and (self.dist is None or self.dist.is_main):
+                plan = {**self.plan, **{masks.names[i]: "sparse" for i in chosen}}
+                try:
+                    atomic_write_json(self.shared_plan, {**self._record(), "plan": plan})
+                except RunFailed:
+                    pass  # not shared: this run still has its own plan in execution.json
+            return chosen
 
     def convert(self, resume: bool = False) -> None:
         """Replace the chosen layers by sparse ones (resume: empty, the checkpoint fills them)."""
@@ -215,7 +286,7 @@ class Execution:
         elif self.mode == "sparse":
             chosen = dict(cands)
         else:
-            chosen = self._auto(cands)
+            chosen = self._measured_or_shared(cands)
         for i, cls in chosen.items():
             if masks.layers[i] is None:
                 self._convert_one(i, cls, resume)
