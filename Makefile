@@ -26,12 +26,13 @@ demo: install
 example: install
 	$(BIN)/python scripts/example.py
 
+# two pytest workers, one torch thread each (tests/conftest.py): the suite on both cores
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # the quick tier while working: everything not marked slow (CI runs `make test`, i.e. everything)
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs multirun .pytest_cache

@@ -17,6 +17,14 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on two cores (pytest-xdist): each worker, and every process
+    # a test starts (inheriting OMP_NUM_THREADS), computes on one torch thread, so they do not fight
+    # over the cores; tests that are about threads set their own
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def compose(overrides: list[str]):
