@@ -102,6 +102,19 @@ def cubic(t, t0, t1, s_i, s_f):
     return s_f - (s_f - s_i) * (1 - (t - t0) / (t1 - t0)) ** 3
 
 
+def one_global_threshold(w_old, m_old, new):
+    """A global magnitude event: one threshold shared by all layers, except that no layer is
+    emptied (prunable.allow_empty: false): a layer the threshold would empty keeps its largest."""
+    assert all(int(k.sum()) >= 1 for k in new), "no layer is emptied"
+    pruned = [o & ~n for o, n in zip(m_old, new)]
+    max_pruned = max(float(w[d].abs().max()) for w, d in zip(w_old, pruned) if d.any())
+    min_kept = min(float(w[k].abs().min()) for w, k in zip(w_old, new) if int(k.sum()) > 1)
+    assert max_pruned <= min_kept
+    for w, o, k in zip(w_old, m_old, new):
+        if int(k.sum()) == 1:
+            assert float(w[k].abs().max()) == float(w[o].abs().max())
+
+
 # --- GMP -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_gmp_hits_the_cubic_schedule_at_every_event_and_never_regrows(scope):
@@ -135,10 +148,8 @@ def test_gmp_hits_the_cubic_schedule_at_every_event_and_never_regrows(scope):
         for p, k in zip(m.masks.params, new):
             assert torch.all(p[~k] == 0)
         pruned = [o & ~n for o, n in zip(m_old, new)]
-        if scope == "global":  # one threshold shared by all layers
-            max_pruned = max(float(w[d].abs().max()) for w, d in zip(w_old, pruned) if d.any())
-            min_kept = min(float(w[k].abs().min()) for w, k in zip(w_old, new) if k.any())
-            assert max_pruned <= min_kept
+        if scope == "global":
+            one_global_threshold(w_old, m_old, new)
         else:  # every layer at s(t), within one weight; ranking inside each layer
             for w, d, k, n in zip(w_old, pruned, new, m.masks.numels):
                 assert abs(int(k.sum()) - (1 - s) * n) < 1.0 or epoch == 8
@@ -308,10 +319,7 @@ def test_acdc_dense_and_sparse_phases_drive_the_masks(scope):
             assert logs["acdc/compress"] == 1.0 and logs["density/achieved"] == target / total
             new = m.masks.masks
             if scope == "global":
-                pruned = [~k for k in new]
-                max_pruned = max(float(w[d].abs().max()) for w, d in zip(before["w"], pruned) if d.any())
-                min_kept = min(float(w[k].abs().min()) for w, k in zip(before["w"], new) if k.any())
-                assert max_pruned <= min_kept
+                one_global_threshold(before["w"], before["m"], new)
             else:
                 for w, k, n in zip(before["w"], new, m.masks.numels):
                     assert abs(int(k.sum()) - density * n) < 1.0

@@ -207,6 +207,7 @@ class Prunable:
                              metadata={"check": _check_module_types})
     exclude: List[str] = field(default_factory=list)
     include: List[str] = field(default_factory=list)
+    allow_empty: bool = False
 
 
 @dataclass

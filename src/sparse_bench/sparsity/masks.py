@@ -113,11 +113,15 @@ class MaskSet:
         self._counts: list[int] | None = None
         self._stale = True
         self.last_rebuild_s = 0.0
+        # the active weights no update may take from a layer (prunable.allow_empty: false -> 1):
+        # global rankings protect each layer's largest (ops.guard_layers), per-layer counts stop
+        # short (ops.floored), and the trainer refuses to go on with an empty layer
+        self.floor = 1
 
     @classmethod
     def from_model(cls, model: nn.Module, rule) -> "MaskSet":
         rule = rule or {}
-        return cls(
+        ms = cls(
             prunable_parameters(
                 model,
                 types=list(rule.get("types", DEFAULT_TYPES)),
@@ -126,6 +130,8 @@ class MaskSet:
             ),
             model,
         )
+        ms.floor = 0 if rule.get("allow_empty") else 1
+        return ms
 
     def __len__(self) -> int:
         return len(self.names)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -63,6 +65,52 @@ def smallest_active(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.T
         idx = active[topk_indices(scores.reshape(-1)[active], k, largest=False)]
     out.view(-1)[idx] = True
     return out
+
+
+def guard_layers(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] | None, floor: int
+                 ) -> list[torch.Tensor]:
+    """Copies of `scores` in which each layer's `floor` largest active entries are +inf, so a
+    ranking over all layers at once that drops the smallest active entries never takes a layer's
+    last `floor` weights (``prunable.allow_empty: false``, the default: floor 1). `masks` None:
+    every entry is active (vectors of active values). No host sync; `floor` 0 returns `scores`."""
+    if floor <= 0:
+        return list(scores)
+    out = []
+    for s, m in zip(scores, masks if masks is not None else [None] * len(scores)):
+        s = s.clone()
+        flat = s.view(-1)
+        if flat.numel():
+            idx = topk_indices(flat, min(floor, flat.numel()), largest=True,
+                               eligible=None if m is None else m.reshape(-1))
+            flat[idx] = float("inf")
+        out.append(s)
+    return out
+
+
+def floored(counts: Sequence[int], active: Sequence[int], floor: int) -> list[int]:
+    """Per-layer prune counts that leave every layer at least `floor` of its active weights."""
+    return [min(c, max(a - floor, 0)) for c, a in zip(counts, active)]
+
+
+def lifted(keep: Sequence[int], active: Sequence[int], floor: int) -> list[int]:
+    """Per-layer keep counts with every layer at least min(`floor`, its active weights), the
+    total unchanged: what a layer is lifted by is taken, one at a time, from the layers keeping
+    the most. Counts already at the floor come back as they are."""
+    keep = list(keep)
+    need = 0
+    for i, a in enumerate(active):
+        want = min(floor, a)
+        if keep[i] < want:
+            need += want - keep[i]
+            keep[i] = want
+    while need > 0:
+        spare = [i for i, a in enumerate(active) if keep[i] > min(floor, a)]
+        if not spare:
+            break
+        i = max(spare, key=lambda j: keep[j])
+        keep[i] -= 1
+        need -= 1
+    return keep
 
 
 def largest_inactive(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:

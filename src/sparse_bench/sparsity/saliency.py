@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import ConfigError
 from .distributions import allocate
+from .ops import guard_layers, lifted
 
 SCOPES = ("global", "layer")
 
@@ -185,8 +186,9 @@ def _top(flat_scores: torch.Tensor, flat_active: torch.Tensor, k: int) -> torch.
 
 @torch.no_grad()
 def keep_top(scores: Sequence[torch.Tensor], n_keep: int, scope: str = "global",
-             active: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Bool masks keeping exactly `n_keep` of the `active` weights, those of largest score.
+             active: Sequence[torch.Tensor] | None = None, floor: int = 1) -> list[torch.Tensor]:
+    """Bool masks keeping exactly `n_keep` of the `active` weights, those of largest score, and
+    at least `floor` in every layer (``MaskSet.floor``: a layer's best are kept first).
 
     ``global``: one ranking over all layers. ``layer``: every layer keeps the same fraction of
     its weights (counts by largest remainder, capped by what is active in the layer).
@@ -198,11 +200,11 @@ def keep_top(scores: Sequence[torch.Tensor], n_keep: int, scope: str = "global",
     if not 0 <= n_keep <= sum(n_active):
         raise ValueError(f"cannot keep {n_keep} weights out of {sum(n_active)} active ones")
     if scope == "global":
-        flat = _top(torch.cat([s.flatten() for s in scores]),
+        flat = _top(torch.cat([s.flatten() for s in guard_layers(scores, active, floor)]),
                     torch.cat([a.flatten() for a in active]), n_keep)
         return [f.view_as(s) for f, s in zip(torch.split(flat, [s.numel() for s in scores]), scores)]
     if scope == "layer":
-        counts = layer_keep_counts(n_keep, [s.numel() for s in scores], n_active)
+        counts = lifted(layer_keep_counts(n_keep, [s.numel() for s in scores], n_active), n_active, floor)
         return [_top(s.flatten(), a.flatten(), k).view_as(s) for s, a, k in zip(scores, active, counts)]
     raise ValueError(f"unknown scope '{scope}'; choose one of {SCOPES}")
 

@@ -165,9 +165,25 @@ class Trainer:
         }
         return logs
 
+    def _check_layers(self, logs: dict) -> None:
+        """No prunable layer trains at zero active weights (``prunable.allow_empty: false``): the
+        methods never take a layer's last weight, so one that did is stopped here, loudly, rather
+        than finishing as a complete run cut in two. Reads the per-layer densities the update's or
+        epoch's logs carry (no extra host sync)."""
+        masks = getattr(self.method, "masks", None)
+        if masks is None or masks.floor <= 0:
+            return
+        empty = [k[len("density/"):] for k, v in logs.items()
+                 if k.startswith("density/") and k != "density/achieved" and v == 0]
+        if empty:
+            raise RunFailed(f"method={self.method.name} left {empty[0]} with no active weight at step {self.step}; "
+                            f"every prunable layer keeps one (prunable.allow_empty=false), so this is a bug of the "
+                            f"method: please report it (prunable.allow_empty=true lets a method empty a layer)")
+
     def _log_update(self, sink, epoch: int, logs: dict) -> None:
         """A mask update: its own record (step, epoch in progress), then the FLOP meter counts
         the new masks."""
+        self._check_layers(logs)
         if self.flops is not None:
             self.flops.update(self.step)
         sink.log({"epoch": epoch, "step": self.step, "update": True, **logs})
@@ -261,6 +277,7 @@ class Trainer:
                 self._log_update(sink, epoch, method_logs)
                 rec.update(method_logs)  # also in the epoch record, where older readers look
             rec.update(self.method.density_logs())
+            self._check_layers(rec)
             if self.flops is not None:
                 rec["flops/train_total"] = self.flops.train_total
             rec["step"] = self.step

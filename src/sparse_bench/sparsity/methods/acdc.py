@@ -115,7 +115,7 @@ class ACDC(Method):
         old = [m.clone() for m in masks.masks]
         total = sum(masks.numels)
         keep = round(self.ctx.density * total)
-        new = magnitude_masks([p.data for p in masks.params], old, keep, self.scope)
+        new = magnitude_masks([p.data for p in masks.params], old, keep, self.scope, masks.floor)
         for i, m in enumerate(new):
             masks.masks[i] = m
         masks.apply_()

@@ -108,6 +108,15 @@ class Method:
         self.cfg = cfg
         self.ctx = ctx
         self.masks = MaskSet.from_model(ctx.model, ctx.prunable) if self.sparse else None
+        # a method that draws per-layer counts from a distribution (`init`) refuses such a density
+        # itself, with the distribution's own smallest usable density (distributions.layer_counts)
+        if self.masks is not None and self.masks.floor > 0 and not cfg.get("init"):
+            total, layers = sum(self.masks.numels), len(self.masks)
+            if int(round(ctx.density * total)) < layers * self.masks.floor:
+                # the run would have to empty a layer: refused at start, whatever the method
+                raise ConfigError(f"density={ctx.density:g} keeps {int(round(ctx.density * total))} of {total} "
+                                  f"prunable weights, fewer than one per prunable layer ({layers}); use density >= "
+                                  f"{layers / total:.3g}, or prunable.allow_empty=true to let a layer empty")
 
     # --- life cycle -------------------------------------------------------------------------
     def setup(self) -> dict | None:

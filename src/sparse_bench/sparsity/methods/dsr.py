@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 
 from ..distributions import allocate
-from ..ops import mask_change_logs
+from ..ops import guard_layers, mask_change_logs
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
 
@@ -115,7 +115,8 @@ class DSR(ScheduledUpdates, RandomInitMixin, Method):
         h = self.threshold
 
         # 1. prune every active weight under the global threshold
-        pruned = [m & (w.abs() < h) for w, m in zip(weights, old)]
+        guarded = guard_layers([w.abs() for w in weights], old, masks.floor)  # a layer's largest stays
+        pruned = [m & (w < h) for w, m in zip(guarded, old)]
         after = [m & ~d for m, d in zip(old, pruned)]
         removed = [int(c) for c in torch.stack([d.sum() for d in pruned]).cpu().tolist()]
         k_total = sum(removed)

@@ -54,7 +54,7 @@ import torch
 
 from ...errors import ConfigError
 from ..distributions import allocate
-from ..ops import mask_change_logs, smallest_active
+from ..ops import guard_layers, lifted, mask_change_logs, smallest_active
 from ..pruning_schedules import gmp_events, gmp_sparsity
 from ..reinit import reinit_
 from .base import Method, register
@@ -71,8 +71,10 @@ def layer_counts_like(numels: list[int], caps: list[int], keep: int) -> list[int
 
 
 @torch.no_grad()
-def magnitude_masks(weights: list[torch.Tensor], masks: list[torch.Tensor], keep: int, scope: str) -> list[torch.Tensor]:
-    """New masks keeping the `keep` active weights of largest |w| (one threshold, or per layer).
+def magnitude_masks(weights: list[torch.Tensor], masks: list[torch.Tensor], keep: int, scope: str,
+                    floor: int = 1) -> list[torch.Tensor]:
+    """New masks keeping the `keep` active weights of largest |w| (one threshold, or per layer),
+    never fewer than `floor` in a layer (``MaskSet.floor``).
 
     Only active weights (mask True) can be kept: the result is a subset of `masks`.
     """
@@ -80,12 +82,12 @@ def magnitude_masks(weights: list[torch.Tensor], masks: list[torch.Tensor], keep
     keep = min(int(keep), sum(active))
     if scope == "global":
         numels = [m.numel() for m in masks]
-        flat_w = torch.cat([w.detach().abs().flatten() for w in weights])
+        flat_w = torch.cat([w.flatten() for w in guard_layers([w.detach().abs() for w in weights], masks, floor)])
         flat_m = torch.cat([m.flatten() for m in masks])
         dead = smallest_active(flat_w, flat_m, sum(active) - keep)
         kept = flat_m & ~dead
         return [k.view_as(m) for k, m in zip(torch.split(kept, numels), masks)]
-    counts = layer_counts_like([m.numel() for m in masks], active, keep)
+    counts = lifted(layer_counts_like([m.numel() for m in masks], active, keep), active, floor)
     return [m & ~smallest_active(w.detach().abs(), m, a - c) for w, m, a, c in zip(weights, masks, active, counts)]
 
 
@@ -165,7 +167,7 @@ class GMP(Method):
         masks = self.masks
         old = [m.clone() for m in masks.masks]
         keep = self.target_count(t)
-        new = magnitude_masks([p.data for p in masks.params], old, keep, self.scope)
+        new = magnitude_masks([p.data for p in masks.params], old, keep, self.scope, masks.floor)
         for i, m in enumerate(new):
             masks.masks[i] = m
         masks.apply_()

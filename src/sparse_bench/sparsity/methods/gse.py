@@ -78,7 +78,7 @@ from ..candidate_grad import (
     weight_matrix_shape,
 )
 from ..flops import SPARSE, Extra
-from ..ops import count_change_logs
+from ..ops import count_change_logs, floored, guard_layers
 from ..schedules import decay
 from ..statistics import quiet_pass
 from .base import Method, ScheduledUpdates, cadence_from, register
@@ -310,7 +310,7 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         active_idx = [masks.active_indices(i) for i in range(len(masks))]
         active_mag = [masks.active_values(i).abs() for i in range(len(masks))]
         if self.scope == "layer":
-            ks = [min(math.ceil(alpha * a), s) for a, s in zip(nnz, sizes)]
+            ks = floored([min(math.ceil(alpha * a), s) for a, s in zip(nnz, sizes)], nnz, masks.floor)
             for k, sc, a_mag, a_idx, (o, j), mod in zip(ks, scores_abs, active_mag, active_idx, cands, self.modules):
                 fan_in = weight_matrix_shape(mod)[1]
                 top = torch.topk(sc, k, largest=True, sorted=False).indices
@@ -321,7 +321,8 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         else:
             k_total = min(math.ceil(alpha * sum(nnz)), sum(sizes))
             flat_sc = torch.cat([s.to(self.ctx.device) for s in scores_abs]) if sizes else torch.zeros(0)
-            flat_mag = torch.cat([a.to(flat_sc.dtype).to(self.ctx.device) for a in active_mag])
+            guarded = guard_layers(active_mag, None, masks.floor)
+            flat_mag = torch.cat([a.to(flat_sc.dtype).to(self.ctx.device) for a in guarded])
             top = torch.topk(flat_sc, k_total, largest=True, sorted=False).indices
             low = torch.topk(flat_mag, k_total, largest=False, sorted=False).indices
             c_off = _offsets(sizes)

@@ -147,7 +147,8 @@ class Lottery(Method):
         target = self.densities[done - 1]
         old = [m.clone() for m in self.masks.masks]
         n_keep = min(self.target_count(target), sum(int(m.sum()) for m in old))
-        new = keep_top([p.detach().abs() for p in self.masks.params], n_keep, self.scope, active=old)
+        new = keep_top([p.detach().abs() for p in self.masks.params], n_keep, self.scope, active=old,
+                       floor=self.masks.floor)
         self.ctx.model.load_state_dict(self.rewind_state)
         self.masks.set_masks(new)
         self.ctx.optimizer.state.clear()

@@ -75,7 +75,7 @@ import torch
 
 from ...errors import ConfigError
 from ..flops import DENSE_GRADIENT_STEP, SPARSE_STEP
-from ..ops import largest_inactive, mask_change_logs, smallest_active
+from ..ops import guard_layers, largest_inactive, mask_change_logs, smallest_active
 from ..schedules import decay
 from ..statistics import dense_gradients, quiet_pass
 from .base import Method, cadence_from, register
@@ -174,7 +174,8 @@ class RigL(RandomInitMixin, Method):
             k_total = int(math.floor(alpha * sum(nnz)))
             ks = [k_total]
             flat_old = torch.cat([m.flatten() for m in old])
-            flat_drop = smallest_active(torch.cat([s.flatten() for s in drop_scores]), flat_old, k_total)
+            guarded = guard_layers(drop_scores, old, ms.floor)
+            flat_drop = smallest_active(torch.cat([s.flatten() for s in guarded]), flat_old, k_total)
             flat_kept = flat_old & ~flat_drop
             flat_blocked = flat_old if self.exclude_pruned else flat_kept
             flat_grow = largest_inactive(torch.cat([g.flatten() for g in grow_scores]), flat_blocked, k_total)

@@ -57,7 +57,7 @@ import torch
 
 from ...errors import ConfigError
 from ..distributions import allocate
-from ..ops import mask_change_logs, smallest_active
+from ..ops import guard_layers, mask_change_logs, smallest_active
 from ..schedules import decay
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
@@ -115,7 +115,8 @@ class SET(ScheduledUpdates, RandomInitMixin, Method):
         if self.scope == "global":
             k_total = min(int(math.floor(zeta * sum(nnz))), sum(nnz))
             flat_old = torch.cat([m.flatten() for m in old])
-            dead = smallest_active(torch.cat([w.abs().flatten() for w in weights]), flat_old, k_total)
+            guarded = guard_layers([w.abs() for w in weights], old, masks.floor)
+            dead = smallest_active(torch.cat([w.flatten() for w in guarded]), flat_old, k_total)
             pruned = [d.view_as(m) for d, m in zip(torch.split(dead, masks.numels), old)]
             after = [m & ~d for m, d in zip(old, pruned)]
             exclude = pruned if self.exclude_pruned else None

@@ -82,4 +82,4 @@ class SNIP(PruneAtInit):
     def prune_masks(self):
         batches = scoring_batches(self.ctx, self.n_batches, "snip")
         scores = snip_scores(self.ctx.model, self.masks.names, batches, self.ctx.loss_fn, self.train_mode)
-        return keep_top(scores, self.n_keep(), self.scope), {"snip/batches": len(batches)}
+        return keep_top(scores, self.n_keep(), self.scope, floor=self.masks.floor), {"snip/batches": len(batches)}

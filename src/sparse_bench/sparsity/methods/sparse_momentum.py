@@ -38,7 +38,7 @@ import torch
 
 from ..distributions import allocate
 from ..flops import DENSE_GRADIENT_STEP, SPARSE_STEP
-from ..ops import largest_inactive, mask_change_logs, random_inactive, smallest_active
+from ..ops import floored, guard_layers, largest_inactive, mask_change_logs, random_inactive, smallest_active
 from ..schedules import decay
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
@@ -183,15 +183,13 @@ class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
         # 1. prune
         if self.prune_mode == "global_magnitude":
             k_total = min(math.ceil(p * sum(nnz)), sum(nnz))
-            flat_w = torch.cat([w.abs().flatten() for w in weights])
+            flat_w = torch.cat([w.flatten() for w in guard_layers([w.abs() for w in weights], old, masks.floor)])
             flat_m = torch.cat([m.flatten() for m in old])
             dead = smallest_active(flat_w, flat_m, k_total)
             pruned = [d.view_as(m) for d, m in zip(torch.split(dead, numels), old)]
         else:
-            pruned = [
-                self.prune_layer(w, m, min(math.ceil(r * k), k))
-                for w, m, r, k in zip(weights, old, rates, nnz)
-            ]
+            counts = floored([math.ceil(r * k) for r, k in zip(rates, nnz)], nnz, masks.floor)
+            pruned = [self.prune_layer(w, m, c) for w, m, c in zip(weights, old, counts)]
         removed = [int(c) for c in torch.stack([torch.count_nonzero(x) for x in pruned]).cpu().tolist()]
         after_prune = [m & ~d for m, d in zip(old, pruned)]
         total_removed = sum(removed)
