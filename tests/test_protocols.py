@@ -536,11 +536,12 @@ def test_gse_rows_drop_the_last_partial_batch_as_its_loader_does(tmp_path):
     for row in ("gse_cifar10_resnet56", "gse_cifar100_vit_cifar_rigl", "gse_cifar10_vgg16_small_gmp",
                 "gse_imagenet_resnet50", "gse_width_cifar100_resnet56"):
         assert compose([f"experiment={row}"]).dataset.drop_last is True, row
-    write_cifar10(tmp_path)
-    cfg = OmegaConf.merge(compose(["experiment=gse_cifar10_resnet56"]).dataset, {"root": str(tmp_path)})
+    write_cifar10(tmp_path)  # a small CIFAR-10: the row's loader at batch 16 instead of 128
+    cfg = OmegaConf.merge(compose(["experiment=gse_cifar10_resnet56"]).dataset, {"root": str(tmp_path),
+                                                                               "batch_size": 16})
     data = build_data(cfg, CPU, seed=0)
     n = data.train.num_samples
-    assert len(data.train) == n // 128 and n % 128 and len(list(data.train)) == n // 128
+    assert len(data.train) == n // 16 and n % 16 and len(list(data.train)) == n // 16
 
 
 @pytest.mark.parametrize("name,extra", [("synthetic", {"n_train": 250}), ("digits", {})])

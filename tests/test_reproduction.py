@@ -146,12 +146,16 @@ def test_reproduce_runs_every_density_with_its_own_value():
     assert density_values(ROW) == []
 
 
-def test_cfg_job_resolve_shows_the_value_for_the_density(tmp_path):
-    out = cli(["experiment=cmp_cifar10_wrn28_2_set", "density=0.2", "--cfg", "job", "--resolve"], cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "  prune_rate: 0.07\n" in out.stdout
-    bad = cli(["experiment=cmp_cifar10_wrn28_2_set", "density=0.05", "--cfg", "job", "--resolve"], cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+def test_cfg_job_resolve_shows_the_value_for_the_density(tmp_path, capsys, monkeypatch):
+    from sparse_bench import cli as command_line
+
+    monkeypatch.chdir(tmp_path)
+    assert command_line.main(["experiment=cmp_cifar10_wrn28_2_set", "density=0.2", "--cfg", "job", "--resolve"]) == 0
+    assert "  prune_rate: 0.07\n" in capsys.readouterr().out
+    assert command_line.main(["experiment=cmp_cifar10_wrn28_2_set", "density=0.05", "--cfg", "job", "--resolve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: method.prune_rate depends on the density")
+    assert not list(tmp_path.iterdir())
 
 
 # --- through the command line into the table -----------------------------------------------------------
@@ -169,8 +173,8 @@ def test_an_unmodified_row_lands_in_the_table_beside_its_paper(tmp_path, capsys)
     root = tmp_path / "mnist"
     write_dataset(root, make_arrays(), gz=True)
     row = [f"experiment={ROW}", f"dataset.root={root}"]
-    # as shipped, but for the data root
-    shipped = cli(row, cwd=tmp_path)
+    # as shipped, but for the data root (and no W&B, which the recipe does not include)
+    shipped = cli([*row, "logger=none"], cwd=tmp_path)
     assert shipped.returncode == 0, shipped.stderr
     folder = tmp_path / "runs" / "mnist-lenet300_100-sparse_momentum-d0.05-s0"
     log = (folder / "sparse_bench.log").read_text()
@@ -179,15 +183,15 @@ def test_an_unmodified_row_lands_in_the_table_beside_its_paper(tmp_path, capsys)
     assert prov["experiment"] == ROW and prov["recipe_departures"] == []
     result = json.loads((folder / "results.json").read_text())
     assert result["paper"]["value"] == 1.53 and result["paper"]["metric"] == "test/error"
-    # another seed with every volatile key changed at once: the same row
+    # one sweep, two jobs: another seed with every volatile key changed at once (the same row), and
+    # the same with a real change (its own marked row, no paper value)
     volatile = ["seed=1", "threads=1", "progress=false", "log_every=3", "device=cpu", "logger=none",
-                "run_name=another-name", "resume=false", "optimized_metric=val/acc", "eval.train_samples=0"]
-    moved = cli([*row, *volatile], cwd=tmp_path)
-    assert moved.returncode == 0, moved.stderr
-    assert json.loads((tmp_path / "runs" / "another-name" / "provenance.json").read_text())["recipe_departures"] == []
-    # a real change: its own marked row, no paper value
-    short = cli([*row, "schedule.epochs=2", "logger=none", "run_name=short"], cwd=tmp_path)
-    assert short.returncode == 0, short.stderr
+                "resume=false", "optimized_metric=val/acc", "eval.train_samples=0", "sweep_name=volatile"]
+    sweep = cli(["-m", *row, *volatile, "schedule.epochs=100,2"], cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr
+    provs = {json.loads(p.read_text())["recipe_departures"] == [] for p in
+             (tmp_path / "runs" / "multirun" / "volatile").rglob("provenance.json")}
+    assert provs == {True, False}
     assert tables.main([str(tmp_path / "runs"), "--out", str(tmp_path / "tables")]) == 0
     cells = _cells_at((tmp_path / "tables" / "sm_mnist.md").read_text(), "0.05")
     ours, paper, delta = cells["LeNet-300-100"]

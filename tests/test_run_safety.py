@@ -183,19 +183,20 @@ def test_resume_false_removes_only_what_this_tool_wrote(tmp_path):
     (folder / "notes.txt").write_text("mine")
     run(compose([*TINY, "schedule.epochs=1", "resume=false", f"paths.runs={tmp_path}"]))
     assert (folder / "notes.txt").read_text() == "mine"
-    # a folder that is not one of ours: its own wandb/ and results.json survive resume=false
+    # a folder that is not one of ours: resume=false refuses, and its wandb/ and results.json survive
     foreign = tmp_path / "foreign"
     (foreign / "wandb").mkdir(parents=True)
     (foreign / "wandb" / "keep").write_text("x")
     (foreign / "results.json").write_text("{}")
-    run(compose([*TINY, "schedule.epochs=1", "resume=false", f"paths.runs={tmp_path}", "run_name=foreign"]))
-    assert (foreign / "wandb" / "keep").exists()
+    with pytest.raises(ConfigError, match="that this tool did not write"):
+        run(compose([*TINY, "schedule.epochs=1", "resume=false", f"paths.runs={tmp_path}", "run_name=foreign"]))
+    assert (foreign / "wandb" / "keep").exists() and (foreign / "results.json").read_text() == "{}"
 
 
 def test_unwritable_run_folder_is_one_line_naming_the_path(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("I am a file")
-    with pytest.raises(ConfigError, match="cannot write the run folder") as err:
+    with pytest.raises(ConfigError, match="is a file, not a folder") as err:
         run(compose([*TINY, f"paths.runs={blocker}"]))
     assert str(blocker) in str(err.value)
 

@@ -17,14 +17,16 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from .errors import ConfigError, RunFailed
+from .errors import ConfigError, RunFailed, Terminated
 from .identity import folder_name_excluded
 
 GROUPS = ("model", "dataset", "method", "schedule", "optimizer", "logger", "experiment")
@@ -139,15 +141,20 @@ def precheck(argv: list[str]) -> dict:
             raise ConfigError(_one_line(exc)) from None
         except (HydraException, OmegaConfBaseException, ValueError) as exc:
             raise ConfigError(f"the config does not compose: {_one_line(exc)}") from None
-        if mode == RunMode.MULTIRUN:
-            return {}
-        from .run import validate
+        from .run import check_place, validate
 
-        validate(cfg)
         try:
+            runs = Path(str(OmegaConf.select(cfg, "paths.runs")))
+            if mode == RunMode.MULTIRUN:  # the sweep's folder (each job's is checked when it starts)
+                sweep_dir = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir")))
+                check_place(sweep_dir, "hydra.sweep.dir", within=runs)
+                check_place(sweep_dir / str(OmegaConf.select(cfg, "run_name")), "the sweep's job folder")
+                return {}
             run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
         except OmegaConfBaseException:
             return {}
+        validate(cfg)
+        check_place(run_dir, "hydra.run.dir", within=runs)
         run_dir = run_dir.resolve()
         new = [d for d in [run_dir, *run_dir.parents] if not d.exists()]
         return {"run_dir": run_dir, "existed": run_dir.exists(), "new_folders": new}
@@ -178,19 +185,35 @@ def _is_multirun() -> bool:
 
 
 def _remove_if_new(run_dir: Path) -> None:
-    """A single run refused at start leaves no folder: remove the one Hydra just made for it."""
+    """A single run refused at start leaves no folder: remove the one Hydra just made for it (run()
+    calls this while it still holds the folder's lock, so no other process has begun there)."""
+    from .run import LOCK, MARKER
+
     pre = _STATE["precheck"]
     if not pre or pre.get("existed", True) or Path(pre.get("run_dir", "")) != run_dir.resolve():
         return
-    ours = {".hydra", "sparse_bench.log", ".sparse_bench.lock"}
+    ours = {".hydra", "sparse_bench.log", LOCK, MARKER}
     if run_dir.is_dir() and all(p.name in ours for p in run_dir.iterdir()):
-        logging.shutdown()
+        for logger in (logging.getLogger(), log):  # this process's log files there are closed first
+            for handler in list(logger.handlers):
+                if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
+                    handler.close()
+                    logger.removeHandler(handler)
         shutil.rmtree(run_dir, ignore_errors=True)
         for folder in pre.get("new_folders", [])[1:]:  # parents made for it, while still empty
             try:
                 folder.rmdir()
             except OSError:
                 break
+
+
+def _refused_at_start(run_dir: Path) -> None:
+    """run()'s `on_refused`: the line goes to the run's log, then a folder made for it goes."""
+    exc = sys.exc_info()[1]
+    if exc is not None:
+        _log_to_file(f"error: {exc}")
+    _remove_if_new(run_dir)
+    _STATE["refused"] = True
 
 
 def run_job(cfg):
@@ -204,17 +227,26 @@ def run_job(cfg):
     metric = cfg.get("optimized_metric")
     failed = float("nan") if metric else None  # what a failed job gives a sweeper (Optuna: a failed trial)
     try:
-        result = run(cfg)
+        result = run(cfg, on_refused=None if multirun else _refused_at_start)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): one line, no traceback
+        what = "SIGTERM" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+        message = (f"{what}: {run_dir} keeps its last finished epoch (the checkpoint is written after every "
+                   f"epoch); run the same command again to resume it")
+        print(f"\n{message}", file=sys.stderr)
+        _log_to_file(message, logging.WARNING)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
     except (ConfigError, RunFailed) as exc:
         message = str(exc)
         print(f"error: {message}", file=sys.stderr)
-        _log_to_file(f"error: {message}")
         if multirun:
+            _log_to_file(f"error: {message}")
             record_failure(run_dir, OmegaConf.to_container(cfg, resolve=False), message)
             _STATE["failures"].append((run_dir, message))
             return failed
-        if isinstance(exc, ConfigError):
-            _remove_if_new(run_dir)
+        if not (isinstance(exc, ConfigError) and _STATE.pop("refused", False)):
+            _log_to_file(f"error: {message}")
+            if isinstance(exc, ConfigError):  # refused before the run took its folder's lock
+                _remove_if_new(run_dir)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)
     except Exception as exc:  # noqa: BLE001 - a bug: keep the traceback, but let the sweep go on
         if not multirun:
@@ -290,8 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     os._exit(code)
 
 
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _STATE["precheck"] = precheck(argv)
     except ConfigError as exc:

@@ -5,6 +5,11 @@ class ConfigError(Exception):
     """Bad input: the message names the key and the fix; no traceback is shown (exit status 2)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's scheduler stopping a job), handled as Ctrl-C is: the run stops where it
+    is, keeps its last finished epoch's checkpoint, and the same command resumes it (exit 143)."""
+
+
 class RunFailed(Exception):
     """A run that started and could not go on (e.g. a non-finite loss): one line, exit status 1.
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +25,10 @@ from .models import build_model
 from .provenance import provenance as make_provenance
 from .sparsity.flops import build_meter
 from .sparsity.execution import Execution, build_model_for, execution_mode
+from .sparsity.execution.engine import PLAN_FILE
 from .sparsity.methods import MethodContext, build_method
-from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, load_checkpoint
+from .sidefiles import read_object
+from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, is_checkpoint, load_checkpoint
 from .train import distributed as dist_util
 from .train.logging import MetricSink, NullSink, wandb_run_config
 from .train.optim import LRSchedule, build_optimizer
@@ -147,7 +151,9 @@ def _shown(value) -> str:
 
 # files this tool writes into a run folder (resume=false removes these, and only these)
 OWN_FILES = (CHECKPOINT, "results.json", "metrics.jsonl", "wandb_id.txt", "wandb_step.txt", "provenance.json",
-             "config.json", "config.yaml")
+             "config.json", "config.yaml", PLAN_FILE)
+# the first file this tool writes into every run folder it makes or uses: the folder is its own
+MARKER = ".sparse_bench"
 
 
 def check_run_name(key: str, name: str) -> None:
@@ -158,18 +164,56 @@ def check_run_name(key: str, name: str) -> None:
                           f"stays inside paths.runs; pass e.g. {key}=my-run")
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create the run folder and make sure this process can write there (one line if not)."""
+def check_place(folder: Path, key: str, within: Path | None = None) -> None:
+    """Before anything is created: `folder` (a run or sweep folder, named by `key`) can be made
+    and written. It stays inside `within` (``paths.runs``), every name in it fits the file
+    system's limit, no file stands where a folder is needed, and the nearest folder that exists
+    takes a new folder (probed by making and removing one). One line naming the path otherwise."""
+    folder = Path(os.path.abspath(folder))
+    fix = "choose a writable folder with paths.runs=DIR"
+    if within is not None:
+        root = Path(os.path.abspath(within))
+        if folder != root and root not in folder.parents:
+            raise ConfigError(f"{key}={folder} is outside paths.runs={root}; runs stay under paths.runs: set "
+                              f"paths.runs=DIR (and run_name=NAME or sweep_name=NAME) instead")
+    place = folder
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise ConfigError(f"cannot create {folder}: {place} is a file, not a folder; {fix}")
+    try:
+        name_max, path_max = os.pathconf(place, "PC_NAME_MAX"), os.pathconf(place, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in folder.relative_to(place).parts:
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(f"cannot create a folder named {part[:40]}... under {place}: the name is "
+                              f"{len(os.fsencode(part))} bytes, more than the {name_max} the file system allows; "
+                              f"choose a shorter run_name (or sweep_name)")
+    if len(os.fsencode(str(folder))) >= path_max:
+        raise ConfigError(f"cannot create {str(folder)[:60]}...: the path is longer than the {path_max} bytes its "
+                          f"file system allows; choose a shorter paths.runs or run_name")
     from .train.checkpoint import describe_os_error
 
+    try:  # what exists takes a new folder (root bypasses permission bits, so only trying tells)
+        os.rmdir(tempfile.mkdtemp(prefix=".sparse_bench-probe-", dir=place))
+    except OSError as exc:
+        why = "it takes no new folders" if exc.errno == errno.ENOENT else describe_os_error(exc)
+        raise ConfigError(f"cannot create {folder}: {why} ({place}); {fix}") from None
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run folder, make sure this process can write there (one line if not), and mark
+    it as this tool's (``MARKER``, the first file written into it)."""
+    from .train.checkpoint import describe_os_error
+
+    check_place(run_dir, "the run folder")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        (run_dir / MARKER).write_text("a run folder of sparse_bench: it may remove the files it wrote here\n")
     except OSError as exc:
         raise ConfigError(f"cannot write the run folder {run_dir}: {describe_os_error(exc)}; choose a "
-                         f"writable folder with paths.runs=DIR") from None
+                          f"writable folder with paths.runs=DIR") from None
 
 
 def record_failure(run_dir: Path, resolved: dict, message: str, epochs_done: int | None = None) -> None:
@@ -189,43 +233,123 @@ def record_failure(run_dir: Path, resolved: dict, message: str, epochs_done: int
         pass  # the folder itself is what failed; the message still reaches the console and log
 
 
+def written_here(run_dir: Path) -> bool:
+    """Whether this tool wrote the files in `run_dir`: its marker (the first file it writes into
+    every run folder), a provenance.json of its own, or a checkpoint with its header."""
+    if (run_dir / MARKER).is_file():
+        return True
+    prov = read_object(run_dir / "provenance.json", required=False)
+    if isinstance(prov, dict) and "sparse_bench" in (prov.get("versions") or {}):
+        return True
+    return is_checkpoint(run_dir / CHECKPOINT)
+
+
+def _check_foreign(run_dir: Path, ours: bool) -> None:
+    """Files with this tool's names in a folder it did not write are never read as its own nor
+    overwritten (resume=auto or false alike): one line, and nothing is touched."""
+    present = [n for n in OWN_FILES if (run_dir / n).exists()] + (["wandb/"] if (run_dir / "wandb").exists() else [])
+    if present and not ours:
+        raise ConfigError(f"run folder {run_dir} holds {', '.join(present[:4])} that this tool did not write (no "
+                          f"{MARKER}, provenance.json or checkpoint of its own); choose another run_name or move "
+                          f"those files away")
+
+
 def _start_over(run_dir: Path) -> None:
-    """resume=false: remove what an earlier run of this tool left in this exact folder."""
-    if not (run_dir / "config.json").exists() and not (run_dir / CHECKPOINT).exists():
-        return  # not one of our run folders (or empty): touch nothing
-    ours_wandb = (run_dir / "wandb_id.txt").exists()  # the W&B folder is ours only with our id file
+    """resume=false: remove what an earlier run of this tool left in this exact folder (the caller
+    has made sure the folder is this tool's)."""
     for name in OWN_FILES:
         (run_dir / name).unlink(missing_ok=True)
-    if ours_wandb:
-        shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+    shutil.rmtree(run_dir / "wandb", ignore_errors=True)
+
+
+LOCK = ".sparse_bench.lock"
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path, main: bool):
     """Hold an exclusive lock on the run folder: two processes given the same run (identical
-    jobs of a parallel sweep) take turns, and the second finds the first one's results."""
+    jobs of a parallel sweep) take turns, and the second finds the first one's results.
+
+    The lock is a file in the folder, and a run refused at start removes the folder it made
+    (lock included) while others may wait on it: a process that gets the lock checks that its
+    file is still the one in the folder, and if not (removed, or made again by a third process)
+    makes the folder again and waits on the lock that is there now, so two processes never hold
+    one folder at once."""
     if not main:
         yield
         return
-    with open(run_dir / ".sparse_bench.lock", "a") as f:
+    path = run_dir / LOCK
+    said = False
+    while True:
+        if not (run_dir / MARKER).exists():  # removed while this process waited: made again
+            prepare_run_dir(run_dir)
+            _reopen_logs(run_dir)
+        f = open(path, "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            log.info(f"another process is running {run_dir}; waiting for it to finish")
+            if not said:
+                log.info(f"another process is running {run_dir}; waiting for it to finish")
+                said = True
             fcntl.flock(f, fcntl.LOCK_EX)
+        held = os.fstat(f.fileno())
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            here = os.stat(path)
+        except FileNotFoundError:
+            here = None
+        if here is not None and (here.st_ino, here.st_dev) == (held.st_ino, held.st_dev):
+            break
+        f.close()  # a lock on a file no longer in the folder locks nothing: take the current one
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train one configuration; return the final test metrics."""
+def _reopen_logs(run_dir: Path) -> None:
+    """A run folder removed while this process waited for its lock is made again; log files this
+    process had open in it are opened again, so its log is not written into a removed file."""
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
+            if not Path(handler.baseFilename).exists():
+                handler.acquire()
+                try:
+                    if handler.stream is not None:
+                        handler.stream.close()
+                    handler.stream = handler._open()
+                finally:
+                    handler.release()
+
+
+def run(cfg: DictConfig, on_refused=None) -> dict:
+    """Train one configuration; return the final test metrics. `on_refused(run_dir)` runs when the
+    run is refused (ConfigError) while it still holds the folder's lock (the command line removes
+    a folder it made for a run refused at start)."""
     cfg = validate(cfg)
     run_dir = run_dir_of(cfg)
+    ours = written_here(run_dir)
+    _check_foreign(run_dir, ours)  # before anything (a marker, a lock) is written into their folder
     prepare_run_dir(run_dir)
     with run_lock(run_dir, dist_util.from_env().is_main):
-        return _run(cfg, run_dir)
+        try:
+            return _run(cfg, run_dir)
+        except ConfigError:
+            if on_refused is not None:
+                on_refused(run_dir)
+            raise
+
+
+def _finished(path: Path) -> dict | None:
+    """A finished run's results.json (None if there is none or the run did not finish), every
+    part the resume decision reads checked: one line naming the file otherwise."""
+    fix = "remove it (a checkpoint beside it resumes the run) or pass resume=false to start over"
+    done = read_object(path, fix=fix)
+    if done is None or done.get("status") != "complete":
+        return None
+    if not isinstance(done.get("config"), dict) or not isinstance(done.get("final"), dict):
+        raise ConfigError(f"{path} says complete but holds no config or final metrics; {fix}")
+    return done
 
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -239,24 +363,20 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
 
     if resume == "false":
         _start_over(run_dir)
-    elif results_path.exists():
-        try:
-            done = json.loads(results_path.read_text())
-        except ValueError:
-            done = {}
-        if done.get("status") == "complete":
-            changed = _changes(done.get("config", {}), resolved)
-            if not changed:
-                log.info(f"run already complete: {results_path} (test/acc "
-                         f"{done['final'].get('test/acc')}); pass resume=false to train again")
-                return done["final"]
-            raise ConfigError(
-                f"run folder {run_dir} holds a finished run with another config ({'; '.join(changed[:3])}); "
-                f"pass run_name=NEW for a new folder, or resume=false to replace it")
+    elif (done := _finished(results_path)) is not None:
+        changed = _changes(done["config"], resolved)
+        if not changed:
+            log.info(f"run already complete: {results_path} (test/acc "
+                     f"{done['final'].get('test/acc')}); pass resume=false to train again")
+            return done["final"]
+        raise ConfigError(
+            f"run folder {run_dir} holds a finished run with another config ({'; '.join(changed[:3])}); "
+            f"pass run_name=NEW for a new folder, or resume=false to replace it")
     if resume != "false" and ckpt_path.exists():
-        old_cfg = run_dir / "config.json"
-        if old_cfg.exists():
-            changed = _changes(json.loads(old_cfg.read_text()), resolved)
+        old_cfg = read_object(run_dir / "config.json",
+                              fix="remove the run folder's config.json and checkpoint.pt, or pass resume=false")
+        if old_cfg is not None:
+            changed = _changes(old_cfg, resolved)
             if changed:
                 raise ConfigError(
                     f"run folder {run_dir} holds a run with another config ({'; '.join(changed[:3])}); "
@@ -280,6 +400,11 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     density = float(cfg.density)
     torch.manual_seed(seed)
     data = build_data(cfg.dataset, device, seed)
+    metric = cfg.get("optimized_metric")
+    if metric and str(metric).startswith("val/") and data.val is None:  # known before a single step
+        raise ConfigError(f"optimized_metric={metric} needs a validation split, and dataset={cfg.dataset.name} holds "
+                          f"none out (dataset.val_fraction={cfg.dataset.get('val_fraction')}); set e.g. "
+                          f"dataset.val_fraction=0.1")
     torch.manual_seed(seed)
     rule = OmegaConf.to_container(cfg.prunable, resolve=True)
     rule["exclude"] = list(rule.get("exclude", [])) + list(cfg.model.get("dense_params", []) or [])
@@ -290,13 +415,6 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
 
     multiplier = float(cfg.schedule.get("multiplier", 1))
     epochs = max(1, int(round(cfg.schedule.epochs * multiplier)))
-    if len(data.train) == 0:
-        n = getattr(data.train, "num_samples", 0)
-        raise ConfigError(f"the training split of dataset={cfg.dataset.name} holds no samples; check dataset.root"
-                          if not n else
-                          f"the training split ({n} samples) holds no whole batch of dataset.batch_size="
-                          f"{cfg.dataset.batch_size} with dataset.drop_last=true; lower dataset.batch_size or set "
-                          f"dataset.drop_last=false")
     limit = cfg.get("limit_train_batches")
     steps_per_epoch = len(data.train) if limit is None else min(len(data.train), int(limit))
     lr_schedule = LRSchedule(cfg.schedule, float(cfg.optimizer.lr), steps_per_epoch, epochs, multiplier)
@@ -384,8 +502,11 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
         last_train = {}
         metrics_file = run_dir / "metrics.jsonl"
         for line in metrics_file.read_text().splitlines():
-            rec = json.loads(line)
-            if "train/loss" in rec:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # not a record of this run's (metrics.jsonl is appended to, never trusted)
+            if isinstance(rec, dict) and "train/loss" in rec:
                 last_train = rec
         final_metrics = {
             "test/acc": final["test/acc"],

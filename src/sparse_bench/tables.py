@@ -80,7 +80,9 @@ from pathlib import Path
 
 from . import identity
 from .provenance import _short
+from .errors import ConfigError
 from .resolvers import DENSE_METHODS
+from .sidefiles import read_object
 from .train.logging import WANDB_EXTRAS
 
 METRICS = ("test/acc", "test/error")
@@ -123,11 +125,18 @@ class RunRecord:
         return self.error is not None
 
 
+class Unreadable(Exception):
+    """A run folder whose results.json or config.json is not a JSON object this tool wrote (one
+    note, and the run is left out rather than shown as running)."""
+
+
 def _read_json(path: Path):
+    """The JSON object in `path`, None when there is none; Unreadable when the file is there but
+    truncated, not JSON or not an object."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+        return read_object(path)
+    except ConfigError:
+        raise Unreadable(f"{Path(path).name} is truncated or not a JSON object") from None
 
 
 def planned_epochs(config: dict) -> int | None:
@@ -165,14 +174,17 @@ def progress(metrics_path: Path) -> tuple[int, int | None, list]:
 
 
 
-def read_run_folder(folder: Path) -> RunRecord | None:
+def read_run_folder(folder: Path) -> RunRecord:
+    """The run in `folder` (Unreadable with the reason when its files cannot be trusted)."""
     folder = Path(folder)
     results = _read_json(folder / "results.json")
     config = _read_json(folder / "config.json")
+    if config is None:
+        config = results.get("config") if results is not None else None
     if not isinstance(config, dict):
-        config = results.get("config") if isinstance(results, dict) else None
-    if not isinstance(config, dict):
-        return None
+        raise Unreadable("no config.json, and no config in its results.json")
+    if results is not None and results.get("status") == "complete" and not isinstance(results.get("final"), dict):
+        raise Unreadable("its results.json says complete but holds no final metrics")
     wandb_id = None
     if isinstance(results, dict) and isinstance(results.get("wandb"), dict):
         wandb_id = results["wandb"].get("id")
@@ -181,7 +193,7 @@ def read_run_folder(folder: Path) -> RunRecord | None:
     epochs = planned_epochs(config)
     prov = results.get("provenance") if isinstance(results, dict) else None
     if not isinstance(prov, dict):
-        prov = _read_json(folder / "provenance.json")
+        prov = read_object(folder / "provenance.json", required=False)
     departures = prov.get("recipe_departures") if isinstance(prov, dict) else None
     departures = list(departures) if isinstance(departures, list) else None
     done, planned, history = progress(folder / "metrics.jsonl")
@@ -1172,11 +1184,10 @@ def gather(inputs: list[Path], wandb_project: str | None, notes: list[str]) -> l
         raise NothingToTabulate(f"no such folder: {', '.join(missing)}")
     runs = []
     for folder in find_run_folders(inputs):
-        rec = read_run_folder(folder)
-        if rec is None:
-            notes.append(f"note: {folder} has an unreadable config.json; skipped")
-        else:
-            runs.append(rec)
+        try:
+            runs.append(read_run_folder(folder))
+        except Unreadable as exc:
+            notes.append(f"note: {folder} skipped: {exc}")
     if wandb_project:
         try:
             fetched = fetch_wandb_runs(wandb_project)

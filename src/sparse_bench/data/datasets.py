@@ -120,6 +120,26 @@ class DataBundle:
     name: str
     train_eval: Any | None = None
 
+    def check(self) -> "DataBundle":
+        """Refuse data that would train or measure nothing (one line naming the split): an empty
+        split, a training split without one whole batch, fewer than two classes."""
+        where = f"dataset={self.name}"
+        if int(self.num_classes) < 2:
+            raise ConfigError(f"{where} has {self.num_classes} class; a classifier needs at least 2 (an image "
+                              f"folder needs one sub-folder per class); check dataset.root")
+        for split, loader in (("training", self.train), ("test", self.test), ("validation", self.val)):
+            if loader is None:
+                continue
+            n = int(getattr(loader, "num_samples", 1))
+            if n == 0:
+                fix = "lower dataset.val_fraction" if split == "validation" else "check dataset.root"
+                raise ConfigError(f"the {split} split of {where} holds no samples; {fix}")
+        if len(self.train) == 0:
+            raise ConfigError(f"the training split of {where} ({self.train.num_samples} samples) holds no whole "
+                              f"batch of dataset.batch_size={getattr(self.train, 'global_batch_size', None) or self.train.batch_size} "
+                              f"with dataset.drop_last=true; lower dataset.batch_size or set dataset.drop_last=false")
+        return self
+
 
 # --------------------------------------------------------------------------- normalisation
 
@@ -512,17 +532,17 @@ def build_data(cfg: Any, device: torch.device, seed: int) -> DataBundle:
         bundle = builder(cfg, torch.device(device), seed)
         if not isinstance(bundle, DataBundle):
             raise ConfigError(f"dataset._target_={cfg.get('_target_')} must return a sparse_bench.data.DataBundle")
-        return bundle
+        return bundle.check()
     name = cfg.name
     device = torch.device(device)
     batch_size, test_batch_size, val_fraction = cfg.batch_size, cfg.test_batch_size, cfg.val_fraction
 
     if name in _CIFAR:
-        return _cifar_bundle(cfg, name, device, seed, batch_size, test_batch_size, val_fraction)
+        return _cifar_bundle(cfg, name, device, seed, batch_size, test_batch_size, val_fraction).check()
     if name == "imagenet":
         from sparse_bench.data.imagenet import build_imagenet
 
-        return build_imagenet(cfg, device, seed, batch_size, test_batch_size, val_fraction)
+        return build_imagenet(cfg, device, seed, batch_size, test_batch_size, val_fraction).check()
 
     if name in _IDX_SPECS:
         x_tr, y_tr, x_te, y_te = _idx_tensors(cfg, name, device)
@@ -545,4 +565,4 @@ def build_data(cfg: Any, device: torch.device, seed: int) -> DataBundle:
         input_shape=tuple(int(s) for s in x_tr.shape[1:]),
         num_classes=int(num_classes),
         name=str(name),
-    )
+    ).check()

@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from sparse_bench.data.datasets import DataBundle, _channel_stats, resolve_root
 from sparse_bench.data.loader import _SEED_STRIDE, STATS_STREAM, StatBatches, _splitmix64, epoch_seed, mix_seed
-from sparse_bench.errors import ConfigError
+from sparse_bench.errors import ConfigError, RunFailed
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -161,12 +161,28 @@ def scan_split(folder: Path, class_to_idx: dict[str, int] | None = None) -> tupl
 # --------------------------------------------------------------------------- transforms
 
 
+class UnreadableImage(RunFailed):
+    """An image file that does not decode: one line naming it (exit status 1; the last finished
+    epoch's checkpoint stays). Raised in a DataLoader worker it comes back wrapped in the worker's
+    traceback; the message keeps only the line that names the file."""
+
+    def __init__(self, message: str):
+        lines = [line for line in str(message).strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else str(message)
+        super().__init__(last.split("UnreadableImage: ", 1)[-1])
+
+
 def _load_rgb(path: str):
     from PIL import Image
 
-    with open(path, "rb") as fh:
-        img = Image.open(fh)
-        return img.convert("RGB")
+    try:
+        with open(path, "rb") as fh:
+            img = Image.open(fh)
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) and path not in str(exc) else ""
+        raise UnreadableImage(f"cannot read the image {path} ({type(exc).__name__}{': ' + detail if detail else ''}); "
+                              f"replace it with a readable image, or remove it and start over (resume=false)") from None
 
 
 class TrainTransform:

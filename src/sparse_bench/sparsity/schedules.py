@@ -172,10 +172,15 @@ class Timeline:
             except (TypeError, ValueError):
                 raise ConfigError(f"{key}.points: {v!r} is not a valid value, e.g. {example}") from None
             steps.append(s)
-        if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
-            raise ConfigError(f"{key}.points must start at 0 and increase (in steps: {steps}); "
-                              f"on a short run two points can fall on one step: give fractions")
-        return Piecewise(steps, values)
+        given = [float(at) for at, _ in points]
+        if given[0] != 0 or any(b <= a for a, b in zip(given, given[1:])):
+            raise ConfigError(f"{key}.points must start at 0 and increase ({unit}s: {[f'{g:g}' for g in given]}), "
+                              f"e.g. {example}")
+        # on a short run points can round to one step: the last of them is the one in force there
+        merged = {}
+        for s, v in zip(steps, values):
+            merged[s] = v
+        return Piecewise(list(merged), list(merged.values()))
 
 
 class Piecewise:

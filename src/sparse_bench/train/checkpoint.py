@@ -135,6 +135,15 @@ def save_checkpoint(path: Path, state: dict, config_fingerprint: str = "") -> No
     atomic_write_bytes(path, write)
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` starts with this tool's checkpoint header (its payload is not read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def read_header(path: Path) -> tuple[dict, bytes]:
     """The header and the verified payload bytes of a checkpoint file (CheckpointError if corrupt)."""
     path = Path(path)

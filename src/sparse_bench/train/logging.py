@@ -18,11 +18,15 @@ import logging
 import math
 import netrc
 import os
+import re
 import secrets
 import string
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from ..errors import ConfigError
 
 log = logging.getLogger("sparse_bench")
 
@@ -46,8 +50,6 @@ def wandb_mode(cfg_mode) -> str:
     mode = str(cfg_mode) if cfg_mode else os.environ.get("WANDB_MODE")
     if mode:
         if mode not in WANDB_MODES:
-            from ..errors import ConfigError
-
             where = "logger.mode" if cfg_mode else "the environment variable WANDB_MODE"
             raise ConfigError(f"{where}={mode} is not a W&B mode; use one of: {', '.join(WANDB_MODES)}")
         return mode
@@ -60,6 +62,37 @@ def wandb_mode(cfg_mode) -> str:
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         pass
     return "offline"
+
+
+#: W&B's folders under the home folder, and the variables that move them
+_WANDB_HOME = {"WANDB_CACHE_DIR": ".cache/wandb", "WANDB_CONFIG_DIR": ".config/wandb", "WANDB_DATA_DIR": ".local/share/wandb"}
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=folder))
+        return True
+    except (OSError, RuntimeError):
+        return False
+
+
+def _wandb_home(run_dir: Path) -> list[str]:
+    """W&B keeps a cache, its settings and staged files under the home folder; where that is not
+    writable (a cluster job's HOME, a container) and the user set no place of their own, they go
+    into the run folder. Returns the variables it set."""
+    moved = []
+    for var, rel in _WANDB_HOME.items():
+        if os.environ.get(var):
+            continue
+        try:
+            default = Path.home() / rel
+        except RuntimeError:  # no home folder at all
+            default = None
+        if default is None or not _writable(default):
+            os.environ[var] = str(run_dir / "wandb" / ".home" / rel)
+            moved.append(var)
+    return moved
 
 
 def wandb_run_config(resolved: dict, provenance: dict, prunable_rule: dict) -> dict:
@@ -93,8 +126,6 @@ class MetricSink:
         if name == "wandb":
             self._start_wandb(run_dir, logger_cfg, run_name, group, tags, config)
         elif name != "none":
-            from ..errors import ConfigError
-
             raise ConfigError(f"logger={name} is unknown; choose one of: wandb, none")
 
     def _truncate(self, resume_epoch: int) -> None:
@@ -113,11 +144,42 @@ class MetricSink:
                     keep.append(line)
         self.path.write_text("".join(k + "\n" for k in keep))
 
+    def _wandb_failed(self, what: str, exc: BaseException) -> None:
+        """A W&B call failed: one warning line, and the run goes on without W&B (its records stay
+        in metrics.jsonl and results.json; a finished run's status and exit code do not change)."""
+        log.warning(f"W&B could not {what} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    f"the run goes on without W&B, its records are in {self.path.name}")
+        if self.wandb_info is not None:
+            self.wandb_info["error"] = f"{what}: {type(exc).__name__}"
+        wb, self.wandb = self.wandb, None
+        if wb is not None:
+            try:
+                wb.finish(exit_code=1, quiet=True)
+            except Exception:  # noqa: BLE001 - already failing: nothing more to say
+                pass
+
     def _start_wandb(self, run_dir, cfg, run_name, group, tags, config) -> None:
+        try:
+            self._init_wandb(run_dir, cfg, run_name, group, tags, config)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - W&B's failure is never the run's
+            if isinstance(exc, ConfigError):
+                raise
+            self._wandb_failed("start", exc)
+
+    def _init_wandb(self, run_dir, cfg, run_name, group, tags, config) -> None:
+        moved = _wandb_home(Path(run_dir))
+        if moved:
+            log.warning(f"W&B's folders under the home folder are not writable; its {', '.join(moved)} are in "
+                        f"{Path(run_dir) / 'wandb' / '.home'} for this run")
         import wandb
 
         id_file = Path(run_dir) / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else new_run_id()
+        run_id = id_file.read_text(errors="replace").strip() if id_file.exists() else new_run_id()
+        if not re.fullmatch(r"[a-z0-9]{1,64}", run_id):
+            raise ConfigError(f"{id_file} does not hold a W&B run id (lowercase letters and digits); remove it "
+                              f"(the run then starts a new W&B run)")
         id_file.write_text(run_id + "\n")
         mode = wandb_mode(cfg.get("mode"))
         job_type = cfg.get("job_type", "train")
@@ -162,24 +224,34 @@ class MetricSink:
             if key not in self._defined and key not in ("step", "epoch"):
                 self.wandb.define_metric(key, step_metric=self._axis(key, record))
                 self._defined.add(key)
-        self.wandb.log(payload, step=self._wb_step)
+        try:
+            self.wandb.log(payload, step=self._wb_step)
+        except Exception as exc:  # noqa: BLE001 - see _wandb_failed
+            return self._wandb_failed("log a record", exc)
         self._wb_step += 1
         self._step_file.write_text(f"{self._wb_step}\n")
 
     def summary(self, values: dict) -> None:
-        if self.wandb is not None:
+        if self.wandb is None:
+            return
+        try:
             for k, v in values.items():
                 if v is not None:
                     self.wandb.summary[k] = v
+        except Exception as exc:  # noqa: BLE001 - see _wandb_failed
+            self._wandb_failed("write the summary", exc)
 
     def table(self, key: str, columns: list[str], rows: list[list]) -> None:
         """A W&B table (e.g. the final per-layer densities), logged once."""
         if self.wandb is None:
             return
-        import wandb
+        try:
+            import wandb
 
-        self.wandb.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])},
-                       step=self._wb_step)
+            self.wandb.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])},
+                           step=self._wb_step)
+        except Exception as exc:  # noqa: BLE001 - see _wandb_failed
+            return self._wandb_failed(f"log the table {key}", exc)
         self._wb_step += 1
         self._step_file.write_text(f"{self._wb_step}\n")
 
@@ -187,6 +259,8 @@ class MetricSink:
         if self.wandb is not None:
             try:
                 self.wandb.finish(exit_code=exit_code)
+            except Exception as exc:  # noqa: BLE001 - see _wandb_failed
+                self._wandb_failed("finish", exc)
             finally:
                 self.wandb = None
 

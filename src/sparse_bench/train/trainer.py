@@ -97,6 +97,7 @@ class Trainer:
         # `nonfinite_check_every` steps (and before every checkpoint) to keep the step sync-free
         self.nonfinite_check_every = 1 if device.type == "cpu" else int(nonfinite_check_every)
         self._first_bad = None
+        self._last_x = None
 
     # --- one epoch ----------------------------------------------------------------------------
     def train_epoch(self, epoch: int, sink: MetricSink | None = None) -> dict:
@@ -134,6 +135,7 @@ class Trainer:
                 loss = self.loss_fn(out, y)
                 return loss, out, loss.detach() * y.shape[0]
 
+            self._last_x = x  # read only if the loss turns non-finite (which input was it?)
             _, out, loss_detached = hooked_step(self.method, self.optimizer, self.step, forward)
             if self.flops is not None:
                 self.flops.step(self.step, samples)
@@ -240,6 +242,12 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         kept = (f"its last checkpoint is the end of epoch {self.epoch}" if self.epoch > 0
                 else "no epoch had finished, so there is no checkpoint")
+        x = getattr(self, "_last_x", None)
+        if torch.is_tensor(x) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise RunFailed(
+                f"the training loss became non-finite (nan or inf) at epoch {epoch}, step {first}, and the "
+                f"training inputs themselves are not finite after normalisation; the run stopped there and {kept}. "
+                f"Check dataset.normalize (a std of about 0 divides by 0) and the data files")
         raise RunFailed(
             f"the training loss became non-finite (nan or inf) at epoch {epoch}, step {first}; the run stopped "
             f"there and {kept}. Likely cause: the learning rate "

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError, RunFailed
+from ...sidefiles import read_object
 from ...train.checkpoint import atomic_write_json
 from . import kernels
 from .layers import DenseGradControl, SparseLayer, sparse_twin
@@ -195,9 +196,20 @@ class Execution:
         return out
 
     def _load_plan(self) -> dict[str, str] | None:
-        if self.run_dir is None or not (self.run_dir / PLAN_FILE).exists():
+        """The plan a resumed run rebuilds its layers by (execution.json), checked: one line naming
+        the file when it is not one this tool wrote."""
+        if self.run_dir is None:
             return None
-        return json.loads((self.run_dir / PLAN_FILE).read_text()).get("plan")
+        path = self.run_dir / PLAN_FILE
+        fix = "remove it and pass resume=false to start the run over"
+        rec = read_object(path, fix=fix)
+        if rec is None:
+            return None
+        plan = rec.get("plan")
+        if not isinstance(plan, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in plan.items()):
+            raise ConfigError(f"{path} holds no plan of prunable layers (a 'plan' of names to 'sparse' or "
+                              f"'masked: ...'); {fix}")
+        return plan
 
     def _record(self) -> dict:
         return {"execution": self.mode, "kernels": kernels.backend(), "plan": self.plan,

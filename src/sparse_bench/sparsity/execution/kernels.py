@@ -6,7 +6,9 @@ header): ``spmm`` (forward pass, and the input gradient on the transposed struct
 system's C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``, OpenMP when the
 compiler has it) into a per-user cache (``$SPARSE_BENCH_CACHE`` or ``~/.cache/sparse_bench``),
 keyed by a hash of the source, the flags, the compiler and the CPU, and loaded with ctypes: about a
-second once, nothing at install time, no torch build machinery.
+second once, nothing at install time, no torch build machinery. The key is built into the library
+(``sb_key()``) and checked on loading: a foreign, stale or broken file under the cache's name is
+rebuilt, and if that fails the torch path runs, with one line saying why.
 
 Without a compiler, on CUDA tensors, for dtypes other than float32, or with
 ``SPARSE_BENCH_KERNELS=torch``, the same operations run on torch's CSR ops
@@ -73,15 +75,17 @@ def _compiler() -> str | None:
     return None
 
 
-def _compile(cc: str, out: Path) -> None:
-    """Compile SOURCE into `out` (with OpenMP if the compiler takes -fopenmp), atomically."""
+def _compile(cc: str, out: Path, key: str) -> None:
+    """Compile SOURCE into `out` (with OpenMP if the compiler takes -fopenmp), atomically, with
+    `key` built in (``sb_key()``)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     last = None
     for extra in (["-fopenmp"], []):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            proc = subprocess.run([cc, *FLAGS, *extra, f'-DSB_KEY="{key}"', "-o", tmp, str(SOURCE)],
+                                  capture_output=True, text=True)
             if proc.returncode == 0:
                 os.replace(tmp, out)
                 return
@@ -90,6 +94,23 @@ def _compile(cc: str, out: Path) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     raise RuntimeError(f"{cc} could not compile {SOURCE.name}: {last[0]}")
+
+
+def _keyed(path: Path, key: str) -> ctypes.CDLL | None:
+    """The library at `path` if it is the build keyed `key` (its ``sb_key()``), else None. It is
+    opened through a private copy (the dynamic loader knows a library by its name, so a file rebuilt
+    under the same name would otherwise come back as the one this process opened first)."""
+    fd, tmp = tempfile.mkstemp(prefix="sparse_bench-", suffix=".so")
+    os.close(fd)
+    try:
+        shutil.copyfile(path, tmp)
+        lib = ctypes.CDLL(tmp)
+        lib.sb_key.restype = ctypes.c_char_p
+        return lib if lib.sb_key() == key.encode() else None
+    except (OSError, AttributeError):
+        return None
+    finally:
+        os.unlink(tmp)  # the mapping stays valid after the name is gone
 
 
 def _load() -> ctypes.CDLL | None:
@@ -108,9 +129,12 @@ def _load() -> ctypes.CDLL | None:
             key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, *version, _cpu_id()]).encode()).hexdigest()[:16]
             path = cache_dir() / f"spkernels-{key}.so"
             try:
-                if not path.exists():
-                    _compile(cc, path)
-                lib = ctypes.CDLL(str(path))
+                lib = _keyed(path, key) if path.exists() else None
+                if lib is None:  # none yet, or a foreign / stale / broken file under its name: build it
+                    _compile(cc, path, key)
+                    lib = _keyed(path, key)
+                if lib is None:
+                    raise RuntimeError(f"{path} does not load as the kernels it was built as")
                 P, I64 = ctypes.c_void_p, ctypes.c_int64
                 lib.sb_spmm.argtypes = [I64, I64, I64, P, P, P, P, I64, P, P, I64, ctypes.c_int]
                 lib.sb_spmm.restype = None
@@ -123,8 +147,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.sb_conv_wgrad.argtypes = [I64, I64, I64, I64, P, P, P, P, P, ctypes.c_int]
                 lib.sb_conv_wgrad.restype = None
                 _lib = lib
-            except (OSError, RuntimeError) as e:
-                _reason = str(e)
+            except (OSError, RuntimeError, AttributeError) as e:
+                _reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         if _lib is None:
             log.warning(f"sparse kernels: {_reason}; sparse layers use torch's CSR ops instead")
         return _lib

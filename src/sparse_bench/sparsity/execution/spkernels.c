@@ -23,6 +23,13 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The build's key (a hash of this file, the flags, the compiler and the CPU), given at compile time:
+ * the loader checks it, so a foreign or stale library under the cache's name is never used. */
+#ifndef SB_KEY
+#define SB_KEY "unkeyed"
+#endif
+const char *sb_key(void) { return SB_KEY; }
+
 #define VL 16 /* floats per vector: one AVX-512 register, or two AVX2 registers */
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
