@@ -102,3 +102,15 @@ def tiered(values, every: int = 4, ids=None):
         out.append(pytest.param(*args, id=None if ids is None else ids(v),
                                 marks=() if i % every == 0 else pytest.mark.slow))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_job_left_behind():
+    """A test that runs the command line in this process (``cli.main``) leaves Hydra's job config
+    and global state set; later tests in the same worker then see a Hydra job that is over."""
+    yield
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()
