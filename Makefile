@@ -28,11 +28,11 @@ example: install
 
 # two pytest workers, one torch thread each (tests/conftest.py): the suite on both cores
 test: install
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 # the quick tier while working: everything not marked slow (CI runs `make test`, i.e. everything)
 test-fast: install
-	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs multirun .pytest_cache

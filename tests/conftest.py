@@ -42,6 +42,39 @@ def cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout)
 
 
+def cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m sparse_bench <args>` run from `cwd` by the command line's own entry point
+    (``cli.main``: the precheck, Hydra, the job, the exit status) in this process, its stdout and
+    stderr captured: what `cli` returns, without a new interpreter's import of torch (seconds a
+    test). Tests about the process itself (signals, installs, launchers, W&B's service) use `cli`."""
+    import contextlib
+    import io
+    import logging
+    import signal
+
+    import torch
+
+    from sparse_bench import cli as entry
+
+    out, err = io.StringIO(), io.StringIO()
+    here, argv, threads = os.getcwd(), sys.argv[:], torch.get_num_threads()
+    handlers, on_term = logging.getLogger().handlers[:], signal.getsignal(signal.SIGTERM)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = entry.main(list(args))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(here)
+        sys.argv = argv
+        torch.set_num_threads(threads)
+        logging.getLogger().handlers[:] = handlers
+        signal.signal(signal.SIGTERM, on_term)
+    return subprocess.CompletedProcess(["sparse_bench", *args], code, out.getvalue(), err.getvalue())
+
+
 def run_in_process(args: list[str]) -> dict:
     """`python -m sparse_bench <args>` run in this process with one torch thread (as a torchrun
     rank runs with OMP_NUM_THREADS=1): the single-process reference a DDP test starts while its

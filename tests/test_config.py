@@ -6,7 +6,7 @@ from sparse_bench.cli import GROUPS, group_options, precheck
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run, validate
 
-from conftest import CONF, cli, compose, tiered
+from conftest import CONF, cli_here, compose, tiered
 
 OPTIONS = [(g, o) for g in GROUPS if g != "experiment" for o in group_options(g, CONF)]
 
@@ -70,7 +70,7 @@ def test_missing_mnist_files_say_where_they_looked(tmp_path, fast_overrides):
     (["dataset=digits", "model=lenet300_100"], "model=lenet300_100 does not fit"),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, match):
-    proc = cli([*args, "logger=none", f"paths.runs={tmp_path}"], cwd=tmp_path)
+    proc = cli_here([*args, "logger=none", f"paths.runs={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert match in err

@@ -14,7 +14,7 @@ from sparse_bench.models import build_model
 from sparse_bench.sparsity.flops import FlopMeter, LayerFlops, Passes
 from sparse_bench.sparsity.methods import MethodContext, build_method
 
-from conftest import cli, read_jsonl
+from conftest import cli_here, read_jsonl
 
 CPU = torch.device("cpu")
 
@@ -193,7 +193,7 @@ def test_gmp_run_integrates_its_density_schedule(tmp_path):
     args = ["method=gmp", "dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=4", "density=0.2",
             "method.start={unit:epoch,value:1}", "method.end={unit:epoch,value:3}", "method.frequency={unit:epoch,value:2}", "method.scope=layer", "eval.train_samples=0",
             "logger=none", "progress=false", "device=cpu", f"paths.runs={tmp_path}"]
-    proc = cli(args, cwd=tmp_path)
+    proc = cli_here(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = next(tmp_path.glob("digits-mlp-gmp-*"))
     res = json.loads((folder / "results.json").read_text())

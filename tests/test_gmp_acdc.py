@@ -18,7 +18,7 @@ from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.methods.acdc import acdc_phases
 
-from conftest import cli, read_jsonl
+from conftest import cli_here, read_jsonl
 from sparse_bench.cli import conf_dir
 from sparse_bench.train.trainer import hooked_step
 
@@ -448,7 +448,7 @@ def test_cli_run_ends_at_the_target_density(tmp_path, monkeypatch, name, extra):
     args = [f"method={name}", "dataset=digits", "model=mlp", "logger=none", "schedule=constant",
             "schedule.epochs=6", "density=0.2", f"paths.runs={tmp_path}", "progress=false",
             "eval.train_samples=0", *extra]
-    proc = cli(args, cwd=tmp_path)
+    proc = cli_here(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = tmp_path / f"digits-mlp-{name}-d0.2-s0"
     res = json.loads((folder / "results.json").read_text())

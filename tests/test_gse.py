@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import cli, read_jsonl
+from conftest import cli_here, read_jsonl
 from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity import candidate_grad as cg
 from sparse_bench.sparsity.methods import MethodContext, build_method
@@ -433,7 +433,7 @@ def test_short_training_improves_loss_and_conv_model_updates():
 
 
 def test_cli_run_keeps_density_exact(tmp_path):
-    r = cli(["method=gse", "dataset=digits", "model=mlp", "logger=none", "schedule=constant",
+    r = cli_here(["method=gse", "dataset=digits", "model=mlp", "logger=none", "schedule=constant",
              "schedule.epochs=2", "method.update_every=5", "density=0.2", f"paths.runs={tmp_path}",
              "progress=false", "device=cpu"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

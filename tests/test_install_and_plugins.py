@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, cli
+from conftest import ROOT, cli, cli_here
 
 TINY = ["schedule=constant", "schedule.epochs=1", "limit_train_batches=3", "eval.train_samples=0",
         "logger=none", "progress=false", "device=cpu"]
@@ -84,7 +84,7 @@ def test_user_config_on_hydra_searchpath(user_project):
 
 
 def test_group_check_knows_the_users_options(user_project):
-    proc = cli(["--config-dir", str(user_project / "myconf"), "method=nope", *TINY], cwd=user_project)
+    proc = cli_here(["--config-dir", str(user_project / "myconf"), "method=nope", *TINY], cwd=user_project)
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert line.startswith("error: method=nope is unknown") and "halfstatic" in line and "rigl" in line
@@ -116,7 +116,7 @@ def test_console_script_tab_completion():
 
 
 def test_dense_runs_ignore_density_and_a_density_sweep_trains_dense_once(tmp_path):
-    proc = cli(["-m", "method=dense", "density=0.1,0.2", "dataset=digits", "model=mlp", *TINY,
+    proc = cli_here(["-m", "method=dense", "density=0.1,0.2", "dataset=digits", "model=mlp", *TINY,
                 f"paths.runs={tmp_path}", "sweep_name=d"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folders = [p for p in (tmp_path / "multirun" / "d").iterdir() if p.is_dir()]
@@ -125,7 +125,7 @@ def test_dense_runs_ignore_density_and_a_density_sweep_trains_dense_once(tmp_pat
 
 
 def test_optimized_metric_may_not_be_the_test_set(tmp_path):
-    proc = cli(["optimized_metric=test/acc", "dataset=digits", "model=mlp", *TINY], cwd=tmp_path)
+    proc = cli_here(["optimized_metric=test/acc", "dataset=digits", "model=mlp", *TINY], cwd=tmp_path)
     assert proc.returncode == 2 and "optimized_metric=test/acc" in proc.stderr
 
 

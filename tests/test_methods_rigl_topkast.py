@@ -5,10 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +15,8 @@ from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity.distributions import layer_counts
 from sparse_bench.sparsity.methods import MethodContext, build_method
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import cli_here
+
 CPU = torch.device("cpu")
 D_IN, HIDDEN, CLASSES, BATCH, N_BATCHES = 20, 64, 5, 32, 8
 
@@ -404,16 +401,10 @@ def test_topkast_bad_options_name_the_key(key, value):
 # --------------------------------------------------------------------------- end to end
 
 
-def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
-    return subprocess.run([sys.executable, "-m", "sparse_bench", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("method", ["rigl", "topkast"])
 def test_cli_run_hits_the_target_density(method, tmp_path):
     runs = tmp_path / "runs"
-    proc = cli([f"method={method}", "dataset=digits", "model=mlp", "logger=none", "schedule=constant",
+    proc = cli_here([f"method={method}", "dataset=digits", "model=mlp", "logger=none", "schedule=constant",
                 "schedule.epochs=2", "density=0.2", f"paths.runs={runs}", "progress=false", "device=cpu"],
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -426,7 +417,7 @@ def test_cli_run_hits_the_target_density(method, tmp_path):
 
 def test_cli_multirun_of_three_methods(tmp_path):
     runs = tmp_path / "runs"
-    proc = cli(["-m", "method=static,rigl,topkast", "dataset=digits", "model=mlp", "logger=none",
+    proc = cli_here(["-m", "method=static,rigl,topkast", "dataset=digits", "model=mlp", "logger=none",
                 "schedule=constant", "schedule.epochs=1", "limit_train_batches=3", f"paths.runs={runs}",
                 "sweep_name=t", "progress=false", "device=cpu"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

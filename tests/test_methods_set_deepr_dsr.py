@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import cli
+from conftest import cli_here
 from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity.distributions import allocate
 from sparse_bench.sparsity.methods import MethodContext, build_method
@@ -468,7 +468,7 @@ def test_dsr_regrowth_counts_helper_is_exact_and_capped():
 def test_cli_run(tmp_path, name):
     runs = tmp_path / "runs"
     extra = ["method.update_every=3"] if name == "dsr" else []
-    proc = cli([f"method={name}", "dataset=digits", "model=mlp", "logger=none", "schedule=constant",
+    proc = cli_here([f"method={name}", "dataset=digits", "model=mlp", "logger=none", "schedule=constant",
                 "schedule.epochs=2", "limit_train_batches=5", "progress=false", "device=cpu",
                 f"paths.runs={runs}", *extra], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

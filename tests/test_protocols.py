@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import CONF, cli, compose
+from conftest import CONF, cli_here, compose
 from sparse_bench.data import build_data
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run
@@ -434,7 +434,7 @@ def test_statistics_batches_leave_the_epoch_alone_with_persistent_imagenet_worke
 # --- short schedules ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_acdc_runs_on_four_epochs_from_the_command_line(tmp_path):
-    proc = cli(["method=acdc", "schedule.epochs=4", "dataset=digits", "model=mlp", "logger=none", "progress=false",
+    proc = cli_here(["method=acdc", "schedule.epochs=4", "dataset=digits", "model=mlp", "logger=none", "progress=false",
                 "eval.train_samples=0", "device=cpu", f"paths.runs={tmp_path}", "density=0.2"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "density 0.2000" in proc.stderr + proc.stdout
@@ -448,7 +448,7 @@ def test_a_schedule_too_short_for_the_pattern_is_one_line_with_the_fix(tmp_path)
         run(compose(over))
     msg = str(err.value)
     assert "\n" not in msg and "method.warmup" in msg and "fraction" in msg and "schedule.epochs" in msg
-    proc = cli(over, cwd=tmp_path)
+    proc = cli_here(over, cwd=tmp_path)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "Traceback" not in proc.stderr and "method.warmup" in lines[-1]

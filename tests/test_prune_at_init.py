@@ -14,7 +14,7 @@ from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.saliency import SynFlowScorer, grasp_scores, snip_scores
 
-from conftest import cli
+from conftest import cli_here
 from sparse_bench.cli import conf_dir
 from sparse_bench.train.trainer import hooked_step
 
@@ -234,7 +234,7 @@ def test_cli_run_per_method_hits_the_density(tmp_path):
     args = ["-m", f"method={','.join(METHODS)}", "dataset=digits", "model=mlp", "logger=none",
             "schedule=constant", "schedule.epochs=2", "density=0.2", f"paths.runs={tmp_path}",
             "sweep_name=pai", "progress=false", "eval.train_samples=0"]
-    proc = cli(args, cwd=tmp_path)
+    proc = cli_here(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folders = {p.name: p for p in (tmp_path / "multirun" / "pai").iterdir() if p.is_dir()}
     for name in METHODS:

@@ -16,7 +16,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONF, cli, compose, tiered
+from conftest import CONF, cli_here, compose, tiered
 from sparse_bench import identity, schema, tables
 from sparse_bench.cli import sweep_dirname_override
 from sparse_bench.errors import ConfigError
@@ -174,7 +174,7 @@ def test_an_unmodified_row_lands_in_the_table_beside_its_paper(tmp_path, capsys)
     write_dataset(root, make_arrays(), gz=True)
     row = [f"experiment={ROW}", f"dataset.root={root}"]
     # as shipped, but for the data root (and no W&B, which the recipe does not include)
-    shipped = cli([*row, "logger=none"], cwd=tmp_path)
+    shipped = cli_here([*row, "logger=none"], cwd=tmp_path)
     assert shipped.returncode == 0, shipped.stderr
     folder = tmp_path / "runs" / "mnist-lenet300_100-sparse_momentum-d0.05-s0"
     log = (folder / "sparse_bench.log").read_text()
@@ -187,7 +187,7 @@ def test_an_unmodified_row_lands_in_the_table_beside_its_paper(tmp_path, capsys)
     # the same with a real change (its own marked row, no paper value)
     volatile = ["seed=1", "threads=1", "progress=false", "log_every=3", "device=cpu", "logger=none",
                 "resume=false", "optimized_metric=val/acc", "eval.train_samples=0", "sweep_name=volatile"]
-    sweep = cli(["-m", *row, *volatile, "schedule.epochs=100,2"], cwd=tmp_path)
+    sweep = cli_here(["-m", *row, *volatile, "schedule.epochs=100,2"], cwd=tmp_path)
     assert sweep.returncode == 0, sweep.stderr
     provs = {json.loads(p.read_text())["recipe_departures"] == [] for p in
              (tmp_path / "runs" / "multirun" / "volatile").rglob("provenance.json")}

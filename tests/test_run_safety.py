@@ -17,7 +17,7 @@ from sparse_bench.run import run
 from sparse_bench.train import checkpoint as ckpt
 from sparse_bench.train import trainer as trainer_mod
 
-from conftest import cli, compose, read_jsonl
+from conftest import cli_here, compose, read_jsonl
 
 TINY = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=2", "density=0.3",
         "limit_train_batches=4", "eval.train_samples=100", "logger=none", "progress=false", "device=cpu"]
@@ -243,7 +243,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 
 def test_huge_learning_rate_fails_loudly_from_the_command_line(tmp_path):
-    proc = cli([*TINY, "optimizer.lr=1e6", f"paths.runs={tmp_path}"], cwd=tmp_path)
+    proc = cli_here([*TINY, "optimizer.lr=1e6", f"paths.runs={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 1
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "non-finite" in err[0] and "optimizer.lr" in err[0] and "Traceback" not in proc.stderr
@@ -255,14 +255,14 @@ def test_huge_learning_rate_fails_loudly_from_the_command_line(tmp_path):
 
 # --- the command line ---------------------------------------------------------------------------
 def test_refused_run_leaves_no_folder(tmp_path):
-    proc = cli(["dataset=digits", "model=lenet300_100", "logger=none", f"paths.runs={tmp_path / 'r' / 's'}"],
+    proc = cli_here(["dataset=digits", "model=lenet300_100", "logger=none", f"paths.runs={tmp_path / 'r' / 's'}"],
                cwd=tmp_path)
     assert proc.returncode == 2 and "does not fit" in proc.stderr
     assert not (tmp_path / "r").exists()
 
 
 def test_sweep_survives_a_bad_job(tmp_path):
-    proc = cli(["-m", *TINY, "schedule.epochs=1", "density=0.1,1.5,0.2", f"paths.runs={tmp_path}",
+    proc = cli_here(["-m", *TINY, "schedule.epochs=1", "density=0.1,1.5,0.2", f"paths.runs={tmp_path}",
                 "sweep_name=s"], cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-2000:]
     jobs = sorted((tmp_path / "multirun" / "s").glob("*/results.json"))
@@ -276,7 +276,7 @@ def test_sweep_survives_a_bad_job(tmp_path):
 
 # --- densities and widths that leave nothing to train ------------------------------------------
 def test_density_that_empties_a_layer_is_refused_with_the_smallest_usable_one(tmp_path):
-    proc = cli(["density=1e-6", "dataset=digits", "model=mlp", "method=static", "logger=none",
+    proc = cli_here(["density=1e-6", "dataset=digits", "model=mlp", "method=static", "logger=none",
                 f"paths.runs={tmp_path / 'r'}"], cwd=tmp_path)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
