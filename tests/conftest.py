@@ -36,6 +36,19 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
+def choices(runs: list[list[str]]) -> list[dict]:
+    """For each list of overrides, the group options (``hydra.runtime.choices``) `compose` would
+    pick, from Hydra's defaults list alone (a fifth of the time of composing, for parametrising at
+    collection time)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        return [dict(loader.compute_defaults_list("config", o, RunMode.RUN).overrides.known_choices) for o in runs]
+
+
 def cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "sparse_bench", *args], cwd=cwd, env=env,

@@ -71,10 +71,14 @@ def _check_groups(hydra, config_name: str, parsed, searchpath_overrides: list[st
     """Every `group=option` (and each option of a `group=a,b` sweep) names an existing option."""
     from hydra.core.object_type import ObjectType
 
-    groups = set(hydra.list_all_config_groups())
     for ov in parsed:
         key = ov.key_or_group
-        if key not in groups or ov.is_delete():
+        if ov.is_delete() or "." in key:
+            continue  # a config key, not a group (groups nest with '/')
+        # the options of the group the override names (none: not a group); one lookup per
+        # override, not a walk of every group Hydra knows (most of a refused command's time)
+        options = hydra.config_loader.get_group_options(key, ObjectType.CONFIG, config_name, searchpath_overrides)
+        if not options:
             continue
         if ov.is_sweep_override():
             if not hasattr(ov.value(), "list"):
@@ -82,7 +86,6 @@ def _check_groups(hydra, config_name: str, parsed, searchpath_overrides: list[st
             values = [str(v) for v in ov.value().list]
         else:
             values = [str(ov.value())]
-        options = hydra.config_loader.get_group_options(key, ObjectType.CONFIG, config_name, searchpath_overrides)
         for v in values:
             if v not in options and v != "null":
                 raise ConfigError(f"{key}={v} is unknown; choose one of: {', '.join(options)}")
