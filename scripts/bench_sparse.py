@@ -179,7 +179,7 @@ def build_variant(model_name: str, variant: str, density: float, method: str):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     x = torch.randn(batch, *shape, device=DEVICE)
     y = torch.randint(0, 10, (batch,), device=DEVICE)
-    from sparse_bench.cli import conf_dir
+    from sparse_bench.confdir import conf_dir
 
     mcfg = OmegaConf.load(conf_dir() / "method" / f"{'dense' if variant == 'dense' else method}.yaml")
     # per-step cost only: uniform layer densities, no mask update inside the timed steps (keys the
@@ -289,7 +289,7 @@ def table_update(a):
     counted with torch.profiler on a separate run."""
     from torch.profiler import ProfilerActivity, profile
 
-    from sparse_bench.cli import conf_dir
+    from sparse_bench.confdir import conf_dir
 
     print(f"# one mask update on VGG16-D (CIFAR-10 shape, density {a.update_density}, masked), {machine()}")
     print("| method | update s (min/med of n) | host syncs | topk calls |")
@@ -328,7 +328,7 @@ def table_deepr(a):
     cost: one sort of each layer's random scores (sync-free, used on accelerators) against a
     top-k of the dead count (used on the CPU). Both variants step the same method on the same
     weights, interleaved A B A B."""
-    from sparse_bench.cli import conf_dir
+    from sparse_bench.confdir import conf_dir
 
     print(f"# DeepR's rewiring after one optimizer step (masked, density {a.update_density}), {machine()}")
     print("| model | weights | sort draw s (min/med) | top-k draw s (min/med) | ratio (min) |")

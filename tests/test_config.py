@@ -2,7 +2,8 @@
 
 import pytest
 
-from sparse_bench.cli import GROUPS, group_options, precheck
+from sparse_bench.cli import precheck
+from sparse_bench.confdir import GROUPS, group_options
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run, validate
 

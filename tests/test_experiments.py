@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from sparse_bench.cli import group_options
+from sparse_bench.confdir import group_options
 from sparse_bench.run import run, validate
 
 from conftest import CONF, choices, compose, tiered

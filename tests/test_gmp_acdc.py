@@ -19,7 +19,7 @@ from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.methods.acdc import acdc_phases
 
 from conftest import cli_here, read_jsonl
-from sparse_bench.cli import conf_dir
+from sparse_bench.confdir import conf_dir
 from sparse_bench.train.trainer import hooked_step
 
 CONF = conf_dir() / "method"

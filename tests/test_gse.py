@@ -18,7 +18,7 @@ from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity import candidate_grad as cg
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.methods import gse as gse_mod
-from sparse_bench.cli import conf_dir
+from sparse_bench.confdir import conf_dir
 from sparse_bench.train.trainer import hooked_step
 
 CONF = conf_dir() / "method" / "gse.yaml"

@@ -155,7 +155,8 @@ def test_optuna_sweep_optimises_a_validation_metric(tmp_path):
 @pytest.mark.slow
 def test_non_editable_install_runs_from_any_folder(tmp_path):
     src = tmp_path / "checkout"
-    shutil.copytree(ROOT / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for folder in ("src", "conf"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     site = tmp_path / "site"
@@ -165,9 +166,11 @@ def test_non_editable_install_runs_from_any_folder(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = dict(os.environ, PYTHONPATH=str(site), WANDB_MODE="offline")
-    where = subprocess.run([sys.executable, "-c", "import sparse_bench; print(sparse_bench.__file__)"],
+    where = subprocess.run([sys.executable, "-c", "import sparse_bench; from sparse_bench.confdir import conf_dir; "
+                            "print(sparse_bench.__file__); print(conf_dir())"],
                            cwd=elsewhere, env=env, capture_output=True, text=True)
     assert where.stdout.startswith(str(site)), where.stdout + where.stderr
+    assert where.stdout.splitlines()[1] == str(site / "sparse_bench" / "conf"), where.stdout  # the wheel's copy
     proc = subprocess.run([str(site / "bin" / "sparse-bench"), "dataset=digits", "model=mlp", "method=set", *TINY,
                            "paths.runs=runs"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,7 +18,7 @@ from sparse_bench.train import trainer as trainer_mod
 
 from sparse_bench.train.checkpoint import load_checkpoint
 from conftest import compose, read_jsonl
-from sparse_bench.cli import conf_dir
+from sparse_bench.confdir import conf_dir
 from sparse_bench.train.trainer import hooked_step
 
 CONF = conf_dir() / "method" / "lottery.yaml"

@@ -17,7 +17,7 @@ from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity.distributions import allocate
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.methods.dsr import DSR
-from sparse_bench.cli import conf_dir
+from sparse_bench.confdir import conf_dir
 from sparse_bench.train.trainer import hooked_step
 
 CPU = torch.device("cpu")

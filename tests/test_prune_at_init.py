@@ -15,7 +15,7 @@ from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.saliency import SynFlowScorer, grasp_scores, snip_scores
 
 from conftest import cli_here
-from sparse_bench.cli import conf_dir
+from sparse_bench.confdir import conf_dir
 from sparse_bench.train.trainer import hooked_step
 
 CONF = conf_dir() / "method"

@@ -441,7 +441,7 @@ def test_dense_gradients_only_where_the_method_defines_them(method, every, expec
     on every step (its growth signal), SET and GSE never."""
     from omegaconf import OmegaConf
 
-    from sparse_bench.cli import conf_dir
+    from sparse_bench.confdir import conf_dir
     from sparse_bench.models import build_model
     from sparse_bench.sparsity.execution import Execution
     from sparse_bench.sparsity.methods import MethodContext, build_method

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from sparse_bench.sparsity.methods import MethodContext, build_method
-from sparse_bench.cli import conf_dir
+from sparse_bench.confdir import conf_dir
 
 CONF = conf_dir() / "method" / "sparse_momentum.yaml"
 EPOCHS, SPE = 4, 10

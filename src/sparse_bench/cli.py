@@ -26,23 +26,11 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from .confdir import conf_dir
 from .errors import ConfigError, RunFailed, Terminated
 from .identity import folder_name_excluded
 
-GROUPS = ("model", "dataset", "method", "schedule", "optimizer", "logger", "experiment")
-
 log = logging.getLogger("sparse_bench")
-
-
-def conf_dir() -> Path:
-    """The package's own config folder (shipped inside the package, so it is found from any folder)."""
-    return Path(__file__).resolve().parent / "conf"
-
-
-def group_options(group: str, root: Path | None = None) -> list[str]:
-    """The options of a config group in one config folder (the package's by default)."""
-    folder = (root or conf_dir()) / group
-    return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
 # --- the check before Hydra ---------------------------------------------------------------------
@@ -57,7 +45,7 @@ def _hydra_for(args):
     from hydra._internal.utils import create_automatic_config_search_path
     from hydra.core.config_search_path import SearchPathQuery
 
-    search_path = create_automatic_config_search_path(None, __name__, args.config_path or "conf")
+    search_path = create_automatic_config_search_path(None, __name__, args.config_path or str(conf_dir()))
     if args.config_dir is not None:
         folder = Path(args.config_dir).expanduser().resolve()
         if not folder.is_dir():
@@ -342,7 +330,7 @@ def _main(argv: list[str] | None) -> int:
 
     import hydra
 
-    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
     def _entry(cfg):
         return run_job(cfg)
 

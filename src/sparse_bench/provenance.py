@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import identity
+from .confdir import conf_dir
 from .identity import UNSET, diff
 from .schema import GROUP_ROLES, RECIPE, check
 
@@ -119,8 +120,6 @@ def recipe_of(experiment: str, density, seed, config_name: str = "config") -> di
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
-
-    from .cli import conf_dir
 
     overrides = [f"experiment={experiment}", f"density={density}", f"seed={seed}"]
     try:

@@ -22,7 +22,7 @@ import sys
 
 import yaml
 
-from .cli import conf_dir
+from .confdir import conf_dir
 
 CONF = conf_dir() / "experiment"
 

@@ -2,7 +2,7 @@
 
 Every module in this package may define ``MODELS = {name: builder}`` where
 ``builder(cfg, input_shape, num_classes) -> nn.Module``; they are merged here, so adding a model
-is one module entry plus one YAML in src/sparse_bench/conf/model/.
+is one module entry plus one YAML in conf/model/.
 """
 
 from __future__ import annotations

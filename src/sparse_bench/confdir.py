@@ -1,0 +1,33 @@
+"""Where the config groups live.
+
+They are the top-level ``conf/`` of a checkout, installed as the package data ``sparse_bench.conf``
+(pyproject's package-dir mapping), so an editable install, a wheel and a checkout without
+installing (``PYTHONPATH=src``) all find them here: through importlib.resources when the package
+is installed, beside ``src/`` otherwise. Hydra is pointed at this folder (``cli``), so the command
+line, the tests and the tools read one copy.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+from .schema import GROUP_ROLES
+
+#: the config groups a user picks options of (``model=...``, ``experiment=...``)
+GROUPS = (*GROUP_ROLES, "experiment")
+
+
+def conf_dir() -> Path:
+    """The folder of the config groups (``config.yaml`` and one folder per group)."""
+    try:
+        found = Path(str(importlib.resources.files("sparse_bench.conf")))
+    except ModuleNotFoundError:  # a checkout on PYTHONPATH, not installed
+        found = Path(__file__).resolve().parents[2] / "conf"
+    return found
+
+
+def group_options(group: str, root: Path | None = None) -> list[str]:
+    """The options of a config group in one config folder (the package's by default)."""
+    folder = (root or conf_dir()) / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
