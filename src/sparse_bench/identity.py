@@ -117,6 +117,20 @@ def diff(a: dict, b: dict) -> list[tuple[str, object, object]]:
     return out
 
 
+def shown(value) -> str:
+    """A config value as a command line writes it (``[a,b]``, ``{k:v}``, ``0.1``; :data:`UNSET` is
+    ``(unset)``): how departures, changed keys and table rows name values."""
+    if value is UNSET:
+        return "(unset)"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(shown(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{shown(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def folder_name_excluded() -> list[str]:
     """Override keys a sweep job's folder name leaves out: what the run name says already
     (:data:`RUN_NAME_GROUPS`, the axes) and every key that does not change a run (volatile)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import identity
 from .confdir import conf_dir
-from .identity import UNSET, diff
+from .identity import diff, shown
 from .schema import GROUP_ROLES, RECIPE, check
 
 log = logging.getLogger("sparse_bench")
@@ -92,16 +92,6 @@ def hydra_job() -> dict | None:
             "options": options + searchpath, "config_name": hc.job.config_name or "config"}
 
 
-def _short(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_short(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_short(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
 def departures(recipe: dict, config: dict) -> list[str]:
     """`key=value` for every recipe key in which `config` differs from `recipe` (both typed by the
     schema); a group swapped for another option is one entry, ``group=option``."""
@@ -110,7 +100,7 @@ def departures(recipe: dict, config: dict) -> list[str]:
     out = [f"{g}={(config.get(g) or {}).get('name')}" for g in swapped]
     for key, _, value in diff(identity.recipe(recipe), identity.recipe(config)):
         if key.split(".")[0] not in swapped:
-            out.append(f"{key}={'(unset)' if value is UNSET else _short(value)}")
+            out.append(f"{key}={shown(value)}")
     return out
 
 

@@ -7,22 +7,23 @@ import errno
 import fcntl
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from omegaconf import DictConfig, OmegaConf
 
-from .data import build_data
+from .data import DataBundle, build_data
 from .errors import ConfigError, RunFailed
-from .identity import UNSET, diff, recipe, run_identity
-from .tables import model_label, paper_comparison
+from .identity import diff, recipe, run_identity, shown
 from .models import build_model
 from .provenance import provenance as make_provenance
+from .results import model_label, write_results
 from .sparsity.flops import build_meter
 from .sparsity.execution import Execution, build_model_for, execution_mode
 from .sparsity.execution.engine import PLAN_FILE
@@ -142,11 +143,7 @@ def sweep_group(cfg: DictConfig | None = None) -> str | None:
 
 def _changes(old: dict, new: dict) -> list[str]:
     """How the run in a folder differs from this one, in the keys that define a run."""
-    return [f"{k}: {_shown(a)} -> {_shown(b)}" for k, a, b in diff(run_identity(old), run_identity(new))]
-
-
-def _shown(value) -> str:
-    return "(unset)" if value is UNSET else repr(value)
+    return [f"{k}: {shown(a)} -> {shown(b)}" for k, a, b in diff(run_identity(old), run_identity(new))]
 
 
 # files this tool writes into a run folder (resume=false removes these, and only these)
@@ -352,15 +349,44 @@ def _finished(path: Path) -> dict | None:
     return done
 
 
+@dataclass
+class Parts:
+    """Everything one run trains with, built by :func:`build_parts` in a fixed order (the order of
+    the seeded draws: data, then the model, then the method's set-up)."""
+
+    dist: dist_util.Dist
+    device: torch.device
+    data: DataBundle
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    method: Execution  # the method, its layers masked or sparse (execution=...)
+    trainer: Trainer
+    rule: dict  # which parameters are prunable (``prunable`` plus the model's dense_params)
+    density: float
+    epochs: int
+    steps_per_epoch: int
+    state: dict | None = None  # the checkpoint to resume from (dropped once restored)
+
+
 def _run(cfg: DictConfig, run_dir: Path) -> dict:
-    t_start = time.perf_counter()
+    started = time.perf_counter()
     clean_stale_temporaries(run_dir, (CHECKPOINT, "results.json", "config.json"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    config_fp = fingerprint(run_identity(resolved))
-    results_path = run_dir / "results.json"
-    ckpt_path = run_dir / CHECKPOINT
-    resume = str(cfg.resume).lower()
+    done = decide_resume(cfg, run_dir, resolved)
+    if done is not None:
+        return done
+    parts = build_parts(cfg, run_dir, resolved)
+    start_or_resume(parts, run_dir)
+    prov = record_config(cfg, resolved, parts, run_dir)
+    return fit_and_record(cfg, resolved, parts, prov, run_dir, started)
 
+
+def decide_resume(cfg: DictConfig, run_dir: Path, resolved: dict) -> dict | None:
+    """What the folder holds decides: a finished run of this config returns its final metrics;
+    a finished or started run of another config is refused; ``resume=false`` starts over.
+    None: train (from the checkpoint, if there is one)."""
+    resume = str(cfg.resume).lower()
+    results_path, ckpt_path = run_dir / "results.json", run_dir / CHECKPOINT
     if resume == "false":
         _start_over(run_dir)
     elif (done := _finished(results_path)) is not None:
@@ -384,7 +410,13 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
                 )
     elif resume == "true":
         raise ConfigError(f"resume=true but there is no {CHECKPOINT} in {run_dir}; drop resume=true to start a new run")
+    return None
 
+
+def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict) -> Parts:
+    """Threads, device and process group, then data, model, optimizer, schedule, method, its
+    execution and the trainer, each seeded as before; a checkpoint to resume from is loaded (and
+    refused if corrupt, foreign or of another config) before any data is read."""
     seed = int(cfg.seed)
     threads = job_threads(cfg)
     if threads is not None:
@@ -393,9 +425,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     device = pick_device(cfg.device, dist.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    # a corrupt, foreign or mismatched checkpoint is refused before any data is read
+    ckpt_path = run_dir / CHECKPOINT
+    config_fp = fingerprint(run_identity(resolved))
     ckpt_state = (load_checkpoint(ckpt_path, map_location=device, config_fingerprint=config_fp)
-                  if resume != "false" and ckpt_path.exists() else None)
+                  if str(cfg.resume).lower() != "false" and ckpt_path.exists() else None)
     dist_util.init(dist, device)
     density = float(cfg.density)
     torch.manual_seed(seed)
@@ -420,15 +453,14 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     lr_schedule = LRSchedule(cfg.schedule, float(cfg.optimizer.lr), steps_per_epoch, epochs, multiplier)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(cfg.loss.get("label_smoothing", 0.0)))
 
-    generator = torch.Generator().manual_seed(seed + 1)
-
     def batches(n: int, key: int):
         # statistics batches from their own seeded stream: never the epoch in progress
         return data.train.draw(n, key)
 
     ctx = MethodContext(model=model, optimizer=optimizer, density=density, epochs=epochs,
-                        steps_per_epoch=steps_per_epoch, device=device, generator=generator,
-                        prunable=rule, batches=batches, loss_fn=loss_fn, multiplier=multiplier)
+                        steps_per_epoch=steps_per_epoch, device=device,
+                        generator=torch.Generator().manual_seed(seed + 1), prunable=rule, batches=batches,
+                        loss_fn=loss_fn, multiplier=multiplier)
     method = build_method(cfg.method, ctx)
     flops = build_meter(model, data.input_shape, method, device)
     # masked or sparse layers (execution=...): wraps the method's hooks, converts layers after setup
@@ -442,50 +474,68 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
                       test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)),
                       fingerprint=config_fp, log_every=int(cfg.get("log_every", 0) or 0), flops=flops,
                       base_epochs=int(cfg.schedule.epochs))
+    return Parts(dist, device, data, model, optimizer, method, trainer, rule, density, epochs, steps_per_epoch,
+                 ckpt_state)
 
-    if ckpt_state is not None:
+
+def start_or_resume(parts: Parts, run_dir: Path) -> None:
+    """Restore the checkpoint's state, or run the method's set-up (masks drawn, broadcast to every
+    rank); under torchrun, wrap the model in DDP."""
+    method, trainer, dist = parts.method, parts.trainer, parts.dist
+    state, parts.state = parts.state, None
+    if state is not None:
         method.convert(resume=True)
-        trainer.load_state(ckpt_state)
-        del ckpt_state
+        trainer.load_state(state)
+        del state
         if dist.is_main:
             log.info(f"resuming {run_dir} after epoch {trainer.epoch} (step {trainer.step})")
     else:
         setup_logs = method.setup() or {}
-        dist_util.broadcast_masks(method, optimizer, dist)
+        dist_util.broadcast_masks(method, parts.optimizer, dist)
         if setup_logs and dist.is_main:
             log.info(" | ".join(f"{k} {v}" for k, v in setup_logs.items()))
     if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        method.prepare_ddp(model)
-
+        method.prepare_ddp(parts.model)
         trainer.train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            parts.model, device_ids=[parts.device.index] if parts.device.type == "cuda" else None)
+
+
+def record_config(cfg: DictConfig, resolved: dict, parts: Parts, run_dir: Path) -> dict:
+    """Write the run's config and provenance (main process) and say in one line what trains;
+    return the provenance (empty on the other ranks)."""
+    dist, method = parts.dist, parts.method
     prov = make_provenance(resolved) if dist.is_main else {}
-    if dist.is_main:
-        atomic_write_json(run_dir / "config.json", resolved)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_json(run_dir / "provenance.json", prov)
-        if prov.get("recipe_departures"):
-            log.info(f"experiment={prov['experiment']} with departures from its recipe: "
-                     f"{', '.join(prov['recipe_departures'])}; tables show this run in its own row")
+    if not dist.is_main:
+        return prov
+    atomic_write_json(run_dir / "config.json", resolved)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(run_dir / "provenance.json", prov)
+    if prov.get("recipe_departures"):
+        log.info(f"experiment={prov['experiment']} with departures from its recipe: "
+                 f"{', '.join(prov['recipe_departures'])}; tables show this run in its own row")
+    prunable = _prunable(method)
+    sparsity = (f"density {parts.density} over {prunable['total']} prunable weights in "
+                f"{len(prunable['prunable'])} tensors" if method.masks is not None else "dense (no masks)")
+    log.info(f"run folder {run_dir} | {cfg.method.name} on {cfg.model.name}/{cfg.dataset.name} | "
+             f"{sparsity} | {parts.epochs * method.rounds} epochs x "
+             f"{parts.steps_per_epoch} steps | {parts.device}" + (f" x {dist.world} processes" if dist.enabled else "")
+             + f" | {torch.get_num_threads()} threads")
+    return prov
 
-    prunable = method.masks.describe() if method.masks is not None else {"prunable": {}, "total": 0}
-    if dist.is_main:
-        sparsity = (f"density {density} over {prunable['total']} prunable weights in "
-                    f"{len(prunable['prunable'])} tensors" if method.masks is not None else "dense (no masks)")
-        log.info(f"run folder {run_dir} | {cfg.method.name} on {cfg.model.name}/{cfg.dataset.name} | "
-                 f"{sparsity} | {epochs * method.rounds} epochs x "
-                 f"{steps_per_epoch} steps | {device}" + (f" x {dist.world} processes" if dist.enabled else "")
-                 + f" | {torch.get_num_threads()} threads")
 
-    tags = [f"method:{cfg.method.name}", f"density:{density}", f"model:{model_label(resolved)}",
-            f"dataset:{cfg.dataset.name}"]
-    if prov.get("experiment"):
-        tags.append(f"experiment:{prov['experiment']}")
-    wandb_config = wandb_run_config(resolved, prov, rule)
-    sink = (MetricSink(run_dir, cfg.logger, str(cfg.run_name), sweep_group(cfg), tags, wandb_config,
-                       resume_epoch=trainer.epoch) if dist.is_main else NullSink())
+def _prunable(method) -> dict:
+    return method.masks.describe() if method.masks is not None else {"prunable": {}, "total": 0}
+
+
+def fit_and_record(cfg: DictConfig, resolved: dict, parts: Parts, prov: dict, run_dir: Path, started: float) -> dict:
+    """Train to the end with the run's metric sink, then write results.json (main process); a run
+    that fails records why in results.json. Returns the final metrics."""
+    dist, method, trainer = parts.dist, parts.method, parts.trainer
+    tags = [f"method:{cfg.method.name}", f"density:{parts.density}", f"model:{model_label(resolved)}",
+            f"dataset:{cfg.dataset.name}"] + ([f"experiment:{prov['experiment']}"] if prov.get("experiment") else [])
+    sink = (MetricSink(run_dir, cfg.logger, str(cfg.run_name), sweep_group(cfg), tags,
+                       wandb_run_config(resolved, prov, parts.rule), resume_epoch=trainer.epoch)
+            if dist.is_main else NullSink())
     ok = False
     try:
         try:
@@ -495,66 +545,16 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
                 text = str(exc) if isinstance(exc, (RunFailed, ConfigError)) else f"{type(exc).__name__}: {exc}"
                 record_failure(run_dir, resolved, text, trainer.epoch)
             raise
-        if not dist.is_main:
-            ok = True
-            return {"test/acc": final["test/acc"], "test/loss": final["test/loss"],
-                    "density/achieved": final["density/achieved"]}
-        last_train = {}
-        metrics_file = run_dir / "metrics.jsonl"
-        for line in metrics_file.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # not a record of this run's (metrics.jsonl is appended to, never trusted)
-            if isinstance(rec, dict) and "train/loss" in rec:
-                last_train = rec
-        final_metrics = {
-            "test/acc": final["test/acc"],
-            "test/loss": final["test/loss"],
-            "train/loss": last_train.get("train/loss"),
-            "train/acc": last_train.get("train/acc"),
-            "val/acc": last_train.get("val/acc"),
-            "density/achieved": final["density/achieved"],
-        }
-        flop_figures = trainer.flop_summary()
-        per_layer = {k[len("density/"):]: v for k, v in final.items()
-                     if k.startswith("density/") and k != "density/achieved"}
-        paper = paper_comparison(resolved, final["test/acc"], prov.get("recipe_departures"))
-        results = {
-            "status": "complete",
-            "config": resolved,
-            "final": final_metrics,
-            "best": trainer.best,
-            "density": {
-                "target": density if method.masks is not None else 1.0,
-                "achieved": final["density/achieved"],
-                "per_layer": per_layer,
-            },
-            "flops": {k[len("flops/"):]: v for k, v in flop_figures.items()},
-            "paper": paper,
-            "prunable": prunable,
-            "epochs": trainer.epoch,
-            "steps": trainer.step,
-            "train_time_s": trainer.train_time,
-            "wall_time_s": time.perf_counter() - t_start,
-            "wandb": sink.wandb_info,
-            "provenance": prov,
-        }
-        atomic_write_json(results_path, results)
-        sink.summary({**final_metrics, **{k: v for k, v in flop_figures.items() if v is not None},
-                      **{f"paper/{k}": v for k, v in (paper or {}).items()},
-                      "experiment": prov.get("experiment")})
-        shapes = prunable["prunable"]
-        rows = []
-        for name, d in per_layer.items():
-            shape = [int(x) for x in shapes.get(name, [])]
-            rows.append([name, "x".join(map(str, shape)), math.prod(shape), round(d * math.prod(shape)), d])
-        sink.table("density/final_per_layer", ["layer", "shape", "weights", "active", "density"], rows)
+        if dist.is_main:
+            target = parts.density if method.masks is not None else 1.0
+            out = write_results(run_dir, resolved, final, trainer, _prunable(method), target, prov, sink, started)
+        else:
+            out = {k: final[k] for k in ("test/acc", "test/loss", "density/achieved")}
         ok = True
-        return final_metrics
+        return out
     finally:
         sink.finish(exit_code=0 if ok else 1)
         # the DDP wrapper's reducer holds the process group: drop it first, so destroying the
         # group really joins Gloo's threads now and not during interpreter teardown (an abort)
-        trainer.train_model = model
+        trainer.train_model = parts.model
         dist_util.shutdown(dist, wait=ok)

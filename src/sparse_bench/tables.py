@@ -79,13 +79,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import identity
-from .provenance import _short
+from .identity import shown
 from .errors import ConfigError
+from .results import METRICS, model_label, paper_values, run_density
 from .resolvers import DENSE_METHODS
 from .sidefiles import read_object
 from .train.logging import WANDB_EXTRAS
 
-METRICS = ("test/acc", "test/error")
 DAGGER = "†"
 LAYER_PREFIX = "density/"  # density/<tensor> in the run's records: one prunable tensor's density
 
@@ -333,29 +333,10 @@ def fetch_wandb_runs(project: str) -> list[RunRecord]:
 # grouping
 
 
-def _key(density: float) -> float:
-    return round(float(density), 10)
-
-
-def run_density(config: dict) -> float:
-    if identity.is_dense(config):
-        return 1.0
-    return _key(config.get("density", 1.0))
-
-
 def _name(config: dict, group: str) -> str:
     if group == "model":
         return model_label(config)
     return str((config.get(group) or {}).get("name", "?"))
-
-
-def model_label(config: dict) -> str:
-    """The model's name; a timm model goes by its architecture (``model.arch``)."""
-    model = config.get("model") or {}
-    name = str(model.get("name", "?"))
-    if name == "timm" and model.get("arch"):
-        return str(model["arch"])
-    return name
 
 
 @dataclass
@@ -429,24 +410,6 @@ class Table:
         return sorted({row.metric for row in self.rows.values()})
 
 
-def _paper_values(values) -> dict:
-    out = {}
-    if not isinstance(values, dict):
-        return out
-    for density, entry in values.items():
-        try:
-            d = _key(density)
-        except (TypeError, ValueError):
-            continue
-        if isinstance(entry, dict):
-            value, pm = entry.get("value"), entry.get("pm")
-        else:
-            value, pm = entry, None
-        if isinstance(value, (int, float)):
-            out[d] = (float(value), float(pm) if isinstance(pm, (int, float)) else None)
-    return out
-
-
 def placement(config: dict, notes: list[str], where: str) -> tuple[str, str, str, str, dict]:
     """(table id, row label, metric, source, published values) of a run."""
     dataset, model, method = _name(config, "dataset"), _name(config, "model"), _name(config, "method")
@@ -459,7 +422,7 @@ def placement(config: dict, notes: list[str], where: str) -> tuple[str, str, str
         metric = "test/acc"
     table = str(paper.get("table") or f"{dataset}-{model}")
     row = str(paper.get("row") or f"{model}/{method}")
-    return table, row, metric, str(paper.get("source") or ""), _paper_values(paper.get("values"))
+    return table, row, metric, str(paper.get("source") or ""), paper_values(paper.get("values"))
 
 
 def _fingerprint(config: dict) -> str:
@@ -618,8 +581,8 @@ def build_tables(runs: list[RunRecord], notes: list[str] | None = None) -> dict[
             if g.departures:
                 row_label = f"{label} {DAGGER} [{_listing(g.departures)}]"
             elif shown_keys:
-                shown = [f"{k}={_short(g.flat[k])}" if k in g.flat else f"{k}=(unset)" for k in shown_keys]
-                row_label = f"{label} [{_listing(shown)}]"
+                values = [f"{k}={shown(g.flat.get(k, identity.UNSET))}" for k in shown_keys]
+                row_label = f"{label} [{_listing(values)}]"
             else:
                 row_label = label
             table = tables.setdefault(tid, Table(tid))
@@ -665,23 +628,6 @@ def build_tables(runs: list[RunRecord], notes: list[str] | None = None) -> dict[
     for table in tables.values():
         table.rows = dict(sorted(table.rows.items(), key=lambda kv: (kv[1].departs, kv[0].lower())))
     return dict(sorted(tables.items()))
-
-
-def paper_comparison(config: dict, acc: float, departures) -> dict | None:
-    """The published value of an experiment run's row at its density and ours beside it (percent, in
-    the row's metric), for the W&B summary and results.json; None for runs without a `paper:`
-    block, at densities the paper does not report, or that depart from the recipe."""
-    paper = config.get("paper")
-    if not isinstance(paper, dict) or departures:
-        return None
-    metric = str(paper.get("metric", "test/acc"))
-    value = _paper_values(paper.get("values")).get(run_density(config))
-    if value is None or metric not in METRICS:
-        return None
-    ours = 100.0 * float(acc)
-    ours = 100.0 - ours if metric == "test/error" else ours
-    return {"metric": metric, "value": value[0], "pm": value[1], "ours": ours, "diff": ours - value[0],
-            "table": paper.get("table"), "row": paper.get("row")}
 
 
 # ----------------------------------------------------------------------------------------------
