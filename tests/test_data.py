@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sparse_bench.data import DataBundle, DeviceLoader, build_data
-from sparse_bench.data.datasets import read_idx
+from sparse_bench.data.mnist import read_idx
 from sparse_bench.errors import ConfigError
 
 CPU = torch.device("cpu")
@@ -255,6 +255,61 @@ def test_unknown_name_lists_choices():
         assert choice in msg
 
 
+def test_one_builder_per_schema_option():
+    from sparse_bench import schema
+    from sparse_bench.data import BUILDERS
+
+    assert set(BUILDERS) == set(schema.DATASETS)
+
+
+def test_user_data_set_by_target(tmp_path, monkeypatch):
+    (tmp_path / "mylab_data.py").write_text(
+        "import torch\n"
+        "from sparse_bench.data import DataBundle, DeviceLoader\n"
+        "def build(cfg, device, seed):\n"
+        "    x, y = torch.zeros(8, 2, device=device), torch.arange(8, device=device) % 2\n"
+        "    return DataBundle(DeviceLoader(x, y, 4, shuffle=True, seed=seed), None, DeviceLoader(x, y, 4, False),\n"
+        "                      (2,), 2, cfg.name)\n"
+        "def wrong(cfg, device, seed):\n"
+        "    return 'not a bundle'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = build_data(OmegaConf.create({"name": "mine", "_target_": "mylab_data.build"}), CPU, seed=3)
+    assert isinstance(data, DataBundle) and data.name == "mine" and data.train.seed == 3 and len(data.train) == 2
+    with pytest.raises(ConfigError) as exc:
+        build_data(OmegaConf.create({"name": "mine", "_target_": "mylab_data.wrong"}), CPU, seed=0)
+    assert single_line_error(exc) == "dataset._target_=mylab_data.wrong must return a sparse_bench.data.DataBundle"
+
+
+def test_data_modules_import_no_private_name_and_form_no_cycle():
+    """Shared helpers are public in one module; no import between data modules hides in a function."""
+    import ast
+
+    import sparse_bench.data
+
+    folder = Path(sparse_bench.data.__file__).parent
+    deps: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        deps[path.stem] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sparse_bench"):
+                assert not [a.name for a in node.names if a.name.startswith("_")], (path.name, node.module)
+                if node.module.startswith("sparse_bench.data."):
+                    assert id(node) in top, f"{path.name} imports {node.module} inside a function"
+                    deps[path.stem].add(node.module.rsplit(".", 1)[1])
+
+    def reach(name: str, seen: set[str]) -> set[str]:
+        for dep in deps.get(name, ()):
+            if dep not in seen:
+                seen.add(dep)
+                reach(dep, seen)
+        return seen
+
+    assert [name for name in deps if name in reach(name, set())] == []
+
+
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"Fashion-MNIST not installed at {FASHION_DIR}")
 def test_real_fashion_mnist():
     data = build_data(cfg(name="fashion_mnist", root=str(FASHION_DIR), batch_size=128, test_batch_size=1000),
@@ -275,14 +330,14 @@ def test_real_fashion_mnist():
 def test_digits_read_directly_equal_scikit_learns_loader(monkeypatch):
     from sklearn.datasets import load_digits
 
-    from sparse_bench.data import datasets
+    from sparse_bench.data import digits
 
     ref = load_digits()
-    images, target = datasets.digits_arrays()
+    images, target = digits.digits_arrays()
     assert np.array_equal(images, ref.images) and np.array_equal(target, ref.target)
     # no file where it is expected: scikit-learn's loader, the same arrays
-    monkeypatch.setattr(datasets.Path, "is_file", lambda self: False)
-    images, target = datasets.digits_arrays()
+    monkeypatch.setattr(digits.Path, "is_file", lambda self: False)
+    images, target = digits.digits_arrays()
     assert np.array_equal(images, ref.images) and np.array_equal(target, ref.target)
 
 

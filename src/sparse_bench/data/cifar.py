@@ -15,7 +15,7 @@ coarse labels are not used).  The reader here unpickles with ``encoding='bytes'`
 through an unpickler that only resolves the numpy names such arrays need, so a
 tampered file cannot run code, and checks every array against the format.
 
-Loaders: the images stay ``uint8`` on the device (150 MB for CIFAR's 50,000
+Loaders (:func:`build_cifar`): the images stay ``uint8`` on the device (150 MB for CIFAR's 50,000
 training images); each batch is augmented and normalised there by a
 :mod:`~sparse_bench.data.augment` transform seeded from ``(seed, epoch, batch)``.
 Validation data, when ``val_fraction > 0``, is the last ``round(val_fraction * N)``
@@ -36,10 +36,19 @@ import torch
 from torch import Tensor
 
 from sparse_bench.data.augment import CropFlip, Normalize
-from sparse_bench.data.datasets import _channel_stats, resolve_root
+from sparse_bench.data.common import DataBundle, channel_stats, device_bundle, resolve_root
 from sparse_bench.errors import ConfigError
 
-__all__ = ["CIFAR_SPECS", "find_cifar_folder", "load_cifar_split", "read_cifar_file", "cifar_transforms"]
+__all__ = [
+    "CIFAR_SPECS",
+    "IMAGE_SHAPE",
+    "CifarSpec",
+    "build_cifar",
+    "cifar_transforms",
+    "find_cifar_folder",
+    "load_cifar_split",
+    "read_cifar_file",
+]
 
 IMAGE_SHAPE = (3, 32, 32)
 
@@ -57,7 +66,7 @@ class CifarSpec:
     names_key: bytes
     num_classes: int
     torchvision_class: str
-    mean: tuple[float, float, float]
+    mean: tuple[float, float, float]  # normalisation statistics (per channel)
     std: tuple[float, float, float]
 
 
@@ -247,7 +256,9 @@ def cifar_transforms(cfg: Any, name: str) -> tuple[CropFlip | Normalize, Normali
     turns augmentation off.
     """
     spec = CIFAR_SPECS[name]
-    mean, std = _channel_stats(cfg, 3, spec.mean, spec.std)
+    stats = channel_stats(cfg, 3, (spec.mean, spec.std))
+    assert stats is not None  # the data set has its own statistics
+    mean, std = stats
     eval_tf = Normalize(mean, std, scale=255.0)
     aug = cfg.augment
     train_tf = CropFlip(mean, std, pad=aug.padding if aug.crop else 0, pad_mode=aug.pad_mode, flip=aug.flip,
@@ -255,3 +266,16 @@ def cifar_transforms(cfg: Any, name: str) -> tuple[CropFlip | Normalize, Normali
     if train_tf.identity:
         return eval_tf, eval_tf
     return train_tf, eval_tf
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_cifar(cfg: Any, device: torch.device, seed: int) -> DataBundle:
+    """CIFAR-10 or CIFAR-100 (``dataset.name``): ``uint8`` images on ``device``, augmented and
+    normalised batch by batch (:func:`cifar_transforms`)."""
+    train_tf, eval_tf = cifar_transforms(cfg, cfg.name)
+    x_tr, y_tr, x_te, y_te = load_cifar_split(cfg, cfg.name)
+    # uint8 on the device (4x smaller than float); the transforms convert and normalise per batch
+    tensors = (x_tr.to(device), y_tr.to(device), x_te.to(device), y_te.to(device))
+    return device_bundle(cfg, seed, tensors, CIFAR_SPECS[cfg.name].num_classes, train_tf, eval_tf)

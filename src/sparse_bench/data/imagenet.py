@@ -56,8 +56,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
-from sparse_bench.data.datasets import DataBundle, _channel_stats, resolve_root
-from sparse_bench.data.loader import _SEED_STRIDE, STATS_STREAM, StatBatches, _splitmix64, epoch_seed, mix_seed
+from sparse_bench.data.common import DataBundle, channel_stats, resolve_root
+from sparse_bench.data.loader import STATS_STREAM, StatBatches, epoch_seed, mix_seed, splitmix64
 from sparse_bench.errors import ConfigError, RunFailed
 
 __all__ = [
@@ -71,6 +71,7 @@ __all__ = [
     "scan_split",
 ]
 
+#: Normalisation statistics (per channel) when ``dataset.normalize`` is null.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Tag separating the per-sample augmentation seeds from other uses of ``mix_seed``.
@@ -312,7 +313,7 @@ class _SeededSampler(Sampler):
             # DistributedSampler seeds with seed + epoch: the same (seed, epoch) -> order mapping as epoch_seed
             self.base: Sampler = DistributedSampler(
                 _Range(n), num_replicas=world, rank=rank, shuffle=True,
-                seed=(seed * _SEED_STRIDE) % (2**63), drop_last=False,
+                seed=epoch_seed(seed, 0), drop_last=False,
             )
         elif shuffle:
             self.base = RandomSampler(_Range(n), generator=self._gen)
@@ -337,7 +338,7 @@ class _SeededSampler(Sampler):
             indices = iter(self.base)
         key = mix_seed(self.seed, self.epoch, _SAMPLE_STREAM)
         for i in indices:
-            yield i, _splitmix64(key ^ i) >> 1
+            yield i, splitmix64(key ^ i) >> 1
 
 
 # --------------------------------------------------------------------------- loader
@@ -442,7 +443,7 @@ class ImageFolderLoader:
         count = self._num_draws(n) * self.global_batch_size
         order = torch.randperm(len(self.images), generator=gen)[:count].tolist()
         base = mix_seed(self.seed, STATS_STREAM, key, _SAMPLE_STREAM)
-        keys = [(i, _splitmix64(base ^ i) >> 1) for i in order]
+        keys = [(i, splitmix64(base ^ i) >> 1) for i in order]
         loader = DataLoader(_SeededImages(self.images, self.transform), batch_size=self.global_batch_size,
                             sampler=_ListSampler(keys), num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda")
@@ -472,10 +473,9 @@ def _holdout(images: ImageList, fraction: float) -> tuple[np.ndarray, np.ndarray
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
 
 
-def build_imagenet(
-    cfg: Any, device: torch.device, seed: int, batch_size: int, test_batch_size: int, val_fraction: float
-) -> DataBundle:
+def build_imagenet(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     """ImageNet loaders from ``dataset.root`` (see the module docstring)."""
+    batch_size, test_batch_size, val_fraction = cfg.batch_size, cfg.test_batch_size, cfg.val_fraction
     root = resolve_root(cfg.root)
     if not root.is_dir():
         raise ConfigError(
@@ -489,7 +489,9 @@ def build_imagenet(
                           f"centre crop needs val_resize >= image_size (null: round(image_size / 0.875))")
     num_workers, persistent, prefetch = cfg.num_workers, cfg.persistent_workers, cfg.prefetch_factor
     drop_last = cfg.drop_last
-    mean, std = _channel_stats(cfg, 3, IMAGENET_MEAN, IMAGENET_STD)
+    stats = channel_stats(cfg, 3, (IMAGENET_MEAN, IMAGENET_STD))
+    assert stats is not None  # the data set has its own statistics
+    mean, std = stats
 
     train_images, classes = scan_split(root / "train")
     test_images, _ = scan_split(root / "val", {c: i for i, c in enumerate(classes)})

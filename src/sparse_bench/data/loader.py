@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["BatchTransform", "DeviceLoader", "StatBatches", "epoch_seed", "mix_seed"]
+__all__ = ["BatchTransform", "DeviceLoader", "StatBatches", "epoch_seed", "mix_seed", "splitmix64"]
 
 #: ``transform(xb, generator) -> xb``: applied to every batch; ``generator`` is on the data device.
 BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
@@ -55,7 +55,8 @@ AUGMENT_STREAM = 0x417567
 STATS_STREAM = 0x535441
 
 
-def _splitmix64(z: int) -> int:
+def splitmix64(z: int) -> int:
+    """One step of the splitmix64 mixer on 64-bit integers (the building block of :func:`mix_seed`)."""
     z = (z + 0x9E3779B97F4A7C15) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
@@ -68,9 +69,9 @@ def mix_seed(*values: int) -> int:
     Pure integer arithmetic (splitmix64 over the values in turn), so it is the
     same on every machine and Python version; different tuples give unrelated seeds.
     """
-    h = _splitmix64(len(values))
+    h = splitmix64(len(values))
     for v in values:
-        h = _splitmix64(h ^ (int(v) & _MASK64))
+        h = splitmix64(h ^ (int(v) & _MASK64))
     return h >> 1
 
 
