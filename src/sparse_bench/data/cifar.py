@@ -279,3 +279,7 @@ def build_cifar(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     # uint8 on the device (4x smaller than float); the transforms convert and normalise per batch
     tensors = (x_tr.to(device), y_tr.to(device), x_te.to(device), y_te.to(device))
     return device_bundle(cfg, seed, tensors, CIFAR_SPECS[cfg.name].num_classes, train_tf, eval_tf)
+
+
+#: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
+BUILDERS = {"cifar10": build_cifar, "cifar100": build_cifar}

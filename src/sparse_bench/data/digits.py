@@ -72,3 +72,7 @@ def build_digits(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     stats = channel_stats(cfg, 1, (DIGITS_MEAN, DIGITS_STD))
     tensors = (normalize_(x_tr.to(device), stats), y_tr.to(device), normalize_(x_te.to(device), stats), y_te.to(device))
     return device_bundle(cfg, seed, tensors, num_classes=10)
+
+
+#: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
+BUILDERS = {"digits": build_digits}

@@ -526,3 +526,7 @@ def build_imagenet(cfg: Any, device: torch.device, seed: int) -> DataBundle:
         # the training images seen like the test set: a fixed random subset first (epoch 0 order)
         train_eval=eval_loader(train_images, shuffle=True, persistent=False),
     )
+
+
+#: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
+BUILDERS = {"imagenet": build_imagenet}

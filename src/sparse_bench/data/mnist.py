@@ -226,3 +226,7 @@ def build_mnist(cfg: Any, device: torch.device, seed: int) -> DataBundle:
         return normalize_(x, stats)
 
     return device_bundle(cfg, seed, (prep(x_tr), y_tr.to(device), prep(x_te), y_te.to(device)), num_classes=10)
+
+
+#: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
+BUILDERS = {"mnist": build_mnist, "fashion_mnist": build_mnist}

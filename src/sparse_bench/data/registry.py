@@ -26,17 +26,15 @@ empty) is a one-line :class:`~sparse_bench.errors.ConfigError` naming the key an
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from sparse_bench.data.cifar import build_cifar
 from sparse_bench.data.common import DataBundle
-from sparse_bench.data.digits import build_digits
-from sparse_bench.data.imagenet import build_imagenet
-from sparse_bench.data.mnist import build_mnist
-from sparse_bench.data.synthetic import build_synthetic
 from sparse_bench.errors import ConfigError
 from sparse_bench.plugins import target_of
 from sparse_bench.schema import check_option
@@ -46,17 +44,13 @@ __all__ = ["BUILDERS", "DataBuilder", "build_data"]
 #: ``builder(cfg, device, seed) -> DataBundle``: ``cfg`` is the checked ``dataset`` group.
 DataBuilder = Callable[[Any, torch.device, int], DataBundle]
 
-#: ``dataset.name`` -> builder of the data sets shipped here (the schema, ``sparse_bench.schema.DATASETS``,
-#: has one option per name).
-BUILDERS: dict[str, DataBuilder] = {
-    "mnist": build_mnist,
-    "fashion_mnist": build_mnist,
-    "digits": build_digits,
-    "synthetic": build_synthetic,
-    "cifar10": build_cifar,
-    "cifar100": build_cifar,
-    "imagenet": build_imagenet,
-}
+#: ``dataset.name`` -> builder of the data sets shipped here: every module of this package may define
+#: ``BUILDERS = {name: builder}``, merged here, so a data set is one module plus its YAML in conf/dataset/
+#: (and its option schema, ``sparse_bench.schema.DATASETS``).
+BUILDERS: dict[str, DataBuilder] = {}
+for _info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+    if _info.name != __name__.rsplit(".", 1)[-1]:
+        BUILDERS.update(getattr(importlib.import_module(f"{__package__}.{_info.name}"), "BUILDERS", {}))
 
 
 def build_data(cfg: Any, device: torch.device, seed: int) -> DataBundle:

@@ -53,3 +53,7 @@ def build_synthetic(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     stats = channel_stats(cfg, shape[0], None)
     tensors = (normalize_(x_tr.to(device), stats), y_tr.to(device), normalize_(x_te.to(device), stats), y_te.to(device))
     return device_bundle(cfg, seed, tensors, num_classes=cfg.num_classes)
+
+
+#: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
+BUILDERS = {"synthetic": build_synthetic}
