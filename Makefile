@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # e.g. make install TORCH_SPEC="torch==2.9.1 torchvision==0.24.1"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo example test test-fast clean
+.PHONY: install demo example lint test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ demo: install
 # 22 short runs on 2 worker processes, then docs/example/ and the README's example section
 example: install
 	$(BIN)/python scripts/example.py
+
+# ruff's lint rules (pyproject.toml [tool.ruff]); CI runs this before the tests
+lint: install
+	$(BIN)/ruff check .
 
 # two pytest workers, one torch thread each (tests/conftest.py): the suite on both cores
 test: install
