@@ -188,15 +188,18 @@ def main():
             mask = torch.zeros(n * n, dtype=torch.bool, device=device)
             mask[active] = True
             mask = mask.view(n, n)
-            t, peak = measure(lambda: rigl_grow(x, delta, mask, k), device, args.repeats)
+            t, peak = measure(lambda x=x, delta=delta, mask=mask, k=k: rigl_grow(x, delta, mask, k),
+                              device, args.repeats)
             row += [f"{t * 1e3:.1f}", f"{peak / 2**20:.1f}"]
             del mask
         else:
             row += ["-", "-"]
         for guided in (False, True):
             g2 = torch.Generator().manual_seed(args.seed + 1)
-            t, peak = measure(lambda: gse_grow(layer, x, delta, active, k, n_cand, args.chunk_size, g2, guided),
-                              device, args.repeats)
+            t, peak = measure(
+                lambda layer=layer, x=x, delta=delta, active=active, k=k, n_cand=n_cand, g2=g2, guided=guided:
+                gse_grow(layer, x, delta, active, k, n_cand, args.chunk_size, g2, guided),
+                device, args.repeats)
             row += [f"{t * 1e3:.1f}", f"{peak / 2**20:.1f}"]
         print("| " + " | ".join(row) + " |", flush=True)
 

@@ -20,10 +20,10 @@ import statistics
 import time
 
 import torch
+from bench_grow_step import sync
 from omegaconf import OmegaConf
 from torch import nn
 
-from bench_grow_step import sync
 from sparse_bench.confdir import conf_dir
 from sparse_bench.models import build_model
 from sparse_bench.sparsity.methods import MethodContext, build_method

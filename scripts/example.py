@@ -49,7 +49,8 @@ def sweeps(seed: int, epochs: int, root: str) -> list[list[str]]:
 def worker_script(seed: int, epochs: int, root: str) -> str:
     """One shell line running a worker's sweeps one after the other."""
     py = sys.executable
-    return " && ".join(subprocess.list2cmdline([py, "-m", "sparse_bench", *args]) for args in sweeps(seed, epochs, root))
+    return " && ".join(subprocess.list2cmdline([py, "-m", "sparse_bench", *args])
+                       for args in sweeps(seed, epochs, root))
 
 
 def readme_block(md: str, wall: float, epochs: int, workers: int, load: float | None = None) -> str:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from sparse_bench.confdir import conf_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -66,7 +66,8 @@ CASES = [
     # models
     (["model=mlp", "model.hidden=[0]"], "model.hidden"), (["model=mlp", "model.hidden=[-5]"], "model.hidden"),
     (["model=mlp", "model.hidden=abc"], "model.hidden"), (["model=mlp", "model.dropout=2"], "model.dropout"),
-    (["model=mlp", "model.dropout=-0.1"], "model.dropout"), (["model=wrn", "model.widen_factor=0"], "model.widen_factor"),
+    (["model=mlp", "model.dropout=-0.1"], "model.dropout"),
+    (["model=wrn", "model.widen_factor=0"], "model.widen_factor"),
     (["model=resnet56", "model.width=0"], "model.width"), (["model=vit_cifar", "model.heads=0"], "model.heads"),
     (["+model.foo=1"], "model.foo"), (["model=bogus"], "model=bogus"),
     # methods
@@ -94,7 +95,8 @@ CASES = [
     (["method=lottery", "method.keep_per_round=1"], "method.keep_per_round"),
     (["method=lottery", "method.densities=[0,0.5]"], "method.densities"),
     (["method=lottery", "method.densities=[0.5,0.6]"], "method.densities"),
-    (["method=gmp", "method.start=2"], "method.start=2"), (["method=deepr", "method.temperature=inf"], "method.temperature"),
+    (["method=gmp", "method.start=2"], "method.start=2"),
+    (["method=deepr", "method.temperature=inf"], "method.temperature"),
     (["method=rigl", "method.exclude_pruned=yes"], "method.exclude_pruned"),
     (["method=synflow", "method.iterations=0"], "method.iterations"),
     (["method=synflow", "method.precision=float16"], "method.precision"),

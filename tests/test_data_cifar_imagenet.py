@@ -446,8 +446,8 @@ def test_imagenet_shapes_labels_order_and_workers(tmp_path):
     assert x_te.shape == (6, 3, 32, 32) and x_te.dtype == torch.float32
     assert y_te.tolist() == [0, 0, 1, 1, 2, 2]
     # eval transform: resize shorter side to round(32 / 0.875) = 37, centre crop 32, normalise
-    from PIL import Image
     import torchvision.transforms as T
+    from PIL import Image
 
     ref = T.Compose([T.Resize(37), T.CenterCrop(32), T.ToTensor(), T.Normalize(IN_MEAN, IN_STD)])
     first = ref(Image.open(tmp_path / "val" / CLASSES[0] / f"{CLASSES[0]}_0.JPEG").convert("RGB"))

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose, tiered
 from sparse_bench.run import run
 from sparse_bench.train.checkpoint import load_checkpoint
+
+from conftest import compose, tiered
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

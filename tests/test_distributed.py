@@ -6,12 +6,13 @@ import shutil
 import subprocess
 import sys
 import time
-
-import torch
 from pathlib import Path
 
 import pytest
+import torch
+
 from conftest import run_in_process
+
 
 def _torchrun(tmp_path, args, port, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")

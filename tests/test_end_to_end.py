@@ -8,9 +8,8 @@ import torch
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run
 from sparse_bench.train import trainer as trainer_mod
-from sparse_bench.train.checkpoint import save_checkpoint
+from sparse_bench.train.checkpoint import load_checkpoint, save_checkpoint
 
-from sparse_bench.train.checkpoint import load_checkpoint
 from conftest import FASHION, cli, compose, read_jsonl
 
 TINY = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=3", "density=0.3"]
@@ -75,7 +74,8 @@ def test_sweep_gives_each_job_its_folder_and_wandb_group(tmp_path):
             "logger=wandb", f"paths.runs={tmp_path}", "sweep_name=s1"]
     proc = cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    folders = sorted(p for p in (tmp_path / "multirun" / "s1").iterdir() if p.is_dir() and (p / "results.json").exists())
+    folders = sorted(p for p in (tmp_path / "multirun" / "s1").iterdir()
+                     if p.is_dir() and (p / "results.json").exists())
     assert len(folders) == 4
     seen = set()
     for f in folders:

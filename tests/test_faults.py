@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 import pytest
+from test_data import make_arrays, write_dataset
+from test_data_cifar_imagenet import inet_cfg, write_imagenet
 
-from conftest import compose
 from sparse_bench import cli, tables
 from sparse_bench.errors import ConfigError, RunFailed
 from sparse_bench.run import LOCK, MARKER, run
-from test_data import make_arrays, write_dataset
-from test_data_cifar_imagenet import inet_cfg, write_imagenet
+
+from conftest import compose
 
 TINY = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=1", "limit_train_batches=2",
         "logger=none", "progress=false", "device=cpu", "eval.train_samples=0"]
@@ -66,7 +67,8 @@ def _places(tmp: Path) -> list:
         ([f"paths.runs={tmp / 'runs'}", f"hydra.run.dir={tmp / 'elsewhere'}"], "outside paths.runs"),
         (["-m", "density=0.1,0.2", "paths.runs=/proc/sparse_bench_x"], "takes no new folders"),
         (["-m", "density=0.1,0.2", f"paths.runs={tmp / 'runs'}", "sweep_name=" + "y" * 300], "more than the 255"),
-        (["-m", "density=0.1,0.2", f"paths.runs={tmp / 'runs'}", f"hydra.sweep.dir={tmp / 'sw'}"], "outside paths.runs"),
+        (["-m", "density=0.1,0.2", f"paths.runs={tmp / 'runs'}", f"hydra.sweep.dir={tmp / 'sw'}"],
+         "outside paths.runs"),
         (["-m", "density=0.1,0.2", f"paths.runs={tmp / 'runs'}", "run_name=" + "z" * 300], "more than the 255"),
     ]
 
@@ -363,7 +365,8 @@ def test_a_library_that_cannot_be_rebuilt_falls_back_in_one_line(fresh_kernels, 
 
 
 # --- 10: signals and messages --------------------------------------------------------------------
-@pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"), (signal.SIGTERM, 143, "SIGTERM")])
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                           (signal.SIGTERM, 143, "SIGTERM")])
 def test_a_signal_checkpoints_what_is_finished_and_says_how_to_resume(sig, code, said, tmp_path):
     args = over("schedule.epochs=100000", "limit_train_batches=null", f"paths.runs={tmp_path}", "run_name=r")
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")

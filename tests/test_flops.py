@@ -129,7 +129,8 @@ def test_step_costs_follow_rigls_formulas():
 def test_gse_update_adds_its_sparse_passes_and_candidate_gradients():
     batches = [(torch.randn(16, 20), torch.randint(0, 5, (16,)))]
     model = _mlp()
-    gse = _method(model, "gse", 0.2, update_every=2, end={"unit": "fraction", "value": 1.0}, batches=lambda n, key=0: batches[:n])
+    gse = _method(model, "gse", 0.2, update_every=2, end={"unit": "fraction", "value": 1.0},
+                  batches=lambda n, key=0: batches[:n])
     lf = LayerFlops.from_model(model, (20,), gse.masks.names)
     meter = FlopMeter(lf, gse)
     f_s_before = _f_s(meter)
@@ -160,7 +161,7 @@ def test_rigl_resnet50_train_flop_multiples_match_the_published_ones():
     published = {("erk", 0.8): 0.42, ("uniform", 0.8): 0.23, ("erk", 0.9): 0.24, ("uniform", 0.9): 0.13}
     flops = None
     got = {}
-    for (init, sparsity), value in published.items():
+    for (init, sparsity), _value in published.items():
         prunable = {"exclude": ["conv1.weight"]} if init == "uniform" else None
         rigl = _method(model, "rigl", 1.0 - sparsity, init=init, update_every=dt, epochs=epochs,
                        steps_per_epoch=steps_per_epoch, prunable=prunable)
@@ -191,7 +192,8 @@ def test_gmp_run_integrates_its_density_schedule(tmp_path):
     """Digits MLP, GMP pruning at epoch ends 1 and 3 (to 0.2): the run's training FLOPs are
     3 x sum over epochs of (samples x the forward cost at that epoch's masks), by shape."""
     args = ["method=gmp", "dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=4", "density=0.2",
-            "method.start={unit:epoch,value:1}", "method.end={unit:epoch,value:3}", "method.frequency={unit:epoch,value:2}", "method.scope=layer", "eval.train_samples=0",
+            "method.start={unit:epoch,value:1}", "method.end={unit:epoch,value:3}",
+            "method.frequency={unit:epoch,value:2}", "method.scope=layer", "eval.train_samples=0",
             "logger=none", "progress=false", "device=cpu", f"paths.runs={tmp_path}"]
     proc = cli_here(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

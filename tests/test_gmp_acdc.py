@@ -7,20 +7,19 @@ optimizer state are checked against direct computation after every event.
 import copy
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from sparse_bench.confdir import conf_dir
 from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.methods.acdc import acdc_phases
+from sparse_bench.train.trainer import hooked_step
 
 from conftest import cli_here, read_jsonl
-from sparse_bench.confdir import conf_dir
-from sparse_bench.train.trainer import hooked_step
 
 CONF = conf_dir() / "method"
 SPE = 4  # steps per epoch

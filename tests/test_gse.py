@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +12,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import cli_here, read_jsonl
+from sparse_bench.confdir import conf_dir
 from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity import candidate_grad as cg
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.methods import gse as gse_mod
-from sparse_bench.confdir import conf_dir
 from sparse_bench.train.trainer import hooked_step
+
+from conftest import cli_here, read_jsonl
 
 CONF = conf_dir() / "method" / "gse.yaml"
 EPOCHS, SPE = 5, 20  # 100 steps; end_fraction 0.6 -> updates before step 60

@@ -3,7 +3,6 @@ schedules, and bit-identical resume across a round boundary."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,15 +10,15 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
+from sparse_bench.confdir import conf_dir
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.train import trainer as trainer_mod
-
 from sparse_bench.train.checkpoint import load_checkpoint
-from conftest import compose, read_jsonl
-from sparse_bench.confdir import conf_dir
 from sparse_bench.train.trainer import hooked_step
+
+from conftest import compose, read_jsonl
 
 CONF = conf_dir() / "method" / "lottery.yaml"
 EPOCHS, SPE = 2, 4

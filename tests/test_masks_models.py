@@ -65,7 +65,8 @@ def _cfg(**kw):
 
 
 def test_models_fit_their_data_and_misfits_are_one_line_errors():
-    assert build_model(_cfg(name="lenet300_100", in_features=784), (1, 28, 28), 10)(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert build_model(_cfg(name="lenet300_100", in_features=784), (1, 28, 28), 10)(
+        torch.zeros(3, 1, 28, 28)).shape == (3, 10)
     assert build_model(_cfg(name="lenet5_caffe"), (1, 28, 28), 10)(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
     assert build_model(_cfg(name="mlp", hidden=[16]), (1, 8, 8), 10)(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
     with pytest.raises(ConfigError, match="model=lenet5_caffe does not fit") as e:

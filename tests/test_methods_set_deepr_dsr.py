@@ -12,13 +12,14 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import cli_here
+from sparse_bench.confdir import conf_dir
 from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity.distributions import allocate
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.methods.dsr import DSR
-from sparse_bench.confdir import conf_dir
 from sparse_bench.train.trainer import hooked_step
+
+from conftest import cli_here
 
 CPU = torch.device("cpu")
 STEPS_PER_EPOCH = 6
@@ -392,7 +393,7 @@ def test_deepr_top_k_draw_picks_what_the_sort_draw_picks(exclude_pruned):
         model, opt, method = build(cfg)
         method.sort_draw = sort_draw
         born = []
-        train(model, opt, method, 2, on_step=lambda step: born.append(
+        train(model, opt, method, 2, on_step=lambda step, born=born, method=method: born.append(
             sum(int(b.sum()) for b in method.last_step["born"])))
         runs.append((born, [m.clone() for m in method.masks.masks], [p.detach().clone() for p in model.parameters()]))
     (born_a, masks_a, weights_a), (born_b, masks_b, weights_b) = runs
@@ -481,8 +482,6 @@ def test_cli_run(tmp_path, name):
 
 
 def test_dsr_default_period_lengthens_like_the_reference():
-    from pathlib import Path
-
     from sparse_bench.sparsity.methods import MethodContext, build_method
 
     cfg = OmegaConf.load(conf_dir() / "method" / "dsr.yaml")

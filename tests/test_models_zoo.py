@@ -13,11 +13,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose
 from sparse_bench.errors import ConfigError
 from sparse_bench.models import _BUILDERS, build_model
 from sparse_bench.schema import check_option
 from sparse_bench.sparsity.masks import MaskSet
+
+from conftest import CONF, compose
 
 CIFAR = (3, 32, 32)
 # the input each model YAML is made for; anything not listed is a CIFAR model

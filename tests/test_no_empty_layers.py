@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose, tiered
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run
 from sparse_bench.sparsity.distributions import min_density
+
+from conftest import compose, tiered
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

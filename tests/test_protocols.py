@@ -13,16 +13,17 @@ import math
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_data_cifar_imagenet import inet_cfg, write_cifar10, write_imagenet
 from torch import nn
 
-from conftest import CONF, cli_here, compose
 from sparse_bench.data import build_data
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run
 from sparse_bench.sparsity.distributions import layer_counts
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.train.trainer import hooked_step
-from test_data_cifar_imagenet import inet_cfg, write_cifar10, write_imagenet
+
+from conftest import CONF, cli_here, compose
 
 CPU = torch.device("cpu")
 SPE = 4
@@ -146,7 +147,8 @@ def test_gse_rigl_grows_by_the_gradient_of_separate_statistics_batches():
     grads = [torch.zeros_like(p) for p in m.masks.params]
     names = m.masks.names
     for x, y in STATS[:2]:
-        gs = torch.autograd.grad(nn.functional.cross_entropy(ref(x), y), [dict(ref.named_parameters())[n] for n in names])
+        gs = torch.autograd.grad(nn.functional.cross_entropy(ref(x), y),
+                                 [dict(ref.named_parameters())[n] for n in names])
         grads = [a + b for a, b in zip(grads, gs)]
     old = [k.clone() for k in m.masks.masks]
     logs = m.on_step_end(3)

@@ -2,7 +2,6 @@
 masks, untouched model state, static training, and one CLI run per method."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +9,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
+from sparse_bench.confdir import conf_dir
 from sparse_bench.errors import ConfigError
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.saliency import SynFlowScorer, grasp_scores, snip_scores
+from sparse_bench.train.trainer import hooked_step
 
 from conftest import cli_here
-from sparse_bench.confdir import conf_dir
-from sparse_bench.train.trainer import hooked_step
 
 CONF = conf_dir() / "method"
 METHODS = ["snip", "grasp", "synflow"]

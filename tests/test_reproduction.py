@@ -15,15 +15,16 @@ import pytest
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
+from test_data import make_arrays, write_dataset
 
-from conftest import CONF, cli_here, compose, tiered
 from sparse_bench import identity, schema, tables
 from sparse_bench.cli import sweep_dirname_override
 from sparse_bench.errors import ConfigError
 from sparse_bench.provenance import departures, recipe_of
 from sparse_bench.reproduce import command, density_values
 from sparse_bench.run import validate
-from test_data import make_arrays, write_dataset
+
+from conftest import CONF, cli_here, compose, tiered
 
 ROW = "sm_mnist_lenet300_100"
 

@@ -6,8 +6,8 @@ import torch
 
 from sparse_bench.run import run
 from sparse_bench.train import trainer as trainer_mod
-
 from sparse_bench.train.checkpoint import load_checkpoint
+
 from conftest import compose, read_jsonl
 
 BASE = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=4", "density=0.3",

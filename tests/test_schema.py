@@ -12,13 +12,14 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import CONF
 from sparse_bench import schema as S
 from sparse_bench.data import build_data
 from sparse_bench.errors import ConfigError
 from sparse_bench.models import _BUILDERS, build_model
 from sparse_bench.sparsity.methods import METHODS, MethodContext, build_method
 from sparse_bench.train.optim import LRSchedule, build_optimizer
+
+from conftest import CONF
 
 GROUPS = ("method", "dataset", "model", "optimizer", "schedule", "logger")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
@@ -178,7 +179,7 @@ def test_an_update_interval_longer_than_the_run_is_one_warning(cfg, interval, un
     lines = [r.getMessage() for r in caplog.records if "method.update_every" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0], lines
     assert interval in lines[0] and until in lines[0] and "2-epoch run of 20 steps" in lines[0]
-    assert getattr(m, "cadence").first_update(10, 2) is None
+    assert m.cadence.first_update(10, 2) is None
 
 
 @pytest.mark.parametrize("cfg", [{"name": "rigl", "update_every": 5}, {"name": "set"},

@@ -11,8 +11,8 @@ from sparse_bench.errors import ConfigError
 from sparse_bench.run import run
 from sparse_bench.sparsity.execution import kernels
 from sparse_bench.sparsity.execution.layers import SparseConv2d, SparseLinear, structure_from_linear
-
 from sparse_bench.train.checkpoint import load_checkpoint
+
 from conftest import compose, read_jsonl, run_in_process
 
 BACKENDS = ["c", "torch"]
@@ -240,7 +240,8 @@ def test_conv_model_runs_sparse_like_masked(method, tmp_path):
     # lr 0.01: at 0.1 GSE's fan-in re-initialised LeNet-5 (biases drawn from the sparse fan-in's bound, as
     # the reference draws them) diverges in its first steps, where rounding differences grow without bound
     extra = ["dataset=synthetic", "model=lenet5_caffe", "dataset.n_train=300", "dataset.n_test=100",
-             "limit_train_batches=3", "schedule.epochs=2", "method.update_every=2", "method.end={unit:fraction,value:1.0}",
+             "limit_train_batches=3", "schedule.epochs=2", "method.update_every=2",
+             "method.end={unit:fraction,value:1.0}",
              "optimizer.lr=0.01"]
     a = _run(tmp_path, method, "masked", extra)
     b = _run(tmp_path, method, "sparse", extra)

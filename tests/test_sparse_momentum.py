@@ -1,15 +1,14 @@
 """Sparse momentum: one prune / redistribute / grow cycle, checked against direct computation."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.confdir import conf_dir
+from sparse_bench.sparsity.methods import MethodContext, build_method
 
 CONF = conf_dir() / "method" / "sparse_momentum.yaml"
 EPOCHS, SPE = 4, 10

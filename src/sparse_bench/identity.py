@@ -50,7 +50,7 @@ def _walk(schema, prefix: str, out: dict, inherited: str | None) -> None:
             _walk(typ, f"{key}.", out, role)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def roles() -> dict[str, str]:
     """Every key the schema knows (top level and inside each group option but the methods',
     whose keys are all recipe) with its role."""

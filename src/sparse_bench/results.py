@@ -103,7 +103,8 @@ def write_results(run_dir: Path, resolved: dict, final: dict, trainer, prunable:
         "density/achieved": final["density/achieved"],
     }
     flop_figures = trainer.flop_summary()
-    per_layer = {k[len("density/"):]: v for k, v in final.items() if k.startswith("density/") and k != "density/achieved"}
+    per_layer = {k[len("density/"):]: v for k, v in final.items()
+                 if k.startswith("density/") and k != "density/achieved"}
     paper = paper_comparison(resolved, final["test/acc"], prov.get("recipe_departures"))
     results = {
         "status": "complete",

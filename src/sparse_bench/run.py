@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 from .data import DataBundle, build_data
 from .errors import ConfigError, RunFailed
@@ -24,13 +24,13 @@ from .identity import diff, recipe, run_identity, shown
 from .models import build_model
 from .provenance import provenance as make_provenance
 from .results import model_label, write_results
-from .sparsity.flops import build_meter
+from .sidefiles import read_object
 from .sparsity.execution import Execution, build_model_for, execution_mode
 from .sparsity.execution.engine import PLAN_FILE
+from .sparsity.flops import build_meter
 from .sparsity.methods import MethodContext, build_method
-from .sidefiles import read_object
-from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, is_checkpoint, load_checkpoint
 from .train import distributed as dist_util
+from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, is_checkpoint, load_checkpoint
 from .train.logging import MetricSink, NullSink, wandb_run_config
 from .train.optim import LRSchedule, build_optimizer
 from .train.trainer import CHECKPOINT, Trainer

@@ -79,10 +79,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import identity
-from .identity import shown
 from .errors import ConfigError
-from .results import METRICS, model_label, paper_values, run_density
+from .identity import shown
 from .resolvers import DENSE_METHODS
+from .results import METRICS, model_label, paper_values, run_density
 from .sidefiles import read_object
 from .train.logging import WANDB_EXTRAS
 
@@ -1011,7 +1011,8 @@ def _figure(width: float, height: float):
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=130), matplotlib.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    return (Figure(figsize=(width, height), dpi=130),
+            matplotlib.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"]))
 
 
 def _save(fig, path: Path, also: tuple[str, ...]) -> None:

@@ -175,7 +175,7 @@ class DeviceLoader:
                 xb = self.transform(xb, gen)
             yield xb, yb
 
-    def draw(self, n: int, key: int) -> "StatBatches":
+    def draw(self, n: int, key: int) -> StatBatches:
         """`n` statistics batches of ``batch_size`` for `key`, independent of the epoch order.
 
         The samples are the first ``n * batch_size`` of a permutation seeded by

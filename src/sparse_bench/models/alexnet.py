@@ -41,11 +41,13 @@ class AlexNet(nn.Module):
         channels = in_channels
         h, w = image_size
         for out, k, s, p in CONVS:
-            layers += [nn.Conv2d(channels, out, kernel_size=k, stride=s, padding=p), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(channels, out, kernel_size=k, stride=s, padding=p), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True)]
             channels = out
             h, w = _conv_out(h, k, s, p), _conv_out(w, k, s, p)
         if h < 1 or w < 1:
-            raise ConfigError(f"AlexNet needs images of at least 8x8 pixels, got {image_size[0]}x{image_size[1]}; pick another model")
+            raise ConfigError(f"AlexNet needs images of at least 8x8 pixels, got {image_size[0]}x{image_size[1]}; "
+                              "pick another model")
         self.features = nn.Sequential(*layers)
         hidden = 1024 * factor
         self.classifier = nn.Sequential(

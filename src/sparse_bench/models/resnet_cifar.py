@@ -62,7 +62,8 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 56, in_channels: int = 3, num_classes: int = 10, width: float = 1.0):
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
-            raise ConfigError(f"model.depth={depth} is not a CIFAR ResNet depth (6n + 2); use e.g. model.depth=20, 56 or 110")
+            raise ConfigError(f"model.depth={depth} is not a CIFAR ResNet depth (6n + 2); "
+                              "use e.g. model.depth=20, 56 or 110")
         n = (depth - 2) // 6
         widths = [scaled(c, width) for c in (16, 32, 64)]
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=False)

@@ -59,7 +59,8 @@ def make_features(plan, in_channels: int, image_size, width: float = 1.0):
         if h < 1 or w < 1:
             break
     if h < 1 or w < 1:
-        raise ConfigError(f"VGG16 needs images of at least 32x32 pixels, got {image_size[0]}x{image_size[1]}; pick another model")
+        raise ConfigError(f"VGG16 needs images of at least 32x32 pixels, got {image_size[0]}x{image_size[1]}; "
+                          "pick another model")
     return nn.Sequential(*layers), c, h, w
 
 

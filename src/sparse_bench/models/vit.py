@@ -95,7 +95,8 @@ class SimpleViT(nn.Module):
                 f"model.patch_size={patch_size} must divide the image size {ih}x{iw}; set e.g. model.patch_size=4"
             )
         if dim % 4 or dim < 8:
-            raise ConfigError(f"model.dim={dim} (after model.width) must be a multiple of 4, at least 8, for the sin-cos embedding")
+            raise ConfigError(f"model.dim={dim} (after model.width) must be a multiple of 4, at least 8, "
+                              "for the sin-cos embedding")
         self.patch_size = patch_size
         patch_dim = in_channels * patch_size * patch_size
         self.patch_norm = nn.LayerNorm(patch_dim)

@@ -75,7 +75,8 @@ class WideBasicBlock(nn.Module):
 def _widths(depth: int, widen_factor: int, depth_example: str, widen_example: int) -> list[int]:
     """The stem's and the three groups' channel counts of WRN-depth-widen_factor (sizes checked)."""
     if depth < 10 or (depth - 4) % 6 != 0:
-        raise ConfigError(f"model.depth={depth} is not a WRN depth (6n + 4, n >= 1); use e.g. model.depth={depth_example}")
+        raise ConfigError(f"model.depth={depth} is not a WRN depth (6n + 4, n >= 1); "
+                          f"use e.g. model.depth={depth_example}")
     if widen_factor < 1:
         raise ConfigError(f"model.widen_factor={widen_factor} must be a positive integer; "
                           f"use e.g. model.widen_factor={widen_example}")

@@ -32,8 +32,8 @@ one round), so RigL 5x reads as RigL's "5x" rows do (e.g. 1.14x for uniform 80%)
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ log = logging.getLogger("sparse_bench")
 SPARSE = "sparse"  # the active weights (the mask)
 DENSE = "dense"    # every weight, as if the layer were dense
 
-WeightSet = Union[str, Sequence[float]]  # a name, or per-layer densities
+WeightSet = str | Sequence[float]  # a name, or per-layer densities
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class LayerFlops:
 
     @classmethod
     def from_model(cls, model: nn.Module, input_shape: Sequence[int], names: Sequence[str],
-                   device: torch.device | None = None) -> "LayerFlops":
+                   device: torch.device | None = None) -> LayerFlops:
         """Count one forward pass of one sample (zeros) in eval mode; the model is left as it was.
 
         A prunable tensor that is not the ``weight`` of a Linear or Conv module (``prunable.include``

@@ -69,7 +69,7 @@ def prunable_parameters(
 class _MaskList(list):
     """The bool masks; replacing an entry marks the derived float masks and counts stale."""
 
-    def __init__(self, items, owner: "MaskSet"):
+    def __init__(self, items, owner: MaskSet):
         super().__init__(items)
         self._owner = owner
 
@@ -119,7 +119,7 @@ class MaskSet:
         self.floor = 1
 
     @classmethod
-    def from_model(cls, model: nn.Module, rule) -> "MaskSet":
+    def from_model(cls, model: nn.Module, rule) -> MaskSet:
         rule = rule or {}
         ms = cls(
             prunable_parameters(
@@ -473,7 +473,8 @@ class MaskSet:
                 mine = layer.active_linear()
                 n = torch.tensor([mine.numel()], dtype=torch.int64, device=mine.device)
                 dist.broadcast(n, src=0)
-                lin = mine.clone() if int(n) == mine.numel() else torch.empty(int(n), dtype=torch.int64, device=mine.device)
+                lin = mine.clone() if int(n) == mine.numel() else torch.empty(
+                    int(n), dtype=torch.int64, device=mine.device)
                 dist.broadcast(lin, src=0)
                 vals = layer.values.detach().clone() if int(n) == mine.numel() else torch.empty(
                     int(n), dtype=layer.values.dtype, device=lin.device)

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-
 SAMPLE = 1 << 16  # entries a threshold is estimated from
 
 

@@ -80,7 +80,8 @@ def _grads(out: torch.Tensor, params: list[nn.Parameter], create_graph: bool = F
 
 
 # --- the scores ------------------------------------------------------------------------------
-def snip_scores(model: nn.Module, names: Sequence[str], batches, loss_fn, train_mode: bool = True) -> list[torch.Tensor]:
+def snip_scores(model: nn.Module, names: Sequence[str], batches, loss_fn,
+                train_mode: bool = True) -> list[torch.Tensor]:
     """|g ⊙ θ|, g = mean over `batches` of dL/dθ (SNIP's connection sensitivity)."""
     net, params = _copy_with(model, names)
     net.train(train_mode)

@@ -146,7 +146,7 @@ class Timeline:
                 f"{key}={{unit:step,value:{max(minimum, 1)}}}")
         return steps
 
-    def piecewise(self, value, key: str, cast=float) -> "Piecewise":
+    def piecewise(self, value, key: str, cast=float) -> Piecewise:
         """A piecewise-constant schedule ``{unit, points: [[at, value], ...]}`` with change points in steps."""
         value = _plain(value)
         example = f"{key}={{unit:fraction,points:[[0,100],[0.5,200]]}}"

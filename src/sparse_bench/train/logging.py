@@ -65,7 +65,8 @@ def wandb_mode(cfg_mode) -> str:
 
 
 #: W&B's folders under the home folder, and the variables that move them
-_WANDB_HOME = {"WANDB_CACHE_DIR": ".cache/wandb", "WANDB_CONFIG_DIR": ".config/wandb", "WANDB_DATA_DIR": ".local/share/wandb"}
+_WANDB_HOME = {"WANDB_CACHE_DIR": ".cache/wandb", "WANDB_CONFIG_DIR": ".config/wandb",
+               "WANDB_DATA_DIR": ".local/share/wandb"}
 
 
 def _writable(folder: Path) -> bool:

@@ -33,8 +33,8 @@ import contextlib
 import copy
 import fcntl
 import json
-import math
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -143,7 +143,8 @@ class Execution:
         masks = method.masks
         if mode != "masked" and masks is not None:
             support = getattr(method, "sparse_execution", True)
-            native = [n for n, o in zip(masks.names, masks.owners) if o is not None and getattr(o[0], "_sparse_native", False)]
+            native = [n for n, o in zip(masks.names, masks.owners)
+                      if o is not None and getattr(o[0], "_sparse_native", False)]
             if native and (support is not True or getattr(method, "needs_dense_views", True)):
                 why = support if support is not True else "its updates read dense views of the layers"
                 raise ConfigError(f"execution={mode}: {native[0]} is too big to hold densely, but method="

@@ -126,7 +126,8 @@ def _load() -> ctypes.CDLL | None:
             _reason = "no C compiler found ($CC, gcc, cc)"
         else:
             version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-            key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, *version, _cpu_id()]).encode()).hexdigest()[:16]
+            key = hashlib.sha256(
+                SOURCE.read_bytes() + " ".join([cc, *FLAGS, *version, _cpu_id()]).encode()).hexdigest()[:16]
             path = cache_dir() / f"spkernels-{key}.so"
             try:
                 lib = _keyed(path, key) if path.exists() else None

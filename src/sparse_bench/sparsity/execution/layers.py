@@ -262,7 +262,7 @@ class SparseLinear(SparseLayer):
         self._init_sparse(out_features, in_features, (out_features, in_features), bias, dtype, device)
 
     @classmethod
-    def from_dense(cls, mod: nn.Linear, mask: torch.Tensor | None) -> "SparseLinear":
+    def from_dense(cls, mod: nn.Linear, mask: torch.Tensor | None) -> SparseLinear:
         w = mod.weight
         layer = cls(mod.in_features, mod.out_features, mod.bias, w.dtype, _real_device(mod))
         if mask is not None:
@@ -306,7 +306,7 @@ class SparseConv2d(SparseLayer):
         return None
 
     @classmethod
-    def from_dense(cls, mod: nn.Conv2d, mask: torch.Tensor | None) -> "SparseConv2d":
+    def from_dense(cls, mod: nn.Conv2d, mask: torch.Tensor | None) -> SparseConv2d:
         w = mod.weight
         layer = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
                     mod.dilation, mod.bias, w.dtype, _real_device(mod))
@@ -346,7 +346,8 @@ class SparseConv2d(SparseLayer):
         # convolution with stride 1 and no padding is a matmul on the input as it is; other
         # stride-1 convolutions run the direct kernels (no patches at all) where they are compiled
         one_by_one = self.kernel_size == (1, 1) and self.padding == (0, 0)
-        if self.stride == (1, 1) and self.dilation == (1, 1) and not one_by_one and kernels.direct_conv_available(self.values, x):
+        if (self.stride == (1, 1) and self.dilation == (1, 1) and not one_by_one
+                and kernels.direct_conv_available(self.values, x)):
             return _SparseConvDirect.apply(self.values, x, self.bias, self)
         if one_by_one and self.stride == (1, 1):
             patches = x.reshape(n, self.cols, h * w)
