@@ -30,7 +30,8 @@ from pathlib import Path
 from . import identity
 from .confdir import conf_dir
 from .identity import diff, shown
-from .schema import GROUP_ROLES, RECIPE, check
+from .schema import GROUP_ROLES, RECIPE
+from .validation import check
 
 log = logging.getLogger("sparse_bench")
 

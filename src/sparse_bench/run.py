@@ -34,6 +34,7 @@ from .train.checkpoint import atomic_write_json, clean_stale_temporaries, finger
 from .train.logging import MetricSink, NullSink, wandb_run_config
 from .train.optim import LRSchedule, build_optimizer
 from .train.trainer import CHECKPOINT, Trainer
+from .validation import check
 
 log = logging.getLogger("sparse_bench")
 
@@ -41,8 +42,6 @@ def validate(cfg: DictConfig) -> DictConfig:
     """The config checked before any data is read: the schema (types, known keys, ranges; see
     `sparse_bench.schema`) and the checks that look at several keys or at the environment.
     Returns the typed config; each failure is one line naming the key and the fix."""
-    from .schema import check
-
     typed = check(cfg)
     check_run_name("run_name", typed.run_name)
     check_run_name("sweep_name", typed.sweep_name)

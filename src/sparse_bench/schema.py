@@ -1,7 +1,9 @@
 """One typed schema for the whole config, checked in one place before any data is read.
 
-Every config group option has a dataclass here (its keys, their types and their allowed
-ranges); the YAML files in ``conf/`` give the values. :func:`check` merges the composed config
+Every config group option has a dataclass (its keys, their types and their allowed ranges): here for
+the top level, the data sets, models, optimizers, schedules and loggers, and beside each method in
+``sparsity/methods/`` (registered here by the method's ``@register``, see :func:`register`); the YAML
+files in ``conf/`` give the values. ``sparse_bench.validation.check`` merges the composed config
 into the schema in OmegaConf's struct mode, so
 
 * a value of the wrong type (``seed=abc``, ``optimizer.lr=abc``) is refused, naming the key;
@@ -12,9 +14,13 @@ into the schema in OmegaConf's struct mode, so
 each with one line naming the key and the fix (:class:`~sparse_bench.errors.ConfigError`). The
 result is the typed config the readers, models and methods receive: they read values, they do
 not parse them. Options that name their own implementation with ``_target_`` (a user's method,
-model or data set), and ``@register``-ed methods of the user's, are checked by the
-implementation's ``schema`` attribute (a dataclass like the ones here) when it has one; without
-one their keys are their own business.
+model or data set), and ``@register``-ed methods of the user's registered without a schema, are
+checked by the implementation's ``schema`` attribute (a dataclass like the ones here) when it has
+one; without one their keys are their own business.
+
+This module imports nothing of the methods': they register into it (:data:`METHODS`,
+:data:`IMPLEMENTATIONS`) when ``sparse_bench.sparsity.methods`` is imported, and
+``sparse_bench.validation``, above both, checks a whole config.
 
 Ranges are declared beside the types with :func:`num` (``num(0.1, gt=0)`` means a float default
 0.1 that must be > 0), :func:`count` (whole numbers), :func:`choice`, :func:`widths` and
@@ -43,6 +49,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
+from .plugins import target_of
 from .train.logging import WANDB_MODES
 
 # --- declaring ranges ---------------------------------------------------------------------------
@@ -477,10 +484,29 @@ SCHEDULES = {
 LOGGERS = {"wandb": WandbLogger, "none": NoLogger}
 
 #: group -> {option name: schema}
-GROUPS: Dict[str, Any] = {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "logger": LOGGERS,
+GROUPS: dict[str, Any] = {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "logger": LOGGERS,
                           "schedule": SCHEDULES}
-#: filled by sparsity.methods.schemas: method name -> schema
-METHODS: Dict[str, Any] = {}
+#: method name -> schema, each registered beside its method (``@register(name, schema=...)`` in
+#: ``sparsity/methods/``) when ``sparse_bench.sparsity.methods`` is imported
+METHODS: dict[str, Any] = {}
+#: group -> {option name: implementation} registered by name (``sparsity.methods.register``: every
+#: method, the built-in ones and a user's); one without a registered schema is checked by its
+#: ``schema`` attribute when it has one
+IMPLEMENTATIONS: dict[str, dict[str, Any]] = {"method": {}}
+
+
+def _table(group: str) -> dict[str, Any]:
+    """{option name: schema} of `group`."""
+    return METHODS if group == "method" else GROUPS[group]
+
+
+def register(group: str, name: str, implementation, schema=None) -> None:
+    """Register `implementation` as option `name` of `group`, checked by `schema` (a dataclass like
+    the ones here); without one it is checked by the implementation's ``schema`` attribute when it
+    has one (read at the check), else its keys are its own business."""
+    IMPLEMENTATIONS.setdefault(group, {})[name] = implementation
+    if schema is not None:
+        _table(group)[name] = schema
 
 
 # --- checking -----------------------------------------------------------------------------------
@@ -598,33 +624,28 @@ def _within(value, meta) -> bool:
 
 
 def check_group(group: str, node, schema) -> DictConfig:
-    """One group option checked against its schema (typed result)."""
-    merged = _merge(schema, node, f"{group}.")
-    _check_ranges(schema, merged, f"{group}.")
+    """One group option (``group=""``: the top-level keys) checked against its schema (typed result)."""
+    prefix = f"{group}." if group else ""
+    merged = _merge(schema, node, prefix)
+    _check_ranges(schema, merged, prefix)
     return merged
 
 
-def _register_methods() -> None:
-    if not METHODS:
-        from .sparsity.methods import schemas  # noqa: F401  (registers the method schemas)
-
-
 def schema_for(group: str, node):
-    """The schema of `node`, one option of `group`, looked up by its ``name``; for a user's own
-    implementation (``_target_``, or a ``@register``-ed method) the implementation's ``schema``
-    attribute, None when it has none (its keys are then its own business)."""
-    _register_methods()
+    """The schema of `node`, one option of `group`, looked up by its ``name`` among the registered
+    ones; for a user's own implementation (``_target_``, or a method ``@register``-ed without a
+    schema) the implementation's ``schema`` attribute, None when it has none (its keys are then its
+    own business). The methods register when ``sparse_bench.sparsity.methods`` is imported."""
     if node.get("_target_"):
-        from .plugins import target_of
-
         return getattr(target_of(node, group), "schema", None)
-    table = METHODS if group == "method" else GROUPS[group]
+    if group == "method" and not IMPLEMENTATIONS["method"]:
+        raise RuntimeError("no method is registered: import sparse_bench.sparsity.methods before checking a method "
+                           "(sparse_bench.validation.check does)")
+    table = _table(group)
     name = node.get("name")
-    if group == "method" and name not in table:
-        from .sparsity.methods import METHODS as registered  # a user's @register-ed method
-
-        if name in registered:
-            return getattr(registered[name], "schema", None)
+    registered = IMPLEMENTATIONS.get(group, {})
+    if name not in table and name in registered:  # a user's @register-ed method without a registered schema
+        return getattr(registered[name], "schema", None)
     if group == "schedule" and name not in table and name is not None:
         return Schedule  # a schedule file of the user's own
     if name not in table:
@@ -644,7 +665,7 @@ def check_option(group: str, node):
     try:
         data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else copy.deepcopy(dict(node))
     except OmegaConfBaseException as exc:  # an interpolation that does not resolve
-        raise _unresolved(exc, group) from None
+        raise unresolved(exc, group) from None
     target = data.pop("_target_", None)
     typed = check_group(group, data, schema)
     if target is None:
@@ -652,7 +673,7 @@ def check_option(group: str, node):
     return OmegaConf.create({**OmegaConf.to_container(typed), "_target_": target})
 
 
-def _unresolved(exc: OmegaConfBaseException, where: str) -> ConfigError:
+def unresolved(exc: OmegaConfBaseException, where: str) -> ConfigError:
     """One line for an interpolation that does not resolve: a resolver's own ConfigError as it is
     (it names the key and the fix), otherwise the key and OmegaConf's first line."""
     cause = exc
@@ -661,28 +682,3 @@ def _unresolved(exc: OmegaConfBaseException, where: str) -> ConfigError:
             return ConfigError(str(cause))
         cause = cause.__cause__ or cause.__context__
     return ConfigError(f"{getattr(exc, 'full_key', '') or where}: {str(exc).splitlines()[0]}")
-
-
-def check(cfg) -> DictConfig:
-    """The whole config (without its `hydra` node) checked against the schema, resolved and typed."""
-    _register_methods()
-    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    plain.pop("hydra", None)
-    try:
-        data = OmegaConf.to_container(plain, resolve=True)
-    except OmegaConfBaseException as exc:
-        raise _unresolved(exc, "the config") from None
-    groups = ("method", *GROUPS)
-    top = {k: v for k, v in data.items() if k not in groups}
-    if isinstance(top.get("resume"), bool):  # `resume=true` arrives as a bool
-        top["resume"] = str(top["resume"]).lower()
-    root = _merge(Root, top, "")
-    _check_ranges(Root, root, "")
-    out = OmegaConf.to_container(root)
-    for group in groups:
-        node = data.get(group)
-        if not isinstance(node, dict):
-            raise ConfigError(f"{group} is not chosen; pass e.g. {group}=<option>")
-        typed = check_option(group, node)
-        out[group] = OmegaConf.to_container(typed) if OmegaConf.is_config(typed) else typed
-    return OmegaConf.create(out)

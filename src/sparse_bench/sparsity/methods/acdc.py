@@ -42,18 +42,35 @@ This module does the same with these choices and differences:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from ... import schema as S
 from ...errors import ConfigError
 from ..ops import mask_change_logs
 from ..pruning_schedules import DENSE, SPARSE, acdc_phases, phase_at
 from .base import Method, register
 from .gmp import magnitude_masks, mask_gradients
+from .schemas import Milestone, scope
 
 __all__ = ["ACDC", "acdc_phases"]
 
 
-@register("acdc")
+@dataclass
+class ACDCSchema:
+    """The options of ``method=acdc`` (``conf/method/acdc.yaml`` holds the same values)."""
+
+    name: str = "acdc"
+    warmup: Milestone = field(default_factory=lambda: Milestone("fraction", 0.1))
+    phase_length: Milestone = field(default_factory=lambda: Milestone("fraction", 0.05))
+    final_dense: Milestone = field(default_factory=lambda: Milestone("fraction", 0.1))
+    final_sparse: Milestone = field(default_factory=lambda: Milestone("fraction", 0.15))
+    scope: str = scope()
+    momentum_reset: str = S.choice("all", ("all", "restored", "none"))
+
+
+@register("acdc", schema=ACDCSchema)
 class ACDC(Method):
     """Alternating dense and sparse (global magnitude) phases; ends sparse at `density`."""
 

@@ -1,5 +1,9 @@
 """The method interface the trainer calls, and the registry.
 
+``@register("rigl", schema=RigLSchema)`` registers a method under its config name together with the
+dataclass of its options (defined beside it in its module) into ``sparse_bench.schema``, which
+checks the ``method`` group with it.
+
 A method owns a MaskSet and decides when and how masks change. It knows nothing about data
 loading or logging: every hook returns a dict of metrics (or None) for the trainer to log.
 
@@ -25,28 +29,37 @@ convention. A method overrides them next to its algorithm when it differs from t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Optional, Union
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from ... import schema as S
 from ...errors import ConfigError
+from ...plugins import target_of
 from ..flops import DENSE_STEP, SPARSE_STEP, Extra, Passes
 from ..masks import MaskSet
 from ..ops import random_inactive
 from ..schedules import Timeline, UpdateCadence
 
-METHODS: dict[str, type["Method"]] = {}
+#: method name -> class: every ``@register``-ed method (the registry ``sparse_bench.schema`` checks by)
+METHODS: dict[str, type[Method]] = S.IMPLEMENTATIONS["method"]
 
 log = logging.getLogger("sparse_bench")
 
 
-def register(name: str):
+def register(name: str, schema=None):
+    """Class decorator: the method `name` (``method=name``), its options checked and typed by
+    `schema` (a dataclass built with ``sparse_bench.schema``'s ``num``, ``count``, ``choice``, ...,
+    defined beside the method). A user's method registered without one is checked by its class
+    attribute ``schema`` when it has one, else its keys are its own business."""
+
     def deco(cls):
         cls.name = name
-        METHODS[name] = cls
+        S.register("method", name, cls, schema)
         return cls
 
     return deco
@@ -66,8 +79,8 @@ class MethodContext:
     prunable: Any = None  # the prunable rule (types/exclude/include)
     # (n, key) -> n statistics batches (x, y): drawn from their own seeded stream for `key` (the
     # step), the same on resume, never touching the epoch in progress (DeviceLoader.draw)
-    batches: Callable[[int, int], list] | None = None
-    loss_fn: Callable | None = None
+    batches: Optional[Callable[[int, int], list]] = None
+    loss_fn: Optional[Callable] = None
     multiplier: float = 1.0  # schedule.multiplier: scale every epoch-based milestone by it
     extra: dict = field(default_factory=dict)
 
@@ -90,7 +103,7 @@ class Method:
     #: execution=sparse/auto: True if the method runs with sparse layers (its per-step hooks use
     #: only MaskSet calls, and its updates dense views or index-level calls), else the one-line
     #: reason it runs masked
-    sparse_execution: bool | str = "it does not declare that its hooks work on sparse layers"
+    sparse_execution: Union[bool, str] = "it does not declare that its hooks work on sparse layers"
     #: execution=sparse: the dense optimizer state (momentum) of inactive weights matters to the
     #: method, so the engine keeps it up to date from dense gradients (see wants_dense_grad)
     keeps_inactive_state = False
@@ -301,8 +314,6 @@ class ScheduledUpdates:
 def _with_builtin_defaults(cls, cfg):
     """A user's method without a schema: its config as given, over the defaults of the built-in
     method it extends (if any), unchecked."""
-    from ... import schema as S
-
     for k in cls.__mro__:
         name = k.__dict__.get("name")
         if name in S.METHODS and METHODS.get(name) is k:
@@ -312,12 +323,10 @@ def _with_builtin_defaults(cls, cfg):
 
 def build_method(cfg, ctx: MethodContext) -> Method:
     """The method `cfg` (the ``method`` group) names, its options checked and typed by its schema
-    (``sparsity/methods/schemas.py``), so a direct call gets the checks a run gets. A user's
-    method (``_target_``, or ``@register``-ed) is checked with its ``schema`` attribute when it
-    has one; otherwise it gets its config as given over the defaults of the built-in it extends."""
-    from ... import schema as S
-    from ...plugins import target_of
-
+    (registered beside it by ``@register``), so a direct call gets the checks a run gets. A user's
+    method (``_target_``, or ``@register``-ed without a schema) is checked with its ``schema``
+    attribute when it has one; otherwise it gets its config as given over the defaults of the
+    built-in it extends."""
     cls = target_of(cfg, "method")  # a user's method, named by method._target_
     if cls is not None:
         if not (isinstance(cls, type) and issubclass(cls, Method)):

@@ -66,20 +66,41 @@ Logs (rewirings per layer, mask change) are gathered on the device and read once
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
 
+from ... import schema as S
 from ..ops import mask_change_logs
 from .base import Method, end_step, register
 from .dense import RandomInitMixin
+from .schemas import Milestone, init, milestone, reinit, temperature
 
 
 def _cpu_state(state: torch.Tensor) -> torch.Tensor:
     return state.detach().to("cpu", torch.uint8)
 
 
-@register("deepr")
+@dataclass
+class DeepRSchema:
+    """The options of ``method=deepr`` (``conf/method/deepr.yaml`` holds the same values)."""
+
+    name: str = "deepr"
+    init: str = init()
+    reinit: str = reinit()
+    l1: float = S.num(1e-4, ge=0.0)
+    l1_mode: str = S.choice("shrink", ("shrink", "loss"))
+    temperature: Any = temperature(1e-12)
+    noise_mode: str = S.choice("weight", ("weight", "gradient"))
+    eta: float = S.num(0.01, ge=0.0)
+    regrow_sign: str = S.choice("fixed", ("fixed", "random", "first_update"))
+    exclude_pruned: bool = False
+    end: Optional[Milestone] = milestone()
+
+
+@register("deepr", schema=DeepRSchema)
 class DeepR(RandomInitMixin, Method):
     """Sign-constrained connections with an L1 shrink and noise; dying ones are replaced at random."""
 

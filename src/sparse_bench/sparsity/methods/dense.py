@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..reinit import reinit_, unit_bounds
 from .base import Method, register
+from .schemas import init, reinit
 
 
-@register("dense")
+@dataclass
+class DenseSchema:
+    """The options of ``method=dense`` (``conf/method/dense.yaml`` holds the same values)."""
+
+    name: str = "dense"
+
+
+@register("dense", schema=DenseSchema)
 class Dense(Method):
     """Ordinary dense training; `density` is ignored and the achieved density is 1."""
 
@@ -63,7 +73,16 @@ class RandomInitMixin:
         ms.apply_()
 
 
-@register("static")
+@dataclass
+class StaticSchema:
+    """The options of ``method=static`` (``conf/method/static.yaml`` holds the same values)."""
+
+    name: str = "static"
+    init: str = init()
+    reinit: str = reinit()
+
+
+@register("static", schema=StaticSchema)
 class Static(RandomInitMixin, Method):
     """A random mask drawn once at initialisation and never changed (``init``, ``reinit``)."""
 

@@ -47,15 +47,42 @@ Where this differs from the reference and why:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import torch
 
+from ... import schema as S
 from ..distributions import allocate
 from ..ops import guard_layers, mask_change_logs
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
+from .schemas import Milestone, fraction, init, interval, milestone, reinit
+
+#: DSR's reallocation periods: the reference's WRN schedule (TimDettmers/sparse_learning,
+#: learning_schedules/wrnet_schedule.yaml: 100/200/400/800 iterations from epochs 0/25/80/140 of 200)
+#: as fractions of the run
+DSR_PERIODS = {"unit": "fraction", "points": [[0, 100], [0.125, 200], [0.4, 400], [0.7, 800]]}
 
 
-@register("dsr")
+@dataclass
+class DSRSchema:
+    """The options of ``method=dsr`` (``conf/method/dsr.yaml`` holds the same values)."""
+
+    name: str = "dsr"
+    init: str = init()
+    reinit: str = reinit()
+    init_threshold: float = S.num(1e-3, gt=0.0, hint="the paper uses 0.001")
+    np_target: float = fraction(0.1, open_low=True, hint="a fraction of the active weights")
+    np_count: Optional[int] = S.count(None, ge=1, nullable=True, hint="a number of weights, or null for np_target x "
+                                                                      "the active weights")
+    delta: float = fraction(0.1, hint="the paper uses 0.1")
+    update_every: Any = interval(DSR_PERIODS)
+    end: Optional[Milestone] = milestone(0.95)
+    exclude_pruned: bool = True
+
+
+@register("dsr", schema=DSRSchema)
 class DSR(ScheduledUpdates, RandomInitMixin, Method):
     """Global adaptive magnitude threshold; regrowth shared by the layers' surviving counts."""
 

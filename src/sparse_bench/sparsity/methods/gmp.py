@@ -50,14 +50,18 @@ Where this implementation differs from the references, and why:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from ... import schema as S
 from ...errors import ConfigError
 from ..distributions import allocate
 from ..ops import guard_layers, lifted, mask_change_logs, smallest_active
 from ..pruning_schedules import gmp_events, gmp_sparsity
 from ..reinit import reinit_
 from .base import Method, register
+from .schemas import Milestone, fraction, reinit, scope
 
 
 def layer_counts_like(numels: list[int], caps: list[int], keep: int) -> list[int]:
@@ -96,7 +100,22 @@ def mask_gradients(masks) -> None:
     masks.mask_grads_()
 
 
-@register("gmp")
+@dataclass
+class GMPSchema:
+    """The options of ``method=gmp`` (``conf/method/gmp.yaml`` holds the same values)."""
+
+    name: str = "gmp"
+    start: Milestone = field(default_factory=lambda: Milestone("fraction", 0.1))
+    end: Milestone = field(default_factory=lambda: Milestone("fraction", 0.8))
+    frequency: Milestone = field(default_factory=lambda: Milestone("fraction", 0.02))
+    initial_sparsity: float = fraction(0.0)
+    curve: str = S.choice("polynomial", ("polynomial", "cosine"))
+    power: float = S.num(3.0, gt=0.0, hint="Zhu & Gupta use 3 (cubic)")
+    scope: str = scope()
+    reinit: str = reinit()
+
+
+@register("gmp", schema=GMPSchema)
 class GMP(Method):
     """Gradual magnitude pruning from dense to `density` on Zhu & Gupta's cubic schedule."""
 

@@ -40,12 +40,23 @@ keeping the largest θ ⊙ Hg over all layers (the same rule as here).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ... import schema as S
 from ..saliency import grasp_scores, keep_top, scoring_batches
 from .base import register
-from .snip import PruneAtInit
+from .snip import PruneAtInit, SNIPSchema
 
 
-@register("grasp")
+@dataclass
+class GraSPSchema(SNIPSchema):
+    """The options of ``method=grasp`` (``conf/method/grasp.yaml`` holds the same values)."""
+
+    name: str = "grasp"
+    temperature: float = S.num(200.0, gt=0.0, hint="the official code uses 200")
+
+
+@register("grasp", schema=GraSPSchema)
 class GraSP(PruneAtInit):
 
     def __init__(self, cfg, ctx):

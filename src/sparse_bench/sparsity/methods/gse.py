@@ -66,9 +66,13 @@ Where this implementation differs, and why:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import torch
 from torch import nn
 
+from ... import schema as S
 from ...errors import ConfigError
 from ..candidate_grad import (
     candidate_gradients,
@@ -79,10 +83,12 @@ from ..candidate_grad import (
 )
 from ..flops import SPARSE, Extra
 from ..ops import count_change_logs, floored, guard_layers
+from ..reinit import REINITS
 from ..schedules import decay
 from ..statistics import quiet_pass
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
+from .schemas import Milestone, init, interval, milestone, scope
 
 
 def sampling_distribution(scores: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -119,7 +125,25 @@ def sample_candidates(
     return o, j
 
 
-@register("gse")
+@dataclass
+class GSESchema:
+    """The options of ``method=gse`` (``conf/method/gse.yaml`` holds the same values)."""
+
+    name: str = "gse"
+    init: str = init("er")
+    reinit: str = S.choice("fan_in", REINITS)
+    alpha: float = S.num(0.1, gt=0.0, le=0.5, hint="the paper uses 0.1 (at most 0.2 per update)")
+    update_every: Any = interval(1000)
+    end: Optional[Milestone] = milestone(0.6)
+    gamma: float = S.num(1.0, gt=0.0, hint="the paper uses 1 (CIFAR) or 2 (ImageNet)")
+    sampling: str = S.choice("uniform", ("uniform", "grabo", "graest"))
+    scope: str = scope()
+    stat_batches: int = S.count(1, ge=1)
+    chunk_size: int = S.count(1 << 20, ge=1)
+    all_candidates_density: float = S.num(0.5, gt=0.0, le=1.0)
+
+
+@register("gse", schema=GSESchema)
 class GSE(ScheduledUpdates, RandomInitMixin, Method):
     """Guided stochastic exploration: grow the sampled candidates of largest |gradient|."""
 

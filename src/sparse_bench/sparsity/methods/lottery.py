@@ -61,17 +61,41 @@ come from the density sequence, so the final density is exact.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 
+from ... import schema as S
 from ...errors import ConfigError
 from ..ops import mask_change_logs
 from ..reinit import reinit_
 from ..saliency import keep_top
 from .base import Method, register
+from .schemas import fraction, reinit, scope
 
 
-@register("lottery")
+def _check_non_increasing(value, key: str) -> None:
+    if value is not None and any(b > a for a, b in zip(value, value[1:])):
+        raise ConfigError(f"{key}={list(value)} must not increase: each level is at most as dense as the one "
+                          f"before")
+
+
+@dataclass
+class LotterySchema:
+    """The options of ``method=lottery`` (``conf/method/lottery.yaml`` holds the same values)."""
+
+    name: str = "lottery"
+    densities: Optional[List[float]] = S.numbers(None, items_gt=0.0, items_le=1.0, check=_check_non_increasing,
+                                                 hint="non-increasing densities in (0, 1], e.g. [0.5, 0.25, 0.1]")
+    n_rounds: Optional[int] = S.count(None, ge=1, nullable=True, hint="a number of prune steps, or null")
+    keep_per_round: float = fraction(0.8, open_low=True, hint="the papers keep 0.8 (prune 20%)")
+    scope: str = scope()
+    rewind_epoch: float = S.num(0.0, ge=0.0, hint="0 rewinds to the initialisation")
+    reinit: str = reinit()
+
+
+@register("lottery", schema=LotterySchema)
 class Lottery(Method):
     sparse_execution = "its first round trains the dense network"
 

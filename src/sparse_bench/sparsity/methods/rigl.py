@@ -70,19 +70,43 @@ the RigL reference). The statistics pass runs in train mode with buffers restore
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from ... import schema as S
 from ...errors import ConfigError
 from ..flops import DENSE_GRADIENT_STEP, SPARSE_STEP
 from ..ops import guard_layers, largest_inactive, mask_change_logs, smallest_active
-from ..schedules import decay
+from ..schedules import DECAYS, decay
 from ..statistics import dense_gradients, quiet_pass
 from .base import Method, cadence_from, register
 from .dense import RandomInitMixin
+from .schemas import Milestone, init, milestone, reinit, scope
 
 
-@register("rigl")
+@dataclass
+class RigLSchema:
+    """The options of ``method=rigl`` (``conf/method/rigl.yaml`` holds the same values)."""
+
+    name: str = "rigl"
+    init: str = init("erk")
+    reinit: str = reinit()
+    drop_fraction: float = S.num(0.3, ge=0.0, le=1.0, hint="the paper uses 0.3")
+    decay: str = S.choice("cosine", DECAYS)
+    update_every: int = S.count(100, ge=1, hint="steps between updates; the paper uses 100")
+    end: Optional[Milestone] = milestone(0.75)
+    scope: str = scope("layer")
+    exclude_pruned: bool = False
+    stat_batches: Optional[int] = S.count(None, ge=1, nullable=True,
+                                          hint="null (the step's own batch) or a number of batches (GSE: 1 on "
+                                               "CIFAR-10, 8 on CIFAR-100)")
+    grow_init: str = S.choice("zeros", ("zeros",))
+    drop_noise: float = S.num(0.0, ge=0.0, hint="the reference uses 1e-5")
+
+
+@register("rigl", schema=RigLSchema)
 class RigL(RandomInitMixin, Method):
     sparse_execution = True  # the dense gradient is formed on the step before an update only
 

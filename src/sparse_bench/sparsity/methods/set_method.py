@@ -52,15 +52,19 @@ and the new one is a fresh connection.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
+from ... import schema as S
 from ...errors import ConfigError
 from ..distributions import allocate
 from ..ops import guard_layers, mask_change_logs, smallest_active
-from ..schedules import decay
+from ..schedules import DECAYS, decay
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
+from .schemas import Milestone, fraction, init, interval, milestone, reinit, scope
 
 
 @torch.no_grad()
@@ -80,7 +84,24 @@ def prune_by_sign(w: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
     return smallest_active(w, pos, k_pos) | smallest_active(-w, neg, k_neg)
 
 
-@register("set")
+@dataclass
+class SETSchema:
+    """The options of ``method=set`` (``conf/method/set.yaml`` holds the same values)."""
+
+    name: str = "set"
+    init: str = init("er")
+    reinit: str = reinit()
+    prune_rate: float = fraction(0.3, open_low=True, hint="zeta, e.g. method.prune_rate=0.3")
+    prune_rate_min: float = fraction(0.0)
+    decay: str = S.choice("constant", DECAYS)
+    update_every: Any = interval("epoch")
+    end: Optional[Milestone] = milestone()
+    prune: str = S.choice("magnitude", ("magnitude", "set"))
+    scope: str = scope("layer")
+    exclude_pruned: bool = False
+
+
+@register("set", schema=SETSchema)
 class SET(ScheduledUpdates, RandomInitMixin, Method):
     """Prune the smallest-magnitude fraction per layer, regrow as many at random (at zero)."""
 

@@ -32,12 +32,16 @@ the same ranking).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ... import schema as S
 from ..ops import mask_change_logs
 from ..reinit import reinit_
 from ..saliency import keep_top, preserved_rng, scoring_batches, snip_scores
 from .base import Method, register
+from .schemas import reinit, scope
 
 
 class PruneAtInit(Method):
@@ -71,7 +75,18 @@ class PruneAtInit(Method):
         return {**logs, **mask_change_logs(self.masks.names, old, self.masks.masks)}
 
 
-@register("snip")
+@dataclass
+class SNIPSchema:
+    """The options of ``method=snip`` (``conf/method/snip.yaml`` holds the same values)."""
+
+    name: str = "snip"
+    batches: int = S.count(1, ge=1, hint="the paper scores one mini-batch")
+    scope: str = scope()
+    train_mode: bool = True
+    reinit: str = reinit()
+
+
+@register("snip", schema=SNIPSchema)
 class SNIP(PruneAtInit):
 
     def __init__(self, cfg, ctx):

@@ -33,15 +33,19 @@ counted as neither pruned nor grown).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
+from ... import schema as S
 from ..distributions import allocate
 from ..flops import DENSE_GRADIENT_STEP, SPARSE_STEP
 from ..ops import floored, guard_layers, largest_inactive, mask_change_logs, random_inactive, smallest_active
-from ..schedules import decay
+from ..schedules import DECAYS, decay
 from .base import Method, ScheduledUpdates, cadence_from, register
 from .dense import RandomInitMixin
+from .schemas import Milestone, fraction, init, interval, milestone, reinit
 
 
 def spread_budget(targets: list[float], caps: list[float], iterations: int = 1000) -> list[float]:
@@ -63,7 +67,27 @@ def spread_budget(targets: list[float], caps: list[float], iterations: int = 100
     return alloc
 
 
-@register("sparse_momentum")
+@dataclass
+class SparseMomentumSchema:
+    """The options of ``method=sparse_momentum`` (``conf/method/sparse_momentum.yaml`` holds the same values)."""
+
+    name: str = "sparse_momentum"
+    init: str = init()
+    reinit: str = reinit()
+    prune_rate: float = fraction(0.5, open_low=True, hint="p0, e.g. method.prune_rate=0.5")
+    prune_rate_min: float = fraction(0.005)
+    decay: str = S.choice("cosine", DECAYS)
+    update_every: Any = interval("epoch")
+    end: Optional[Milestone] = milestone()
+    prune: str = S.choice("magnitude", ("magnitude", "set", "negativity", "global_magnitude"))
+    growth: str = S.choice("momentum", ("momentum", "random", "momentum_neuron", "global_momentum"))
+    redistribution: str = S.choice("momentum", ("momentum", "magnitude", "nonzero", "none"))
+    dense_guard: float = fraction(0.8, open_low=True, closed_high=True)
+    regrow_cap: float = fraction(0.99, open_low=True, closed_high=True)
+    nonzero_threshold: float = S.num(0.0, ge=0.0)
+
+
+@register("sparse_momentum", schema=SparseMomentumSchema)
 class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
     # execution=sparse: growth by momentum reads the momentum of inactive weights, i.e. a dense
     # gradient every step; sparse layers then form it (one dense GEMM per layer per step) and the
@@ -215,7 +239,8 @@ class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
             grown = [self.grow_layer(g, m, k) for g, m, k in zip(signals, after_prune, regrow)]
 
         new = [a | g for a, g in zip(after_prune, grown)]
-        net_grown = [int(c) for c in torch.stack([torch.count_nonzero(n & ~o) for n, o in zip(new, old)]).cpu().tolist()]
+        grown_counts = torch.stack([torch.count_nonzero(n & ~o) for n, o in zip(new, old)])
+        net_grown = [int(c) for c in grown_counts.cpu().tolist()]
         for i, m in enumerate(new):
             masks.masks[i] = m
         masks.apply_()

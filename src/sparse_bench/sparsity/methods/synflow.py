@@ -43,16 +43,33 @@ before the backward pass, which does not change the ranking.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ... import schema as S
 from ..saliency import SynFlowScorer, check_finite, keep_top, scoring_batches
 from .base import register
+from .schemas import reinit, scope
 from .snip import PruneAtInit
 
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
-@register("synflow")
+@dataclass
+class SynFlowSchema:
+    """The options of ``method=synflow`` (``conf/method/synflow.yaml`` holds the same values)."""
+
+    name: str = "synflow"
+    iterations: int = S.count(100, ge=1, hint="the paper uses 100")
+    schedule: str = S.choice("exponential", ("exponential", "linear"))
+    scope: str = scope()
+    precision: str = S.choice("float32", ("float32", "float64"))
+    linearise: bool = False
+    reinit: str = reinit()
+
+
+@register("synflow", schema=SynFlowSchema)
 class SynFlow(PruneAtInit):
 
     def __init__(self, cfg, ctx):

@@ -78,18 +78,40 @@ options of this module:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch import nn
 
+from ... import schema as S
 from ...errors import ConfigError
 from ..distributions import layer_counts
 from ..flops import Passes
 from ..ops import mask_change_logs
 from ..reinit import reinit_
 from .base import Method, cadence_from, register, warn_if_never_updated
+from .schemas import Milestone, milestone, reinit
 
 
-@register("topkast")
+@dataclass
+class TopKASTSchema:
+    """The options of ``method=topkast`` (``conf/method/topkast.yaml`` holds the same values)."""
+
+    name: str = "topkast"
+    forward_density: Optional[float] = S.num(None, gt=0.0, le=1.0, nullable=True, hint="leave it null to use density")
+    backward_density: Optional[float] = S.num(None, gt=0.0, le=1.0, nullable=True,
+                                              hint="leave it null for min(1, 2 * density)")
+    init: str = S.choice("uniform", ("uniform", "er", "erk"))
+    update_every: int = S.count(100, ge=1)
+    explore_end: Optional[Milestone] = milestone()
+    exploration_l2: float = S.num(0.0, ge=0.0, hint="0 turns it off")
+    norm_penalty: float = S.num(0.0, ge=0.0, hint="0 turns it off; GSE uses 1e-4")
+    promote: str = S.choice("theta", ("theta", "zero"))
+    reinit: str = reinit()
+
+
+@register("topkast", schema=TopKASTSchema)
 class TopKAST(Method):
     sparse_execution = "it keeps dense parameters theta and a backward set larger than the forward set"
 

@@ -1,0 +1,39 @@
+"""The whole config checked against every registered option's schema, before any data is read.
+
+It sits above both halves of the schema: ``sparse_bench.schema`` (the typed building blocks, the
+top level and the options of every group but the methods) and ``sparse_bench.sparsity.methods``,
+whose import registers each method with its schema (``@register(name, schema=...)``), so a config
+checked here has every built-in method, and every ``@register``-ed method of the user's imported so
+far, to be checked against. The error lines are the schema's (:func:`sparse_bench.schema.check_option`).
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import schema as S
+from .errors import ConfigError
+from .sparsity import methods as _methods  # noqa: F401  (registers every method with its schema)
+
+
+def check(cfg) -> DictConfig:
+    """The whole config (without its `hydra` node) checked against the schema, resolved and typed."""
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    plain.pop("hydra", None)
+    try:
+        data = OmegaConf.to_container(plain, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise S.unresolved(exc, "the config") from None
+    groups = ("method", *S.GROUPS)
+    top = {k: v for k, v in data.items() if k not in groups}
+    if isinstance(top.get("resume"), bool):  # `resume=true` arrives as a bool
+        top["resume"] = str(top["resume"]).lower()
+    out = OmegaConf.to_container(S.check_group("", top, S.Root))
+    for group in groups:
+        node = data.get(group)
+        if not isinstance(node, dict):
+            raise ConfigError(f"{group} is not chosen; pass e.g. {group}=<option>")
+        typed = S.check_option(group, node)
+        out[group] = OmegaConf.to_container(typed) if OmegaConf.is_config(typed) else typed
+    return OmegaConf.create(out)
