@@ -140,6 +140,24 @@ class MaskSet:
         self._stale = True
         self._counts = None
 
+    # --- what the execution engine changes ------------------------------------------------------
+    def run_sparse(self, active: bool, optimizer, keeps_inactive_state: bool | None = None) -> None:
+        """Whether any entry is a sparse layer now (the methods then see views), and the optimizer
+        whose state follows the layers (and whether inactive weights keep theirs)."""
+        self._any_sparse = bool(active)
+        self.optimizer = optimizer
+        if keeps_inactive_state is not None:
+            self.keeps_inactive_state = keeps_inactive_state
+        self._changed()
+
+    def adopt_layer(self, i: int, layer) -> None:
+        """Entry `i` is held by the sparse `layer` from now on: its dense weight and mask are let go."""
+        self.layers[i] = layer
+        self._params[i] = None
+        self._masks[i] = None
+        self.owners[i] = (layer, "values")
+        self._changed()
+
     # --- what the methods see -----------------------------------------------------------------
     @property
     def params(self) -> list:
@@ -203,7 +221,7 @@ class MaskSet:
                 self._masks[i] = flat.view(shape).to(self._params[i].device)
                 continue
             lin = sample_positions(self._numels[i], k, generator)
-            bound = getattr(layer, "_init_bound", None) or 1.0 / max(layer.cols, 1) ** 0.5
+            bound = getattr(layer, "init_bound", None) or 1.0 / max(layer.cols, 1) ** 0.5
             values = (torch.rand(k, generator=generator, dtype=torch.float64) * 2 - 1) * bound
             layer.set_active(lin, values)
         self._changed()
@@ -380,7 +398,7 @@ class MaskSet:
     def _open_view(self):
         if self._view is not None:
             return self._view
-        native = [n for n, layer in zip(self.names, self.layers) if getattr(layer, "_init_bound", None)]
+        native = [n for n, layer in zip(self.names, self.layers) if getattr(layer, "init_bound", None)]
         if native:
             raise RuntimeError(f"a dense view of {native[0]} was asked for, but the layer is too big to hold "
                                f"densely; the method must use MaskSet's index-level calls")

@@ -44,7 +44,7 @@ def dense_gradients(model: nn.Module, params: list[torch.Tensor], batches, loss_
     loss_fn = loss_fn or nn.functional.cross_entropy
     layers = layers if layers is not None else [None] * len(params)
     targets = [p if layer is None else layer.values for p, layer in zip(params, layers)]
-    controls = {id(layer._ctl): layer._ctl for layer in layers if layer is not None}
+    controls = {id(layer.control): layer.control for layer in layers if layer is not None}
     saved = {k: (c.dense, c.grads) for k, c in controls.items()}
     total = [torch.zeros_like(p) for p in params]
     was_training = model.training
@@ -57,7 +57,7 @@ def dense_gradients(model: nn.Module, params: list[torch.Tensor], batches, loss_
                 grads = torch.autograd.grad(loss_fn(model(x), y), targets, allow_unused=True)
                 for t, g, layer in zip(total, grads, layers):
                     if layer is not None:
-                        g = layer._ctl.grads.get(layer)
+                        g = layer.control.grads.get(layer)
                     if g is not None:
                         t.add_(g.view(t.shape))
     finally:

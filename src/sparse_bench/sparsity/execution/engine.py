@@ -95,7 +95,7 @@ def build_model_for(mode: str, build, device: torch.device, rule: dict, limit: i
                 fan_in = mod.weight[0].numel()
                 bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
                 mod._parameters["bias"] = nn.Parameter(torch.empty(b.shape, device=device).uniform_(-bound, bound))
-            mod._sparse_native = True
+            mod.sparse_native = True  # built without a dense weight (read by Execution)
             continue
         has_own = any(t is not None for t in [*mod._parameters.values(), *mod._buffers.values()])
         if has_own:
@@ -144,7 +144,7 @@ class Execution:
         if mode != "masked" and masks is not None:
             support = getattr(method, "sparse_execution", True)
             native = [n for n, o in zip(masks.names, masks.owners)
-                      if o is not None and getattr(o[0], "_sparse_native", False)]
+                      if o is not None and getattr(o[0], "sparse_native", False)]
             if native and (support is not True or getattr(method, "needs_dense_views", True)):
                 why = support if support is not True else "its updates read dense views of the layers"
                 raise ConfigError(f"execution={mode}: {native[0]} is too big to hold densely, but method="
@@ -160,8 +160,7 @@ class Execution:
                         self._convert_one(i, cands[i], resume=True)
                         self.plan[name] = "sparse"
                 self.active = True
-                masks._any_sparse = True
-                masks.optimizer = optimizer
+                masks.run_sparse(True, optimizer)
 
     def __getattr__(self, name):  # everything else is the method's own (name, rounds, cadence, ...)
         inner = self.__dict__.get("inner")
@@ -305,15 +304,12 @@ class Execution:
                 self._convert_one(i, cls, resume)
             self.plan[masks.names[i]] = "sparse"
         self.active = bool(chosen)
-        masks._any_sparse = self.active
-        masks.optimizer = self.optimizer
-        masks.keeps_inactive_state = bool(getattr(self.inner, "keeps_inactive_state", False))
+        masks.run_sparse(self.active, self.optimizer, bool(getattr(self.inner, "keeps_inactive_state", False)))
         if masks.keeps_inactive_state and self.active:
             kind = type(self.optimizer).__name__
             if kind not in ("SGD", "Adam", "AdamW"):
                 raise ConfigError(f"execution={self.mode}: method={self.inner.name} keeps the optimizer state of "
                                   f"inactive weights, supported for optimizer=sgd/adam/adamw, not {kind}")
-        masks._changed()
         self._save_plan()
         self._report()
 
@@ -322,26 +318,23 @@ class Execution:
         masks = self.inner.masks
         mod, _ = masks.owners[i]
         w = mod.weight
-        layer = cls.from_dense(mod, None if resume else masks._masks[i])
-        layer._ctl = self.control
+        layer = cls.from_dense(mod, None if resume else masks.masked_entry(i)[1])
+        layer.control = self.control
         for parent, name in _parent_of(self.model, mod):
             setattr(parent, name, layer)
         for group in self.optimizer.param_groups:
             group["params"] = [layer.values if p is w else p for p in group["params"]]
         state = self.optimizer.state.pop(w, None)
         if w.device.type != "meta":
-            layer._init_bound = None
+            layer.init_bound = None
         else:  # built without a dense weight: values are drawn with the layer type's default bound
-            layer._init_bound = 1.0 / math.sqrt(layer.cols) if layer.cols > 0 else 0.0
+            layer.init_bound = 1.0 / math.sqrt(layer.cols) if layer.cols > 0 else 0.0
         if state and not resume:
             lin = layer.active_linear()
             self.optimizer.state[layer.values] = {
                 k: (v.reshape(-1)[lin].clone() if torch.is_tensor(v) and v.shape == w.shape else v)
                 for k, v in state.items()}
-        masks.layers[i] = layer
-        masks._params[i] = None
-        masks._masks[i] = None
-        masks.owners[i] = (layer, "values")
+        masks.adopt_layer(i, layer)
 
     def _report(self) -> None:
         if self.dist is not None and not self.dist.is_main:
@@ -403,7 +396,7 @@ class Execution:
                     decisions.append(False)
                     self.plan[masks.names[i]] = "masked: not reached by a forward pass"
                     continue
-                t_masked, t_sparse = time_layer(mods[i], cls, masks._masks[i], *shape)
+                t_masked, t_sparse = time_layer(mods[i], cls, masks.masked_entry(i)[1], *shape)
                 self.timings[masks.names[i]] = (t_masked, t_sparse)
                 decisions.append(t_sparse < t_masked)
         if self.dist is not None and self.dist.enabled:

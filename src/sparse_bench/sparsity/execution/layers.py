@@ -92,7 +92,7 @@ class _SparseMatmul(torch.autograd.Function):
                               layer._t_indices64())
         if ctx.needs_input_grad[2]:
             db = dyt.sum((0, 2))
-        ctl = layer._ctl
+        ctl = layer.control
         if ctl.dense:
             ctl.add(layer, torch.einsum("nib,njb->ij", dyt, xt) if xt.shape[0] > 1 else dyt[0] @ xt[0].t())
         return dv, dx, db, None
@@ -131,7 +131,7 @@ class _SparseConvDirect(torch.autograd.Function):
             dx = dxp[:, p0:p0 + h, p1:p1 + w, :].permute(3, 0, 1, 2)
         if ctx.needs_input_grad[2]:
             db = dyt.sum((1, 2, 3))
-        ctl = layer._ctl
+        ctl = layer.control
         if ctl.dense:
             x = xp[:, p0:p0 + h, p1:p1 + w, :].permute(3, 0, 1, 2)
             g = torch.nn.grad.conv2d_weight(x, layer.weight_shape, dyt.permute(3, 0, 1, 2), 1, layer.padding)
@@ -159,20 +159,20 @@ class SparseLayer(nn.Module):
             self.register_buffer(k, empty[k], persistent=False)
         self._idx64: tuple | None = None
         self._offsets: dict = {}  # SparseConv2d's direct-kernel offsets per input geometry
-        self._ctl = DenseGradControl()
+        self.control = DenseGradControl()  # shared by the engine's layers: one dense-gradient switch
 
     @property
     def want_dense_grad(self) -> bool:
-        return self._ctl.dense
+        return self.control.dense
 
     @want_dense_grad.setter
     def want_dense_grad(self, value: bool) -> None:
-        self._ctl.dense = bool(value)
+        self.control.dense = bool(value)
 
     @property
     def dense_grad(self) -> torch.Tensor | None:
         """The dense weight gradient (rows x cols) this step's backward formed, if asked to."""
-        return self._ctl.grads.get(self)
+        return self.control.grads.get(self)
 
     # --- structure ----------------------------------------------------------------------------
     @property
