@@ -33,7 +33,7 @@ from .train import distributed as dist_util
 from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, is_checkpoint, load_checkpoint
 from .train.logging import MetricSink, NullSink, wandb_run_config
 from .train.optim import LRSchedule, build_optimizer
-from .train.trainer import CHECKPOINT, Trainer
+from .train.trainer import CHECKPOINT, Trainer, TrainPlan
 from .validation import check
 
 log = logging.getLogger("sparse_bench")
@@ -467,12 +467,13 @@ def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict) -> Parts:
     shared_plan = Path(cfg.paths.runs) / ".execution-plans" / (
         fingerprint({"recipe": recipe(resolved), "density": density, "device": device.type})[:24] + ".json")
     method = Execution(method, execution_mode(cfg), optimizer, model, dist, run_dir, batches, loss_fn, shared_plan)
-    trainer = Trainer(model, optimizer, lr_schedule, method, data, device, epochs * method.rounds, loss_fn,
-                      run_dir, progress=bool(cfg.progress), max_steps_per_epoch=steps_per_epoch, dist=dist,
-                      train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),
-                      test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)),
-                      fingerprint=config_fp, log_every=int(cfg.get("log_every", 0) or 0), flops=flops,
-                      base_epochs=int(cfg.schedule.epochs))
+    plan = TrainPlan(epochs=epochs * method.rounds, steps_per_epoch=steps_per_epoch,
+                     base_epochs=int(cfg.schedule.epochs),
+                     train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),
+                     test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)),
+                     log_every=int(cfg.get("log_every", 0) or 0), progress=bool(cfg.progress), fingerprint=config_fp)
+    trainer = Trainer(model, optimizer, lr_schedule, method, data, device, loss_fn, run_dir, plan, dist=dist,
+                      flops=flops)
     return Parts(dist, device, data, model, optimizer, method, trainer, rule, density, epochs, steps_per_epoch,
                  ckpt_state)
 

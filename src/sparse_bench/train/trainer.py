@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,14 +60,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class TrainPlan:
+    """How long a run trains and what it measures beside training (read from the config by
+    ``run.build_parts``)."""
+
+    epochs: int  # epochs to train (the schedule's, times its multiplier and the method's rounds)
+    steps_per_epoch: int | None = None  # at most this many steps an epoch (limit_train_batches)
+    base_epochs: int | None = None  # the 1x schedule dense FLOPs are counted over (epochs if None)
+    train_eval_samples: int = 0  # training samples measured in eval mode after each epoch
+    test_every_epoch: bool = False
+    log_every: int = 0  # a console line every this many steps (0: once an epoch)
+    progress: bool = True  # a progress bar
+    fingerprint: str = ""  # the run config's hash, written into every checkpoint
+    nonfinite_check_every: int = 100  # on CUDA: steps between reads of the non-finite-loss flag
+
+
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule: LRSchedule,
-                 method: Method, data, device: torch.device, epochs: int, loss_fn,
-                 run_dir: Path, progress: bool = True, max_steps_per_epoch: int | None = None,
-                 train_eval_samples: int = 0, test_every_epoch: bool = False,
-                 dist: dist_util.Dist | None = None, train_model: nn.Module | None = None,
-                 fingerprint: str = "", nonfinite_check_every: int = 100,
-                 log_every: int = 0, flops: FlopMeter | None = None, base_epochs: int | None = None):
+                 method: Method, data, device: torch.device, loss_fn, run_dir: Path, plan: TrainPlan,
+                 dist: dist_util.Dist | None = None, flops: FlopMeter | None = None,
+                 train_model: nn.Module | None = None):
         self.model = model
         # the module the training forward runs through (DDP wrapper under torchrun)
         self.train_model = train_model if train_model is not None else model
@@ -76,26 +90,26 @@ class Trainer:
         self.method = method
         self.data = data
         self.device = device
-        self.epochs = epochs
+        self.epochs = plan.epochs
         self.loss_fn = loss_fn
         self.run_dir = Path(run_dir)
-        self.progress = progress
-        self.max_steps = max_steps_per_epoch
-        self.train_eval_samples = int(train_eval_samples or 0)
-        self.test_every_epoch = test_every_epoch
-        self.log_every = int(log_every or 0)
+        self.progress = plan.progress
+        self.max_steps = plan.steps_per_epoch
+        self.train_eval_samples = int(plan.train_eval_samples or 0)
+        self.test_every_epoch = plan.test_every_epoch
+        self.log_every = int(plan.log_every or 0)
         self.flops = flops
-        self.base_epochs = int(base_epochs or epochs)  # the 1x schedule dense FLOPs are counted over
+        self.base_epochs = int(plan.base_epochs or plan.epochs)  # the 1x schedule dense FLOPs are counted over
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps done
         self.best: dict = {}
         self.train_time = 0.0
-        self.fingerprint = fingerprint  # the run config's hash, written into every checkpoint
+        self.fingerprint = plan.fingerprint  # the run config's hash, written into every checkpoint
         # under DDP every rank's loss is weighted by its share of the global batch
         self._sum_loss = summed_loss(loss_fn)  # DDP: each rank's summed loss, weighted
         # a non-finite loss is caught at the step it happens; on CUDA the flag is read every
         # `nonfinite_check_every` steps (and before every checkpoint) to keep the step sync-free
-        self.nonfinite_check_every = 1 if device.type == "cpu" else int(nonfinite_check_every)
+        self.nonfinite_check_every = 1 if device.type == "cpu" else int(plan.nonfinite_check_every)
         self._first_bad = None
         self._last_x = None
 
