@@ -109,3 +109,107 @@ def test_the_run_reads_as_short_steps():
     assert long == {}
     imported = {t for t, _, _ in _imports("sparse_bench.run")}
     assert "sparse_bench.tables" not in imported and "sparse_bench.cli" not in imported
+
+
+METHOD_MODULE = '''
+"""A throw-away method: a uniform random mask at the run's density, kept fixed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ... import schema as S
+from .base import Method, register
+
+
+@dataclass
+class FixedDrawSchema:
+    name: str = "fixed_draw"
+    draws: int = S.count(1, ge=1, hint="e.g. method.draws=1")
+
+
+@register("fixed_draw", schema=FixedDrawSchema)
+class FixedDraw(Method):
+    def setup(self):
+        for _ in range(self.cfg.draws):
+            self.masks.draw_random(self.ctx.density, "uniform", self.ctx.generator)
+        return {"init/draws": self.cfg.draws}
+'''
+
+DATA_MODULE = '''
+"""A throw-away data set: two Gaussian blobs in 16 dimensions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparse_bench import schema as S
+from sparse_bench.data.common import device_bundle
+
+
+@dataclass
+class BlobsSchema:
+    name: str = "blobs"
+    n: int = S.count(200, ge=10, hint="e.g. dataset.n=200")
+    val_fraction: float = 0.0
+    batch_size: int = 20
+    test_batch_size: int = 100
+    drop_last: bool = False
+
+
+def build_blobs(cfg, device, seed):
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(cfg.n) % 2
+    x = torch.randn(cfg.n, 16, generator=gen) + 3.0 * y[:, None]
+    half = cfg.n // 2
+    return device_bundle(cfg, seed, (x[:half].to(device), y[:half].to(device), x[half:].to(device),
+                                     y[half:].to(device)), num_classes=2)
+
+
+S.register("dataset", "blobs", build_blobs, BlobsSchema)
+BUILDERS = {"blobs": build_blobs}
+'''
+
+
+def test_a_method_and_a_data_set_are_one_module_and_a_yaml_each(tmp_path):
+    """Added as a built-in one is (in a copy of the package): a module in sparsity/methods/ and
+    one in data/, a YAML in conf/method/ and conf/dataset/; nothing else names them."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from sparse_bench.confdir import conf_dir
+
+    site = tmp_path / "site"
+    shutil.copytree(PACKAGE, site / "sparse_bench", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(conf_dir(), site / "sparse_bench" / "conf", ignore=shutil.ignore_patterns("__pycache__"),
+                    dirs_exist_ok=True)
+    (site / "sparse_bench" / "sparsity" / "methods" / "fixed_draw.py").write_text(METHOD_MODULE)
+    (site / "sparse_bench" / "data" / "blobs.py").write_text(DATA_MODULE)
+    (site / "sparse_bench" / "conf" / "method" / "fixed_draw.yaml").write_text("name: fixed_draw\ndraws: 1\n")
+    (site / "sparse_bench" / "conf" / "dataset" / "blobs.yaml").write_text(
+        "name: blobs\nn: 200\nval_fraction: 0.0\nbatch_size: 20\ntest_batch_size: 100\ndrop_last: false\n")
+    env = dict(os.environ, PYTHONPATH=str(site), WANDB_MODE="offline")
+    common = ["dataset=blobs", "model=mlp", "model.hidden=[32]", "schedule=constant", "schedule.epochs=2",
+              "logger=none", "progress=false", "density=0.25", "paths.runs=runs"]
+
+    def sparse_bench(*args, env=env):
+        return subprocess.run([sys.executable, "-m", "sparse_bench", *common, *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    proc = sparse_bench("method=fixed_draw", "method.draws=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (found,) = (tmp_path / "runs").glob("*/results.json")
+    res = json.loads(found.read_text())
+    assert res["status"] == "complete" and res["config"]["method"]["draws"] == 2
+    n = res["prunable"]["total"]
+    assert res["density"]["achieved"] == round(0.25 * n) / n
+    bad = sparse_bench("method=fixed_draw", "method.draws=0")  # the schema beside the method checks it
+    assert bad.returncode == 2 and "method.draws=0" in bad.stderr, bad.stderr[-2000:]
+    bad = sparse_bench("method=fixed_draw", "dataset.n=3")  # and the data set's
+    assert bad.returncode == 2 and "dataset.n=3" in bad.stderr, bad.stderr[-2000:]
+    # the package itself does not know them: the copy's two modules and two YAMLs were all it took
+    without = sparse_bench("method=fixed_draw", env=dict(os.environ, WANDB_MODE="offline"))
+    assert without.returncode == 2 and "dataset=blobs is unknown" in without.stderr, without.stderr[-2000:]
