@@ -148,13 +148,8 @@ from sparse_bench.data.common import device_bundle
 
 
 @dataclass
-class BlobsSchema:
-    name: str = "blobs"
+class BlobsSchema(S.DataSchema):
     n: int = S.count(200, ge=10, hint="e.g. dataset.n=200")
-    val_fraction: float = 0.0
-    batch_size: int = 20
-    test_batch_size: int = 100
-    drop_last: bool = False
 
 
 def build_blobs(cfg, device, seed):
@@ -166,7 +161,8 @@ def build_blobs(cfg, device, seed):
                                      y[half:].to(device)), num_classes=2)
 
 
-S.register("dataset", "blobs", build_blobs, BlobsSchema)
+S.register("dataset", "blobs", build_blobs,
+           S.option(BlobsSchema, "blobs", val_fraction=0.0, batch_size=20, test_batch_size=100))
 BUILDERS = {"blobs": build_blobs}
 '''
 

@@ -54,6 +54,8 @@ def _walk(schema, prefix: str, out: dict, inherited: str | None) -> None:
 def roles() -> dict[str, str]:
     """Every key the schema knows (top level and inside each group option but the methods',
     whose keys are all recipe) with its role."""
+    from . import data  # noqa: F401  (registers the data sets' schemas; imported here, not for every key lookup's importer)
+
     out: dict[str, str] = {}
     _walk(S.Root, "", out, None)
     for group, role in S.GROUP_ROLES.items():

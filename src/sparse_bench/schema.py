@@ -304,6 +304,8 @@ class NoLogger:
 
 
 # --- data sets ----------------------------------------------------------------------------------
+# Each data set's schema sits beside its builder in ``sparse_bench.data`` (``DataSchema`` plus its own
+# keys, the defaults its YAML has) and registers with it: ``register("dataset", name, builder, schema)``.
 @dataclass
 class Normalize:
     mean: List[float] = numbers(MISSING)
@@ -311,7 +313,9 @@ class Normalize:
 
 
 @dataclass
-class _Data:
+class DataSchema:
+    """The keys every data set has."""
+
     name: str = MISSING
     val_fraction: float = num(0.1, ge=0.0, lt=1.0, hint="e.g. dataset.val_fraction=0.1")
     batch_size: int = count(MISSING, ge=1, hint="e.g. dataset.batch_size=128")
@@ -320,73 +324,13 @@ class _Data:
     normalize: Optional[Normalize] = None
 
 
-@dataclass
-class IdxData(_Data):
-    root: str = root()
-    download: bool = keyed(False, role=VOLATILE)
-
-
-@dataclass
-class DigitsData(_Data):
-    test_fraction: float = num(0.2, gt=0.0, lt=1.0)
-    split_seed: int = count(0, ge=0)
-
-
-@dataclass
-class SyntheticData(_Data):
-    input_shape: List[int] = widths([1, 28, 28], hint="e.g. [1,28,28] or [3,32,32]")
-    num_classes: int = count(10, ge=2)
-    n_train: int = count(2000, ge=1)
-    n_test: int = count(500, ge=1)
-    data_seed: int = count(0, ge=0)
-    noise: float = num(1.0, ge=0.0)
-
-
-@dataclass
-class Augment:
-    crop: bool = True
-    padding: int = count(4, ge=0, le=31, hint="pixels of padding for the random crop, e.g. 4")
-    pad_mode: str = choice("zeros", ("zeros", "reflect"), hint="zeros (GSE) or reflect (sparse momentum)")
-    flip: bool = True
-
-
-@dataclass
-class CifarData(_Data):
-    root: str = root()
-    download: bool = keyed(False, role=VOLATILE)
-    augment: Augment = field(default_factory=Augment)
-
-
-@dataclass
-class ImageNetData(_Data):
-    root: str = root()
-    download: bool = keyed(False, role=VOLATILE)
-    image_size: int = count(224, ge=1)
-    val_resize: Optional[int] = count(None, ge=1, nullable=True)
-    num_workers: int = count(8, ge=0, role=VOLATILE)
-    persistent_workers: bool = keyed(True, role=VOLATILE)
-    prefetch_factor: Optional[int] = count(None, ge=1, nullable=True, role=VOLATILE)
-
-
-def _stats(mean, std) -> dict:
+def stats(mean, std) -> dict:
+    """A ``normalize`` default (``option(..., normalize=stats(MEAN, STD))``)."""
     return {"mean": list(mean), "std": list(std)}
 
 
-#: one schema per data set; the defaults are its YAML's (the normalisation statistics are the
-#: readers' own defaults: data/datasets.py, data/cifar.py, data/imagenet.py)
-DATASETS = {
-    "mnist": option(IdxData, "mnist", root="data/mnist", batch_size=100, normalize=_stats([0.1307], [0.3081])),
-    "fashion_mnist": option(IdxData, "fashion_mnist", root="/usr/share/datasets/fashion-mnist", batch_size=100,
-                            normalize=_stats([0.2860], [0.3530])),
-    "digits": option(DigitsData, "digits", batch_size=64, normalize=_stats([0.3], [0.4])),
-    "synthetic": option(SyntheticData, "synthetic", batch_size=100),
-    "cifar10": option(CifarData, "cifar10", root="data", val_fraction=0.0, batch_size=128,
-                      normalize=_stats([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])),
-    "cifar100": option(CifarData, "cifar100", root="data", val_fraction=0.0, batch_size=128,
-                       normalize=_stats([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762])),
-    "imagenet": option(ImageNetData, "imagenet", root="data/imagenet", val_fraction=0.0, batch_size=256,
-                       test_batch_size=250, normalize=_stats([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])),
-}
+#: data set name -> schema, registered beside each data set's builder when ``sparse_bench.data`` is imported
+DATASETS: dict[str, Any] = {}
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -493,6 +437,10 @@ METHODS: dict[str, Any] = {}
 #: method, the built-in ones and a user's); one without a registered schema is checked by its
 #: ``schema`` attribute when it has one
 IMPLEMENTATIONS: dict[str, dict[str, Any]] = {"method": {}}
+
+
+#: the groups whose options register on import of their package
+_REGISTERED_BY = {"method": "sparse_bench.sparsity.methods", "dataset": "sparse_bench.data"}
 
 
 def _table(group: str) -> dict[str, Any]:
@@ -638,9 +586,9 @@ def schema_for(group: str, node):
     own business). The methods register when ``sparse_bench.sparsity.methods`` is imported."""
     if node.get("_target_"):
         return getattr(target_of(node, group), "schema", None)
-    if group == "method" and not IMPLEMENTATIONS["method"]:
-        raise RuntimeError("no method is registered: import sparse_bench.sparsity.methods before checking a method "
-                           "(sparse_bench.validation.check does)")
+    if group in _REGISTERED_BY and not _table(group):
+        raise RuntimeError(f"no {group} is registered: import {_REGISTERED_BY[group]} before checking one "
+                           f"(sparse_bench.validation.check does)")
     table = _table(group)
     name = node.get("name")
     registered = IMPLEMENTATIONS.get(group, {})

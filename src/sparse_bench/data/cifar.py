@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import io
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparse_bench import schema as S
 from sparse_bench.data.augment import CropFlip, Normalize
 from sparse_bench.data.common import DataBundle, channel_stats, device_bundle, resolve_root
 from sparse_bench.errors import ConfigError
@@ -280,6 +281,26 @@ def build_cifar(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     tensors = (x_tr.to(device), y_tr.to(device), x_te.to(device), y_te.to(device))
     return device_bundle(cfg, seed, tensors, CIFAR_SPECS[cfg.name].num_classes, train_tf, eval_tf)
 
+
+
+@dataclass
+class AugmentSchema:
+    crop: bool = True
+    padding: int = S.count(4, ge=0, le=31, hint="pixels of padding for the random crop, e.g. 4")
+    pad_mode: str = S.choice("zeros", ("zeros", "reflect"), hint="zeros (GSE) or reflect (sparse momentum)")
+    flip: bool = True
+
+
+@dataclass
+class CifarSchema(S.DataSchema):
+    root: str = S.root()
+    download: bool = S.keyed(False, role=S.VOLATILE)
+    augment: AugmentSchema = field(default_factory=AugmentSchema)
+
+
+for _name, _spec in CIFAR_SPECS.items():
+    S.register("dataset", _name, build_cifar, S.option(CifarSchema, _name, root="data", val_fraction=0.0,
+                                                         batch_size=128, normalize=S.stats(_spec.mean, _spec.std)))
 
 #: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
 BUILDERS = {"cifar10": build_cifar, "cifar100": build_cifar}

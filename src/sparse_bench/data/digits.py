@@ -9,6 +9,7 @@ validation is the last ``round(val_fraction * n_train)`` samples of the training
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparse_bench import schema as S
 from sparse_bench.data.common import DataBundle, channel_stats, device_bundle, normalize_
 from sparse_bench.errors import ConfigError
 
@@ -73,6 +75,16 @@ def build_digits(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     tensors = (normalize_(x_tr.to(device), stats), y_tr.to(device), normalize_(x_te.to(device), stats), y_te.to(device))
     return device_bundle(cfg, seed, tensors, num_classes=10)
 
+
+
+@dataclass
+class DigitsSchema(S.DataSchema):
+    test_fraction: float = S.num(0.2, gt=0.0, lt=1.0)
+    split_seed: int = S.count(0, ge=0)
+
+
+S.register("dataset", "digits", build_digits,
+           S.option(DigitsSchema, "digits", batch_size=64, normalize=S.stats(DIGITS_MEAN, DIGITS_STD)))
 
 #: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
 BUILDERS = {"digits": build_digits}

@@ -48,14 +48,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
+from sparse_bench import schema as S
 from sparse_bench.data.common import DataBundle, channel_stats, resolve_root
 from sparse_bench.data.loader import STATS_STREAM, StatBatches, epoch_seed, mix_seed, splitmix64
 from sparse_bench.errors import ConfigError, RunFailed
@@ -527,6 +529,22 @@ def build_imagenet(cfg: Any, device: torch.device, seed: int) -> DataBundle:
         train_eval=eval_loader(train_images, shuffle=True, persistent=False),
     )
 
+
+
+@dataclass
+class ImageNetSchema(S.DataSchema):
+    root: str = S.root()
+    download: bool = S.keyed(False, role=S.VOLATILE)
+    image_size: int = S.count(224, ge=1)
+    val_resize: Optional[int] = S.count(None, ge=1, nullable=True)
+    num_workers: int = S.count(8, ge=0, role=S.VOLATILE)
+    persistent_workers: bool = S.keyed(True, role=S.VOLATILE)
+    prefetch_factor: Optional[int] = S.count(None, ge=1, nullable=True, role=S.VOLATILE)
+
+
+S.register("dataset", "imagenet", build_imagenet,
+           S.option(ImageNetSchema, "imagenet", root="data/imagenet", val_fraction=0.0, batch_size=256,
+                    test_batch_size=250, normalize=S.stats(IMAGENET_MEAN, IMAGENET_STD)))
 
 #: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
 BUILDERS = {"imagenet": build_imagenet}

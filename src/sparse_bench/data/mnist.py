@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparse_bench import schema as S
 from sparse_bench.data.common import DataBundle, channel_stats, device_bundle, normalize_, resolve_root
 from sparse_bench.errors import ConfigError
 
@@ -227,6 +228,18 @@ def build_mnist(cfg: Any, device: torch.device, seed: int) -> DataBundle:
 
     return device_bundle(cfg, seed, (prep(x_tr), y_tr.to(device), prep(x_te), y_te.to(device)), num_classes=10)
 
+
+
+@dataclass
+class IdxSchema(S.DataSchema):
+    root: str = S.root()
+    download: bool = S.keyed(False, role=S.VOLATILE)
+
+
+for _name, _root in (("mnist", "data/mnist"), ("fashion_mnist", "/usr/share/datasets/fashion-mnist")):
+    _spec = IDX_SPECS[_name]
+    S.register("dataset", _name, build_mnist,
+               S.option(IdxSchema, _name, root=_root, batch_size=100, normalize=S.stats(_spec.mean, _spec.std)))
 
 #: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
 BUILDERS = {"mnist": build_mnist, "fashion_mnist": build_mnist}

@@ -46,7 +46,7 @@ DataBuilder = Callable[[Any, torch.device, int], DataBundle]
 
 #: ``dataset.name`` -> builder of the data sets shipped here: every module of this package may define
 #: ``BUILDERS = {name: builder}``, merged here, so a data set is one module plus its YAML in conf/dataset/
-#: (and its option schema, ``sparse_bench.schema.DATASETS``).
+#: (and its option schema, registered beside the builder: ``schema.register("dataset", name, builder, schema)``).
 BUILDERS: dict[str, DataBuilder] = {}
 for _info in pkgutil.iter_modules([str(Path(__file__).parent)]):
     if _info.name != __name__.rsplit(".", 1)[-1]:

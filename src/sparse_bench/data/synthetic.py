@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, List
 
 import torch
 from torch import Tensor
 
+from sparse_bench import schema as S
 from sparse_bench.data.common import DataBundle, channel_stats, device_bundle, normalize_
 
 __all__ = ["build_synthetic", "make_synthetic"]
@@ -54,6 +56,19 @@ def build_synthetic(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     tensors = (normalize_(x_tr.to(device), stats), y_tr.to(device), normalize_(x_te.to(device), stats), y_te.to(device))
     return device_bundle(cfg, seed, tensors, num_classes=cfg.num_classes)
 
+
+
+@dataclass
+class SyntheticSchema(S.DataSchema):
+    input_shape: List[int] = S.widths([1, 28, 28], hint="e.g. [1,28,28] or [3,32,32]")
+    num_classes: int = S.count(10, ge=2)
+    n_train: int = S.count(2000, ge=1)
+    n_test: int = S.count(500, ge=1)
+    data_seed: int = S.count(0, ge=0)
+    noise: float = S.num(1.0, ge=0.0)
+
+
+S.register("dataset", "synthetic", build_synthetic, S.option(SyntheticSchema, "synthetic", batch_size=100))
 
 #: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
 BUILDERS = {"synthetic": build_synthetic}
