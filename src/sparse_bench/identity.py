@@ -25,7 +25,7 @@ import typing
 from omegaconf import OmegaConf
 
 from . import schema as S
-from .resolvers import DENSE_METHODS
+from .resolvers import dense_methods
 
 #: the group choices a run's name says (``run_name`` in config.yaml: dataset, model, architecture,
 #: method, plus the density and seed, which are axes)
@@ -88,7 +88,7 @@ def flat(cfg, prefix: str = "") -> dict:
 
 
 def is_dense(cfg: dict) -> bool:
-    return (cfg.get("method") or {}).get("name") in DENSE_METHODS
+    return (cfg.get("method") or {}).get("name") in dense_methods()
 
 
 def run_identity(cfg: dict) -> dict:

@@ -1,6 +1,6 @@
 """OmegaConf resolvers the config uses in run and sweep folder names (registered on import).
 
-* ``${sb.density_tag:${method.name},${density}}``: ``-d<density>``, or nothing for ``method=dense``
+* ``${sb.density_tag:${method.name},${density}}``: ``-d<density>``, or nothing for a dense method (``method=dense``)
   (a dense run does not depend on `density`, so a density sweep trains it once).
 * ``${sb.model_tag:${model.name},${oc.select:model.arch,null}}``: the model's name, with the
   architecture for models chosen by one (``timm_resnet18``), so two architectures never share
@@ -22,11 +22,17 @@ from omegaconf import OmegaConf
 
 from .errors import ConfigError
 
-DENSE_METHODS = ("dense",)
+
+def dense_methods() -> tuple[str, ...]:
+    """The registered methods that train without masks (their class says ``sparse = False``), so
+    `density` means nothing to them: one home for "dense", the method itself."""
+    from .sparsity.methods import METHODS
+
+    return tuple(name for name, cls in METHODS.items() if not getattr(cls, "sparse", True))
 
 
 def density_tag(method: str, density) -> str:
-    return "" if str(method) in DENSE_METHODS else f"-d{density}"
+    return "" if str(method) in dense_methods() else f"-d{density}"
 
 
 def model_tag(name: str, arch=None) -> str:

@@ -81,7 +81,7 @@ from pathlib import Path
 from . import identity
 from .errors import ConfigError
 from .identity import shown
-from .resolvers import DENSE_METHODS
+from .resolvers import dense_methods
 from .results import METRICS, model_label, paper_values, run_density
 from .sidefiles import read_object
 from .train.logging import WANDB_EXTRAS
@@ -802,7 +802,7 @@ def csv_text(table: Table) -> str:
 
 
 def _is_dense_row(row: Row) -> bool:
-    return row.method in DENSE_METHODS and set(row.cells) == {1.0} and not row.paper
+    return row.method in dense_methods() and set(row.cells) == {1.0} and not row.paper
 
 
 def _main_range(values: list[float]) -> tuple[float, float]:
