@@ -37,7 +37,7 @@ from torch import Tensor
 
 from sparse_bench import schema as S
 from sparse_bench.data.augment import CropFlip, Normalize
-from sparse_bench.data.common import DataBundle, channel_stats, device_bundle, resolve_root
+from sparse_bench.data.common import DataBundle, channel_stats, device_bundle, find_or_download, resolve_root
 from sparse_bench.errors import ConfigError
 
 __all__ = [
@@ -225,14 +225,8 @@ def load_cifar_split(cfg: Any, name: str) -> tuple[Tensor, Tensor, Tensor, Tenso
     """``(x_train, y_train, x_test, y_test)``: CPU ``uint8 (N, 3, 32, 32)`` images and ``int64`` labels."""
     spec = CIFAR_SPECS[name]
     root = resolve_root(cfg.root)
-    folder = find_cifar_folder(root, spec)
-    if folder is None:
-        if not cfg.download:
-            raise ConfigError(_missing_message(root, spec))
-        _download(root, spec)
-        folder = find_cifar_folder(root, spec)
-        if folder is None:
-            raise ConfigError(_missing_message(root, spec) + " (download finished but wrote no files)")
+    folder = find_or_download(lambda: find_cifar_folder(root, spec), lambda: _download(root, spec), cfg.download,
+                              _missing_message(root, spec))
     _check_meta(folder / spec.meta_file, spec)
 
     def read(files: tuple[str, ...]) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ holds out per class (:mod:`sparse_bench.data.imagenet`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,20 @@ def resolve_root(root: str | os.PathLike[str]) -> Path:
 
 
 # --------------------------------------------------------------------------- normalisation
+
+
+def find_or_download(find: Callable[[], Any], download: Callable[[], None], allowed: bool, missing: str) -> Any:
+    """What ``find()`` locates under a data set's root; when it finds nothing, ``download()`` and look
+    again if ``dataset.download`` is true (`allowed`), else the one-line `missing` refusal."""
+    found = find()
+    if found is None:
+        if not allowed:
+            raise ConfigError(missing)
+        download()
+        found = find()
+        if found is None:
+            raise ConfigError(missing + " (download finished but wrote no files)")
+    return found
 
 
 def channel_stats(cfg: Any, channels: int, default: Stats | None) -> tuple[list[float], list[float]] | None:

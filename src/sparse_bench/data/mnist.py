@@ -22,7 +22,14 @@ import torch
 from torch import Tensor
 
 from sparse_bench import schema as S
-from sparse_bench.data.common import DataBundle, channel_stats, device_bundle, normalize_, resolve_root
+from sparse_bench.data.common import (
+    DataBundle,
+    channel_stats,
+    device_bundle,
+    find_or_download,
+    normalize_,
+    resolve_root,
+)
 from sparse_bench.errors import ConfigError
 
 __all__ = [
@@ -176,14 +183,8 @@ def load_idx_split(cfg: Any, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]
     """``(x_train, y_train, x_test, y_test)`` as CPU uint8 images (N, H, W) and int64 labels."""
     spec = IDX_SPECS[name]
     root = resolve_root(cfg.root)
-    files = find_idx_files(root, name)
-    if files is None:
-        if not cfg.download:
-            raise ConfigError(_missing_message(root, spec))
-        _download(root, spec)
-        files = find_idx_files(root, name)
-        if files is None:
-            raise ConfigError(_missing_message(root, spec) + " (download finished but wrote no files)")
+    files = find_or_download(lambda: find_idx_files(root, name), lambda: _download(root, spec), cfg.download,
+                             _missing_message(root, spec))
 
     arrays = {}
     for role, path in files.items():
