@@ -479,3 +479,20 @@ def test_everything_on_cuda():
     cpu = build_data(synth([1, 28, 28]), CPU, seed=0)
     torch.testing.assert_close(data.train.x.cpu(), cpu.train.x)
     assert torch.equal(torch.cat([y for _, y in data.train]).cpu(), torch.cat([y for _, y in cpu.train]))
+
+
+def test_a_failed_download_is_one_line_saying_what_to_do_instead(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    from sparse_bench.data.common import torchvision_download
+
+    class Offline:
+        def __init__(self, *args, **kwargs):
+            raise OSError("no route\nto host")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    with pytest.raises(ConfigError) as exc:
+        torchvision_download("MNIST", tmp_path / "m", "MNIST", "put the four IDX files in dataset.root")
+    assert str(exc.value) == (f"dataset.download: downloading MNIST into {tmp_path / 'm'} failed (OSError: no route "
+                              "to host); check network access or put the four IDX files in dataset.root and set "
+                              "dataset.download=false")

@@ -37,7 +37,14 @@ from torch import Tensor
 
 from sparse_bench import schema as S
 from sparse_bench.data.augment import CropFlip, Normalize
-from sparse_bench.data.common import DataBundle, channel_stats, device_bundle, find_or_download, resolve_root
+from sparse_bench.data.common import (
+    DataBundle,
+    channel_stats,
+    device_bundle,
+    find_or_download,
+    resolve_root,
+    torchvision_download,
+)
 from sparse_bench.errors import ConfigError
 
 __all__ = [
@@ -206,19 +213,8 @@ def _missing_message(root: Path, spec: CifarSpec) -> str:
 
 def _download(root: Path, spec: CifarSpec) -> None:
     """Let torchvision fetch and unpack the python-version archive into ``root``."""
-    import torchvision.datasets
-
     target = root.parent if root.name == spec.folder else root
-    cls = getattr(torchvision.datasets, spec.torchvision_class)
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        cls(str(target), train=True, download=True)
-    except Exception as exc:  # network, permissions, checksum ...
-        detail = " ".join(str(exc).split())[:200]
-        raise ConfigError(
-            f"dataset.download: downloading {spec.label} into {target} failed ({type(exc).__name__}: {detail}); "
-            f"check network access or unpack the archive into dataset.root and set dataset.download=false"
-        ) from None
+    torchvision_download(spec.torchvision_class, target, spec.label, "unpack the archive into dataset.root")
 
 
 def load_cifar_split(cfg: Any, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:

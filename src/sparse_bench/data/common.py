@@ -87,6 +87,21 @@ def resolve_root(root: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------- normalisation
 
 
+def torchvision_download(class_name: str, target: Path, label: str, instead: str) -> None:
+    """Let torchvision's data set class `class_name` fetch its files into `target`; any failure
+    (network, permissions, checksum) is one line saying what to do `instead`."""
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, class_name)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        cls(str(target), train=True, download=True)
+    except Exception as exc:  # network, permissions, checksum ...
+        detail = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"dataset.download: downloading {label} into {target} failed ({type(exc).__name__}: "
+                          f"{detail}); check network access or {instead} and set dataset.download=false") from None
+
+
 def find_or_download(find: Callable[[], Any], download: Callable[[], None], allowed: bool, missing: str) -> Any:
     """What ``find()`` locates under a data set's root; when it finds nothing, ``download()`` and look
     again if ``dataset.download`` is true (`allowed`), else the one-line `missing` refusal."""

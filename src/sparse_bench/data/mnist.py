@@ -29,6 +29,7 @@ from sparse_bench.data.common import (
     find_or_download,
     normalize_,
     resolve_root,
+    torchvision_download,
 )
 from sparse_bench.errors import ConfigError
 
@@ -165,18 +166,7 @@ def _missing_message(root: Path, spec: IdxSpec) -> str:
 
 def _download(root: Path, spec: IdxSpec) -> None:
     """Let torchvision fetch the raw files into ``root/<subdir>/raw``."""
-    import torchvision.datasets
-
-    cls = getattr(torchvision.datasets, spec.torchvision_class)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        cls(str(root), train=True, download=True)
-    except Exception as exc:  # network, permissions, checksum ...
-        detail = " ".join(str(exc).split())[:200]
-        raise ConfigError(
-            f"dataset.download: downloading {spec.label} into {root} failed ({type(exc).__name__}: {detail}); "
-            "check network access or put the four IDX files in dataset.root and set dataset.download=false"
-        ) from None
+    torchvision_download(spec.torchvision_class, root, spec.label, "put the four IDX files in dataset.root")
 
 
 def load_idx_split(cfg: Any, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
