@@ -54,7 +54,7 @@ def _walk(schema, prefix: str, out: dict, inherited: str | None) -> None:
 def roles() -> dict[str, str]:
     """Every key the schema knows (top level and inside each group option but the methods',
     whose keys are all recipe) with its role."""
-    from . import data  # noqa: F401  (registers the data sets' schemas; imported here, not for every key lookup's importer)
+    from . import data, models  # noqa: F401  (register their schemas; imported here, not by every importer)
 
     out: dict[str, str] = {}
     _walk(S.Root, "", out, None)

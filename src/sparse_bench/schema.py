@@ -334,77 +334,25 @@ DATASETS: dict[str, Any] = {}
 
 
 # --- models -------------------------------------------------------------------------------------
+# Each model's schema sits beside its builder in ``sparse_bench.models`` (``ModelSchema`` plus its own
+# keys, with its YAML's defaults) and registers with it: ``register("model", name, builder, schema)``.
 @dataclass
-class _Model:
+class ModelSchema:
+    """The keys every model has."""
+
     name: str = MISSING
     dense_params: List[str] = field(default_factory=list)  # parameter patterns the recipe keeps dense
 
 
 @dataclass
-class LeNet300(_Model):
-    in_features: int = count(784, ge=1)
+class WidthSchema(ModelSchema):
+    """A model whose channels scale by ``width``."""
 
-
-@dataclass
-class MLP(_Model):
-    hidden: List[int] = widths([128, 64], hint="positive widths, e.g. model.hidden=[300,100]")
-    dropout: float = num(0.0, ge=0.0, lt=1.0, hint="e.g. model.dropout=0.1")
-
-
-@dataclass
-class Widthed(_Model):
     width: float = num(1.0, gt=0.0, hint="a channel multiplier, e.g. model.width=2")
 
 
-@dataclass
-class ResNetCifar(Widthed):
-    depth: int = count(20, ge=8, hint="6n + 2: 20, 32, 44, 56, 110")
-
-
-@dataclass
-class VGGSmall(Widthed):
-    dropout: float = num(0.5, ge=0.0, lt=1.0)
-
-
-@dataclass
-class ViT(Widthed):
-    patch_size: int = count(4, ge=1)
-    dim: int = count(512, ge=1)
-    depth: int = count(4, ge=1)
-    heads: int = count(6, ge=1)
-    dim_head: int = count(64, ge=1)
-    mlp_dim: int = count(256, ge=1)
-
-
-@dataclass
-class WRN(_Model):
-    depth: int = count(28, ge=10, hint="6n + 4, e.g. 16, 22, 28")
-    widen_factor: int = count(2, ge=1)
-    dropout: float = num(0.3, ge=0.0, lt=1.0)
-
-
-@dataclass
-class Timm(_Model):
-    arch: str = MISSING
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-
-
-_WRN_SIZES = {"wrn": (28, 2), "wrn16_8": (16, 8), "wrn16_10": (16, 10), "wrn22_8": (22, 8), "wrn28_2": (28, 2),
-              "wrn28_10": (28, 10), "wrn_acdc": (28, 10), "wrn28_10_acdc": (28, 10)}
-
-#: one schema per model; the defaults are its YAML's
-MODELS = {
-    **{n: option(_Model, n) for n in ("lenet5_caffe", "alexnet_s", "alexnet_b", "vgg16_c", "vgg16_d", "vgg16_like",
-                                      "resnet50")},
-    "lenet300_100": option(LeNet300, "lenet300_100"),
-    "mlp": option(MLP, "mlp"),
-    "vgg16_small": option(VGGSmall, "vgg16_small"),
-    "resnet56": option(Widthed, "resnet56"),
-    "resnet_cifar": option(ResNetCifar, "resnet_cifar"),
-    "vit_cifar": option(ViT, "vit_cifar"),
-    "timm": option(Timm, "timm", arch="resnet18"),
-    **{n: option(WRN, n, depth=d, widen_factor=k) for n, (d, k) in _WRN_SIZES.items()},
-}
+#: model name -> schema, registered beside each model's builder when ``sparse_bench.models`` is imported
+MODELS: dict[str, Any] = {}
 
 OPTIMIZERS = {"sgd": option(SGD, "sgd", lr=0.1, nesterov=True, weight_decay=5e-4),
               "adam": option(Adam, "adam", lr=1e-3), "adamw": option(Adam, "adamw", lr=1e-3)}
@@ -440,7 +388,8 @@ IMPLEMENTATIONS: dict[str, dict[str, Any]] = {"method": {}}
 
 
 #: the groups whose options register on import of their package
-_REGISTERED_BY = {"method": "sparse_bench.sparsity.methods", "dataset": "sparse_bench.data"}
+_REGISTERED_BY = {"method": "sparse_bench.sparsity.methods", "dataset": "sparse_bench.data",
+                  "model": "sparse_bench.models"}
 
 
 def _table(group: str) -> dict[str, Any]:

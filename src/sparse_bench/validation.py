@@ -1,11 +1,11 @@
 """The whole config checked against every registered option's schema, before any data is read.
 
 It sits above the schema and what registers with it: ``sparse_bench.schema`` (the typed building
-blocks, the top level, models, optimizers, schedules, loggers), ``sparse_bench.data``, whose import
-registers each data set with its schema, and ``sparse_bench.sparsity.methods``, whose import
-registers each method with its schema (``@register(name, schema=...)``), so a config checked here
-has every built-in option, and every ``@register``-ed method of the user's imported so far, to be
-checked against. The error lines are the schema's (:func:`sparse_bench.schema.check_option`).
+blocks, the top level, optimizers, schedules, loggers), then ``sparse_bench.data``,
+``sparse_bench.models`` and ``sparse_bench.sparsity.methods``, whose imports register each data
+set, model and method with its schema, so a config checked here has every built-in option, and
+every ``@register``-ed method of the user's imported so far, to be checked against. The error
+lines are the schema's (:func:`sparse_bench.schema.check_option`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import data as _data  # noqa: F401  (registers every data set with its schema)
+from . import models as _models  # noqa: F401  (registers every model with its schema)
 from . import schema as S
 from .errors import ConfigError
 from .sparsity import methods as _methods  # noqa: F401  (registers every method with its schema)

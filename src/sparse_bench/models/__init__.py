@@ -2,7 +2,8 @@
 
 Every module in this package may define ``MODELS = {name: builder}`` where
 ``builder(cfg, input_shape, num_classes) -> nn.Module``; they are merged here, so adding a model
-is one module entry plus one YAML in conf/model/.
+is one module entry plus one YAML in conf/model/ (and its option schema, registered in the same
+module: ``schema.register("model", name, builder, schema)``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..plugins import target_of
+from ..schema import check_option
 
 _BUILDERS: dict = {}
 for _info in pkgutil.iter_modules(__path__):
@@ -33,8 +35,6 @@ def build_model(cfg, input_shape, num_classes: int) -> nn.Module:
     match the dataset's shape (or whose output is not `num_classes` wide) fails here, before any
     training, with one line naming both.
     """
-    from ..schema import check_option
-
     builder = target_of(cfg, "model")  # a user's model, named by model._target_
     cfg = check_option("model", cfg)
     name = cfg.name

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import schema as S
 from ..errors import ConfigError
 from .zoo import require_image
 
@@ -76,3 +77,6 @@ MODELS = {
     "alexnet_s": _builder(1, "alexnet_s"),
     "alexnet_b": _builder(2, "alexnet_b"),
 }
+
+for _name in MODELS:
+    S.register("model", _name, MODELS[_name], S.option(S.ModelSchema, _name))

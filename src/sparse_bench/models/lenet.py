@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import List
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .. import schema as S
 
 
 class LeNet300100(nn.Module):
@@ -74,3 +79,18 @@ MODELS = {
         dropout=cfg.dropout,
     ),
 }
+
+
+@dataclass
+class LeNet300Schema(S.ModelSchema):
+    in_features: int = S.count(784, ge=1)
+
+
+@dataclass
+class MLPSchema(S.ModelSchema):
+    hidden: List[int] = S.widths([128, 64], hint="positive widths, e.g. model.hidden=[300,100]")
+    dropout: float = S.num(0.0, ge=0.0, lt=1.0, hint="e.g. model.dropout=0.1")
+
+
+for _name, _schema in (("lenet300_100", LeNet300Schema), ("lenet5_caffe", S.ModelSchema), ("mlp", MLPSchema)):
+    S.register("model", _name, MODELS[_name], S.option(_schema, _name))

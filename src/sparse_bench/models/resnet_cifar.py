@@ -22,10 +22,13 @@ subsamples by the block's stride rather than always by 2 (the same in this netwo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import schema as S
 from ..errors import ConfigError
 from .zoo import require_image, scaled
 
@@ -105,3 +108,12 @@ MODELS = {
     "resnet_cifar": _generic,
     "resnet56": _resnet56,
 }
+
+
+@dataclass
+class ResNetCifarSchema(S.WidthSchema):
+    depth: int = S.count(20, ge=8, hint="6n + 2: 20, 32, 44, 56, 110")
+
+
+S.register("model", "resnet_cifar", _generic, S.option(ResNetCifarSchema, "resnet_cifar"))
+S.register("model", "resnet56", _resnet56, S.option(S.WidthSchema, "resnet56"))

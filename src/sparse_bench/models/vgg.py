@@ -27,9 +27,12 @@ reference's and other sizes still build.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from .. import schema as S
 from ..errors import ConfigError
 from .zoo import require_image, scaled
 
@@ -126,3 +129,13 @@ MODELS = {
     "vgg16_like": _sm_builder("like", "vgg16_like"),
     "vgg16_small": _small,
 }
+
+
+@dataclass
+class VGGSmallSchema(S.WidthSchema):
+    dropout: float = S.num(0.5, ge=0.0, lt=1.0)
+
+
+for _name in MODELS:
+    S.register("model", _name, MODELS[_name], S.option(VGGSmallSchema if _name == "vgg16_small" else S.ModelSchema,
+                                                       _name))

@@ -32,10 +32,13 @@ embedding is computed once for the configured image size and kept as a non-saved
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import schema as S
 from ..errors import ConfigError
 from .zoo import require_image, scaled
 
@@ -148,3 +151,16 @@ def _build(cfg, input_shape, num_classes):
 
 
 MODELS = {"vit_cifar": _build}
+
+
+@dataclass
+class ViTSchema(S.WidthSchema):
+    patch_size: int = S.count(4, ge=1)
+    dim: int = S.count(512, ge=1)
+    depth: int = S.count(4, ge=1)
+    heads: int = S.count(6, ge=1)
+    dim_head: int = S.count(64, ge=1)
+    mlp_dim: int = S.count(256, ge=1)
+
+
+S.register("model", "vit_cifar", _build, S.option(ViTSchema, "vit_cifar"))

@@ -40,11 +40,13 @@ Masked weights: the same tensors as ``wrn28_10`` (36.46M at C = 10); biases stay
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import schema as S
 from ..errors import ConfigError
 from .zoo import require_image
 
@@ -198,5 +200,20 @@ def _acdc_28_10(cfg, input_shape, num_classes):
     return _acdc(cfg, input_shape, num_classes)
 
 
+#: the WRNs named by their size (wrn16_8 is WRN-16-8)
+NAMED = ((16, 8), (16, 10), (22, 8), (28, 2), (28, 10))
 MODELS = {"wrn": _generic, "wrn_acdc": _acdc, "wrn28_10_acdc": _acdc_28_10}
-MODELS.update(_named(d, k) for d, k in ((16, 8), (16, 10), (22, 8), (28, 2), (28, 10)))
+MODELS.update(_named(d, k) for d, k in NAMED)
+#: each model's (depth, widen_factor) defaults: the generic ones' defaults, the named ones' fixed size
+SIZES = {"wrn": (28, 2), "wrn_acdc": (28, 10), "wrn28_10_acdc": (28, 10), **{f"wrn{d}_{k}": (d, k) for d, k in NAMED}}
+
+
+@dataclass
+class WRNSchema(S.ModelSchema):
+    depth: int = S.count(28, ge=10, hint="6n + 4, e.g. 16, 22, 28")
+    widen_factor: int = S.count(2, ge=1)
+    dropout: float = S.num(0.3, ge=0.0, lt=1.0)
+
+
+for _name, (_depth, _k) in SIZES.items():
+    S.register("model", _name, MODELS[_name], S.option(WRNSchema, _name, depth=_depth, widen_factor=_k))

@@ -9,9 +9,13 @@ Nothing here ever downloads weights: torchvision is called with ``weights=None``
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+from omegaconf import MISSING, OmegaConf
 from torch import nn
 
+from .. import schema as S
 from ..errors import ConfigError
 
 
@@ -69,3 +73,13 @@ MODELS = {
     "resnet50": _resnet50,
     "timm": _timm,
 }
+
+
+@dataclass
+class TimmSchema(S.ModelSchema):
+    arch: str = MISSING
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+S.register("model", "resnet50", _resnet50, S.option(S.ModelSchema, "resnet50"))
+S.register("model", "timm", _timm, S.option(TimmSchema, "timm", arch="resnet18"))
