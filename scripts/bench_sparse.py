@@ -209,8 +209,7 @@ def build_variant(model_name: str, variant: str, density: float, method: str):
         for st in opt.state.values():
             tensors += [v for v in st.values() if torch.is_tensor(v)]
         if m.masks is not None:
-            tensors += [t for t in m.masks._masks if t is not None] + list(m.masks._float)
-            tensors += [v for s in m.masks.shadow for v in s.values()]  # inactive weights' momentum
+            tensors += m.masks.held_tensors()  # masks, their float copies, inactive weights' momentum
         for t in tensors:
             ptr = t.untyped_storage().data_ptr()
             if ptr not in seen:

@@ -140,6 +140,12 @@ class MaskSet:
         self._stale = True
         self._counts = None
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The tensors the mask set itself keeps alive (bool masks of masked entries, their float
+        copies, inactive weights' optimizer state): what it adds to a run's memory."""
+        return ([m for m in self._masks if m is not None] + list(self._float)
+                + [v for s in self.shadow for v in s.values()])
+
     # --- what the execution engine changes ------------------------------------------------------
     def run_sparse(self, active: bool, optimizer, keeps_inactive_state: bool | None = None) -> None:
         """Whether any entry is a sparse layer now (the methods then see views), and the optimizer
