@@ -23,9 +23,19 @@ The package must be importable (installed, on PYTHONPATH, or the current folder 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
+from types import ModuleType
 
 from .errors import ConfigError
+
+
+def package_modules(package: str, path, skip: tuple[str, ...] = ()) -> list[ModuleType]:
+    """Every module of the built-in package `package` (its ``__path__`` `path`) but those named in
+    `skip`, imported: how the methods, models and data sets register themselves, so a new one is
+    its module plus its YAML."""
+    return [importlib.import_module(f"{package}.{info.name}") for info in pkgutil.iter_modules(path)
+            if info.name not in skip]
 
 
 def target_of(cfg, group: str):

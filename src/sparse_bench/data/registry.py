@@ -26,8 +26,6 @@ empty) is a one-line :class:`~sparse_bench.errors.ConfigError` naming the key an
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ import torch
 
 from sparse_bench.data.common import DataBundle
 from sparse_bench.errors import ConfigError
-from sparse_bench.plugins import target_of
+from sparse_bench.plugins import package_modules, target_of
 from sparse_bench.schema import check_option
 
 __all__ = ["BUILDERS", "DataBuilder", "build_data"]
@@ -48,9 +46,8 @@ DataBuilder = Callable[[Any, torch.device, int], DataBundle]
 #: ``BUILDERS = {name: builder}``, merged here, so a data set is one module plus its YAML in conf/dataset/
 #: (and its option schema, registered beside the builder: ``schema.register("dataset", name, builder, schema)``).
 BUILDERS: dict[str, DataBuilder] = {}
-for _info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-    if _info.name != __name__.rsplit(".", 1)[-1]:
-        BUILDERS.update(getattr(importlib.import_module(f"{__package__}.{_info.name}"), "BUILDERS", {}))
+for _mod in package_modules(__package__, [str(Path(__file__).parent)], skip=(__name__.rsplit(".", 1)[-1],)):
+    BUILDERS.update(getattr(_mod, "BUILDERS", {}))
 
 
 def build_data(cfg: Any, device: torch.device, seed: int) -> DataBundle:

@@ -8,19 +8,15 @@ module: ``schema.register("model", name, builder, schema)``).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..plugins import target_of
+from ..plugins import package_modules, target_of
 from ..schema import check_option
 
 _BUILDERS: dict = {}
-for _info in pkgutil.iter_modules(__path__):
-    _mod = importlib.import_module(f"{__name__}.{_info.name}")
+for _mod in package_modules(__name__, __path__):
     _BUILDERS.update(getattr(_mod, "MODELS", {}))
 
 MODEL_NAMES = tuple(sorted(_BUILDERS))

@@ -1,14 +1,11 @@
 """The sparsity methods, one module each, registered by name.
 
 Every module in this package is imported here, so adding a method is one file (with
-``@register("name")`` on its class) plus one YAML in src/sparse_bench/conf/method/.
+``@register("name", schema=...)`` on its class, its options' schema beside it) plus one YAML in
+conf/method/.
 """
 
-import importlib
-import pkgutil
-
+from ...plugins import package_modules
 from .base import METHODS, Method, MethodContext, build_method, register  # noqa: F401
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "base":
-        importlib.import_module(f"{__name__}.{_info.name}")
+package_modules(__name__, __path__, skip=("base",))
