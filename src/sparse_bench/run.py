@@ -362,8 +362,6 @@ class Parts:
     trainer: Trainer
     rule: dict  # which parameters are prunable (``prunable`` plus the model's dense_params)
     density: float
-    epochs: int
-    steps_per_epoch: int
     state: dict | None = None  # the checkpoint to resume from (dropped once restored)
 
 
@@ -474,8 +472,7 @@ def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict) -> Parts:
                      log_every=int(cfg.get("log_every", 0) or 0), progress=bool(cfg.progress), fingerprint=config_fp)
     trainer = Trainer(model, optimizer, lr_schedule, method, data, device, loss_fn, run_dir, plan, dist=dist,
                       flops=flops)
-    return Parts(dist, device, data, model, optimizer, method, trainer, rule, density, epochs, steps_per_epoch,
-                 ckpt_state)
+    return Parts(dist, device, data, model, optimizer, method, trainer, rule, density, ckpt_state)
 
 
 def start_or_resume(parts: Parts, run_dir: Path) -> None:
@@ -517,8 +514,8 @@ def record_config(cfg: DictConfig, resolved: dict, parts: Parts, run_dir: Path) 
     sparsity = (f"density {parts.density} over {prunable['total']} prunable weights in "
                 f"{len(prunable['prunable'])} tensors" if method.masks is not None else "dense (no masks)")
     log.info(f"run folder {run_dir} | {cfg.method.name} on {cfg.model.name}/{cfg.dataset.name} | "
-             f"{sparsity} | {parts.epochs * method.rounds} epochs x "
-             f"{parts.steps_per_epoch} steps | {parts.device}" + (f" x {dist.world} processes" if dist.enabled else "")
+             f"{sparsity} | {parts.trainer.epochs} epochs x {parts.trainer.max_steps} steps | {parts.device}"
+             + (f" x {dist.world} processes" if dist.enabled else "")
              + f" | {torch.get_num_threads()} threads")
     return prov
 
