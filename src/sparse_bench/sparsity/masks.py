@@ -362,10 +362,19 @@ class MaskSet:
 
     @torch.no_grad()
     def replace_(self, drop: Sequence[torch.Tensor], grow: Sequence[torch.Tensor],
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Per layer, deactivate the flat positions `drop[i]` (active) and activate `grow[i]`
-        (inactive, distinct): grown weights start at exactly 0 with zeroed optimizer state."""
+                 optimizer: torch.optim.Optimizer | None = None, reset: Sequence[str] = ("grown",)) -> None:
+        """Per layer, deactivate the flat positions `drop[i]` and activate `grow[i]` (distinct; a
+        position in both ends active): both end at exactly 0, and the optimizer state (momentum,
+        Adam moments) is zeroed at the position sets `reset` names ("grown", "dropped"). The one
+        way the drop-and-grow methods change masks (``methods.drop_grow``).
+
+        A sparse layer (no dense view open) drops its entries' state with them and starts grown
+        entries' state at 0, so it takes ``"grown"`` in `reset`: a method that keeps the state of
+        grown weights works on dense views."""
         optimizer = optimizer if optimizer is not None else self.optimizer
+        unknown = set(reset) - {"grown", "dropped"}
+        if unknown:
+            raise ValueError(f"replace_: reset names {sorted(unknown)}; choose from 'grown', 'dropped'")
         for i, (d, g) in enumerate(zip(drop, grow)):
             layer = self.layers[i]
             if layer is None or self._view is not None:
@@ -376,11 +385,15 @@ class MaskSet:
                 p.data.view(-1)[g] = 0.0
                 p.data.view(-1)[d] = 0.0
                 self.masks[i] = nm
-                if optimizer is not None:
+                if optimizer is not None and reset:
                     for value in optimizer.state.get(p, {}).values():
                         if torch.is_tensor(value) and value.shape == p.shape:
-                            value.view(-1)[g] = 0
+                            for where in ([g] if "grown" in reset else []) + ([d] if "dropped" in reset else []):
+                                value.view(-1)[where] = 0
                 continue
+            if "grown" not in reset:
+                raise ValueError(f"{self.names[i]} is a sparse layer: its grown entries' optimizer state starts at 0; "
+                                 f"open a dense view to keep it")
             t0 = time.perf_counter()
             act = layer.active_linear()
             keep = torch.ones(act.numel(), dtype=torch.bool, device=act.device)

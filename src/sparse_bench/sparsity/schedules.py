@@ -36,8 +36,24 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..errors import ConfigError
 
-DECAYS = ("cosine", "linear", "constant")
 MILESTONE_UNITS = ("fraction", "epoch", "step")
+
+
+def _cosine(start: float, end: float, frac: float) -> float:
+    return end + (start - end) * (1.0 + math.cos(math.pi * frac)) / 2.0
+
+
+def _linear(start: float, end: float, frac: float) -> float:
+    return start + (end - start) * frac
+
+
+def _constant(start: float, end: float, frac: float) -> float:
+    return start
+
+
+#: decay name -> value at the fraction `frac` (0..1) of the way from `start` to `end`; the methods'
+#: schemas offer these names (``method.decay``)
+DECAYS = {"cosine": _cosine, "linear": _linear, "constant": _constant}
 
 
 def decay(kind: str, start: float, end: float, t: int, total: int) -> float:
@@ -46,14 +62,11 @@ def decay(kind: str, start: float, end: float, t: int, total: int) -> float:
     cosine: end + (start - end) * (1 + cos(pi * t / total)) / 2 (the reference's
     CosineAnnealingLR over mini-batches); linear: straight line; constant: `start`.
     """
-    if kind == "constant" or total <= 0:
+    if kind not in DECAYS:
+        raise ValueError(f"unknown decay '{kind}'; choose one of {tuple(DECAYS)}")
+    if total <= 0:
         return start
-    frac = min(max(t / total, 0.0), 1.0)
-    if kind == "cosine":
-        return end + (start - end) * (1.0 + math.cos(math.pi * frac)) / 2.0
-    if kind == "linear":
-        return start + (end - start) * frac
-    raise ValueError(f"unknown decay '{kind}'; choose one of {DECAYS}")
+    return DECAYS[kind](start, end, min(max(t / total, 0.0), 1.0))
 
 
 # --- milestones ------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from ...errors import ConfigError
 from ...plugins import target_of
 from ..flops import DENSE_STEP, SPARSE_STEP, Extra, Passes
 from ..masks import MaskSet
-from ..ops import random_inactive
 from ..schedules import Timeline, UpdateCadence
 
 #: method name -> class: every ``@register``-ed method (the registry ``sparse_bench.schema`` checks by)
@@ -179,42 +178,6 @@ class Method:
         if "momentum_buffer" in state and state["momentum_buffer"] is not None:
             return state["momentum_buffer"]
         return None
-
-    @torch.no_grad()
-    def commit_masks(self, new: list[torch.Tensor], grown: list[torch.Tensor]) -> None:
-        """Install `new` masks: grown weights start at exactly 0 with zeroed optimizer state."""
-        for i, (p, g) in enumerate(zip(self.masks.params, grown)):
-            self.masks.masks[i] = new[i]
-            p.data.masked_fill_(g, 0.0)
-        self.masks.apply_()
-        self.reset_optimizer_state(grown)
-
-    @torch.no_grad()
-    def grow_random(self, after: list[torch.Tensor], counts: list[int],
-                    exclude: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Grow `counts[l]` random inactive positions per layer on top of `after`, commit them
-        (at 0, optimizer state zeroed) and return the grown positions.
-
-        `exclude` (e.g. the weights just pruned) marks positions that may not be drawn; a layer
-        with fewer eligible positions than asked grows all of them.
-        """
-        blocked = after if exclude is None else [a | x for a, x in zip(after, exclude)]
-        grown = [random_inactive(b, min(k, int(b.numel() - b.sum())), self.ctx.generator)
-                 for b, k in zip(blocked, counts)]
-        self.commit_masks([a | g for a, g in zip(after, grown)], grown)
-        return grown
-
-    @torch.no_grad()
-    def grow_random_global(self, after: list[torch.Tensor], k: int,
-                           exclude: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Grow `k` positions drawn uniformly among the eligible inactive positions of all layers
-        at once (GSE's global random growth), commit and return them."""
-        blocked = after if exclude is None else [a | x for a, x in zip(after, exclude)]
-        flat = torch.cat([b.flatten() for b in blocked])
-        pick = random_inactive(flat, min(k, int(flat.numel() - flat.sum())), self.ctx.generator)
-        grown = [g.view_as(a) for g, a in zip(torch.split(pick, [a.numel() for a in after]), after)]
-        self.commit_masks([a | g for a, g in zip(after, grown)], grown)
-        return grown
 
     @torch.no_grad()
     def reset_optimizer_state(self, positions: list[torch.Tensor]) -> None:

@@ -54,9 +54,9 @@ import torch
 
 from ... import schema as S
 from ..distributions import allocate
-from ..ops import guard_layers, mask_change_logs
-from .base import Method, ScheduledUpdates, cadence_from, register
-from .dense import RandomInitMixin
+from ..ops import guard_layers
+from .base import cadence_from, register
+from .drop_grow import DropAndGrow, Update, largest, random_scores
 from .schemas import Milestone, fraction, init, interval, milestone, reinit
 
 #: DSR's reallocation periods: the reference's WRN schedule (TimDettmers/sparse_learning,
@@ -83,10 +83,12 @@ class DSRSchema:
 
 
 @register("dsr", schema=DSRSchema)
-class DSR(ScheduledUpdates, RandomInitMixin, Method):
+class DSR(DropAndGrow):
     """Global adaptive magnitude threshold; regrowth shared by the layers' surviving counts."""
 
     sparse_execution = True  # updates read |w| and the mask through dense views
+    regrown = "restart"
+    reset = ("grown",)
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -133,53 +135,45 @@ class DSR(ScheduledUpdates, RandomInitMixin, Method):
             open_ = [i for i in open_ if i not in over]
         return allocate(targets, free, total)
 
-    @torch.no_grad()
-    def update(self, step: int) -> dict:
-        masks = self.masks
-        old = [m.clone() for m in masks.masks]
-        weights = [p.data for p in masks.params]
-        nnz = masks.nnz()
-        h = self.threshold
+    def rate(self, step: int) -> float:
+        """DSR prunes by a threshold, not a fraction: the threshold H in force."""
+        return self.threshold
 
-        # 1. prune every active weight under the global threshold
-        guarded = guard_layers([w.abs() for w in weights], old, masks.floor)  # a layer's largest stays
-        pruned = [m & (w < h) for w, m in zip(guarded, old)]
-        after = [m & ~d for m, d in zip(old, pruned)]
-        removed = [int(c) for c in torch.stack([d.sum() for d in pruned]).cpu().tolist()]
+    def drop(self, u: Update) -> list[torch.Tensor]:
+        """1. every active weight under the global threshold goes (a layer's largest stays)."""
+        guarded = guard_layers(self.drop_scores(u), u.old, self.masks.floor)
+        return [m & (w < u.rate) for w, m in zip(guarded, u.old)]
+
+    def grow(self, u: Update) -> list[torch.Tensor]:
+        """2. regrow exactly as many as were pruned, shared by the surviving counts, at random
+        positions (a layer cannot regrow into the slots it has just freed, unless nothing else is)."""
+        removed = [int(c) for c in torch.stack([d.sum() for d in u.dropped]).cpu().tolist()]
         k_total = sum(removed)
-        surviving = [k - r for k, r in zip(nnz, removed)]
-        free = [n - s for n, s in zip(masks.numels, surviving)]
-
-        # 2. regrow exactly k_total, shared by the surviving counts, at random positions, at 0
-        # (a layer cannot regrow into the slots it has just freed, unless nothing else is free)
+        surviving = [k - r for k, r in zip(u.nnz, removed)]
+        free = [n - s for n, s in zip(self.masks.numels, surviving)]
         exclude = self.exclude_pruned and sum(free) - k_total >= k_total
         if exclude:
             free = [f - r for f, r in zip(free, removed)]
         regrow = self.regrowth_counts(surviving, free, k_total)
-        grown = self.grow_random(after, regrow, exclude=pruned if exclude else None)
+        u.extra.update(removed=removed, surviving=surviving, regrow=regrow, k_total=k_total)
+        scores = random_scores(u.old, "layer", self.ctx.generator)
+        return largest(scores, u.old if exclude else u.after, regrow)
 
-        # 3. adapt the threshold for the next update
-        target = float(self.np_count) if self.np_count is not None else self.np_target * sum(nnz)
-        self.threshold = self.adjust_threshold(h, k_total, target, self.delta)
+    def finish(self, u: Update) -> None:
+        """3. adapt the threshold for the next update."""
+        target = float(self.np_count) if self.np_count is not None else self.np_target * sum(u.nnz)
+        u.extra["target"] = target
+        self.threshold = self.adjust_threshold(u.rate, u.extra["k_total"], target, self.delta)
 
-        self.last_update = {
-            "step": step,
-            "threshold_used": h,
-            "threshold_next": self.threshold,
-            "removed": removed,
-            "surviving": surviving,
-            "regrow": regrow,
-            "old_masks": old,
-            "pruned": pruned,
-            "grown": grown,
-        }
-        logs = {
-            "dsr/threshold": self.threshold,
-            "dsr/pruned": k_total,
-            "dsr/np_target": target,
-            **mask_change_logs(masks.names, old, masks.masks),
-        }
-        for name, g in zip(masks.names, regrow):
+    def record(self, u: Update) -> dict:
+        x = u.extra
+        return {"step": u.step, "threshold_used": u.rate, "threshold_next": self.threshold, "removed": x["removed"],
+                "surviving": x["surviving"], "regrow": x["regrow"], "old_masks": u.old, "pruned": u.dropped,
+                "grown": u.grown}
+
+    def method_logs(self, u: Update) -> dict:
+        logs = {"dsr/threshold": self.threshold, "dsr/pruned": u.extra["k_total"], "dsr/np_target": u.extra["target"]}
+        for name, g in zip(self.masks.names, u.extra["regrow"]):
             logs[f"dsr/regrow/{name}"] = g
         return logs
 

@@ -82,12 +82,12 @@ from ..candidate_grad import (
     weight_matrix_shape,
 )
 from ..flops import SPARSE, Extra
-from ..ops import count_change_logs, floored, guard_layers
+from ..ops import count_change_logs, floored
 from ..reinit import REINITS
 from ..schedules import decay
 from ..statistics import quiet_pass
-from .base import Method, ScheduledUpdates, cadence_from, register
-from .dense import RandomInitMixin
+from .base import cadence_from, register
+from .drop_grow import DropAndGrow, largest, smallest, to_indices
 from .schemas import Milestone, init, interval, milestone, scope
 
 
@@ -144,13 +144,15 @@ class GSESchema:
 
 
 @register("gse", schema=GSESchema)
-class GSE(ScheduledUpdates, RandomInitMixin, Method):
+class GSE(DropAndGrow):
     """Guided stochastic exploration: grow the sampled candidates of largest |gradient|."""
 
     # updates use index-level MaskSet calls only: no dense weight, gradient, momentum or mask of
     # a sparse layer is ever formed
     sparse_execution = True
     needs_dense_views = False
+    regrown = "restart"  # never happens: candidates are inactive, drops active
+    reset = ("grown",)
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -194,6 +196,8 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
     def alpha_at(self, step: int) -> float:
         """alpha (1 + cos(pi t / T_end)): 2 alpha at t = 0, 0 from T_end on."""
         return decay("cosine", 2.0 * self.alpha, 0.0, step, self.t_end)
+
+    rate = alpha_at
 
     # --- the statistics pass ------------------------------------------------------------------
     def _layer_calls(self, x, y, seed: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -328,37 +332,21 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         ]
         sizes = [c[0].numel() for c in cands]
 
-        # choose the k candidates to grow and the k active weights to prune
-        grow_idx: list[torch.Tensor] = []
-        prune_idx: list[torch.Tensor] = []
+        # choose the k candidates to grow and the k active weights to prune (exact selections over
+        # the candidates' and the active weights' vectors; all commits go through commit_indices)
         active_idx = [masks.active_indices(i) for i in range(len(masks))]
         active_mag = [masks.active_values(i).abs() for i in range(len(masks))]
         if self.scope == "layer":
-            ks = floored([min(math.ceil(alpha * a), s) for a, s in zip(nnz, sizes)], nnz, masks.floor)
-            for k, sc, a_mag, a_idx, (o, j), mod in zip(ks, scores_abs, active_mag, active_idx, cands, self.modules):
-                fan_in = weight_matrix_shape(mod)[1]
-                top = torch.topk(sc, k, largest=True, sorted=False).indices
-                grow_idx.append(o[top] * fan_in + j[top])
-                low = torch.topk(a_mag, k, largest=False, sorted=False).indices
-                prune_idx.append(a_idx[low])
-            k_total = sum(ks)
+            budget = floored([min(math.ceil(alpha * a), s) for a, s in zip(nnz, sizes)], nnz, masks.floor)
+            k_total = sum(budget)
         else:
-            k_total = min(math.ceil(alpha * sum(nnz)), sum(sizes))
-            flat_sc = torch.cat([s.to(self.ctx.device) for s in scores_abs]) if sizes else torch.zeros(0)
-            guarded = guard_layers(active_mag, None, masks.floor)
-            flat_mag = torch.cat([a.to(flat_sc.dtype).to(self.ctx.device) for a in guarded])
-            top = torch.topk(flat_sc, k_total, largest=True, sorted=False).indices
-            low = torch.topk(flat_mag, k_total, largest=False, sorted=False).indices
-            c_off = _offsets(sizes)
-            a_off = _offsets([a.numel() for a in active_idx])
-            for i, ((o, j), mod, a_idx) in enumerate(zip(cands, self.modules, active_idx)):
-                fan_in = weight_matrix_shape(mod)[1]
-                sel = top[(top >= c_off[i]) & (top < c_off[i + 1])] - c_off[i]
-                grow_idx.append(o[sel.to(o.device)] * fan_in + j[sel.to(o.device)])
-                dsel = low[(low >= a_off[i]) & (low < a_off[i + 1])] - a_off[i]
-                prune_idx.append(a_idx[dsel.to(a_idx.device)])
-
-        masks.replace_(prune_idx, grow_idx, self.ctx.optimizer)  # grown at 0 with zeroed optimizer state
+            budget = k_total = min(math.ceil(alpha * sum(nnz)), sum(sizes))
+        top = to_indices(largest(scores_abs, None, budget))
+        low = to_indices(smallest(active_mag, None, budget, masks.floor))
+        fan_ins = [weight_matrix_shape(mod)[1] for mod in self.modules]
+        grow_idx = [o[t.to(o.device)] * f + j[t.to(o.device)] for (o, j), t, f in zip(cands, top, fan_ins)]
+        prune_idx = [a[d.to(a.device)] for a, d in zip(active_idx, low)]
+        self.commit_indices(prune_idx, grow_idx)  # grown at 0 with zeroed optimizer state
 
         n_cand = sum(sizes)
         # what this update computed beyond the training step, for sparsity/flops.py: `runs`
@@ -393,9 +381,3 @@ class GSE(ScheduledUpdates, RandomInitMixin, Method):
         cost, self._last_cost = self._last_cost, []
         return cost
 
-
-def _offsets(sizes: list[int]) -> list[int]:
-    out = [0]
-    for s in sizes:
-        out.append(out[-1] + s)
-    return out

@@ -69,7 +69,6 @@ the RigL reference). The statistics pass runs in train mode with buffers restore
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -78,11 +77,10 @@ import torch
 from ... import schema as S
 from ...errors import ConfigError
 from ..flops import DENSE_GRADIENT_STEP, SPARSE_STEP
-from ..ops import guard_layers, largest_inactive, mask_change_logs, smallest_active
 from ..schedules import DECAYS, decay
 from ..statistics import dense_gradients, quiet_pass
-from .base import Method, cadence_from, register
-from .dense import RandomInitMixin
+from .base import cadence_from, register
+from .drop_grow import DropAndGrow, Update
 from .schemas import Milestone, init, milestone, reinit, scope
 
 
@@ -107,8 +105,10 @@ class RigLSchema:
 
 
 @register("rigl", schema=RigLSchema)
-class RigL(RandomInitMixin, Method):
+class RigL(DropAndGrow):
     sparse_execution = True  # the dense gradient is formed on the step before an update only
+    regrown = "keep"  # a weight dropped and regrown at once keeps its value and momentum
+    reset = ("grown", "dropped")  # every inactive weight has zero momentum at all times
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -131,6 +131,8 @@ class RigL(RandomInitMixin, Method):
             return 0.0
         return decay(self.decay_kind, self.alpha0, 0.0, step, self.end_step)
 
+    rate = drop_fraction
+
     # --- per step ---------------------------------------------------------------------------
     def wants_dense_grad(self, step):
         # a mask update follows this optimizer step and reads its gradient (not with stat_batches)
@@ -142,20 +144,15 @@ class RigL(RandomInitMixin, Method):
             self._grow_scores = [None if g is None else g.detach().abs() for g in self.masks.dense_grads()]
         self.masks.mask_grads_()
 
-    def on_step_end(self, step):
-        if self.cadence.at_step(step):
-            return self.update(step)
-        return None
-
     def step_passes(self, step):
         """Sparse passes, but the dense weight gradient on the step whose gradient a mask update
         reads: 2 f_S + f_D there, 3 f_S elsewhere (RigL's (3 f_S dT + 2 f_S + f_D) / (dT + 1))."""
         return DENSE_GRADIENT_STEP if self.wants_dense_grad(step) else SPARSE_STEP
 
     # --- one drop / grow update -------------------------------------------------------------
-    def _growth_scores(self, step: int) -> list[torch.Tensor]:
+    def grow_scores(self, u: Update) -> list[torch.Tensor]:
         if self.stat_batches is not None:  # GSE's protocol: the gradient of separate batches
-            batches = self.ctx.batches(self.stat_batches, step) if self.ctx.batches is not None else []
+            batches = self.ctx.batches(self.stat_batches, u.step) if self.ctx.batches is not None else []
             if len(batches) == 0:
                 raise ConfigError("method.stat_batches needs training batches (ctx.batches)")
             with quiet_pass(self.ctx.model, self.ctx.device):
@@ -168,7 +165,7 @@ class RigL(RandomInitMixin, Method):
             scores = [None if p.grad is None else p.grad.detach().abs() for p in self.masks.params]
         return [torch.zeros_like(p) if s is None else s for s, p in zip(scores, self.masks.params)]
 
-    def _drop_scores(self) -> list[torch.Tensor]:
+    def drop_scores(self, u: Update) -> list[torch.Tensor]:
         scores = [p.detach().abs() for p in self.masks.params]
         if self.drop_noise > 0:
             scores = [
@@ -177,60 +174,12 @@ class RigL(RandomInitMixin, Method):
             ]
         return scores
 
-    @torch.no_grad()
-    def update(self, step: int) -> dict:
-        ms = self.masks
-        old = [m.clone() for m in ms.masks]
-        nnz = ms.nnz()
-        alpha = self.drop_fraction(step)
-        drop_scores = self._drop_scores()
-        grow_scores = self._growth_scores(step)
+    def record(self, u: Update) -> dict:
+        budget = self.drop_budget(u)
+        return {"step": u.step, "drop_fraction": u.rate, "k": budget if isinstance(budget, list) else [budget],
+                "nnz_before": u.nnz, "old_masks": u.old, "dropped": u.dropped, "grown": u.grown}
 
-        if self.scope == "layer":
-            ks = [int(math.floor(alpha * n)) for n in nnz]
-            dropped = [smallest_active(s, m, k) for s, m, k in zip(drop_scores, old, ks)]
-            kept = [m & ~d for m, d in zip(old, dropped)]
-            # exclude_pruned: growth only among positions inactive before the update (GSE)
-            blocked = old if self.exclude_pruned else kept  # kept | dropped is old
-            grown = [largest_inactive(g, m, k) for g, m, k in zip(grow_scores, blocked, ks)]
-        else:
-            numels = ms.numels
-            k_total = int(math.floor(alpha * sum(nnz)))
-            ks = [k_total]
-            flat_old = torch.cat([m.flatten() for m in old])
-            guarded = guard_layers(drop_scores, old, ms.floor)
-            flat_drop = smallest_active(torch.cat([s.flatten() for s in guarded]), flat_old, k_total)
-            flat_kept = flat_old & ~flat_drop
-            flat_blocked = flat_old if self.exclude_pruned else flat_kept
-            flat_grow = largest_inactive(torch.cat([g.flatten() for g in grow_scores]), flat_blocked, k_total)
-            dropped = [d.view_as(m) for d, m in zip(torch.split(flat_drop, numels), old)]
-            kept = [k.view_as(m) for k, m in zip(torch.split(flat_kept, numels), old)]
-            grown = [g.view_as(m) for g, m in zip(torch.split(flat_grow, numels), old)]
-
-        new = [k | g for k, g in zip(kept, grown)]
-        born = [g & ~o for g, o in zip(grown, old)]  # new connections: start at 0, momentum 0
-        left = [o & ~n for o, n in zip(old, new)]  # leave the mask: weight 0, momentum 0
-        for i, m in enumerate(new):
-            ms.masks[i] = m
-        for p, b in zip(ms.params, born):
-            p.data.masked_fill_(b, 0.0)  # grow_init: zeros (they are 0 already while inactive)
-        ms.apply_()
-        self.reset_optimizer_state([b | lf for b, lf in zip(born, left)])
-
-        regrown = int(sum(torch.count_nonzero(d & g) for d, g in zip(dropped, grown)))
-        self.last_update = {
-            "step": step,
-            "drop_fraction": alpha,
-            "k": ks,
-            "nnz_before": nnz,
-            "old_masks": old,
-            "dropped": dropped,
-            "grown": grown,
-        }
-        logs = {
-            "rigl/drop_fraction": alpha,
-            "rigl/dropped": sum(ks),
-            "rigl/regrown_same": regrown,
-            **mask_change_logs(ms.names, old, new),
-        }
-        return logs
+    def method_logs(self, u: Update) -> dict:
+        budget = self.drop_budget(u)
+        return {"rigl/drop_fraction": u.rate, "rigl/dropped": sum(budget) if isinstance(budget, list) else budget,
+                "rigl/regrown_same": int(sum(torch.count_nonzero(d & g) for d, g in zip(u.dropped, u.grown)))}

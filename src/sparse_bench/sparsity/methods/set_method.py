@@ -51,7 +51,6 @@ and the new one is a fresh connection.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -60,10 +59,10 @@ import torch
 from ... import schema as S
 from ...errors import ConfigError
 from ..distributions import allocate
-from ..ops import guard_layers, mask_change_logs, smallest_active
+from ..ops import smallest_active
 from ..schedules import DECAYS, decay
-from .base import Method, ScheduledUpdates, cadence_from, register
-from .dense import RandomInitMixin
+from .base import cadence_from, register
+from .drop_grow import DropAndGrow, Update, random_scores
 from .schemas import Milestone, fraction, init, interval, milestone, reinit, scope
 
 
@@ -84,6 +83,13 @@ def prune_by_sign(w: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
     return smallest_active(w, pos, k_pos) | smallest_active(-w, neg, k_neg)
 
 
+#: ``method.prune``: how a layer picks its k weights to remove (weights, mask, k) -> bool tensor
+PRUNES = {
+    "magnitude": lambda w, m, k: smallest_active(w.abs(), m, k),  # the RigL / sparse momentum baseline
+    "set": prune_by_sign,  # the SET paper's rule
+}
+
+
 @dataclass
 class SETSchema:
     """The options of ``method=set`` (``conf/method/set.yaml`` holds the same values)."""
@@ -96,16 +102,18 @@ class SETSchema:
     decay: str = S.choice("constant", DECAYS)
     update_every: Any = interval("epoch")
     end: Optional[Milestone] = milestone()
-    prune: str = S.choice("magnitude", ("magnitude", "set"))
+    prune: str = S.choice("magnitude", PRUNES)
     scope: str = scope("layer")
     exclude_pruned: bool = False
 
 
 @register("set", schema=SETSchema)
-class SET(ScheduledUpdates, RandomInitMixin, Method):
+class SET(DropAndGrow):
     """Prune the smallest-magnitude fraction per layer, regrow as many at random (at zero)."""
 
     sparse_execution = True  # updates read |w| and the mask through dense views
+    regrown = "restart"  # a removed weight drawn again is a new connection
+    reset = ("grown",)
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -124,46 +132,24 @@ class SET(ScheduledUpdates, RandomInitMixin, Method):
         """zeta at `step`: decayed over the updates' span, from step 0 to ``end``."""
         return decay(self.decay_kind, self.p0, self.p_min, step, self.cadence.end)
 
-    @torch.no_grad()
-    def update(self, step: int) -> dict:
-        """One SET update: remove k_l smallest, add k_l random new connections at 0, per layer."""
-        masks = self.masks
-        old = [m.clone() for m in masks.masks]
-        weights = [p.data for p in masks.params]
-        nnz = masks.nnz()
-        zeta = self.prune_rate(step)
-        exclude = None
-        if self.scope == "global":
-            k_total = min(int(math.floor(zeta * sum(nnz))), sum(nnz))
-            flat_old = torch.cat([m.flatten() for m in old])
-            guarded = guard_layers([w.abs() for w in weights], old, masks.floor)
-            dead = smallest_active(torch.cat([w.flatten() for w in guarded]), flat_old, k_total)
-            pruned = [d.view_as(m) for d, m in zip(torch.split(dead, masks.numels), old)]
-            after = [m & ~d for m, d in zip(old, pruned)]
-            exclude = pruned if self.exclude_pruned else None
-            grown = self.grow_random_global(after, k_total, exclude=exclude)
-            counts = [int(d.sum()) for d in pruned]
-        else:
-            counts = [min(int(math.floor(zeta * k)), k) for k in nnz]
-            if self.prune_mode == "magnitude":
-                pruned = [smallest_active(w.abs(), m, k) for w, m, k in zip(weights, old, counts)]
-            else:
-                pruned = [prune_by_sign(w, m, k) for w, m, k in zip(weights, old, counts)]
-            after = [m & ~d for m, d in zip(old, pruned)]
-            exclude = pruned if self.exclude_pruned else None
-            grown = self.grow_random(after, counts, exclude=exclude)
+    rate = prune_rate
 
-        self.last_update = {
-            "step": step,
-            "prune_rate": zeta,
-            "counts": counts,
-            "old_masks": old,
-            "pruned": pruned,
-            "grown": grown,
-        }
-        logs = {"set/prune_rate": zeta, "set/rewired": sum(counts),
-                **mask_change_logs(masks.names, old, masks.masks)}
-        return logs
+    def drop(self, u: Update) -> list[torch.Tensor]:
+        if self.prune_mode == "magnitude":
+            return super().drop(u)
+        rule = PRUNES[self.prune_mode]
+        return [rule(p.data, m, k) for p, m, k in zip(self.masks.params, u.old, self.drop_budget(u))]
+
+    def grow_scores(self, u: Update) -> list[torch.Tensor]:
+        return random_scores(u.old, self.scope, self.ctx.generator)
+
+    def record(self, u: Update) -> dict:
+        counts = [int(c) for c in torch.stack([torch.count_nonzero(d) for d in u.dropped]).cpu().tolist()]
+        return {"step": u.step, "prune_rate": u.rate, "counts": counts, "old_masks": u.old,
+                "pruned": u.dropped, "grown": u.grown}
+
+    def method_logs(self, u: Update) -> dict:
+        return {"set/prune_rate": u.rate, "set/rewired": int(sum(torch.count_nonzero(d) for d in u.dropped))}
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)

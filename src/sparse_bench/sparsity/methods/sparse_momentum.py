@@ -41,10 +41,10 @@ import torch
 from ... import schema as S
 from ..distributions import allocate
 from ..flops import DENSE_GRADIENT_STEP, SPARSE_STEP
-from ..ops import floored, guard_layers, largest_inactive, mask_change_logs, random_inactive, smallest_active
+from ..ops import floored, largest_inactive, random_inactive, smallest_active
 from ..schedules import DECAYS, decay
-from .base import Method, ScheduledUpdates, cadence_from, register
-from .dense import RandomInitMixin
+from .base import cadence_from, register
+from .drop_grow import DropAndGrow, Update, largest, smallest
 from .schemas import Milestone, fraction, init, interval, milestone, reinit
 
 
@@ -67,6 +67,75 @@ def spread_budget(targets: list[float], caps: list[float], iterations: int = 100
     return alloc
 
 
+def _prune_magnitude(w: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
+    return smallest_active(w.abs(), m, k)
+
+
+def _prune_signs(w: torch.Tensor, m: torch.Tensor, k: int, far_negative: bool) -> torch.Tensor:
+    """ceil(k/2) of the smallest positive weights, and as many negative weights: those closest to
+    zero (SET's rule) or, `far_negative`, the most negative ones (the reference's negativity)."""
+    half = math.ceil(k / 2)
+    pos = m & (w > 0)
+    neg = m & (w < 0)
+    small_pos = smallest_active(w, pos, min(half, int(pos.sum())))
+    scores = w if far_negative else -w
+    return small_pos | smallest_active(scores, neg, min(half, int(neg.sum())))
+
+
+#: ``method.prune``: how each layer picks its k weights to remove (weights, mask, k) -> bool tensor;
+#: ``global_magnitude`` is magnitude over all layers at once
+PRUNES = {
+    "magnitude": _prune_magnitude,
+    "set": lambda w, m, k: _prune_signs(w, m, k, far_negative=False),
+    "negativity": lambda w, m, k: _prune_signs(w, m, k, far_negative=True),
+    "global_magnitude": None,
+}
+
+
+def _grow_neurons(g: torch.Tensor, m: torch.Tensor, k: int, generator) -> torch.Tensor:
+    """k positions shared by the output units in proportion to their mean |momentum|, the largest
+    |momentum| within each unit; what rounding leaves over goes to the largest anywhere."""
+    if m.dim() < 2 or k <= 0:
+        return largest_inactive(g.abs(), m, k)
+    a = g.abs()
+    rows = a.flatten(1)
+    v = rows.mean(1)
+    v = v / v.sum() if float(v.sum()) > 0 else torch.full_like(v, 1.0 / len(v))
+    free = (~m).flatten(1).sum(1)
+    per = torch.minimum(torch.floor(v * k).long(), free).tolist()
+    grown = torch.zeros_like(m)
+    gflat, mflat = grown.flatten(1), m.flatten(1)
+    for i, kk in enumerate(per):
+        if kk > 0:
+            gflat[i] = largest_inactive(rows[i], mflat[i], kk)
+    rest = k - int(grown.sum())
+    return grown | largest_inactive(a, m | grown, rest)
+
+
+#: ``method.growth``: how each layer picks its regrowth (signal, mask after pruning, k, generator) ->
+#: bool tensor; ``global_momentum`` is momentum over all layers at once
+GROWTHS = {
+    "momentum": lambda g, m, k, gen: largest_inactive(g.abs(), m, k),
+    "random": lambda g, m, k, gen: random_inactive(m, k, gen),
+    "momentum_neuron": _grow_neurons,
+    "global_momentum": None,
+}
+
+
+def _mean_active(values: torch.Tensor, m: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
+    return torch.where(m, values.abs(), 0).sum() / max(k, 1)
+
+
+#: ``method.redistribution``: a layer's raw share (mask, weights, growth signal, active count,
+#: nonzero threshold) -> 0-d tensor; ``none`` shares nothing (each layer regrows what it lost)
+REDISTRIBUTIONS = {
+    "momentum": lambda m, w, g, k, thr: _mean_active(g, m, k, thr),
+    "magnitude": lambda m, w, g, k, thr: _mean_active(w, m, k, thr),
+    "nonzero": lambda m, w, g, k, thr: torch.count_nonzero(w.abs() > thr).to(w.dtype),
+    "none": None,
+}
+
+
 @dataclass
 class SparseMomentumSchema:
     """The options of ``method=sparse_momentum`` (``conf/method/sparse_momentum.yaml`` holds the same values)."""
@@ -79,20 +148,22 @@ class SparseMomentumSchema:
     decay: str = S.choice("cosine", DECAYS)
     update_every: Any = interval("epoch")
     end: Optional[Milestone] = milestone()
-    prune: str = S.choice("magnitude", ("magnitude", "set", "negativity", "global_magnitude"))
-    growth: str = S.choice("momentum", ("momentum", "random", "momentum_neuron", "global_momentum"))
-    redistribution: str = S.choice("momentum", ("momentum", "magnitude", "nonzero", "none"))
+    prune: str = S.choice("magnitude", PRUNES)
+    growth: str = S.choice("momentum", GROWTHS)
+    redistribution: str = S.choice("momentum", REDISTRIBUTIONS)
     dense_guard: float = fraction(0.8, open_low=True, closed_high=True)
     regrow_cap: float = fraction(0.99, open_low=True, closed_high=True)
     nonzero_threshold: float = S.num(0.0, ge=0.0)
 
 
 @register("sparse_momentum", schema=SparseMomentumSchema)
-class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
+class SparseMomentum(DropAndGrow):
     # execution=sparse: growth by momentum reads the momentum of inactive weights, i.e. a dense
     # gradient every step; sparse layers then form it (one dense GEMM per layer per step) and the
     # engine keeps the inactive weights' momentum. Random growth needs neither.
     sparse_execution = True
+    regrown = "keep"  # a weight pruned and regrown in the same cycle keeps its value (the reference)
+    reset = ()  # inactive weights keep their momentum: it is the growth signal
 
     def wants_dense_grad(self, step):
         return self.keeps_inactive_state
@@ -121,6 +192,8 @@ class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
     def prune_rate(self, step: int) -> float:
         return decay(self.decay_kind, self.p0, self.p_min, step, self.ctx.total_steps)
 
+    rate = prune_rate
+
     def step_passes(self, step):
         """SNFS: 2 f_S + f_D every step, since growth reads the momentum of inactive weights, i.e.
         a dense weight gradient; with ``growth: random`` nothing outside the mask is read."""
@@ -134,17 +207,11 @@ class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
         return m
 
     def layer_shares(self, masks, weights, signals, nnz) -> list[float]:
-        if self.redistribution == "none":
+        share = REDISTRIBUTIONS[self.redistribution]
+        if share is None:
             raw = [1.0] * len(masks)
         else:  # one stacked tensor, one host sync for all layers
-            per = []
-            for m, w, g, k in zip(masks, weights, signals, nnz):
-                if self.redistribution == "momentum":
-                    per.append(torch.where(m, g.abs(), 0).sum() / max(k, 1))
-                elif self.redistribution == "magnitude":
-                    per.append(torch.where(m, w.abs(), 0).sum() / max(k, 1))
-                else:
-                    per.append(torch.count_nonzero(w.abs() > self.nonzero_threshold).to(w.dtype))
+            per = [share(m, w, g, k, self.nonzero_threshold) for m, w, g, k in zip(masks, weights, signals, nnz)]
             raw = [0.0 if (k == 0 and self.redistribution != "nonzero") or math.isnan(v) else v
                    for v, k in zip(torch.stack(per).double().cpu().tolist(), nnz)]
         total = sum(raw)
@@ -152,114 +219,60 @@ class SparseMomentum(ScheduledUpdates, RandomInitMixin, Method):
             return [1.0 / len(raw)] * len(raw)
         return [r / total for r in raw]
 
-    def prune_layer(self, w: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
-        if self.prune_mode == "magnitude":
-            return smallest_active(w.abs(), m, k)
-        half = math.ceil(k / 2)
-        pos = m & (w > 0)
-        neg = m & (w < 0)
-        small_pos = smallest_active(w, pos, min(half, int(pos.sum())))
-        if self.prune_mode == "set":  # SET: the negative weights closest to zero
-            far_neg = smallest_active(-w, neg, min(half, int(neg.sum())))
-        else:  # "negativity", as the reference code: the most negative weights
-            far_neg = smallest_active(w, neg, min(half, int(neg.sum())))
-        return small_pos | far_neg
-
-    def grow_layer(self, g: torch.Tensor, m: torch.Tensor, k: int) -> torch.Tensor:
-        if self.growth_mode == "random":
-            return random_inactive(m, k, self.ctx.generator)
-        if self.growth_mode == "momentum_neuron" and m.dim() >= 2 and k > 0:
-            a = g.abs()
-            rows = a.flatten(1)
-            v = rows.mean(1)
-            v = v / v.sum() if float(v.sum()) > 0 else torch.full_like(v, 1.0 / len(v))
-            free = (~m).flatten(1).sum(1)
-            per = torch.minimum(torch.floor(v * k).long(), free).tolist()
-            grown = torch.zeros_like(m)
-            gflat, mflat = grown.flatten(1), m.flatten(1)
-            for i, kk in enumerate(per):
-                if kk > 0:
-                    gflat[i] = largest_inactive(rows[i], mflat[i], kk)
-            rest = k - int(grown.sum())
-            return grown | largest_inactive(a, m | grown, rest)
-        return largest_inactive(g.abs(), m, k)
-
-    @torch.no_grad()
-    def update(self, step: int) -> dict:
+    def drop(self, u: Update) -> list[torch.Tensor]:
+        """1. each layer's rate (the dense-layer guard), then the prune rule, per layer or global."""
         masks = self.masks
-        old = [m.clone() for m in masks.masks]
         weights = [p.data for p in masks.params]
         signals = [self.growth_signal(p) for p in masks.params]
-        numels = masks.numels
-        nnz = masks.nnz()
-        n_layers = len(old)
-        p = self.prune_rate(step)
-        shares = self.layer_shares(old, weights, signals, nnz)
-
+        numels, nnz, p = masks.numels, u.nnz, u.rate
+        shares = self.layer_shares(u.old, weights, signals, nnz)
         rates = []
         for k, n, s in zip(nnz, numels, shares):
-            sparsity = (n - k) / n
             r = p
-            if k / n > self.guard_density and s > 1.0 / n_layers:
-                r = min(sparsity, p)
+            if k / n > self.guard_density and s > 1.0 / len(nnz):
+                r = min((n - k) / n, p)
             rates.append(r)
+        u.extra.update(signals=signals, shares=shares, rates=rates)
+        rule = PRUNES[self.prune_mode]
+        if rule is None:  # global magnitude
+            return smallest([w.abs() for w in weights], u.old, min(math.ceil(p * sum(nnz)), sum(nnz)), masks.floor)
+        counts = floored([math.ceil(r * k) for r, k in zip(rates, nnz)], nnz, masks.floor)
+        return [rule(w, m, c) for w, m, c in zip(weights, u.old, counts)]
 
-        # 1. prune
-        if self.prune_mode == "global_magnitude":
-            k_total = min(math.ceil(p * sum(nnz)), sum(nnz))
-            flat_w = torch.cat([w.flatten() for w in guard_layers([w.abs() for w in weights], old, masks.floor)])
-            flat_m = torch.cat([m.flatten() for m in old])
-            dead = smallest_active(flat_w, flat_m, k_total)
-            pruned = [d.view_as(m) for d, m in zip(torch.split(dead, numels), old)]
-        else:
-            counts = floored([math.ceil(r * k) for r, k in zip(rates, nnz)], nnz, masks.floor)
-            pruned = [self.prune_layer(w, m, c) for w, m, c in zip(weights, old, counts)]
-        removed = [int(c) for c in torch.stack([torch.count_nonzero(x) for x in pruned]).cpu().tolist()]
-        after_prune = [m & ~d for m, d in zip(old, pruned)]
+    def grow(self, u: Update) -> list[torch.Tensor]:
+        """2. the regrowth budget shared by the layers' shares, capped; growth per layer or global."""
+        numels, nnz, shares, signals = self.masks.numels, u.nnz, u.extra["shares"], u.extra["signals"]
+        removed = [int(c) for c in torch.stack([torch.count_nonzero(x) for x in u.dropped]).cpu().tolist()]
         total_removed = sum(removed)
         free = [n - (k - r) for n, k, r in zip(numels, nnz, removed)]
-
-        # 2. redistribute and grow
-        if self.growth_mode == "global_momentum":
-            flat_g = torch.cat([g.abs().flatten() for g in signals])
-            flat_m = torch.cat([m.flatten() for m in after_prune])
-            born = largest_inactive(flat_g, flat_m, total_removed)
-            grown = [b.view_as(m) for b, m in zip(torch.split(born, numels), old)]
-            regrow = [int(b.sum()) for b in grown]
+        u.extra.update(removed=removed, free=free)
+        rule = GROWTHS[self.growth_mode]
+        if rule is None:  # global momentum
+            grown = largest([g.abs() for g in signals], u.after, total_removed)
+            u.extra["regrow"] = [int(b.sum()) for b in grown]
+            return grown
+        if self.redistribution == "none":
+            regrow = list(removed)
         else:
-            if self.redistribution == "none":
-                regrow = list(removed)
-            else:
-                caps = [self.regrow_cap * f for f in free]
-                targets = spread_budget([s * total_removed for s in shares], caps)
-                int_caps = [int(math.floor(c)) for c in caps]
-                if sum(int_caps) < total_removed:
-                    int_caps = list(free)
-                regrow = allocate(targets, int_caps, min(total_removed, sum(int_caps)))
-            grown = [self.grow_layer(g, m, k) for g, m, k in zip(signals, after_prune, regrow)]
+            caps = [self.regrow_cap * f for f in free]
+            targets = spread_budget([s * total_removed for s in shares], caps)
+            int_caps = [int(math.floor(c)) for c in caps]
+            if sum(int_caps) < total_removed:
+                int_caps = list(free)
+            regrow = allocate(targets, int_caps, min(total_removed, sum(int_caps)))
+        u.extra["regrow"] = regrow
+        return [rule(g, m, k, self.ctx.generator) for g, m, k in zip(signals, u.after, regrow)]
 
-        new = [a | g for a, g in zip(after_prune, grown)]
-        grown_counts = torch.stack([torch.count_nonzero(n & ~o) for n, o in zip(new, old)])
-        net_grown = [int(c) for c in grown_counts.cpu().tolist()]
-        for i, m in enumerate(new):
-            masks.masks[i] = m
-        masks.apply_()
+    def record(self, u: Update) -> dict:
+        x = u.extra
+        grown_counts = torch.stack([torch.count_nonzero(n & ~o) for n, o in zip(self.masks.masks, u.old)])
+        return {"step": u.step, "prune_rate": u.rate, "layer_rates": x["rates"], "shares": x["shares"],
+                "removed": x["removed"], "regrow": x["regrow"], "free": x["free"], "nnz_before": u.nnz,
+                "old_masks": u.old, "pruned": u.dropped, "grown": u.grown,
+                "net_grown": [int(c) for c in grown_counts.cpu().tolist()]}
 
-        self.last_update = {
-            "step": step,
-            "prune_rate": p,
-            "layer_rates": rates,
-            "shares": shares,
-            "removed": removed,
-            "regrow": regrow,
-            "free": free,
-            "nnz_before": nnz,
-            "old_masks": old,
-            "pruned": pruned,
-            "grown": grown,
-            "net_grown": net_grown,
-        }
-        logs = {"sm/prune_rate": p, **mask_change_logs(masks.names, old, new)}
-        for name, s in zip(masks.names, shares):
+    def method_logs(self, u: Update) -> dict:
+        logs = {"sm/prune_rate": u.rate}
+        for name, s in zip(self.masks.names, u.extra["shares"]):
             logs[f"sm/share/{name}"] = s
         return logs
