@@ -117,14 +117,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from omegaconf import MISSING
+
 from ... import schema as S
 from .base import Method, register
 
 
 @dataclass
 class FixedDrawSchema:
-    name: str = "fixed_draw"
-    draws: int = S.count(1, ge=1, hint="e.g. method.draws=1")
+    name: str = MISSING
+    draws: int = S.count(ge=1, hint="e.g. method.draws=1")
 
 
 @register("fixed_draw", schema=FixedDrawSchema)
@@ -149,7 +151,7 @@ from sparse_bench.data.common import device_bundle
 
 @dataclass
 class BlobsSchema(S.DataSchema):
-    n: int = S.count(200, ge=10, hint="e.g. dataset.n=200")
+    n: int = S.count(ge=10, hint="e.g. dataset.n=200")
 
 
 def build_blobs(cfg, device, seed):
@@ -161,8 +163,7 @@ def build_blobs(cfg, device, seed):
                                      y[half:].to(device)), num_classes=2)
 
 
-S.register("dataset", "blobs", build_blobs,
-           S.option(BlobsSchema, "blobs", val_fraction=0.0, batch_size=20, test_batch_size=100))
+S.register("dataset", "blobs", build_blobs, BlobsSchema)
 BUILDERS = {"blobs": build_blobs}
 '''
 
@@ -186,7 +187,8 @@ def test_a_method_and_a_data_set_are_one_module_and_a_yaml_each(tmp_path):
     (site / "sparse_bench" / "data" / "blobs.py").write_text(DATA_MODULE)
     (site / "sparse_bench" / "conf" / "method" / "fixed_draw.yaml").write_text("name: fixed_draw\ndraws: 1\n")
     (site / "sparse_bench" / "conf" / "dataset" / "blobs.yaml").write_text(
-        "name: blobs\nn: 200\nval_fraction: 0.0\nbatch_size: 20\ntest_batch_size: 100\ndrop_last: false\n")
+        "name: blobs\nn: 200\nval_fraction: 0.0\nbatch_size: 20\ntest_batch_size: 100\ndrop_last: false\n"
+        "normalize: null\n")
     env = dict(os.environ, PYTHONPATH=str(site), WANDB_MODE="offline")
     common = ["dataset=blobs", "model=mlp", "model.hidden=[32]", "schedule=constant", "schedule.epochs=2",
               "logger=none", "progress=false", "density=0.25", "paths.runs=runs"]

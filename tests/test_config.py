@@ -3,12 +3,14 @@
 import pytest
 
 from sparse_bench.cli import precheck
-from sparse_bench.confdir import GROUPS, group_options
+from sparse_bench.confdir import group_options
+from sparse_bench.schema import GROUP_ROLES
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run, validate
 
 from conftest import CONF, cli_here, compose, tiered
 
+GROUPS = (*GROUP_ROLES, "experiment")
 OPTIONS = [(g, o) for g in GROUPS if g != "experiment" for o in group_options(g, CONF)]
 
 

@@ -311,11 +311,11 @@ def test_lr_milestones_the_run_never_reaches_are_warned_about():
 
     from sparse_bench.train.optim import LRSchedule
 
-    multi = OmegaConf.create({"name": "custom", "epochs": 5, "warmup_epochs": 0,
+    multi = OmegaConf.create({"name": "constant", "epochs": 5, "warmup_epochs": 0,
                               "lr": {"kind": "multistep", "milestones": [2, 80, 120]}})
     assert "never happen" in LRSchedule(multi, 0.1, 10, 5).warnings()[0]
     assert LRSchedule(multi, 0.1, 10, 200).warnings() == []
-    step = OmegaConf.create({"name": "custom", "epochs": 5, "warmup_epochs": 0,
+    step = OmegaConf.create({"name": "constant", "epochs": 5, "warmup_epochs": 0,
                              "lr": {"kind": "step", "step_size": 25000}})
     assert "never drops" in LRSchedule(step, 0.1, 540, 5).warnings()[0]
     assert LRSchedule(step, 0.1, 540, 100).warnings() == []

@@ -12,7 +12,8 @@ from sparse_bench.train.optim import LRSchedule
 
 def sched(kind, **kw):
     lr = {"kind": kind, **{k: v for k, v in kw.items() if k != "warmup_epochs"}}
-    return OmegaConf.create({"name": "custom", "epochs": 10, "warmup_epochs": kw.get("warmup_epochs", 0), "lr": lr})
+    # over the built-in constant schedule's YAML (which fills in the keys left out here)
+    return OmegaConf.create({"name": "constant", "epochs": 10, "warmup_epochs": kw.get("warmup_epochs", 0), "lr": lr})
 
 
 def test_step_every_n_iterations():

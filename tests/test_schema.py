@@ -1,15 +1,16 @@
-"""The schema as the one place values are checked: its defaults are the YAML files' values, every
+"""The schema as the one place values are checked (the YAML files the one place values are written), every
 builder checks its own group (so a direct call is refused like a run), and legal-but-pointless
 update intervals are warned about at start."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import typing
 
 import pytest
 import torch
-import yaml
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from torch import nn
 
 from sparse_bench import schema as S
@@ -25,29 +26,44 @@ GROUPS = ("method", "dataset", "model", "optimizer", "schedule", "logger")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
-def _leaves(d: dict, prefix: str = "") -> dict:
-    """Dotted keys -> values; milestones and period schedules ({unit, ...}) count as one value."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v and "unit" not in v:
-            out.update(_leaves(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
-def test_every_yaml_value_is_its_schema_default(group, option):
-    """A builder called directly (a test, a script) gets what a run of the YAML gets: every value an
-    option's YAML sets is the default of its schema, so the two cannot drift apart."""
-    given = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
+def test_every_option_yaml_alone_is_a_complete_valid_option(group, option):
+    """The YAML is where a built-in option's values live: each file alone gives every key its
+    schema declares (a key left out would be 'not set') with a value the schema accepts."""
+    given = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
     schema = S.schema_for(group, given)
-    assert schema is not None and schema is not S.Schedule, f"{group}/{option} has no schema of its own"
-    defaults = _leaves(OmegaConf.to_container(OmegaConf.structured(schema)))
-    for key, value in _leaves(given).items():
-        assert key in defaults, f"{group}/{option}.yaml sets {key}, which its schema does not know"
-        assert defaults[key] == value, (f"{group}/{option}.yaml sets {key}={value!r} but the schema's default is "
-                                        f"{defaults[key]!r}: change one of them")
+    assert schema is not None, f"{group}/{option} has no schema"
+    typed = S.check_group(group, given, schema)
+    assert typed.name == option
+
+
+def _schemas():
+    S.schema_for("method", {"name": "dense"})  # registers the method schemas
+    seen = {S.Root, S.Schedule, *S.METHODS.values()}
+    for table in S.GROUPS.values():
+        seen.update(table.values())
+    out, todo = set(), list(seen)
+    while todo:  # nested schemas too (loss, eval, lr, normalize, augment, ...)
+        cls = todo.pop()
+        if cls in out or not dataclasses.is_dataclass(cls):
+            continue
+        out.add(cls)
+        todo += [S._plain(t) for t in typing.get_type_hints(cls).values()]
+    return sorted(out, key=lambda c: f"{c.__module__}.{c.__qualname__}")
+
+
+@pytest.mark.parametrize("schema", _schemas(), ids=lambda c: c.__qualname__)
+def test_no_builtin_schema_writes_a_default(schema):
+    """One home for each value: a built-in schema declares types, ranges and roles, never a value
+    (the YAML has them); the one exception is a key whose absence is meaningful (an experiment's
+    published numbers, `paper`)."""
+    optional_keys = {(S.Root, "paper")}
+    for f in dataclasses.fields(schema):
+        if (schema, f.name) in optional_keys:
+            assert f.default is None
+            continue
+        assert f.default is MISSING and f.default_factory is dataclasses.MISSING, (
+            f"{schema.__qualname__}.{f.name} has a default; write the value in the option's YAML instead")
 
 
 def test_every_schema_has_an_implementation_and_back():
@@ -55,7 +71,6 @@ def test_every_schema_has_an_implementation_and_back():
     S.schema_for("method", {"name": "dense"})  # registers the method schemas
     assert set(S.METHODS) == set(METHODS)
     assert {p.stem for p in (CONF / "dataset").glob("*.yaml")} == set(S.DATASETS)
-    assert {p.stem for p in (CONF / "schedule").glob("*.yaml")} == set(S.SCHEDULES)
 
 
 # --- every builder checks its own group --------------------------------------------------------------
@@ -77,7 +92,9 @@ def _one_line(err) -> str:
 
 
 MODEL = nn.Linear(3, 2)
-SCHED = {"name": "custom", "epochs": 2, "lr": {"kind": "constant"}}
+# a schedule of the user's own gives every key (there is no YAML of ours to fill one in)
+SCHED = {"name": "custom", "epochs": 2, "multiplier": 1.0, "warmup_epochs": 0.0,
+         "lr": {"kind": "constant", "step_size": 0, "milestones": [], "gamma": 0.1, "min_lr": 0.0}}
 BUILDERS = {
     "method": lambda c: build_method(OmegaConf.create(c), _ctx()),
     "dataset": lambda c: build_data(OmegaConf.create(c), torch.device("cpu"), 0),
@@ -106,8 +123,8 @@ REFUSED = [
     ("optimizer", {"name": "adam", "betas": [0.9]}, "optimizer.betas=[0.9] must be two numbers"),
     ("optimizer", {"name": "sgd", "momentum": 0.0, "nesterov": True}, "optimizer.nesterov=true needs"),
     ("schedule", {**SCHED, "warmup_epochs": -1}, "schedule.warmup_epochs=-1.0 must be >= 0"),
-    ("schedule", {**SCHED, "lr": {"kind": "zigzag"}}, "schedule.lr.kind=zigzag is not one of"),
-    ("schedule", {**SCHED, "lr": {"kind": "step", "step_size": 0}}, "schedule.lr.step_size must be a positive"),
+    ("schedule", {**SCHED, "lr": {**SCHED["lr"], "kind": "zigzag"}}, "schedule.lr.kind=zigzag is not one of"),
+    ("schedule", {**SCHED, "lr": {**SCHED["lr"], "kind": "step", "step_size": 0}}, "schedule.lr.step_size must be a positive"),
 ]
 
 
@@ -143,9 +160,9 @@ def test_a_users_method_is_checked_by_its_own_schema_or_gets_the_builtin_default
     @dataclass
     class OwnSchema:
         name: str = "own"
-        init: str = S.choice("uniform", ("uniform", "er"))
+        init: str = S.choice(("uniform", "er"), default="uniform")  # a user's schema may hold defaults
         reinit: str = "none"
-        boost: float = S.num(1.0, gt=0.0)
+        boost: float = S.num(gt=0.0, default=1.0)
 
     class Own(Static):
         schema = OwnSchema

@@ -360,7 +360,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     method: Execution  # the method, its layers masked or sparse (execution=...)
     trainer: Trainer
-    rule: dict  # which parameters are prunable (``prunable`` plus the model's dense_params)
+    rule: dict  # which parameters are prunable (``prunable``)
     density: float
     state: dict | None = None  # the checkpoint to resume from (dropped once restored)
 
@@ -437,7 +437,6 @@ def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict) -> Parts:
                           f"dataset.val_fraction=0.1")
     torch.manual_seed(seed)
     rule = OmegaConf.to_container(cfg.prunable, resolve=True)
-    rule["exclude"] = list(rule.get("exclude", [])) + list(cfg.model.get("dense_params", []) or [])
     # as build_model(...).to(device); under execution=sparse a layer too big to hold densely gets no dense weight
     model = build_model_for(execution_mode(cfg), lambda: build_model(cfg.model, data.input_shape, data.num_classes),
                             device, rule)

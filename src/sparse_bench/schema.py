@@ -22,12 +22,12 @@ This module imports nothing of the methods': they register into it (:data:`METHO
 :data:`IMPLEMENTATIONS`) when ``sparse_bench.sparsity.methods`` is imported, and
 ``sparse_bench.validation``, above both, checks a whole config.
 
-Ranges are declared beside the types with :func:`num` (``num(0.1, gt=0)`` means a float default
-0.1 that must be > 0), :func:`count` (whole numbers), :func:`choice`, :func:`widths` and
-:func:`numbers`; a field's ``check`` metadata runs a function of the value for what a range cannot
-say. Every option of a group has its own schema (:func:`option`) whose defaults are the values of
-its YAML file (``tests/test_schema.py`` keeps the two equal), so a builder called directly (a test,
-a script) with a partial config gets what a run gets.
+Ranges are declared beside the types with :func:`num` (``num(gt=0)``: a float that must be > 0),
+:func:`count` (whole numbers), :func:`choice`, :func:`widths` and :func:`numbers`; a field's
+``check`` metadata runs a function of the value for what a range cannot say. A built-in schema
+declares no value: the option's YAML file is the one place its values are written, and
+:func:`check_option` fills in what a direct call leaves out from it (``confdir.option_values``), so a
+builder called directly (a test, a script) with a partial config gets what a run gets.
 
 The builders (``build_data``, ``build_model``, ``build_optimizer``, ``LRSchedule``,
 ``build_method``) check their own group with :func:`check_option`, so they too receive typed,
@@ -48,6 +48,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .confdir import option_values
 from .errors import ConfigError
 from .plugins import target_of
 from .train.logging import WANDB_MODES
@@ -75,27 +76,26 @@ GROUP_ROLES = {"model": RECIPE, "dataset": RECIPE, "method": RECIPE, "schedule":
                "logger": VOLATILE}
 
 
-def num(default=MISSING, *, gt=None, ge=None, lt=None, le=None, hint: str = "", nullable: bool = False,
-        role: str | None = None):
-    """A number field with bounds (``gt``/``ge``/``lt``/``le``) checked after the merge."""
+def num(*, gt=None, ge=None, lt=None, le=None, hint: str = "", nullable: bool = False, role: str | None = None,
+        default=MISSING):
+    """A number field with bounds (``gt``/``ge``/``lt``/``le``) checked after the merge. A built-in
+    option's value comes from its YAML file; `default` is for a user's schema that wants one."""
     return field(default=default, metadata=_meta(role, gt=gt, ge=ge, lt=lt, le=le, hint=hint, nullable=nullable))
 
 
-def count(default=MISSING, *, ge=None, gt=None, le=None, hint: str = "", nullable: bool = False,
-          role: str | None = None):
+def count(*, ge=None, gt=None, le=None, hint: str = "", nullable: bool = False, role: str | None = None,
+          default=MISSING):
     """A whole-number field with bounds."""
-    return num(default, gt=gt, ge=ge, le=le, hint=hint, nullable=nullable, role=role)
+    return num(gt=gt, ge=ge, le=le, hint=hint, nullable=nullable, role=role, default=default)
 
 
-def choice(default=MISSING, choices=(), hint: str = "", role: str | None = None):
-    """A string field that must be one of `choices`."""
+def choice(choices=(), *, hint: str = "", role: str | None = None, default=MISSING):
+    """A string field that must be one of `choices` (a tuple, or a table whose keys are the names)."""
     return field(default=default, metadata=_meta(role, choices=tuple(choices), hint=hint))
 
 
-def keyed(default=MISSING, *, role: str, factory=None, **meta):
+def keyed(*, role: str, default=MISSING, **meta):
     """A field with nothing to check but its role (and any other metadata)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata=_meta(role, **meta))
     return field(default=default, metadata=_meta(role, **meta))
 
 
@@ -104,21 +104,16 @@ def _meta(role: str | None, **meta) -> dict:
     return {**meta, "role": role} if role is not None else meta
 
 
-def widths(default=MISSING, *, hint: str = ""):
+def widths(*, hint: str = ""):
     """A list of positive whole numbers (layer widths)."""
-    return field(default_factory=(lambda: list(default)) if default is not MISSING else (lambda: MISSING),
-                 metadata={"items_gt": 0, "hint": hint})
+    return field(default=MISSING, metadata={"items_gt": 0, "hint": hint})
 
 
-def numbers(default=MISSING, *, items_gt=None, items_ge=None, items_lt=None, items_le=None, hint: str = "",
-            check=None):
-    """A list of finite numbers with bounds on every item (``default=None``: an optional list)."""
+def numbers(*, items_gt=None, items_ge=None, items_lt=None, items_le=None, hint: str = "", check=None):
+    """A list of finite numbers with bounds on every item (null allowed where the type is Optional)."""
     meta = {"items_gt": items_gt, "items_ge": items_ge, "items_lt": items_lt, "items_le": items_le, "finite": True,
             "hint": hint, "check": check}
-    if default is None:
-        return field(default=None, metadata=meta)
-    return field(default_factory=(lambda: list(default)) if default is not MISSING else (lambda: MISSING),
-                 metadata=meta)
+    return field(default=MISSING, metadata=meta)
 
 
 def _hints(schema) -> dict:
@@ -131,29 +126,6 @@ def _plain(typ):
     if getattr(typ, "__origin__", None) is typing.Union and type(None) in args:
         return next(a for a in args if a is not type(None))
     return typ
-
-
-def option(base, name: str, **defaults):
-    """The schema of the config option `name`: `base` (its types and ranges) with the defaults of
-    the option's YAML file (a dict for a nested schema, e.g. ``normalize={"mean": ..., "std": ...}``)."""
-    hints, fields = _hints(base), {f.name: f for f in dataclasses.fields(base)}
-    new = []
-    for key, value in {"name": name, **defaults}.items():
-        typ, meta = hints[key], fields[key].metadata
-        sub = _plain(typ)
-        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            f = field(default_factory=lambda sub=sub, value=value: sub(**copy.deepcopy(value)), metadata=meta)
-        elif isinstance(value, (list, dict)):
-            f = field(default_factory=lambda value=value: copy.deepcopy(value), metadata=meta)
-        else:
-            f = field(default=value, metadata=meta)
-        new.append((key, typ, f))
-    title = "_".join(part.capitalize() for part in re.split(r"[^0-9A-Za-z]+", name))
-    cls_name = f"{base.__name__.strip('_')}_{title}"
-    assert cls_name not in globals(), f"two options make the schema {cls_name}"
-    cls = dataclasses.make_dataclass(cls_name, new, bases=(base,), namespace={"__module__": __name__})
-    globals()[cls_name] = cls  # a module attribute, so typed configs pickle
-    return cls
 
 
 def _bounds_text(meta) -> str:
@@ -199,61 +171,60 @@ def _check_metric(value, key: str) -> None:
 # --- top level ----------------------------------------------------------------------------------
 @dataclass
 class Loss:
-    label_smoothing: float = num(0.0, ge=0.0, lt=1.0, hint="e.g. loss.label_smoothing=0.1")
+    label_smoothing: float = num(ge=0.0, lt=1.0, hint="e.g. loss.label_smoothing=0.1")
 
 
 @dataclass
 class Eval:
-    train_samples: int = count(10000, ge=0, hint="0 turns train_eval/* off")
-    test_every_epoch: bool = False
+    train_samples: int = count(ge=0, hint="0 turns train_eval/* off")
+    test_every_epoch: bool = MISSING
 
 
 @dataclass
 class Prunable:
-    types: List[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Conv3d"],
-                             metadata={"check": _check_module_types})
-    exclude: List[str] = field(default_factory=list)
-    include: List[str] = field(default_factory=list)
-    allow_empty: bool = False
+    types: List[str] = field(default=MISSING, metadata={"check": _check_module_types})
+    exclude: List[str] = MISSING
+    include: List[str] = MISSING
+    allow_empty: bool = MISSING
 
 
 @dataclass
 class Paths:
-    runs: str = "runs"
+    runs: str = MISSING
 
 
 @dataclass
 class Root:
     """The top-level keys (the groups are checked by their own schemas), each with its role."""
 
-    density: float = num(MISSING, gt=0.0, le=1.0, hint="pass e.g. density=0.05", role=AXIS)
-    seed: int = count(0, ge=0, hint="pass e.g. seed=0", role=AXIS)
-    device: str = keyed("auto", role=VOLATILE, check=_check_device)
-    resume: str = choice("auto", ("auto", "true", "false"), hint="auto continues an unfinished run", role=VOLATILE)
-    progress: bool = keyed(True, role=VOLATILE)
-    limit_train_batches: Optional[int] = count(None, ge=1, nullable=True, hint="null = whole epochs", role=RECIPE)
-    threads: Optional[int] = count(None, ge=1, nullable=True, hint="null = automatic", role=VOLATILE)
-    log_every: int = count(100, ge=0, hint="batches between progress lines (0 = none)", role=VOLATILE)
-    execution: str = choice("masked", ("masked", "sparse", "auto"), hint="how prunable layers run", role=DETAIL)
-    optimized_metric: Optional[str] = keyed(None, role=VOLATILE, check=_check_metric)
-    loss: Loss = keyed(role=RECIPE, factory=Loss)
-    eval: Eval = keyed(role=DETAIL, factory=Eval)
-    prunable: Prunable = keyed(role=RECIPE, factory=Prunable)
-    paths: Paths = keyed(role=VOLATILE, factory=Paths)
-    run_name: str = keyed(MISSING, role=VOLATILE)
-    sweep_name: str = keyed(MISSING, role=VOLATILE)
+    density: float = num(gt=0.0, le=1.0, hint="pass e.g. density=0.05", role=AXIS)
+    seed: int = count(ge=0, hint="pass e.g. seed=0", role=AXIS)
+    device: str = keyed(role=VOLATILE, check=_check_device)
+    resume: str = choice(("auto", "true", "false"), hint="auto continues an unfinished run", role=VOLATILE)
+    progress: bool = keyed(role=VOLATILE)
+    limit_train_batches: Optional[int] = count(ge=1, nullable=True, hint="null = whole epochs", role=RECIPE)
+    threads: Optional[int] = count(ge=1, nullable=True, hint="null = automatic", role=VOLATILE)
+    log_every: int = count(ge=0, hint="batches between progress lines (0 = none)", role=VOLATILE)
+    execution: str = choice(("masked", "sparse", "auto"), hint="how prunable layers run", role=DETAIL)
+    optimized_metric: Optional[str] = keyed(role=VOLATILE, check=_check_metric)
+    loss: Loss = keyed(role=RECIPE)
+    eval: Eval = keyed(role=DETAIL)
+    prunable: Prunable = keyed(role=RECIPE)
+    paths: Paths = keyed(role=VOLATILE)
+    run_name: str = keyed(role=VOLATILE)
+    sweep_name: str = keyed(role=VOLATILE)
     # an experiment's published numbers (read by the tables): what a run is compared with, not what it is
-    paper: Optional[Dict[str, Any]] = keyed(None, role=VOLATILE)
+    paper: Optional[Dict[str, Any]] = keyed(role=VOLATILE, default=None)  # absent unless an experiment gives it
 
 
 # --- optimizer, schedule, logger ----------------------------------------------------------------
 @dataclass
 class SGD:
-    name: str = "sgd"
-    lr: float = num(MISSING, gt=0.0, hint="pass e.g. optimizer.lr=0.1")
-    momentum: float = num(0.9, ge=0.0, lt=1.0, hint="e.g. optimizer.momentum=0.9")
-    nesterov: bool = False
-    weight_decay: float = num(0.0, ge=0.0, hint="e.g. optimizer.weight_decay=5e-4")
+    name: str = MISSING
+    lr: float = num(gt=0.0, hint="pass e.g. optimizer.lr=0.1")
+    momentum: float = num(ge=0.0, lt=1.0, hint="e.g. optimizer.momentum=0.9")
+    nesterov: bool = MISSING
+    weight_decay: float = num(ge=0.0, hint="e.g. optimizer.weight_decay=5e-4")
 
 
 def _check_pair(value, key: str) -> None:
@@ -263,53 +234,53 @@ def _check_pair(value, key: str) -> None:
 
 @dataclass
 class Adam:
-    name: str = "adam"
-    lr: float = num(MISSING, gt=0.0, hint="pass e.g. optimizer.lr=1e-3")
-    betas: List[float] = numbers([0.9, 0.999], items_ge=0.0, items_lt=1.0, hint="e.g. optimizer.betas=[0.9,0.999]",
+    name: str = MISSING
+    lr: float = num(gt=0.0, hint="pass e.g. optimizer.lr=1e-3")
+    betas: List[float] = numbers(items_ge=0.0, items_lt=1.0, hint="e.g. optimizer.betas=[0.9,0.999]",
                                  check=_check_pair)
-    weight_decay: float = num(0.0, ge=0.0, hint="e.g. optimizer.weight_decay=0")
+    weight_decay: float = num(ge=0.0, hint="e.g. optimizer.weight_decay=0")
 
 
 @dataclass
 class LR:
-    kind: str = choice(MISSING, ("step", "multistep", "cosine", "constant"))
-    step_size: int = count(0, ge=0, hint="iterations between drops for kind=step")
-    milestones: List[float] = numbers([], items_ge=0.0, hint="epochs, e.g. [80, 120]")
-    gamma: float = num(0.1, gt=0.0, hint="e.g. schedule.lr.gamma=0.1")
-    min_lr: float = num(0.0, ge=0.0)
+    kind: str = choice(("step", "multistep", "cosine", "constant"))
+    step_size: int = count(ge=0, hint="iterations between drops for kind=step")
+    milestones: List[float] = numbers(items_ge=0.0, hint="epochs, e.g. [80, 120]")
+    gamma: float = num(gt=0.0, hint="e.g. schedule.lr.gamma=0.1")
+    min_lr: float = num(ge=0.0)
 
 
 @dataclass
 class Schedule:
     name: str = MISSING
-    epochs: int = count(MISSING, ge=1, hint="pass e.g. schedule.epochs=10")
-    multiplier: float = num(1.0, gt=0.0, hint="e.g. schedule.multiplier=2")
-    warmup_epochs: float = num(0.0, ge=0.0, hint="e.g. schedule.warmup_epochs=5")
-    lr: LR = field(default_factory=LR)
+    epochs: int = count(ge=1, hint="pass e.g. schedule.epochs=10")
+    multiplier: float = num(gt=0.0, hint="e.g. schedule.multiplier=2")
+    warmup_epochs: float = num(ge=0.0, hint="e.g. schedule.warmup_epochs=5")
+    lr: LR = MISSING
 
 
 @dataclass
 class WandbLogger:
-    name: str = "wandb"
-    project: str = "sparse_bench"
-    entity: Optional[str] = None
-    mode: Optional[str] = choice(None, WANDB_MODES)
-    tags: List[str] = field(default_factory=list)
-    job_type: str = "train"
+    name: str = MISSING
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    mode: Optional[str] = choice(WANDB_MODES)
+    tags: List[str] = MISSING
+    job_type: str = MISSING
 
 
 @dataclass
 class NoLogger:
-    name: str = "none"
+    name: str = MISSING
 
 
 # --- data sets ----------------------------------------------------------------------------------
 # Each data set's schema sits beside its builder in ``sparse_bench.data`` (``DataSchema`` plus its own
-# keys, the defaults its YAML has) and registers with it: ``register("dataset", name, builder, schema)``.
+# keys; the values are in its YAML) and registers with it: ``register("dataset", name, builder, schema)``.
 @dataclass
 class Normalize:
-    mean: List[float] = numbers(MISSING)
-    std: List[float] = numbers(MISSING, items_gt=0.0, hint="standard deviations are > 0")
+    mean: List[float] = numbers()
+    std: List[float] = numbers(items_gt=0.0, hint="standard deviations are > 0")
 
 
 @dataclass
@@ -317,16 +288,11 @@ class DataSchema:
     """The keys every data set has."""
 
     name: str = MISSING
-    val_fraction: float = num(0.1, ge=0.0, lt=1.0, hint="e.g. dataset.val_fraction=0.1")
-    batch_size: int = count(MISSING, ge=1, hint="e.g. dataset.batch_size=128")
-    test_batch_size: int = count(1000, ge=1, role=DETAIL)
-    drop_last: bool = False
-    normalize: Optional[Normalize] = None
-
-
-def stats(mean, std) -> dict:
-    """A ``normalize`` default (``option(..., normalize=stats(MEAN, STD))``)."""
-    return {"mean": list(mean), "std": list(std)}
+    val_fraction: float = num(ge=0.0, lt=1.0, hint="e.g. dataset.val_fraction=0.1")
+    batch_size: int = count(ge=1, hint="e.g. dataset.batch_size=128")
+    test_batch_size: int = count(ge=1, role=DETAIL)
+    drop_last: bool = MISSING
+    normalize: Optional[Normalize] = MISSING
 
 
 #: data set name -> schema, registered beside each data set's builder when ``sparse_bench.data`` is imported
@@ -335,44 +301,28 @@ DATASETS: dict[str, Any] = {}
 
 # --- models -------------------------------------------------------------------------------------
 # Each model's schema sits beside its builder in ``sparse_bench.models`` (``ModelSchema`` plus its own
-# keys, with its YAML's defaults) and registers with it: ``register("model", name, builder, schema)``.
+# keys; the values are in its YAML) and registers with it: ``register("model", name, builder, schema)``.
 @dataclass
 class ModelSchema:
     """The keys every model has."""
 
     name: str = MISSING
-    dense_params: List[str] = field(default_factory=list)  # parameter patterns the recipe keeps dense
 
 
 @dataclass
 class WidthSchema(ModelSchema):
     """A model whose channels scale by ``width``."""
 
-    width: float = num(1.0, gt=0.0, hint="a channel multiplier, e.g. model.width=2")
+    width: float = num(gt=0.0, hint="a channel multiplier, e.g. model.width=2")
 
 
 #: model name -> schema, registered beside each model's builder when ``sparse_bench.models`` is imported
 MODELS: dict[str, Any] = {}
 
-OPTIMIZERS = {"sgd": option(SGD, "sgd", lr=0.1, nesterov=True, weight_decay=5e-4),
-              "adam": option(Adam, "adam", lr=1e-3), "adamw": option(Adam, "adamw", lr=1e-3)}
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": Adam}
 
-#: one schema per schedule file; a schedule of the user's own (another name) gets `Schedule`
-SCHEDULES = {
-    "sm_mnist": option(Schedule, "sm_mnist", epochs=100, lr={"kind": "step", "step_size": 25000}),
-    "sm_cifar": option(Schedule, "sm_cifar", epochs=250, lr={"kind": "step", "step_size": 30000}),
-    "sm_imagenet": option(Schedule, "sm_imagenet", epochs=100, lr={"kind": "multistep", "milestones": [30, 60, 90]}),
-    "wrn_cifar": option(Schedule, "wrn_cifar", epochs=200,
-                        lr={"kind": "multistep", "milestones": [60, 120, 160], "gamma": 0.2}),
-    "gse_cifar": option(Schedule, "gse_cifar", epochs=200, warmup_epochs=5,
-                        lr={"kind": "multistep", "milestones": [80, 120]}),
-    "multistep": option(Schedule, "multistep", epochs=200, lr={"kind": "multistep", "milestones": [80, 120]}),
-    "rigl_imagenet": option(Schedule, "rigl_imagenet", epochs=100,
-                            lr={"kind": "multistep", "milestones": [30, 70, 90]}),
-    "cosine": option(Schedule, "cosine", epochs=100, warmup_epochs=5, lr={"kind": "cosine"}),
-    "acdc_imagenet": option(Schedule, "acdc_imagenet", epochs=100, warmup_epochs=5, lr={"kind": "cosine"}),
-    "constant": option(Schedule, "constant", epochs=10, lr={"kind": "constant"}),
-}
+#: every schedule file, the user's own too, has the keys of `Schedule` (no table: any name is one)
+SCHEDULES: dict[str, Any] = {}
 LOGGERS = {"wandb": WandbLogger, "none": NoLogger}
 
 #: group -> {option name: schema}
@@ -543,8 +493,8 @@ def schema_for(group: str, node):
     registered = IMPLEMENTATIONS.get(group, {})
     if name not in table and name in registered:  # a user's @register-ed method without a registered schema
         return getattr(registered[name], "schema", None)
-    if group == "schedule" and name not in table and name is not None:
-        return Schedule  # a schedule file of the user's own
+    if group == "schedule" and name is not None:
+        return Schedule  # every schedule file, a user's own too, has these keys
     if name not in table:
         given = f"{group}.name={name} is not a known {group}" if name is not None else f"{group}.name is not set"
         raise ConfigError(f"{given}; choose one of: {', '.join(sorted(table))} "
@@ -564,6 +514,9 @@ def check_option(group: str, node):
     except OmegaConfBaseException as exc:  # an interpolation that does not resolve
         raise unresolved(exc, group) from None
     target = data.pop("_target_", None)
+    given = option_values(group, data.get("name")) if target is None else None
+    if given is not None:  # a built-in option: what the call leaves out is its YAML's value
+        data = OmegaConf.to_container(OmegaConf.merge(given, data))
     typed = check_group(group, data, schema)
     if target is None:
         return typed

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import io
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import MISSING
 from torch import Tensor
 
 from sparse_bench import schema as S
@@ -74,22 +75,16 @@ class CifarSpec:
     names_key: bytes
     num_classes: int
     torchvision_class: str
-    mean: tuple[float, float, float]  # normalisation statistics (per channel)
-    std: tuple[float, float, float]
 
 
-#: Statistics as in GSE's code (REFERENCE section 2); sparse momentum's code uses the same
-#: CIFAR-10 mean with std (0.2023, 0.1994, 0.2010): set dataset.normalize to reproduce it.
 CIFAR_SPECS = {
     "cifar10": CifarSpec(
         "CIFAR-10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
         b"labels", "batches.meta", b"label_names", 10, "CIFAR10",
-        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
     ),
     "cifar100": CifarSpec(
         "CIFAR-100", "cifar-100-python", ("train",), ("test",),
         b"fine_labels", "meta", b"fine_label_names", 100, "CIFAR100",
-        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
     ),
 }
 
@@ -246,10 +241,7 @@ def cifar_transforms(cfg: Any, name: str) -> tuple[CropFlip | Normalize, Normali
     ``dataset.augment`` is ``{crop, padding, pad_mode, flip}``; ``{crop: false, flip: false}``
     turns augmentation off.
     """
-    spec = CIFAR_SPECS[name]
-    stats = channel_stats(cfg, 3, (spec.mean, spec.std))
-    assert stats is not None  # the data set has its own statistics
-    mean, std = stats
+    mean, std = channel_stats(cfg, 3) or (None, None)
     eval_tf = Normalize(mean, std, scale=255.0)
     aug = cfg.augment
     train_tf = CropFlip(mean, std, pad=aug.padding if aug.crop else 0, pad_mode=aug.pad_mode, flip=aug.flip,
@@ -275,22 +267,21 @@ def build_cifar(cfg: Any, device: torch.device, seed: int) -> DataBundle:
 
 @dataclass
 class AugmentSchema:
-    crop: bool = True
-    padding: int = S.count(4, ge=0, le=31, hint="pixels of padding for the random crop, e.g. 4")
-    pad_mode: str = S.choice("zeros", ("zeros", "reflect"), hint="zeros (GSE) or reflect (sparse momentum)")
-    flip: bool = True
+    crop: bool = MISSING
+    padding: int = S.count(ge=0, le=31, hint="pixels of padding for the random crop, e.g. 4")
+    pad_mode: str = S.choice(("zeros", "reflect"), hint="zeros (GSE) or reflect (sparse momentum)")
+    flip: bool = MISSING
 
 
 @dataclass
 class CifarSchema(S.DataSchema):
     root: str = S.root()
-    download: bool = S.keyed(False, role=S.VOLATILE)
-    augment: AugmentSchema = field(default_factory=AugmentSchema)
+    download: bool = S.keyed(role=S.VOLATILE)
+    augment: AugmentSchema = MISSING
 
 
-for _name, _spec in CIFAR_SPECS.items():
-    S.register("dataset", _name, build_cifar, S.option(CifarSchema, _name, root="data", val_fraction=0.0,
-                                                         batch_size=128, normalize=S.stats(_spec.mean, _spec.std)))
+for _name in CIFAR_SPECS:
+    S.register("dataset", _name, build_cifar, CifarSchema)
 
 #: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
 BUILDERS = {"cifar10": build_cifar, "cifar100": build_cifar}

@@ -116,18 +116,16 @@ def find_or_download(find: Callable[[], Any], download: Callable[[], None], allo
     return found
 
 
-def channel_stats(cfg: Any, channels: int, default: Stats | None) -> tuple[list[float], list[float]] | None:
-    """Per-channel ``(mean, std)``, ``channels`` values each, from ``dataset.normalize``; when it is
-    null, the data set's own statistics ``default`` (``None``: no normalisation).
+def channel_stats(cfg: Any, channels: int) -> tuple[list[float], list[float]] | None:
+    """Per-channel ``(mean, std)``, ``channels`` values each, from ``dataset.normalize`` (the data
+    set's YAML gives its statistics); null: no normalisation.
 
     Raises :class:`ConfigError` when ``dataset.normalize`` gives neither 1 nor ``channels`` values,
     which only the data can tell.
     """
     norm = cfg.normalize
     if norm is None:
-        if default is None:
-            return None
-        return [float(m) for m in default[0]], [float(s) for s in default[1]]
+        return None
     mean, std = [float(v) for v in norm.mean], [float(v) for v in norm.std]
     for key, vals in (("mean", mean), ("std", std)):
         if len(vals) not in (1, channels):

@@ -21,10 +21,9 @@ from sparse_bench import schema as S
 from sparse_bench.data.common import DataBundle, channel_stats, device_bundle, normalize_
 from sparse_bench.errors import ConfigError
 
-__all__ = ["DIGITS_MEAN", "DIGITS_STD", "build_digits", "digits_arrays", "load_digits_split"]
+__all__ = ["build_digits", "digits_arrays", "load_digits_split"]
 
 #: Normalisation statistics of the images scaled to [0, 1] (one channel).
-DIGITS_MEAN, DIGITS_STD = (0.3,), (0.4,)
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +70,7 @@ def load_digits_split(cfg: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def build_digits(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     """The digits as normalised float32 ``(N, 1, 8, 8)`` on ``device``."""
     x_tr, y_tr, x_te, y_te = load_digits_split(cfg)
-    stats = channel_stats(cfg, 1, (DIGITS_MEAN, DIGITS_STD))
+    stats = channel_stats(cfg, 1)
     tensors = (normalize_(x_tr.to(device), stats), y_tr.to(device), normalize_(x_te.to(device), stats), y_te.to(device))
     return device_bundle(cfg, seed, tensors, num_classes=10)
 
@@ -79,12 +78,12 @@ def build_digits(cfg: Any, device: torch.device, seed: int) -> DataBundle:
 
 @dataclass
 class DigitsSchema(S.DataSchema):
-    test_fraction: float = S.num(0.2, gt=0.0, lt=1.0)
-    split_seed: int = S.count(0, ge=0)
+    test_fraction: float = S.num(gt=0.0, lt=1.0)
+    split_seed: int = S.count(ge=0)
 
 
 S.register("dataset", "digits", build_digits,
-           S.option(DigitsSchema, "digits", batch_size=64, normalize=S.stats(DIGITS_MEAN, DIGITS_STD)))
+           DigitsSchema)
 
 #: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
 BUILDERS = {"digits": build_digits}

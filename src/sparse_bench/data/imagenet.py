@@ -63,8 +63,6 @@ from sparse_bench.data.loader import STATS_STREAM, StatBatches, epoch_seed, mix_
 from sparse_bench.errors import ConfigError, RunFailed
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "EvalTransform",
     "ImageFolderLoader",
     "ImageList",
@@ -74,8 +72,6 @@ __all__ = [
 ]
 
 #: Normalisation statistics (per channel) when ``dataset.normalize`` is null.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Tag separating the per-sample augmentation seeds from other uses of ``mix_seed``.
 _SAMPLE_STREAM = 0x696D67
 
@@ -188,6 +184,13 @@ def _load_rgb(path: str):
                               f"replace it with a readable image, or remove it and start over (resume=false)") from None
 
 
+def _normalized(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
+    """``dataset.normalize`` applied to a [0, 1] image tensor (null: as it is)."""
+    import torchvision.transforms.functional as TF
+
+    return x if mean is None else TF.normalize(x, list(mean), list(std))
+
+
 class TrainTransform:
     """Random resized crop + horizontal flip + ToTensor + normalise, drawing from a given generator."""
 
@@ -196,14 +199,14 @@ class TrainTransform:
     def __init__(
         self,
         size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         flip: bool = True,
     ) -> None:
         self.size = int(size)
-        self.mean, self.std = list(mean), list(std)
+        self.mean, self.std = mean, std
         self.scale, self.ratio, self.flip = scale, ratio, bool(flip)
 
     def crop_params(self, height: int, width: int, u: list[float]) -> tuple[int, int, int, int]:
@@ -235,7 +238,7 @@ class TrainTransform:
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
         if self.flip and u[40] < 0.5:
             img = TF.hflip(img)
-        return TF.normalize(TF.to_tensor(img), self.mean, self.std)
+        return _normalized(TF.to_tensor(img), self.mean, self.std)
 
     def __repr__(self) -> str:
         return f"TrainTransform(size={self.size}, scale={self.scale}, flip={self.flip})"
@@ -246,15 +249,15 @@ class EvalTransform:
 
     random = False
 
-    def __init__(self, size: int, resize: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, size: int, resize: int, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
         self.size, self.resize = int(size), int(resize)
-        self.mean, self.std = list(mean), list(std)
+        self.mean, self.std = mean, std
 
     def __call__(self, img, generator: torch.Generator | None = None) -> Tensor:
         import torchvision.transforms.functional as TF
 
         img = TF.center_crop(TF.resize(img, self.resize, antialias=True), [self.size, self.size])
-        return TF.normalize(TF.to_tensor(img), self.mean, self.std)
+        return _normalized(TF.to_tensor(img), self.mean, self.std)
 
     def __repr__(self) -> str:
         return f"EvalTransform(resize={self.resize}, size={self.size})"
@@ -491,9 +494,7 @@ def build_imagenet(cfg: Any, device: torch.device, seed: int) -> DataBundle:
                           f"centre crop needs val_resize >= image_size (null: round(image_size / 0.875))")
     num_workers, persistent, prefetch = cfg.num_workers, cfg.persistent_workers, cfg.prefetch_factor
     drop_last = cfg.drop_last
-    stats = channel_stats(cfg, 3, (IMAGENET_MEAN, IMAGENET_STD))
-    assert stats is not None  # the data set has its own statistics
-    mean, std = stats
+    mean, std = channel_stats(cfg, 3) or (None, None)
 
     train_images, classes = scan_split(root / "train")
     test_images, _ = scan_split(root / "val", {c: i for i, c in enumerate(classes)})
@@ -534,17 +535,16 @@ def build_imagenet(cfg: Any, device: torch.device, seed: int) -> DataBundle:
 @dataclass
 class ImageNetSchema(S.DataSchema):
     root: str = S.root()
-    download: bool = S.keyed(False, role=S.VOLATILE)
-    image_size: int = S.count(224, ge=1)
-    val_resize: Optional[int] = S.count(None, ge=1, nullable=True)
-    num_workers: int = S.count(8, ge=0, role=S.VOLATILE)
-    persistent_workers: bool = S.keyed(True, role=S.VOLATILE)
-    prefetch_factor: Optional[int] = S.count(None, ge=1, nullable=True, role=S.VOLATILE)
+    download: bool = S.keyed(role=S.VOLATILE)
+    image_size: int = S.count(ge=1)
+    val_resize: Optional[int] = S.count(ge=1, nullable=True)
+    num_workers: int = S.count(ge=0, role=S.VOLATILE)
+    persistent_workers: bool = S.keyed(role=S.VOLATILE)
+    prefetch_factor: Optional[int] = S.count(ge=1, nullable=True, role=S.VOLATILE)
 
 
 S.register("dataset", "imagenet", build_imagenet,
-           S.option(ImageNetSchema, "imagenet", root="data/imagenet", val_fraction=0.0, batch_size=256,
-                    test_batch_size=250, normalize=S.stats(IMAGENET_MEAN, IMAGENET_STD)))
+           ImageNetSchema)
 
 #: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
 BUILDERS = {"imagenet": build_imagenet}

@@ -55,13 +55,11 @@ class IdxSpec:
     label: str  # for messages
     subdir: str  # torchvision's folder under root
     torchvision_class: str
-    mean: tuple[float]  # normalisation statistics (one channel)
-    std: tuple[float]
 
 
 IDX_SPECS = {
-    "mnist": IdxSpec("MNIST", "MNIST", "MNIST", (0.1307,), (0.3081,)),
-    "fashion_mnist": IdxSpec("Fashion-MNIST", "FashionMNIST", "FashionMNIST", (0.2860,), (0.3530,)),
+    "mnist": IdxSpec("MNIST", "MNIST", "MNIST"),
+    "fashion_mnist": IdxSpec("Fashion-MNIST", "FashionMNIST", "FashionMNIST"),
 }
 
 #: role -> accepted base names (canonical first, then the dotted variant).
@@ -208,9 +206,8 @@ def load_idx_split(cfg: Any, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]
 
 def build_mnist(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     """MNIST or Fashion-MNIST (``dataset.name``) as normalised float32 ``(N, 1, H, W)`` on ``device``."""
-    spec = IDX_SPECS[cfg.name]
     x_tr, y_tr, x_te, y_te = load_idx_split(cfg, cfg.name)
-    stats = channel_stats(cfg, 1, (spec.mean, spec.std))
+    stats = channel_stats(cfg, 1)
 
     def prep(x: Tensor) -> Tensor:
         # Move the compact uint8 data, convert on the device.
@@ -224,13 +221,11 @@ def build_mnist(cfg: Any, device: torch.device, seed: int) -> DataBundle:
 @dataclass
 class IdxSchema(S.DataSchema):
     root: str = S.root()
-    download: bool = S.keyed(False, role=S.VOLATILE)
+    download: bool = S.keyed(role=S.VOLATILE)
 
 
-for _name, _root in (("mnist", "data/mnist"), ("fashion_mnist", "/usr/share/datasets/fashion-mnist")):
-    _spec = IDX_SPECS[_name]
-    S.register("dataset", _name, build_mnist,
-               S.option(IdxSchema, _name, root=_root, batch_size=100, normalize=S.stats(_spec.mean, _spec.std)))
+for _name in IDX_SPECS:
+    S.register("dataset", _name, build_mnist, IdxSchema)
 
 #: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
 BUILDERS = {"mnist": build_mnist, "fashion_mnist": build_mnist}

@@ -52,7 +52,7 @@ def build_synthetic(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     classes, as float32 on ``device``; the first input dimension counts as the channels."""
     shape = tuple(cfg.input_shape)
     x_tr, y_tr, x_te, y_te = make_synthetic(shape, cfg.num_classes, cfg.n_train, cfg.n_test, cfg.data_seed, cfg.noise)
-    stats = channel_stats(cfg, shape[0], None)
+    stats = channel_stats(cfg, shape[0])
     tensors = (normalize_(x_tr.to(device), stats), y_tr.to(device), normalize_(x_te.to(device), stats), y_te.to(device))
     return device_bundle(cfg, seed, tensors, num_classes=cfg.num_classes)
 
@@ -60,15 +60,15 @@ def build_synthetic(cfg: Any, device: torch.device, seed: int) -> DataBundle:
 
 @dataclass
 class SyntheticSchema(S.DataSchema):
-    input_shape: List[int] = S.widths([1, 28, 28], hint="e.g. [1,28,28] or [3,32,32]")
-    num_classes: int = S.count(10, ge=2)
-    n_train: int = S.count(2000, ge=1)
-    n_test: int = S.count(500, ge=1)
-    data_seed: int = S.count(0, ge=0)
-    noise: float = S.num(1.0, ge=0.0)
+    input_shape: List[int] = S.widths(hint="e.g. [1,28,28] or [3,32,32]")
+    num_classes: int = S.count(ge=2)
+    n_train: int = S.count(ge=1)
+    n_test: int = S.count(ge=1)
+    data_seed: int = S.count(ge=0)
+    noise: float = S.num(ge=0.0)
 
 
-S.register("dataset", "synthetic", build_synthetic, S.option(SyntheticSchema, "synthetic", batch_size=100))
+S.register("dataset", "synthetic", build_synthetic, SyntheticSchema)
 
 #: the data sets this module builds, by ``dataset.name`` (merged into :data:`sparse_bench.data.registry.BUILDERS`)
 BUILDERS = {"synthetic": build_synthetic}

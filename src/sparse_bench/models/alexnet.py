@@ -79,4 +79,4 @@ MODELS = {
 }
 
 for _name in MODELS:
-    S.register("model", _name, MODELS[_name], S.option(S.ModelSchema, _name))
+    S.register("model", _name, MODELS[_name], S.ModelSchema)

@@ -83,14 +83,14 @@ MODELS = {
 
 @dataclass
 class LeNet300Schema(S.ModelSchema):
-    in_features: int = S.count(784, ge=1)
+    in_features: int = S.count(ge=1)
 
 
 @dataclass
 class MLPSchema(S.ModelSchema):
-    hidden: List[int] = S.widths([128, 64], hint="positive widths, e.g. model.hidden=[300,100]")
-    dropout: float = S.num(0.0, ge=0.0, lt=1.0, hint="e.g. model.dropout=0.1")
+    hidden: List[int] = S.widths(hint="positive widths, e.g. model.hidden=[300,100]")
+    dropout: float = S.num(ge=0.0, lt=1.0, hint="e.g. model.dropout=0.1")
 
 
 for _name, _schema in (("lenet300_100", LeNet300Schema), ("lenet5_caffe", S.ModelSchema), ("mlp", MLPSchema)):
-    S.register("model", _name, MODELS[_name], S.option(_schema, _name))
+    S.register("model", _name, MODELS[_name], _schema)

@@ -112,8 +112,8 @@ MODELS = {
 
 @dataclass
 class ResNetCifarSchema(S.WidthSchema):
-    depth: int = S.count(20, ge=8, hint="6n + 2: 20, 32, 44, 56, 110")
+    depth: int = S.count(ge=8, hint="6n + 2: 20, 32, 44, 56, 110")
 
 
-S.register("model", "resnet_cifar", _generic, S.option(ResNetCifarSchema, "resnet_cifar"))
-S.register("model", "resnet56", _resnet56, S.option(S.WidthSchema, "resnet56"))
+S.register("model", "resnet_cifar", _generic, ResNetCifarSchema)
+S.register("model", "resnet56", _resnet56, S.WidthSchema)

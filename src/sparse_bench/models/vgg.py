@@ -133,9 +133,8 @@ MODELS = {
 
 @dataclass
 class VGGSmallSchema(S.WidthSchema):
-    dropout: float = S.num(0.5, ge=0.0, lt=1.0)
+    dropout: float = S.num(ge=0.0, lt=1.0)
 
 
 for _name in MODELS:
-    S.register("model", _name, MODELS[_name], S.option(VGGSmallSchema if _name == "vgg16_small" else S.ModelSchema,
-                                                       _name))
+    S.register("model", _name, MODELS[_name], VGGSmallSchema if _name == "vgg16_small" else S.ModelSchema)

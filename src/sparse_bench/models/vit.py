@@ -155,12 +155,12 @@ MODELS = {"vit_cifar": _build}
 
 @dataclass
 class ViTSchema(S.WidthSchema):
-    patch_size: int = S.count(4, ge=1)
-    dim: int = S.count(512, ge=1)
-    depth: int = S.count(4, ge=1)
-    heads: int = S.count(6, ge=1)
-    dim_head: int = S.count(64, ge=1)
-    mlp_dim: int = S.count(256, ge=1)
+    patch_size: int = S.count(ge=1)
+    dim: int = S.count(ge=1)
+    depth: int = S.count(ge=1)
+    heads: int = S.count(ge=1)
+    dim_head: int = S.count(ge=1)
+    mlp_dim: int = S.count(ge=1)
 
 
-S.register("model", "vit_cifar", _build, S.option(ViTSchema, "vit_cifar"))
+S.register("model", "vit_cifar", _build, ViTSchema)

@@ -204,16 +204,14 @@ def _acdc_28_10(cfg, input_shape, num_classes):
 NAMED = ((16, 8), (16, 10), (22, 8), (28, 2), (28, 10))
 MODELS = {"wrn": _generic, "wrn_acdc": _acdc, "wrn28_10_acdc": _acdc_28_10}
 MODELS.update(_named(d, k) for d, k in NAMED)
-#: each model's (depth, widen_factor) defaults: the generic ones' defaults, the named ones' fixed size
-SIZES = {"wrn": (28, 2), "wrn_acdc": (28, 10), "wrn28_10_acdc": (28, 10), **{f"wrn{d}_{k}": (d, k) for d, k in NAMED}}
 
 
 @dataclass
 class WRNSchema(S.ModelSchema):
-    depth: int = S.count(28, ge=10, hint="6n + 4, e.g. 16, 22, 28")
-    widen_factor: int = S.count(2, ge=1)
-    dropout: float = S.num(0.3, ge=0.0, lt=1.0)
+    depth: int = S.count(ge=10, hint="6n + 4, e.g. 16, 22, 28")
+    widen_factor: int = S.count(ge=1)
+    dropout: float = S.num(ge=0.0, lt=1.0)
 
 
-for _name, (_depth, _k) in SIZES.items():
-    S.register("model", _name, MODELS[_name], S.option(WRNSchema, _name, depth=_depth, widen_factor=_k))
+for _name in MODELS:
+    S.register("model", _name, MODELS[_name], WRNSchema)

@@ -9,7 +9,7 @@ Nothing here ever downloads weights: torchvision is called with ``weights=None``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict
 
 from omegaconf import MISSING, OmegaConf
@@ -78,8 +78,8 @@ MODELS = {
 @dataclass
 class TimmSchema(S.ModelSchema):
     arch: str = MISSING
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    kwargs: Dict[str, Any] = MISSING
 
 
-S.register("model", "resnet50", _resnet50, S.option(S.ModelSchema, "resnet50"))
-S.register("model", "timm", _timm, S.option(TimmSchema, "timm", arch="resnet18"))
+S.register("model", "resnet50", _resnet50, S.ModelSchema)
+S.register("model", "timm", _timm, TimmSchema)

@@ -42,9 +42,10 @@ This module does the same with these choices and differences:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+from omegaconf import MISSING
 
 from ... import schema as S
 from ...errors import ConfigError
@@ -59,15 +60,15 @@ __all__ = ["ACDC", "acdc_phases"]
 
 @dataclass
 class ACDCSchema:
-    """The options of ``method=acdc`` (``conf/method/acdc.yaml`` holds the same values)."""
+    """The options of ``method=acdc`` (their values: ``conf/method/acdc.yaml``)."""
 
-    name: str = "acdc"
-    warmup: Milestone = field(default_factory=lambda: Milestone("fraction", 0.1))
-    phase_length: Milestone = field(default_factory=lambda: Milestone("fraction", 0.05))
-    final_dense: Milestone = field(default_factory=lambda: Milestone("fraction", 0.1))
-    final_sparse: Milestone = field(default_factory=lambda: Milestone("fraction", 0.15))
+    name: str = MISSING
+    warmup: Milestone = MISSING
+    phase_length: Milestone = MISSING
+    final_dense: Milestone = MISSING
+    final_sparse: Milestone = MISSING
     scope: str = scope()
-    momentum_reset: str = S.choice("all", ("all", "restored", "none"))
+    momentum_reset: str = S.choice(("all", "restored", "none"))
 
 
 @register("acdc", schema=ACDCSchema)

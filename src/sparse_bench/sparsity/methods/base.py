@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ... import schema as S
+from ...confdir import option_values
 from ...errors import ConfigError
 from ...plugins import target_of
 from ..flops import DENSE_STEP, SPARSE_STEP, Extra, Passes
@@ -275,12 +276,12 @@ class ScheduledUpdates:
 
 
 def _with_builtin_defaults(cls, cfg):
-    """A user's method without a schema: its config as given, over the defaults of the built-in
-    method it extends (if any), unchecked."""
+    """A user's method without a schema: its config as given, over the values of the built-in
+    method it extends (if any; its YAML), unchecked."""
     for k in cls.__mro__:
         name = k.__dict__.get("name")
         if name in S.METHODS and METHODS.get(name) is k:
-            return OmegaConf.merge(OmegaConf.to_container(OmegaConf.structured(S.METHODS[name])), cfg)
+            return OmegaConf.merge(option_values("method", name) or {}, cfg)
     return cfg
 
 

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from ... import schema as S
 from ..ops import mask_change_logs
@@ -85,18 +85,18 @@ def _cpu_state(state: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DeepRSchema:
-    """The options of ``method=deepr`` (``conf/method/deepr.yaml`` holds the same values)."""
+    """The options of ``method=deepr`` (their values: ``conf/method/deepr.yaml``)."""
 
-    name: str = "deepr"
+    name: str = MISSING
     init: str = init()
     reinit: str = reinit()
-    l1: float = S.num(1e-4, ge=0.0)
-    l1_mode: str = S.choice("shrink", ("shrink", "loss"))
-    temperature: Any = temperature(1e-12)
-    noise_mode: str = S.choice("weight", ("weight", "gradient"))
-    eta: float = S.num(0.01, ge=0.0)
-    regrow_sign: str = S.choice("fixed", ("fixed", "random", "first_update"))
-    exclude_pruned: bool = False
+    l1: float = S.num(ge=0.0)
+    l1_mode: str = S.choice(("shrink", "loss"))
+    temperature: Any = temperature()
+    noise_mode: str = S.choice(("weight", "gradient"))
+    eta: float = S.num(ge=0.0)
+    regrow_sign: str = S.choice(("fixed", "random", "first_update"))
+    exclude_pruned: bool = MISSING
     end: Optional[Milestone] = milestone()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from omegaconf import MISSING
 
 from ..reinit import reinit_, unit_bounds
 from .base import Method, register
@@ -13,9 +14,9 @@ from .schemas import init, reinit
 
 @dataclass
 class DenseSchema:
-    """The options of ``method=dense`` (``conf/method/dense.yaml`` holds the same values)."""
+    """The options of ``method=dense`` (their values: ``conf/method/dense.yaml``)."""
 
-    name: str = "dense"
+    name: str = MISSING
 
 
 @register("dense", schema=DenseSchema)
@@ -75,9 +76,9 @@ class RandomInitMixin:
 
 @dataclass
 class StaticSchema:
-    """The options of ``method=static`` (``conf/method/static.yaml`` holds the same values)."""
+    """The options of ``method=static`` (their values: ``conf/method/static.yaml``)."""
 
-    name: str = "static"
+    name: str = MISSING
     init: str = init()
     reinit: str = reinit()
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from omegaconf import MISSING
 
 from ... import schema as S
 from ..distributions import allocate
@@ -67,19 +68,19 @@ DSR_PERIODS = {"unit": "fraction", "points": [[0, 100], [0.125, 200], [0.4, 400]
 
 @dataclass
 class DSRSchema:
-    """The options of ``method=dsr`` (``conf/method/dsr.yaml`` holds the same values)."""
+    """The options of ``method=dsr`` (their values: ``conf/method/dsr.yaml``)."""
 
-    name: str = "dsr"
+    name: str = MISSING
     init: str = init()
     reinit: str = reinit()
-    init_threshold: float = S.num(1e-3, gt=0.0, hint="the paper uses 0.001")
-    np_target: float = fraction(0.1, open_low=True, hint="a fraction of the active weights")
-    np_count: Optional[int] = S.count(None, ge=1, nullable=True, hint="a number of weights, or null for np_target x "
+    init_threshold: float = S.num(gt=0.0, hint="the paper uses 0.001")
+    np_target: float = fraction(open_low=True, hint="a fraction of the active weights")
+    np_count: Optional[int] = S.count(ge=1, nullable=True, hint="a number of weights, or null for np_target x "
                                                                       "the active weights")
-    delta: float = fraction(0.1, hint="the paper uses 0.1")
-    update_every: Any = interval(DSR_PERIODS)
-    end: Optional[Milestone] = milestone(0.95)
-    exclude_pruned: bool = True
+    delta: float = fraction(hint="the paper uses 0.1")
+    update_every: Any = interval()
+    end: Optional[Milestone] = milestone()
+    exclude_pruned: bool = MISSING
 
 
 @register("dsr", schema=DSRSchema)

@@ -50,9 +50,10 @@ Where this implementation differs from the references, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+from omegaconf import MISSING
 
 from ... import schema as S
 from ...errors import ConfigError
@@ -102,15 +103,15 @@ def mask_gradients(masks) -> None:
 
 @dataclass
 class GMPSchema:
-    """The options of ``method=gmp`` (``conf/method/gmp.yaml`` holds the same values)."""
+    """The options of ``method=gmp`` (their values: ``conf/method/gmp.yaml``)."""
 
-    name: str = "gmp"
-    start: Milestone = field(default_factory=lambda: Milestone("fraction", 0.1))
-    end: Milestone = field(default_factory=lambda: Milestone("fraction", 0.8))
-    frequency: Milestone = field(default_factory=lambda: Milestone("fraction", 0.02))
-    initial_sparsity: float = fraction(0.0)
-    curve: str = S.choice("polynomial", ("polynomial", "cosine"))
-    power: float = S.num(3.0, gt=0.0, hint="Zhu & Gupta use 3 (cubic)")
+    name: str = MISSING
+    start: Milestone = MISSING
+    end: Milestone = MISSING
+    frequency: Milestone = MISSING
+    initial_sparsity: float = fraction()
+    curve: str = S.choice(("polynomial", "cosine"))
+    power: float = S.num(gt=0.0, hint="Zhu & Gupta use 3 (cubic)")
     scope: str = scope()
     reinit: str = reinit()
 

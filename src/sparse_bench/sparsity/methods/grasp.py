@@ -42,6 +42,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from omegaconf import MISSING
+
 from ... import schema as S
 from ..saliency import grasp_scores, keep_top, scoring_batches
 from .base import register
@@ -50,10 +52,10 @@ from .snip import PruneAtInit, SNIPSchema
 
 @dataclass
 class GraSPSchema(SNIPSchema):
-    """The options of ``method=grasp`` (``conf/method/grasp.yaml`` holds the same values)."""
+    """The options of ``method=grasp`` (their values: ``conf/method/grasp.yaml``)."""
 
-    name: str = "grasp"
-    temperature: float = S.num(200.0, gt=0.0, hint="the official code uses 200")
+    name: str = MISSING
+    temperature: float = S.num(gt=0.0, hint="the official code uses 200")
 
 
 @register("grasp", schema=GraSPSchema)

@@ -70,6 +70,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
 from ... import schema as S
@@ -127,20 +128,20 @@ def sample_candidates(
 
 @dataclass
 class GSESchema:
-    """The options of ``method=gse`` (``conf/method/gse.yaml`` holds the same values)."""
+    """The options of ``method=gse`` (their values: ``conf/method/gse.yaml``)."""
 
-    name: str = "gse"
-    init: str = init("er")
-    reinit: str = S.choice("fan_in", REINITS)
-    alpha: float = S.num(0.1, gt=0.0, le=0.5, hint="the paper uses 0.1 (at most 0.2 per update)")
-    update_every: Any = interval(1000)
-    end: Optional[Milestone] = milestone(0.6)
-    gamma: float = S.num(1.0, gt=0.0, hint="the paper uses 1 (CIFAR) or 2 (ImageNet)")
-    sampling: str = S.choice("uniform", ("uniform", "grabo", "graest"))
+    name: str = MISSING
+    init: str = init()
+    reinit: str = S.choice(REINITS)
+    alpha: float = S.num(gt=0.0, le=0.5, hint="the paper uses 0.1 (at most 0.2 per update)")
+    update_every: Any = interval()
+    end: Optional[Milestone] = milestone()
+    gamma: float = S.num(gt=0.0, hint="the paper uses 1 (CIFAR) or 2 (ImageNet)")
+    sampling: str = S.choice(("uniform", "grabo", "graest"))
     scope: str = scope()
-    stat_batches: int = S.count(1, ge=1)
-    chunk_size: int = S.count(1 << 20, ge=1)
-    all_candidates_density: float = S.num(0.5, gt=0.0, le=1.0)
+    stat_batches: int = S.count(ge=1)
+    chunk_size: int = S.count(ge=1)
+    all_candidates_density: float = S.num(gt=0.0, le=1.0)
 
 
 @register("gse", schema=GSESchema)

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+from omegaconf import MISSING
 
 from ... import schema as S
 from ...errors import ConfigError
@@ -83,15 +84,15 @@ def _check_non_increasing(value, key: str) -> None:
 
 @dataclass
 class LotterySchema:
-    """The options of ``method=lottery`` (``conf/method/lottery.yaml`` holds the same values)."""
+    """The options of ``method=lottery`` (their values: ``conf/method/lottery.yaml``)."""
 
-    name: str = "lottery"
-    densities: Optional[List[float]] = S.numbers(None, items_gt=0.0, items_le=1.0, check=_check_non_increasing,
+    name: str = MISSING
+    densities: Optional[List[float]] = S.numbers(items_gt=0.0, items_le=1.0, check=_check_non_increasing,
                                                  hint="non-increasing densities in (0, 1], e.g. [0.5, 0.25, 0.1]")
-    n_rounds: Optional[int] = S.count(None, ge=1, nullable=True, hint="a number of prune steps, or null")
-    keep_per_round: float = fraction(0.8, open_low=True, hint="the papers keep 0.8 (prune 20%)")
+    n_rounds: Optional[int] = S.count(ge=1, nullable=True, hint="a number of prune steps, or null")
+    keep_per_round: float = fraction(open_low=True, hint="the papers keep 0.8 (prune 20%)")
     scope: str = scope()
-    rewind_epoch: float = S.num(0.0, ge=0.0, hint="0 rewinds to the initialisation")
+    rewind_epoch: float = S.num(ge=0.0, hint="0 rewinds to the initialisation")
     reinit: str = reinit()
 
 

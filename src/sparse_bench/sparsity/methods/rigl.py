@@ -73,6 +73,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from omegaconf import MISSING
 
 from ... import schema as S
 from ...errors import ConfigError
@@ -86,22 +87,22 @@ from .schemas import Milestone, init, milestone, reinit, scope
 
 @dataclass
 class RigLSchema:
-    """The options of ``method=rigl`` (``conf/method/rigl.yaml`` holds the same values)."""
+    """The options of ``method=rigl`` (their values: ``conf/method/rigl.yaml``)."""
 
-    name: str = "rigl"
-    init: str = init("erk")
+    name: str = MISSING
+    init: str = init()
     reinit: str = reinit()
-    drop_fraction: float = S.num(0.3, ge=0.0, le=1.0, hint="the paper uses 0.3")
-    decay: str = S.choice("cosine", DECAYS)
-    update_every: int = S.count(100, ge=1, hint="steps between updates; the paper uses 100")
-    end: Optional[Milestone] = milestone(0.75)
-    scope: str = scope("layer")
-    exclude_pruned: bool = False
-    stat_batches: Optional[int] = S.count(None, ge=1, nullable=True,
+    drop_fraction: float = S.num(ge=0.0, le=1.0, hint="the paper uses 0.3")
+    decay: str = S.choice(DECAYS)
+    update_every: int = S.count(ge=1, hint="steps between updates; the paper uses 100")
+    end: Optional[Milestone] = milestone()
+    scope: str = scope()
+    exclude_pruned: bool = MISSING
+    stat_batches: Optional[int] = S.count(ge=1, nullable=True,
                                           hint="null (the step's own batch) or a number of batches (GSE: 1 on "
                                                "CIFAR-10, 8 on CIFAR-100)")
-    grow_init: str = S.choice("zeros", ("zeros",))
-    drop_noise: float = S.num(0.0, ge=0.0, hint="the reference uses 1e-5")
+    grow_init: str = S.choice(("zeros",))
+    drop_noise: float = S.num(ge=0.0, hint="the reference uses 1e-5")
 
 
 @register("rigl", schema=RigLSchema)

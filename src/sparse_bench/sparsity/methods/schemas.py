@@ -12,7 +12,6 @@ class attribute ``schema``.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
@@ -28,8 +27,8 @@ from ..schedules import MILESTONE_UNITS
 
 @dataclass
 class Milestone:
-    unit: str = S.choice(MISSING, MILESTONE_UNITS, hint="fraction of the run, epoch of the base schedule, or step")
-    value: float = S.num(MISSING, ge=0.0, hint="a number >= 0, e.g. {unit:fraction,value:0.5}")
+    unit: str = S.choice(MILESTONE_UNITS, hint="fraction of the run, epoch of the base schedule, or step")
+    value: float = S.num(ge=0.0, hint="a number >= 0, e.g. {unit:fraction,value:0.5}")
 
 
 def _check_interval(value, key: str) -> None:
@@ -68,38 +67,34 @@ def _check_points(value: dict, key: str, positive_int: bool) -> None:
             raise ConfigError(f"{key}.points: {v} must be {want}")
 
 
-def interval(default, hint: str = ""):
-    meta = {"check": _check_interval, "hint": hint}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
+def interval(hint: str = ""):
+    """`update_every`: 'epoch', a number of steps, or a period schedule (checked by its form)."""
+    return field(default=MISSING, metadata={"check": _check_interval, "hint": hint})
 
 
-def temperature(default):
+def temperature():
     """DeepR's temperature: a number >= 0 or a temperature schedule (checked by its form)."""
-    return field(default=default, metadata={"check": _check_temperature})
+    return field(default=MISSING, metadata={"check": _check_temperature})
 
 
-def init(default="uniform"):
-    return S.choice(default, INITS, hint="initial layer densities")
+def init():
+    return S.choice(INITS, hint="initial layer densities")
 
 
 def reinit():
-    return S.choice("none", REINITS, hint="fan_in re-initialises weights by their (sparse) fan-in, default by "
-                                          "torch's default layer initialisation")
+    return S.choice(REINITS, hint="fan_in re-initialises weights by their (sparse) fan-in, default by torch's "
+                                  "default layer initialisation")
 
 
-def scope(default="global"):
-    return S.choice(default, SCOPES)
+def scope():
+    return S.choice(SCOPES)
 
 
-def fraction(default, *, open_low=False, closed_high=False, hint=""):
+def fraction(*, open_low=False, closed_high=False, hint=""):
     kw = {"gt" if open_low else "ge": 0.0, "le" if closed_high else "lt": 1.0}
-    return S.num(default, hint=hint, **kw)
+    return S.num(hint=hint, **kw)
 
 
-def milestone(default_fraction: float | None = None):
-    """An Optional[Milestone] field; the default is a fraction of the run (or null)."""
-    if default_fraction is None:
-        return field(default=None)
-    return field(default_factory=lambda: Milestone(unit="fraction", value=default_fraction))
+def milestone():
+    """An Optional[Milestone] field: ``{unit, value}`` or null."""
+    return field(default=MISSING)

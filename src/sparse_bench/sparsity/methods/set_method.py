@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from omegaconf import MISSING
 
 from ... import schema as S
 from ...errors import ConfigError
@@ -92,19 +93,19 @@ PRUNES = {
 
 @dataclass
 class SETSchema:
-    """The options of ``method=set`` (``conf/method/set.yaml`` holds the same values)."""
+    """The options of ``method=set`` (their values: ``conf/method/set.yaml``)."""
 
-    name: str = "set"
-    init: str = init("er")
+    name: str = MISSING
+    init: str = init()
     reinit: str = reinit()
-    prune_rate: float = fraction(0.3, open_low=True, hint="zeta, e.g. method.prune_rate=0.3")
-    prune_rate_min: float = fraction(0.0)
-    decay: str = S.choice("constant", DECAYS)
-    update_every: Any = interval("epoch")
+    prune_rate: float = fraction(open_low=True, hint="zeta, e.g. method.prune_rate=0.3")
+    prune_rate_min: float = fraction()
+    decay: str = S.choice(DECAYS)
+    update_every: Any = interval()
     end: Optional[Milestone] = milestone()
-    prune: str = S.choice("magnitude", PRUNES)
-    scope: str = scope("layer")
-    exclude_pruned: bool = False
+    prune: str = S.choice(PRUNES)
+    scope: str = scope()
+    exclude_pruned: bool = MISSING
 
 
 @register("set", schema=SETSchema)

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from omegaconf import MISSING
 
 from ... import schema as S
 from ..ops import mask_change_logs
@@ -77,12 +78,12 @@ class PruneAtInit(Method):
 
 @dataclass
 class SNIPSchema:
-    """The options of ``method=snip`` (``conf/method/snip.yaml`` holds the same values)."""
+    """The options of ``method=snip`` (their values: ``conf/method/snip.yaml``)."""
 
-    name: str = "snip"
-    batches: int = S.count(1, ge=1, hint="the paper scores one mini-batch")
+    name: str = MISSING
+    batches: int = S.count(ge=1, hint="the paper scores one mini-batch")
     scope: str = scope()
-    train_mode: bool = True
+    train_mode: bool = MISSING
     reinit: str = reinit()
 
 

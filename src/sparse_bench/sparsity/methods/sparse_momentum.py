@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from omegaconf import MISSING
 
 from ... import schema as S
 from ..distributions import allocate
@@ -138,22 +139,22 @@ REDISTRIBUTIONS = {
 
 @dataclass
 class SparseMomentumSchema:
-    """The options of ``method=sparse_momentum`` (``conf/method/sparse_momentum.yaml`` holds the same values)."""
+    """The options of ``method=sparse_momentum`` (their values: ``conf/method/sparse_momentum.yaml``)."""
 
-    name: str = "sparse_momentum"
+    name: str = MISSING
     init: str = init()
     reinit: str = reinit()
-    prune_rate: float = fraction(0.5, open_low=True, hint="p0, e.g. method.prune_rate=0.5")
-    prune_rate_min: float = fraction(0.005)
-    decay: str = S.choice("cosine", DECAYS)
-    update_every: Any = interval("epoch")
+    prune_rate: float = fraction(open_low=True, hint="p0, e.g. method.prune_rate=0.5")
+    prune_rate_min: float = fraction()
+    decay: str = S.choice(DECAYS)
+    update_every: Any = interval()
     end: Optional[Milestone] = milestone()
-    prune: str = S.choice("magnitude", PRUNES)
-    growth: str = S.choice("momentum", GROWTHS)
-    redistribution: str = S.choice("momentum", REDISTRIBUTIONS)
-    dense_guard: float = fraction(0.8, open_low=True, closed_high=True)
-    regrow_cap: float = fraction(0.99, open_low=True, closed_high=True)
-    nonzero_threshold: float = S.num(0.0, ge=0.0)
+    prune: str = S.choice(PRUNES)
+    growth: str = S.choice(GROWTHS)
+    redistribution: str = S.choice(REDISTRIBUTIONS)
+    dense_guard: float = fraction(open_low=True, closed_high=True)
+    regrow_cap: float = fraction(open_low=True, closed_high=True)
+    nonzero_threshold: float = S.num(ge=0.0)
 
 
 @register("sparse_momentum", schema=SparseMomentumSchema)

@@ -46,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from omegaconf import MISSING
 
 from ... import schema as S
 from ..saliency import SynFlowScorer, check_finite, keep_top, scoring_batches
@@ -58,14 +59,14 @@ PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class SynFlowSchema:
-    """The options of ``method=synflow`` (``conf/method/synflow.yaml`` holds the same values)."""
+    """The options of ``method=synflow`` (their values: ``conf/method/synflow.yaml``)."""
 
-    name: str = "synflow"
-    iterations: int = S.count(100, ge=1, hint="the paper uses 100")
-    schedule: str = S.choice("exponential", ("exponential", "linear"))
+    name: str = MISSING
+    iterations: int = S.count(ge=1, hint="the paper uses 100")
+    schedule: str = S.choice(("exponential", "linear"))
     scope: str = scope()
-    precision: str = S.choice("float32", ("float32", "float64"))
-    linearise: bool = False
+    precision: str = S.choice(("float32", "float64"))
+    linearise: bool = MISSING
     reinit: str = reinit()
 
 

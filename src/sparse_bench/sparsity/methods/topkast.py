@@ -82,6 +82,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
 from ... import schema as S
@@ -96,18 +97,18 @@ from .schemas import Milestone, milestone, reinit
 
 @dataclass
 class TopKASTSchema:
-    """The options of ``method=topkast`` (``conf/method/topkast.yaml`` holds the same values)."""
+    """The options of ``method=topkast`` (their values: ``conf/method/topkast.yaml``)."""
 
-    name: str = "topkast"
-    forward_density: Optional[float] = S.num(None, gt=0.0, le=1.0, nullable=True, hint="leave it null to use density")
-    backward_density: Optional[float] = S.num(None, gt=0.0, le=1.0, nullable=True,
+    name: str = MISSING
+    forward_density: Optional[float] = S.num(gt=0.0, le=1.0, nullable=True, hint="leave it null to use density")
+    backward_density: Optional[float] = S.num(gt=0.0, le=1.0, nullable=True,
                                               hint="leave it null for min(1, 2 * density)")
-    init: str = S.choice("uniform", ("uniform", "er", "erk"))
-    update_every: int = S.count(100, ge=1)
+    init: str = S.choice(("uniform", "er", "erk"))
+    update_every: int = S.count(ge=1)
     explore_end: Optional[Milestone] = milestone()
-    exploration_l2: float = S.num(0.0, ge=0.0, hint="0 turns it off")
-    norm_penalty: float = S.num(0.0, ge=0.0, hint="0 turns it off; GSE uses 1e-4")
-    promote: str = S.choice("theta", ("theta", "zero"))
+    exploration_l2: float = S.num(ge=0.0, hint="0 turns it off")
+    norm_penalty: float = S.num(ge=0.0, hint="0 turns it off; GSE uses 1e-4")
+    promote: str = S.choice(("theta", "zero"))
     reinit: str = reinit()
 
 
