@@ -4,9 +4,9 @@ import pytest
 
 from sparse_bench.cli import precheck
 from sparse_bench.confdir import group_options
-from sparse_bench.schema import GROUP_ROLES
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run, validate
+from sparse_bench.schema import GROUP_ROLES
 
 from conftest import CONF, cli_here, compose, tiered
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sparse_bench.sparsity.masks import MaskSet
-from sparse_bench.sparsity.methods.drop_grow import largest, random_scores, smallest, to_indices
+from sparse_bench.sparsity.methods.drop_grow import largest, random_scores, smallest
 
 
 def _layers(seed=0):
