@@ -124,7 +124,8 @@ REFUSED = [
     ("optimizer", {"name": "sgd", "momentum": 0.0, "nesterov": True}, "optimizer.nesterov=true needs"),
     ("schedule", {**SCHED, "warmup_epochs": -1}, "schedule.warmup_epochs=-1.0 must be >= 0"),
     ("schedule", {**SCHED, "lr": {**SCHED["lr"], "kind": "zigzag"}}, "schedule.lr.kind=zigzag is not one of"),
-    ("schedule", {**SCHED, "lr": {**SCHED["lr"], "kind": "step", "step_size": 0}}, "schedule.lr.step_size must be a positive"),
+    ("schedule", {**SCHED, "lr": {**SCHED["lr"], "kind": "step", "step_size": 0}},
+     "schedule.lr.step_size must be a positive"),
 ]
 
 
