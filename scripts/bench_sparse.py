@@ -39,7 +39,7 @@ from bench_grow_step import LiveBytes, sample_active, sync  # noqa: E402
 from sparse_bench.models import build_model  # noqa: E402
 from sparse_bench.sparsity.execution import Execution, kernels  # noqa: E402
 from sparse_bench.sparsity.execution.layers import SparseLinear  # noqa: E402
-from sparse_bench.sparsity.methods import MethodContext, build_method  # noqa: E402
+from sparse_bench.sparsity.methods import MethodContext, build_method, call_hook  # noqa: E402
 from sparse_bench.train.trainer import hooked_step  # noqa: E402
 
 DENSITIES = (0.01, 0.02, 0.05, 0.10)
@@ -194,13 +194,13 @@ def build_variant(model_name: str, variant: str, density: float, method: str):
                         loss_fn=nn.CrossEntropyLoss(), batches=lambda n, key=0: [(x, y)])
     inner = build_method(mcfg, ctx)
     m = Execution(inner, "masked" if variant == "dense" else variant, opt, model, batches=lambda n, key=0: [(x, y)])
-    m.setup()
+    call_hook(inner, [m], "setup")
     state = {"i": 0}
 
     def step():
         i = state["i"]
-        hooked_step(m, opt, i, lambda: nn.functional.cross_entropy(model(x), y))
-        m.on_step_end(i + 1)
+        hooked_step(inner, opt, i, lambda: nn.functional.cross_entropy(model(x), y), [m])
+        call_hook(inner, [m], "on_step_end", i + 1)
         state["i"] = i + 1
 
     def resident() -> int:
@@ -208,8 +208,8 @@ def build_variant(model_name: str, variant: str, density: float, method: str):
         tensors = [*model.parameters(), *model.buffers()]
         for st in opt.state.values():
             tensors += [v for v in st.values() if torch.is_tensor(v)]
-        if m.masks is not None:
-            tensors += m.masks.held_tensors()  # masks, their float copies, inactive weights' momentum
+        if inner.masks is not None:
+            tensors += inner.masks.held_tensors()  # masks, their float copies, inactive weights' momentum
         for t in tensors:
             ptr = t.untyped_storage().data_ptr()
             if ptr not in seen:

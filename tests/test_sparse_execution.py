@@ -445,7 +445,7 @@ def test_dense_gradients_only_where_the_method_defines_them(method, every, expec
     from sparse_bench.confdir import conf_dir
     from sparse_bench.models import build_model
     from sparse_bench.sparsity.execution import Execution
-    from sparse_bench.sparsity.methods import MethodContext, build_method
+    from sparse_bench.sparsity.methods import MethodContext, build_method, call_hook
 
     torch.manual_seed(0)
     model = build_model(OmegaConf.create({"name": "mlp", "hidden": [32, 16]}), (1, 8, 8), 10)
@@ -457,26 +457,62 @@ def test_dense_gradients_only_where_the_method_defines_them(method, every, expec
     ctx = MethodContext(model=model, optimizer=opt, density=0.3, epochs=1, steps_per_epoch=12,
                         device=torch.device("cpu"), generator=torch.Generator().manual_seed(1),
                         loss_fn=nn.CrossEntropyLoss(), batches=lambda n, key=0: [(x, y)])
-    m = Execution(build_method(cfg, ctx), "sparse", opt, model, batches=lambda n, key=0: [(x, y)])
-    m.setup()
+    method = build_method(cfg, ctx)
+    m = Execution(method, "sparse", opt, model, batches=lambda n, key=0: [(x, y)])
+    call_hook(method, [m], "setup")
     dense_steps, updates = [], []
     for step in range(12):
-        m.before_forward(step)
+        call_hook(method, [m], "before_forward", step)
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if m.control.grads:
             dense_steps.append(step)
             assert all(g.shape == (layer.rows, layer.cols) for layer, g in m.control.grads.items())
-        m.before_optimizer_step(step)
+        call_hook(method, [m], "before_optimizer_step", step)
         opt.step()
-        m.after_optimizer_step(step)
-        if m.on_step_end(step + 1):
+        call_hook(method, [m], "after_optimizer_step", step)
+        if call_hook(method, [m], "on_step_end", step + 1):
             updates.append(step + 1)
-        assert not m.masks.view_open
+        assert not method.masks.view_open
     if expect == "never":
         assert dense_steps == []
     elif expect == "always":
         assert dense_steps == list(range(12))
     else:
         assert updates and dense_steps == [u - 1 for u in updates]
+
+
+def test_dense_views_of_sparse_layers_are_opened_explicitly():
+    """With sparse layers, `masks.params` / `masks.masks` never open a view behind the caller's
+    back: outside `with masks.dense_view():` they are refused in one line; inside, they are the
+    layers as dense tensors, and the block's end rebuilds the layers from them."""
+    from omegaconf import OmegaConf
+
+    from sparse_bench.confdir import conf_dir
+    from sparse_bench.models import build_model
+    from sparse_bench.sparsity.execution import Execution
+    from sparse_bench.sparsity.methods import MethodContext, build_method, call_hook
+
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.create({"name": "mlp", "hidden": [16]}), (1, 4, 4), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ctx = MethodContext(model=model, optimizer=opt, density=0.3, epochs=1, steps_per_epoch=4,
+                        device=torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+    method = build_method(OmegaConf.load(conf_dir() / "method" / "static.yaml"), ctx)
+    engine = Execution(method, "sparse", opt, model)
+    call_hook(method, [engine], "setup")
+    masks = method.masks
+    assert all(masks.is_sparse(i) for i in range(len(masks)))
+    with pytest.raises(RuntimeError, match="dense_view"):
+        masks.params
+    nnz = masks.nnz()
+    with masks.dense_view():
+        assert masks.view_open
+        w, m = masks.params[0], masks.masks[0]
+        assert w.shape == (16, 16) and int(m.sum()) == nnz[0]
+        assert torch.equal(w[~m], torch.zeros_like(w[~m]))  # inactive weights are zero in the view
+        with torch.no_grad():
+            w[m] = 2.0  # a change made through the view...
+    assert not masks.view_open
+    assert torch.equal(masks.active_values(0), torch.full((nnz[0],), 2.0))  # ...is in the sparse layer

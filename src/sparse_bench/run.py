@@ -28,7 +28,7 @@ from .sidefiles import read_object
 from .sparsity.execution import Execution, build_model_for, execution_mode
 from .sparsity.execution.engine import PLAN_FILE
 from .sparsity.flops import build_meter
-from .sparsity.methods import MethodContext, build_method
+from .sparsity.methods import Method, MethodContext, build_method, call_hook
 from .train import distributed as dist_util
 from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, is_checkpoint, load_checkpoint
 from .train.logging import MetricSink, NullSink, wandb_run_config
@@ -358,7 +358,8 @@ class Parts:
     data: DataBundle
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    method: Execution  # the method, its layers masked or sparse (execution=...)
+    method: Method
+    execution: Execution  # masked or sparse layers (execution=...): a hook run around the method's hooks
     trainer: Trainer
     rule: dict  # which parameters are prunable (``prunable``)
     density: float
@@ -459,19 +460,19 @@ def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict) -> Parts:
                         loss_fn=loss_fn, multiplier=multiplier)
     method = build_method(cfg.method, ctx)
     flops = build_meter(model, data.input_shape, method, device)
-    # masked or sparse layers (execution=...): wraps the method's hooks, converts layers after setup
+    # masked or sparse layers (execution=...): runs around the method's hooks, converts layers after setup
     # execution=auto: one measured plan per configuration (recipe, density, device kind) under paths.runs
     shared_plan = Path(cfg.paths.runs) / ".execution-plans" / (
         fingerprint({"recipe": recipe(resolved), "density": density, "device": device.type})[:24] + ".json")
-    method = Execution(method, execution_mode(cfg), optimizer, model, dist, run_dir, batches, loss_fn, shared_plan)
+    execution = Execution(method, execution_mode(cfg), optimizer, model, dist, run_dir, batches, loss_fn, shared_plan)
     plan = TrainPlan(epochs=epochs * method.rounds, steps_per_epoch=steps_per_epoch,
                      base_epochs=int(cfg.schedule.epochs),
                      train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),
                      test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)),
                      log_every=int(cfg.get("log_every", 0) or 0), progress=bool(cfg.progress), fingerprint=config_fp)
     trainer = Trainer(model, optimizer, lr_schedule, method, data, device, loss_fn, run_dir, plan, dist=dist,
-                      flops=flops)
-    return Parts(dist, device, data, model, optimizer, method, trainer, rule, density, ckpt_state)
+                      flops=flops, hooks=[execution])
+    return Parts(dist, device, data, model, optimizer, method, execution, trainer, rule, density, ckpt_state)
 
 
 def start_or_resume(parts: Parts, run_dir: Path) -> None:
@@ -480,18 +481,18 @@ def start_or_resume(parts: Parts, run_dir: Path) -> None:
     method, trainer, dist = parts.method, parts.trainer, parts.dist
     state, parts.state = parts.state, None
     if state is not None:
-        method.convert(resume=True)
+        parts.execution.convert(resume=True)
         trainer.load_state(state)
         del state
         if dist.is_main:
             log.info(f"resuming {run_dir} after epoch {trainer.epoch} (step {trainer.step})")
     else:
-        setup_logs = method.setup() or {}
+        setup_logs = call_hook(method, trainer.hooks, "setup") or {}
         dist_util.broadcast_masks(method, parts.optimizer, dist)
         if setup_logs and dist.is_main:
             log.info(" | ".join(f"{k} {v}" for k, v in setup_logs.items()))
     if dist.enabled:
-        method.prepare_ddp(parts.model)
+        parts.execution.prepare_ddp(parts.model)
         trainer.train_model = DistributedDataParallel(
             parts.model, device_ids=[parts.device.index] if parts.device.type == "cuda" else None)
 

@@ -24,6 +24,8 @@ their structure *is* the mask. Methods read and change masks the same way for bo
 
 from __future__ import annotations
 
+import contextlib
+
 import fnmatch
 import time
 from collections.abc import Iterable, Sequence
@@ -167,25 +169,54 @@ class MaskSet:
     # --- what the methods see -----------------------------------------------------------------
     @property
     def params(self) -> list:
-        if self._any_sparse:
-            return self._open_view()[0]
-        return self._params
+        """The dense weights, one per entry: with sparse layers, those of the dense view open now
+        (``dense_view()``); reading them with a sparse layer and no view open is an error, never a
+        view opened behind the caller's back."""
+        return self._dense_lists()[0]
 
     @property
     def masks(self) -> list:
-        if self._any_sparse:
-            return self._open_view()[1]
-        return self._masks
+        """The bool masks, one per entry (with sparse layers: the open dense view's, as ``params``)."""
+        return self._dense_lists()[1]
 
     @masks.setter
     def masks(self, value) -> None:
-        if self._any_sparse:
-            view = self._open_view()
-            view[1][:] = list(value)
-            self._changed()
+        if self._view is not None:
+            self._view[1][:] = list(value)
+        elif self._any_sparse:
+            self._dense_lists()  # raises: no view open
         else:
             self._masks = _MaskList(list(value), self)
-            self._changed()
+        self._changed()
+
+    def _dense_lists(self) -> tuple[list, list]:
+        if self._view is not None:
+            return self._view
+        if self._any_sparse:
+            raise RuntimeError("the dense weights or masks of sparse layers were read with no dense view open; "
+                               "read them inside `with masks.dense_view():`, or use the index-level calls")
+        return self._params, self._masks
+
+    @contextlib.contextmanager
+    def dense_view(self):
+        """Dense views of the sparse layers (weights, masks, optimizer state) for a block of code
+        that reads or changes them through ``params`` and ``masks``; closed (the sparse layers
+        rebuilt from them) when the block ends. Without sparse layers, or inside an open view, it
+        changes nothing."""
+        opened = self._any_sparse and self._view is None
+        if opened:
+            self._open_view()
+        try:
+            yield self
+        finally:
+            if opened:
+                self.close_view()
+
+    def _dense_entry(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, mask) of entry i: a masked layer's own, or the open view's."""
+        if self._view is not None:
+            return self._view[0][i], self._view[1][i]
+        return self._params[i], self._masks[i]
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -237,7 +268,7 @@ class MaskSet:
         """Replace all masks (moved to each parameter's device) and apply them."""
         if len(masks) != len(self.names):
             raise ValueError("one mask per prunable parameter expected")
-        params, current = self.params, self.masks
+        params, current = self._dense_lists()
         for i, (m, p) in enumerate(zip(masks, params)):
             if tuple(m.shape) != self._shapes[i]:
                 raise ValueError(f"mask for {self.names[i]} has shape {tuple(m.shape)}, expected {self._shapes[i]}")
@@ -334,13 +365,13 @@ class MaskSet:
         """Sorted flat positions of layer i's active weights."""
         if self.layers[i] is not None and self._view is None:
             return self.layers[i].active_linear()
-        return self.masks[i].reshape(-1).nonzero().squeeze(1)
+        return self._dense_entry(i)[1].reshape(-1).nonzero().squeeze(1)
 
     def active_values(self, i: int) -> torch.Tensor:
         """Layer i's active weights, in the order of ``active_indices(i)`` (detached)."""
         if self.layers[i] is not None and self._view is None:
             return self.layers[i].values.detach()
-        return self.params[i].detach().reshape(-1)[self.active_indices(i)]
+        return self._dense_entry(i)[0].detach().reshape(-1)[self.active_indices(i)]
 
     def is_active(self, i: int, flat: torch.Tensor) -> torch.Tensor:
         """Bool per flat position: is it active in layer i?"""
@@ -350,7 +381,7 @@ class MaskSet:
                 return torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
             pos = torch.searchsorted(act, flat).clamp_max(act.numel() - 1)
             return act[pos] == flat
-        return self.masks[i].reshape(-1)[flat]
+        return self._dense_entry(i)[1].reshape(-1)[flat]
 
     def inactive_indices(self, i: int) -> torch.Tensor:
         """Sorted flat positions of layer i's inactive weights (O(numel): dense-ish layers only)."""
@@ -358,7 +389,7 @@ class MaskSet:
             keep = torch.ones(self._numels[i], dtype=torch.bool, device=self.layers[i].values.device)
             keep[self.layers[i].active_linear()] = False
             return keep.nonzero().squeeze(1)
-        return (~self.masks[i].reshape(-1)).nonzero().squeeze(1)
+        return (~self._dense_entry(i)[1].reshape(-1)).nonzero().squeeze(1)
 
     @torch.no_grad()
     def replace_(self, drop: Sequence[torch.Tensor], grow: Sequence[torch.Tensor],
@@ -378,13 +409,13 @@ class MaskSet:
         for i, (d, g) in enumerate(zip(drop, grow)):
             layer = self.layers[i]
             if layer is None or self._view is not None:
-                p, m = self.params[i], self.masks[i]
+                p, m = self._dense_entry(i)
                 nm = m.clone()
                 nm.view(-1)[d] = False
                 nm.view(-1)[g] = True
                 p.data.view(-1)[g] = 0.0
                 p.data.view(-1)[d] = 0.0
-                self.masks[i] = nm
+                (self._view[1] if self._view is not None else self._masks)[i] = nm
                 if optimizer is not None and reset:
                     for value in optimizer.state.get(p, {}).values():
                         if torch.is_tensor(value) and value.shape == p.shape:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import RunFailed
 from ..sparsity.flops import FlopMeter
-from ..sparsity.methods import Method
+from ..sparsity.methods import Method, call_hook
 from . import distributed as dist_util
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .logging import MetricSink, NullSink, Progress, console_line, final_line
@@ -38,20 +38,21 @@ def summed_loss(loss_fn):
     return lambda out, y: loss_fn(out, y) * y.shape[0]
 
 
-def hooked_step(method: Method, optimizer: torch.optim.Optimizer, step: int, forward):
+def hooked_step(method: Method, optimizer: torch.optim.Optimizer, step: int, forward, hooks=()):
     """One optimizer step with a method's hooks in the trainer's order: ``before_forward``, the
     forward pass and loss (``forward()``, returning the loss or a tuple whose first item is the
     loss), backward, ``before_optimizer_step`` (where methods edit gradients),
     ``optimizer.step()``, ``after_optimizer_step`` (where masks are re-applied). Returns what
     ``forward()`` returned; the caller advances the step and calls ``on_step_end(step + 1)``.
+    `hooks` (the execution engine) run around each of the method's hooks (``call_hook``).
     The Trainer, the tests that drive a method by hand and the benchmarks all step through it."""
-    method.before_forward(step)
+    call_hook(method, hooks, "before_forward", step)
     result = forward()
     optimizer.zero_grad(set_to_none=True)
     (result[0] if isinstance(result, tuple) else result).backward()
-    method.before_optimizer_step(step)
+    call_hook(method, hooks, "before_optimizer_step", step)
     optimizer.step()
-    method.after_optimizer_step(step)
+    call_hook(method, hooks, "after_optimizer_step", step)
     return result
 
 
@@ -80,7 +81,7 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr_schedule: LRSchedule,
                  method: Method, data, device: torch.device, loss_fn, run_dir: Path, plan: TrainPlan,
                  dist: dist_util.Dist | None = None, flops: FlopMeter | None = None,
-                 train_model: nn.Module | None = None):
+                 train_model: nn.Module | None = None, hooks=()):
         self.model = model
         # the module the training forward runs through (DDP wrapper under torchrun)
         self.train_model = train_model if train_model is not None else model
@@ -88,6 +89,7 @@ class Trainer:
         self.optimizer = optimizer
         self.lr_schedule = lr_schedule
         self.method = method
+        self.hooks = list(hooks)  # run around the method's hooks (the execution engine)
         self.data = data
         self.device = device
         self.epochs = plan.epochs
@@ -150,12 +152,12 @@ class Trainer:
                 return loss, out, loss.detach() * y.shape[0]
 
             self._last_x = x  # read only if the loss turns non-finite (which input was it?)
-            _, out, loss_detached = hooked_step(self.method, self.optimizer, self.step, forward)
+            _, out, loss_detached = hooked_step(self.method, self.optimizer, self.step, forward, self.hooks)
             if self.flops is not None:
                 self.flops.step(self.step, samples)
             self.step += 1
             self._watch_loss(loss_detached, epoch)
-            step_logs = self.method.on_step_end(self.step)
+            step_logs = call_hook(self.method, self.hooks, "on_step_end", self.step)
             if step_logs:
                 dist_util.verify_masks(self.method, self.dist, self.step)
                 self._log_update(sink, epoch, step_logs)
@@ -293,7 +295,7 @@ class Trainer:
                 rec["val/loss"], rec["val/acc"] = self.evaluate(self.data.val)
             if self.test_every_epoch and epoch < self.epochs:
                 rec["test/loss"], rec["test/acc"] = self.evaluate(self.data.test)
-            method_logs = self.method.on_epoch_end(epoch, self.step)
+            method_logs = call_hook(self.method, self.hooks, "on_epoch_end", epoch, self.step)
             if method_logs:
                 dist_util.verify_masks(self.method, self.dist, self.step)
                 self._log_update(sink, epoch, method_logs)
@@ -349,7 +351,7 @@ class Trainer:
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.method.load_state_dict(state["method"])
+        call_hook(self.method, self.hooks, "load_state_dict", state["method"])
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.best = dict(state.get("best", {}))

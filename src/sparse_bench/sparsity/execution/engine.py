@@ -1,6 +1,7 @@
 """``execution``: run prunable layers masked (dense kernels times a mask) or sparse.
 
-``Execution`` wraps a Method. The trainer calls the same hooks as ever; around them it
+``Execution`` is a trainer hook (``methods.base.call_hook``): the trainer calls the method's hooks
+and, around each, the engine's ``before`` and ``after``. With them it
 
 * converts the chosen prunable layers to sparse layers once the initial masks exist (after
   ``setup``, or before a checkpoint is loaded on resume), moving each layer's optimizer entry
@@ -12,8 +13,8 @@
   (``Method.keeps_inactive_state``: sparse momentum's growth signal is the momentum of
   inactive weights), advances that dense state with the dense gradient the way the optimizer
   would (SGD momentum, Adam moments);
-* after every hook, closes the dense views a method's update opened (``MaskSet.params`` /
-  ``masks``) and rebuilds the sparse structures; the cost is logged as ``sparse/rebuild_s``.
+* after every hook, closes any dense view a method's update left open (``MaskSet.dense_view``)
+  and logs the cost of rebuilding the sparse structures as ``sparse/rebuild_s``.
 
 ``execution=auto`` times, per layer, a forward and backward of the masked (dense) layer and of
 the sparse layer on the layer's own input shape and density, keeps the faster, and logs the
@@ -122,11 +123,12 @@ def _parent_of(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str
 
 
 class Execution:
-    """A Method with its prunable layers executed masked or sparse (see the module docstring)."""
+    """The prunable layers of `method` executed masked or sparse: a hook the trainer runs around the
+    method's hooks (see the module docstring)."""
 
     def __init__(self, method, mode: str, optimizer: torch.optim.Optimizer, model: nn.Module,
                  dist=None, run_dir: Path | None = None, batches=None, loss_fn=None, shared_plan: Path | None = None):
-        self.inner = method
+        self.method = method
         self.shared_plan = Path(shared_plan) if shared_plan is not None else None
         self.mode = mode
         self.optimizer = optimizer
@@ -162,21 +164,11 @@ class Execution:
                 self.active = True
                 masks.run_sparse(True, optimizer)
 
-    def __getattr__(self, name):  # everything else is the method's own (name, rounds, cadence, ...)
-        inner = self.__dict__.get("inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
-
-    @property
-    def masks(self):
-        return self.inner.masks
-
     # --- choosing and converting layers ---------------------------------------------------------
     def candidates(self) -> dict[int, type]:
         """Entries that can run sparse, with their sparse class; the others get a note."""
         out = {}
-        masks = self.inner.masks
+        masks = self.method.masks
         for i, name in enumerate(masks.names):
             owner = masks.owners[i]
             if masks.layers[i] is not None:  # sparse already (built without a dense weight)
@@ -255,7 +247,7 @@ class Execution:
     def _measured_or_shared(self, cands: dict[int, type]) -> dict[int, type]:
         """execution=auto: the shared plan of this configuration if there is one (every process
         takes the main one's), else this machine's measurement, which becomes the shared plan."""
-        masks = self.inner.masks
+        masks = self.method.masks
         with self._shared_lock():
             shared = self._read_shared() if self.shared_plan is not None and (self.dist is None or self.dist.is_main) \
                 else None
@@ -283,7 +275,7 @@ class Execution:
 
     def convert(self, resume: bool = False) -> None:
         """Replace the chosen layers by sparse ones (resume: empty, the checkpoint fills them)."""
-        masks = self.inner.masks
+        masks = self.method.masks
         if masks is None or self.mode == "masked":
             self._report()
             return
@@ -304,18 +296,18 @@ class Execution:
                 self._convert_one(i, cls, resume)
             self.plan[masks.names[i]] = "sparse"
         self.active = bool(chosen)
-        masks.run_sparse(self.active, self.optimizer, bool(getattr(self.inner, "keeps_inactive_state", False)))
+        masks.run_sparse(self.active, self.optimizer, bool(getattr(self.method, "keeps_inactive_state", False)))
         if masks.keeps_inactive_state and self.active:
             kind = type(self.optimizer).__name__
             if kind not in ("SGD", "Adam", "AdamW"):
-                raise ConfigError(f"execution={self.mode}: method={self.inner.name} keeps the optimizer state of "
+                raise ConfigError(f"execution={self.mode}: method={self.method.name} keeps the optimizer state of "
                                   f"inactive weights, supported for optimizer=sgd/adam/adamw, not {kind}")
         self._save_plan()
         self._report()
 
     @torch.no_grad()
     def _convert_one(self, i: int, cls, resume: bool) -> None:
-        masks = self.inner.masks
+        masks = self.method.masks
         mod, _ = masks.owners[i]
         w = mod.weight
         layer = cls.from_dense(mod, None if resume else masks.masked_entry(i)[1])
@@ -341,7 +333,7 @@ class Execution:
             return
         for note in self.notes:
             log.info(note)
-        masks = self.inner.masks
+        masks = self.method.masks
         if masks is None or not self.plan:
             return
         sparse = [n for n, v in self.plan.items() if v == "sparse"]
@@ -384,7 +376,7 @@ class Execution:
         return shapes
 
     def _auto(self, cands: dict[int, type]) -> dict[int, type]:
-        masks = self.inner.masks
+        masks = self.method.masks
         mods = {i: masks.owners[i][0] for i in cands}
         shapes = self._input_shapes(list(mods.values()))
         chosen = {}
@@ -414,7 +406,7 @@ class Execution:
 
     # --- per step ---------------------------------------------------------------------------------
     def _close(self, logs):
-        masks = self.inner.masks
+        masks = self.method.masks
         if masks is not None:
             masks.close_view()
         if logs and self.active and masks.last_rebuild_s > 0:
@@ -424,45 +416,28 @@ class Execution:
             masks.last_rebuild_s = 0.0
         return logs
 
-    def setup(self):
-        logs = self.inner.setup()
-        logs = self._close(logs)
-        self.convert()
-        return logs
-
-    def before_forward(self, step: int) -> None:
-        if self.active:
+    # --- the hook: before and after each of the method's hooks (methods.base.call_hook) ----------
+    def before(self, name: str, *args) -> None:
+        if name == "before_forward" and self.active:  # this step's backward forms dense gradients?
             self.control.grads = {}
-            self.control.dense = bool(self.inner.wants_dense_grad(step))
-        self.inner.before_forward(step)
-
-    def before_optimizer_step(self, step: int) -> None:
-        if self.active and self.dist is not None and self.dist.enabled:
+            self.control.dense = bool(self.method.wants_dense_grad(args[0]))
+        elif name == "before_optimizer_step" and self.active and self.dist is not None and self.dist.enabled:
             self._average_grads()
-        self.inner.before_optimizer_step(step)
-        self._close(None)
 
-    def after_optimizer_step(self, step: int) -> None:
-        self.inner.after_optimizer_step(step)
-        if self.active and self.inner.masks.keeps_inactive_state and self.control.grads:
+    def after(self, name: str, logs, *args):
+        if name == "after_optimizer_step" and self.active and self.method.masks.keeps_inactive_state \
+                and self.control.grads:
             self._advance_inactive_state()
-        self._close(None)
-
-    def on_step_end(self, step: int):
-        return self._close(self.inner.on_step_end(step))
-
-    def on_epoch_end(self, epoch: int, step: int):
-        return self._close(self.inner.on_epoch_end(epoch, step))
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
-        self._close(None)
+        logs = self._close(logs)
+        if name == "setup":  # the initial masks exist: convert the chosen layers
+            self.convert()
+        return logs
 
     @torch.no_grad()
     def _advance_inactive_state(self) -> None:
         """The optimizer's state update, on the dense gradient, for the inactive weights' state
         (the active entries are overwritten from the values' state whenever a view opens)."""
-        masks = self.inner.masks
+        masks = self.method.masks
         opt = self.optimizer
         group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
         for i, layer in enumerate(masks.layers):
@@ -511,7 +486,7 @@ class Execution:
         import torch.distributed as tdist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-        grads = [layer.values.grad for layer in self.inner.masks.layers
+        grads = [layer.values.grad for layer in self.method.masks.layers
                  if layer is not None and layer.values.grad is not None]
         grads += list(self.control.grads.values())
         if not grads:

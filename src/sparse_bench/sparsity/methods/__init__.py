@@ -6,6 +6,6 @@ conf/method/.
 """
 
 from ...plugins import package_modules
-from .base import METHODS, Method, MethodContext, build_method, register  # noqa: F401
+from .base import METHODS, Method, MethodContext, build_method, call_hook, register  # noqa: F401
 
 package_modules(__name__, __path__, skip=("base",))

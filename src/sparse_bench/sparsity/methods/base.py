@@ -19,6 +19,11 @@ The trainer calls, per optimizer step::
 and after each epoch ``method.on_epoch_end(epoch, step)``. ``setup()`` runs once on a fresh
 run (not on resume) to draw the initial masks.
 
+Each call goes through :func:`call_hook`, which runs the trainer's hooks around it: objects with
+``before(name, *args)`` and ``after(name, logs, *args) -> logs`` (the execution engine,
+``sparsity.execution.Execution``, is one: it converts layers after ``setup`` and keeps sparse
+layers in step), so a method never sees them and they never stand in for the method.
+
 Cost: ``step_passes(step)`` says what a training step computes (forward, input-gradient and
 weight-gradient passes, each over the active weights or all of them) and ``update_cost(step)``
 what a mask update adds on top; ``sparsity/flops.py`` turns that into FLOPs by RigL's
@@ -212,6 +217,17 @@ class Method:
             self.masks.apply_()
         # a checkpoint loaded with map_location=cuda carries the CPU generator's state on the GPU
         self.ctx.generator.set_state(state["generator"].cpu())
+
+
+def call_hook(method: Method, hooks, name: str, *args):
+    """The method's hook `name` with `args`, each of the trainer's `hooks` run before and after it
+    (``hook.before(name, *args)``, ``logs = hook.after(name, logs, *args)``); returns the logs."""
+    for hook in hooks:
+        hook.before(name, *args)
+    logs = getattr(method, name)(*args)
+    for hook in hooks:
+        logs = hook.after(name, logs, *args)
+    return logs
 
 
 def update_interval(cfg, ctx: MethodContext):

@@ -161,14 +161,15 @@ class DropAndGrow(ScheduledUpdates, RandomInitMixin, Method):
     @torch.no_grad()
     def update(self, step: int) -> dict:
         ms = self.masks
-        u = Update(step=step, rate=self.rate(step), old=[m.clone() for m in ms.masks], nnz=ms.nnz())
-        u.dropped = self.drop(u)
-        u.after = [m & ~d for m, d in zip(u.old, u.dropped)]
-        u.grown = self.grow(u)
-        self.commit(u.old, u.dropped, u.grown)
-        self.finish(u)
-        self.last_update = self.record(u)
-        return {**self.method_logs(u), **mask_change_logs(ms.names, u.old, ms.masks)}
+        with ms.dense_view():  # sparse layers: their weights and masks as dense tensors for the update
+            u = Update(step=step, rate=self.rate(step), old=[m.clone() for m in ms.masks], nnz=ms.nnz())
+            u.dropped = self.drop(u)
+            u.after = [m & ~d for m, d in zip(u.old, u.dropped)]
+            u.grown = self.grow(u)
+            self.commit(u.old, u.dropped, u.grown)
+            self.finish(u)
+            self.last_update = self.record(u)
+            return {**self.method_logs(u), **mask_change_logs(ms.names, u.old, ms.masks)}
 
     @torch.no_grad()
     def commit(self, old: list[torch.Tensor], dropped: list[torch.Tensor], grown: list[torch.Tensor]) -> None:
