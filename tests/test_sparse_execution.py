@@ -505,7 +505,7 @@ def test_dense_views_of_sparse_layers_are_opened_explicitly():
     masks = method.masks
     assert all(masks.is_sparse(i) for i in range(len(masks)))
     with pytest.raises(RuntimeError, match="dense_view"):
-        masks.params
+        _ = masks.params
     nnz = masks.nnz()
     with masks.dense_view():
         assert masks.view_open

@@ -25,7 +25,6 @@ their structure *is* the mask. Methods read and change masks the same way for bo
 from __future__ import annotations
 
 import contextlib
-
 import fnmatch
 import time
 from collections.abc import Iterable, Sequence
