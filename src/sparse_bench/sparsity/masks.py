@@ -15,11 +15,16 @@ their structure *is* the mask. Methods read and change masks the same way for bo
 * the index-level calls (``active_indices``, ``active_values``, ``is_active``,
   ``inactive_indices``, ``replace_``, ``nnz``) never form a tensor of a weight's dense shape for
   a sparse layer (GSE uses only these);
-* ``params`` / ``masks`` give dense views: for a sparse layer, the first access opens a dense
-  copy of its weight, mask, optimizer state and (when the step formed one) dense gradient; the
-  execution engine closes the views after the hook that opened them and rebuilds the layers'
-  structures from what the method left in them (``last_rebuild_s`` is its cost). A method's
-  update code therefore runs unchanged, paying for dense views on update steps only.
+* ``params`` / ``masks`` are the dense weights and masks; for sparse layers they exist only
+  inside ``with masks.dense_view():``, which opens a dense copy of each sparse layer's weight,
+  mask, optimizer state and (when the step formed one) dense gradient, and at its end rebuilds the
+  layers from what the block left in them (``last_rebuild_s`` is its cost). Outside a view they
+  are refused for sparse layers, so no dense copy is ever made behind a method's back.
+
+Each entry is one prunable tensor in one of two forms with the same calls: a
+:class:`MaskedTensor` (a dense weight and its bool mask) or a :class:`SparseTensor` (a sparse
+layer, whose structure is its mask); a dense view of a sparse tensor is a ``MaskedTensor``. The
+mask set loops over its entries; it does not ask which form each one is.
 """
 
 from __future__ import annotations
@@ -67,15 +72,223 @@ def prunable_parameters(
     return out
 
 
-class _MaskList(list):
-    """The bool masks; replacing an entry marks the derived float masks and counts stale."""
+class MaskedTensor:
+    """A prunable weight held densely: the parameter and its bool mask."""
 
-    def __init__(self, items, owner: MaskSet):
-        super().__init__(items)
+    sparse = False
+
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor):
+        self.weight = weight
+        self.mask = mask
+
+    def count(self) -> torch.Tensor:
+        return torch.count_nonzero(self.mask)
+
+    def active_indices(self) -> torch.Tensor:
+        return self.mask.reshape(-1).nonzero().squeeze(1)
+
+    def active_values(self) -> torch.Tensor:
+        return self.weight.detach().reshape(-1)[self.active_indices()]
+
+    def is_active(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.mask.reshape(-1)[flat]
+
+    def inactive_indices(self) -> torch.Tensor:
+        return (~self.mask.reshape(-1)).nonzero().squeeze(1)
+
+    def dense_grad(self) -> torch.Tensor | None:
+        return self.weight.grad
+
+    def nonzero_weights(self) -> int:
+        return int((self.weight != 0).sum())
+
+    @torch.no_grad()
+    def replace_(self, drop: torch.Tensor, grow: torch.Tensor, optimizer, reset: Sequence[str]) -> None:
+        mask = self.mask.clone()
+        mask.view(-1)[drop] = False
+        mask.view(-1)[grow] = True
+        self.weight.data.view(-1)[grow] = 0.0
+        self.weight.data.view(-1)[drop] = 0.0
+        self.mask = mask
+        if optimizer is not None and reset:
+            for value in optimizer.state.get(self.weight, {}).values():
+                if torch.is_tensor(value) and value.shape == self.weight.shape:
+                    for where in ([grow] if "grown" in reset else []) + ([drop] if "dropped" in reset else []):
+                        value.view(-1)[where] = 0
+
+    @torch.no_grad()
+    def broadcast_(self, optimizer, dist) -> tuple[bool, list[torch.Tensor]]:
+        """Rank 0's mask and weight here; (whether the mask differed, the state tensors to send)."""
+        mine = self.mask.clone()
+        m = self.mask.to(torch.uint8)
+        dist.broadcast(m, src=0)
+        self.mask = m.bool()
+        dist.broadcast(self.weight.data, src=0)
+        tensors = [v for v in optimizer.state.get(self.weight, {}).values()
+                   if torch.is_tensor(v) and v.shape == self.weight.shape]
+        return not torch.equal(mine, self.mask), tensors
+
+    def saved_mask(self) -> torch.Tensor:
+        return self.mask.detach().cpu().clone()
+
+
+class SparseTensor:
+    """A prunable weight held by a sparse layer (values and structure; the structure is the mask),
+    with the dense optimizer state of its inactive weights where a method keeps it (`shadow`)."""
+
+    sparse = True
+
+    def __init__(self, layer, shape: tuple[int, ...]):
+        self.layer = layer
+        self.shape = shape
+        self.shadow: dict[str, torch.Tensor] = {}
+
+    def count(self) -> int:
+        return self.layer.nnz
+
+    def active_indices(self) -> torch.Tensor:
+        return self.layer.active_linear()
+
+    def active_values(self) -> torch.Tensor:
+        return self.layer.values.detach()
+
+    def is_active(self, flat: torch.Tensor) -> torch.Tensor:
+        act = self.layer.active_linear()
+        if act.numel() == 0:
+            return torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+        pos = torch.searchsorted(act, flat).clamp_max(act.numel() - 1)
+        return act[pos] == flat
+
+    def inactive_indices(self) -> torch.Tensor:
+        keep = torch.ones(self.layer.rows * self.layer.cols, dtype=torch.bool, device=self.layer.values.device)
+        keep[self.layer.active_linear()] = False
+        return keep.nonzero().squeeze(1)
+
+    def dense_grad(self) -> torch.Tensor | None:
+        g = self.layer.dense_grad
+        return None if g is None else g.view(self.shape)
+
+    def nonzero_weights(self) -> int:
+        return int((self.layer.values != 0).sum())
+
+    @torch.no_grad()
+    def replace_(self, drop: torch.Tensor, grow: torch.Tensor, optimizer, reset: Sequence[str]) -> None:
+        """Drop entries with their state; grown entries start at 0 with zeroed state."""
+        if "grown" not in reset:
+            raise ValueError("a sparse layer starts its grown entries' optimizer state at 0; keep it in a dense view")
+        layer = self.layer
+        act = layer.active_linear()
+        keep = torch.ones(act.numel(), dtype=torch.bool, device=act.device)
+        if drop.numel():
+            keep[torch.searchsorted(act, drop.to(act.device))] = False
+        grow = grow.to(act.device, torch.int64)
+        lin, order = torch.sort(torch.cat([act[keep], grow]))
+        zeros = torch.zeros(grow.numel(), dtype=layer.values.dtype, device=act.device)
+        vals = torch.cat([layer.values.detach()[keep], zeros])[order]
+        state = optimizer.state.get(layer.values) if optimizer is not None else None
+        if state:
+            for k, v in list(state.items()):
+                if torch.is_tensor(v) and v.shape == layer.values.shape:
+                    state[k] = torch.cat([v[keep], torch.zeros(grow.numel(), dtype=v.dtype, device=v.device)])[order]
+        layer.set_active(lin, vals)
+
+    @torch.no_grad()
+    def open_view(self, optimizer) -> MaskedTensor:
+        """A dense copy: weight (with the dense gradient when the step formed one), mask, and the
+        optimizer state as dense tensors under the copy (the inactive weights' from `shadow`)."""
+        layer, shape = self.layer, self.shape
+        p = nn.Parameter(layer.dense_weight().view(shape))
+        if layer.dense_grad is not None:
+            p.grad = layer.dense_grad.view(shape)
+        lin = layer.active_linear()
+        numel = p.numel()
+        state = optimizer.state.get(layer.values) if optimizer is not None else None
+        if state:
+            dense = {}
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.shape == layer.values.shape:
+                    full = self.shadow.get(k)
+                    full = torch.zeros(numel, dtype=v.dtype, device=v.device) if full is None else full.clone()
+                    full[lin] = v
+                    dense[k] = full.view(shape)
+                else:
+                    dense[k] = v
+            optimizer.state[p] = dense
+        m = torch.zeros(numel, dtype=torch.bool, device=lin.device)
+        m[lin] = True
+        return MaskedTensor(p, m.view(shape))
+
+    @torch.no_grad()
+    def close_view(self, view: MaskedTensor, optimizer, keeps_inactive_state: bool) -> None:
+        """Rebuild the layer from its dense view (values, structure, optimizer state)."""
+        p, m = view.weight, view.mask
+        lin = m.reshape(-1).nonzero().squeeze(1)
+        dense = optimizer.state.pop(p, None) if optimizer is not None else None
+        self.layer.set_active(lin, p.data.reshape(-1)[lin])
+        if dense:
+            new = {}
+            for k, v in dense.items():
+                if torch.is_tensor(v) and tuple(v.shape) == self.shape:
+                    flat = v.reshape(-1)
+                    new[k] = flat[lin].clone()
+                    if keeps_inactive_state:
+                        self.shadow[k] = flat
+                else:
+                    new[k] = v
+            optimizer.state[self.layer.values] = new
+
+    @torch.no_grad()
+    def broadcast_(self, optimizer, dist) -> tuple[bool, list[torch.Tensor]]:
+        layer = self.layer
+        mine = layer.active_linear()
+        n = torch.tensor([mine.numel()], dtype=torch.int64, device=mine.device)
+        dist.broadcast(n, src=0)
+        lin = mine.clone() if int(n) == mine.numel() else torch.empty(int(n), dtype=torch.int64, device=mine.device)
+        dist.broadcast(lin, src=0)
+        vals = layer.values.detach().clone() if int(n) == mine.numel() else torch.empty(
+            int(n), dtype=layer.values.dtype, device=lin.device)
+        dist.broadcast(vals, src=0)
+        same = lin.numel() == mine.numel() and torch.equal(lin, mine)
+        state = optimizer.state.get(layer.values, {})
+        if not same:
+            layer.set_active(lin, vals)
+            for k, v in list(state.items()):
+                if torch.is_tensor(v) and v.dim() == 1 and v.numel() == mine.numel():
+                    state[k] = torch.zeros(lin.numel(), dtype=v.dtype, device=v.device)
+        else:
+            layer.values.data.copy_(vals)
+        tensors = [v for v in state.values() if torch.is_tensor(v) and v.shape == layer.values.shape]
+        return not same, tensors + list(self.shadow.values())
+
+    def saved_mask(self) -> None:
+        return None  # the structure is saved with the model
+
+
+class _MaskList:
+    """The bool masks of a list of masked tensors, as a list: replacing one marks the mask set's
+    derived float masks and counts stale."""
+
+    def __init__(self, entries: list[MaskedTensor], owner: MaskSet):
+        self._entries = entries
         self._owner = owner
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self):
+        return iter([e.mask for e in self._entries])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [e.mask for e in self._entries[i]]
+        return self._entries[i].mask
+
     def __setitem__(self, i, value):
-        super().__setitem__(i, value)
+        if isinstance(i, slice):
+            for e, v in zip(self._entries[i], value, strict=True):
+                e.mask = v
+        else:
+            self._entries[i].mask = value
         self._owner._changed()
 
 
@@ -90,10 +303,10 @@ class MaskSet:
             raise ConfigError(f"prunable: {empty[0]} has no weights (a layer of width 0?); give every layer a "
                               f"positive width, e.g. model.hidden=[300,100]")
         self.names = [n for n, _ in named_params]
-        self._params: list = [p for _, p in named_params]
-        self._masks = _MaskList([torch.ones_like(p, dtype=torch.bool) for p in self._params], self)
-        self._shapes = [tuple(p.shape) for p in self._params]
-        self._numels = [p.numel() for p in self._params]
+        self.entries: list[MaskedTensor | SparseTensor] = [
+            MaskedTensor(p, torch.ones_like(p, dtype=torch.bool)) for _, p in named_params]
+        self._shapes = [tuple(p.shape) for _, p in named_params]
+        self._numels = [p.numel() for _, p in named_params]
         # the module owning each parameter, and its attribute name (None when unknown)
         self.owners: list[tuple[nn.Module, str] | None] = [None] * len(self.names)
         if model is not None:
@@ -102,13 +315,10 @@ class MaskSet:
                 for attr, p in mod._parameters.items():
                     if p is not None:
                         where.setdefault(id(p), (mod, attr))
-            self.owners = [where.get(id(p)) for p in self._params]
-        self.layers: list = [None] * len(self.names)  # sparse layer per entry (None: masked)
+            self.owners = [where.get(id(p)) for _, p in named_params]
         self.optimizer: torch.optim.Optimizer | None = None
         self.keeps_inactive_state = False  # dense optimizer state of inactive weights is kept
-        self.shadow: list[dict] = [{} for _ in self.names]
-        self._any_sparse = False
-        self._view = None
+        self._view: list[MaskedTensor] | None = None
         self._float: list[torch.Tensor] = []
         self._float_params: list[torch.Tensor] = []
         self._counts: list[int] | None = None
@@ -141,17 +351,30 @@ class MaskSet:
         self._stale = True
         self._counts = None
 
+    @property
+    def layers(self) -> list:
+        """The sparse layer of each entry (None: masked)."""
+        return [e.layer if e.sparse else None for e in self.entries]
+
+    @property
+    def shadow(self) -> list[dict]:
+        """The dense optimizer state of each sparse entry's inactive weights (where kept)."""
+        return [e.shadow if e.sparse else {} for e in self.entries]
+
+    @property
+    def _any_sparse(self) -> bool:
+        return any(e.sparse for e in self.entries)
+
     def held_tensors(self) -> list[torch.Tensor]:
         """The tensors the mask set itself keeps alive (bool masks of masked entries, their float
         copies, inactive weights' optimizer state): what it adds to a run's memory."""
-        return ([m for m in self._masks if m is not None] + list(self._float)
+        return ([e.mask for e in self.entries if not e.sparse] + list(self._float)
                 + [v for s in self.shadow for v in s.values()])
 
     # --- what the execution engine changes ------------------------------------------------------
     def run_sparse(self, active: bool, optimizer, keeps_inactive_state: bool | None = None) -> None:
-        """Whether any entry is a sparse layer now (the methods then see views), and the optimizer
-        whose state follows the layers (and whether inactive weights keep theirs)."""
-        self._any_sparse = bool(active)
+        """The optimizer whose state follows the sparse layers (`active`: whether any entry is one
+        now), and whether inactive weights keep theirs."""
         self.optimizer = optimizer
         if keeps_inactive_state is not None:
             self.keeps_inactive_state = keeps_inactive_state
@@ -159,9 +382,7 @@ class MaskSet:
 
     def adopt_layer(self, i: int, layer) -> None:
         """Entry `i` is held by the sparse `layer` from now on: its dense weight and mask are let go."""
-        self.layers[i] = layer
-        self._params[i] = None
-        self._masks[i] = None
+        self.entries[i] = SparseTensor(layer, self._shapes[i])
         self.owners[i] = (layer, "values")
         self._changed()
 
@@ -171,30 +392,28 @@ class MaskSet:
         """The dense weights, one per entry: with sparse layers, those of the dense view open now
         (``dense_view()``); reading them with a sparse layer and no view open is an error, never a
         view opened behind the caller's back."""
-        return self._dense_lists()[0]
+        return [e.weight for e in self._dense_entries()]
 
     @property
-    def masks(self) -> list:
+    def masks(self) -> _MaskList:
         """The bool masks, one per entry (with sparse layers: the open dense view's, as ``params``)."""
-        return self._dense_lists()[1]
+        return _MaskList(self._dense_entries(), self)
 
     @masks.setter
     def masks(self, value) -> None:
-        if self._view is not None:
-            self._view[1][:] = list(value)
-        elif self._any_sparse:
-            self._dense_lists()  # raises: no view open
-        else:
-            self._masks = _MaskList(list(value), self)
-        self._changed()
+        self.masks[:] = list(value)
 
-    def _dense_lists(self) -> tuple[list, list]:
+    def _dense_entries(self) -> list[MaskedTensor]:
         if self._view is not None:
             return self._view
         if self._any_sparse:
             raise RuntimeError("the dense weights or masks of sparse layers were read with no dense view open; "
                                "read them inside `with masks.dense_view():`, or use the index-level calls")
-        return self._params, self._masks
+        return self.entries
+
+    def _entry(self, i: int) -> MaskedTensor | SparseTensor:
+        """Entry i as the methods see it now: its dense view while one is open."""
+        return self._view[i] if self._view is not None else self.entries[i]
 
     @contextlib.contextmanager
     def dense_view(self):
@@ -211,12 +430,6 @@ class MaskSet:
             if opened:
                 self.close_view()
 
-    def _dense_entry(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight, mask) of entry i: a masked layer's own, or the open view's."""
-        if self._view is not None:
-            return self._view[0][i], self._view[1][i]
-        return self._params[i], self._masks[i]
-
     @property
     def shapes(self) -> list[tuple[int, ...]]:
         return list(self._shapes)
@@ -226,13 +439,14 @@ class MaskSet:
         return list(self._numels)
 
     def is_sparse(self, i: int) -> bool:
-        return self.layers[i] is not None
+        return self.entries[i].sparse
 
     def masked_entry(self, i: int) -> tuple[nn.Parameter, torch.Tensor]:
         """(dense weight, bool mask) of a masked layer, without opening views of sparse ones."""
-        if self.layers[i] is not None:
+        e = self.entries[i]
+        if e.sparse:
             raise ValueError(f"{self.names[i]} is a sparse layer; use the index-level calls")
-        return self._params[i], self._masks[i]
+        return e.weight, e.mask
 
     @torch.no_grad()
     def draw_random(self, density: float, kind: str, generator: torch.Generator) -> None:
@@ -248,18 +462,16 @@ class MaskSet:
             self.set_masks(random_masks(self.shapes, density, kind, generator, self.names))
             return
         counts = layer_counts(self._shapes, density, "uniform" if kind == "bernoulli" else kind, self.names)
-        for i, (shape, k) in enumerate(zip(self._shapes, counts)):
-            layer = self.layers[i]
-            if layer is None:
-                n = self._numels[i]
+        for e, shape, n, k in zip(self.entries, self._shapes, self._numels, counts):
+            if not e.sparse:
                 flat = torch.zeros(n, dtype=torch.bool)
                 flat[torch.randperm(n, generator=generator)[:k]] = True
-                self._masks[i] = flat.view(shape).to(self._params[i].device)
+                e.mask = flat.view(shape).to(e.weight.device)
                 continue
-            lin = sample_positions(self._numels[i], k, generator)
-            bound = getattr(layer, "init_bound", None) or 1.0 / max(layer.cols, 1) ** 0.5
+            lin = sample_positions(n, k, generator)
+            bound = getattr(e.layer, "init_bound", None) or 1.0 / max(e.layer.cols, 1) ** 0.5
             values = (torch.rand(k, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-            layer.set_active(lin, values)
+            e.layer.set_active(lin, values)
         self._changed()
         self.apply_()
 
@@ -267,28 +479,26 @@ class MaskSet:
         """Replace all masks (moved to each parameter's device) and apply them."""
         if len(masks) != len(self.names):
             raise ValueError("one mask per prunable parameter expected")
-        params, current = self._dense_lists()
-        for i, (m, p) in enumerate(zip(masks, params)):
+        for i, (m, e) in enumerate(zip(masks, self._dense_entries())):
             if tuple(m.shape) != self._shapes[i]:
                 raise ValueError(f"mask for {self.names[i]} has shape {tuple(m.shape)}, expected {self._shapes[i]}")
-            current[i] = m.to(device=p.device, dtype=torch.bool)
+            e.mask = m.to(device=e.weight.device, dtype=torch.bool)
+        self._changed()
         self.apply_()
 
     def _refresh(self) -> None:
-        """Float copies of the masked entries' masks, made once per mask change."""
-        masks = self._view[1] if self._view is not None else self._masks
-        params = self._view[0] if self._view is not None else self._params
-        idx = [i for i in range(len(self.names)) if self.layers[i] is None or self._view is not None]
+        """Float copies of the masked entries' masks (the open view's too), made once per mask change."""
+        dense = [e for e in (self._view if self._view is not None else self.entries) if not e.sparse]
         old = {id(p): f for p, f in zip(self._float_params, self._float)}
         floats = []
-        for i in idx:
-            f = old.get(id(params[i]))
-            if f is not None and f.shape == masks[i].shape and f.dtype == params[i].dtype:
-                f.copy_(masks[i])  # in place: no new tensor per mask change
+        for e in dense:
+            f = old.get(id(e.weight))
+            if f is not None and f.shape == e.mask.shape and f.dtype == e.weight.dtype:
+                f.copy_(e.mask)  # in place: no new tensor per mask change
             else:
-                f = masks[i].to(params[i].dtype)
+                f = e.mask.to(e.weight.dtype)
             floats.append(f)
-        self._float_params = [params[i] for i in idx]
+        self._float_params = [e.weight for e in dense]
         self._float = floats
         self._stale = False
 
@@ -316,33 +526,21 @@ class MaskSet:
     def dense_grads(self) -> list[torch.Tensor | None]:
         """The gradient of the loss w.r.t. each whole dense weight (masked: ``p.grad``; sparse:
         the one the layer formed in this step's backward when asked to, else None)."""
-        out = []
-        for i, layer in enumerate(self.layers):
-            if layer is None:
-                out.append(self._params[i].grad)
-            else:
-                g = layer.dense_grad
-                out.append(None if g is None else g.view(self._shapes[i]))
-        return out
+        return [e.dense_grad() for e in self.entries]
 
     # --- counts -------------------------------------------------------------------------------
     @torch.no_grad()
     def nnz(self) -> list[int]:
         """Active weights per layer (at most one host sync; cached until the masks change)."""
         if self._view is not None:
-            masks = self._view[1]
-            return [int(c) for c in torch.stack([torch.count_nonzero(m) for m in masks]).cpu().tolist()]
+            return [int(c) for c in torch.stack([e.count() for e in self._view]).cpu().tolist()]
         if self._counts is None:
-            dense = [i for i, layer in enumerate(self.layers) if layer is None]
-            counts = [0] * len(self.names)
+            counts = [e.count() for e in self.entries]
+            dense = [i for i, c in enumerate(counts) if torch.is_tensor(c)]
             if dense:
-                got = torch.stack([torch.count_nonzero(self._masks[i]) for i in dense]).cpu().tolist()
-                for i, c in zip(dense, got):
+                for i, c in zip(dense, torch.stack([counts[i] for i in dense]).cpu().tolist()):
                     counts[i] = int(c)
-            for i, layer in enumerate(self.layers):
-                if layer is not None:
-                    counts[i] = layer.nnz
-            self._counts = counts
+            self._counts = [int(c) for c in counts]
         return list(self._counts)
 
     def density(self) -> float:
@@ -354,41 +552,24 @@ class MaskSet:
     @torch.no_grad()
     def weight_density(self) -> float:
         """Fraction of prunable weights that are non-zero in the tensors themselves."""
-        nz = 0
-        for i, layer in enumerate(self.layers):
-            nz += int((self._params[i] != 0).sum()) if layer is None else int((layer.values != 0).sum())
-        return nz / sum(self._numels)
+        return sum(e.nonzero_weights() for e in self.entries) / sum(self._numels)
 
     # --- index-level access (no dense tensor for sparse layers) --------------------------------
     def active_indices(self, i: int) -> torch.Tensor:
         """Sorted flat positions of layer i's active weights."""
-        if self.layers[i] is not None and self._view is None:
-            return self.layers[i].active_linear()
-        return self._dense_entry(i)[1].reshape(-1).nonzero().squeeze(1)
+        return self._entry(i).active_indices()
 
     def active_values(self, i: int) -> torch.Tensor:
         """Layer i's active weights, in the order of ``active_indices(i)`` (detached)."""
-        if self.layers[i] is not None and self._view is None:
-            return self.layers[i].values.detach()
-        return self._dense_entry(i)[0].detach().reshape(-1)[self.active_indices(i)]
+        return self._entry(i).active_values()
 
     def is_active(self, i: int, flat: torch.Tensor) -> torch.Tensor:
         """Bool per flat position: is it active in layer i?"""
-        if self.layers[i] is not None and self._view is None:
-            act = self.layers[i].active_linear()
-            if act.numel() == 0:
-                return torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
-            pos = torch.searchsorted(act, flat).clamp_max(act.numel() - 1)
-            return act[pos] == flat
-        return self._dense_entry(i)[1].reshape(-1)[flat]
+        return self._entry(i).is_active(flat)
 
     def inactive_indices(self, i: int) -> torch.Tensor:
         """Sorted flat positions of layer i's inactive weights (O(numel): dense-ish layers only)."""
-        if self.layers[i] is not None and self._view is None:
-            keep = torch.ones(self._numels[i], dtype=torch.bool, device=self.layers[i].values.device)
-            keep[self.layers[i].active_linear()] = False
-            return keep.nonzero().squeeze(1)
-        return (~self._dense_entry(i)[1].reshape(-1)).nonzero().squeeze(1)
+        return self._entry(i).inactive_indices()
 
     @torch.no_grad()
     def replace_(self, drop: Sequence[torch.Tensor], grow: Sequence[torch.Tensor],
@@ -405,82 +586,20 @@ class MaskSet:
         unknown = set(reset) - {"grown", "dropped"}
         if unknown:
             raise ValueError(f"replace_: reset names {sorted(unknown)}; choose from 'grown', 'dropped'")
+        t0 = time.perf_counter()
         for i, (d, g) in enumerate(zip(drop, grow)):
-            layer = self.layers[i]
-            if layer is None or self._view is not None:
-                p, m = self._dense_entry(i)
-                nm = m.clone()
-                nm.view(-1)[d] = False
-                nm.view(-1)[g] = True
-                p.data.view(-1)[g] = 0.0
-                p.data.view(-1)[d] = 0.0
-                (self._view[1] if self._view is not None else self._masks)[i] = nm
-                if optimizer is not None and reset:
-                    for value in optimizer.state.get(p, {}).values():
-                        if torch.is_tensor(value) and value.shape == p.shape:
-                            for where in ([g] if "grown" in reset else []) + ([d] if "dropped" in reset else []):
-                                value.view(-1)[where] = 0
-                continue
-            if "grown" not in reset:
-                raise ValueError(f"{self.names[i]} is a sparse layer: its grown entries' optimizer state starts at 0; "
-                                 f"open a dense view to keep it")
-            t0 = time.perf_counter()
-            act = layer.active_linear()
-            keep = torch.ones(act.numel(), dtype=torch.bool, device=act.device)
-            if d.numel():
-                pos = torch.searchsorted(act, d.to(act.device))
-                keep[pos] = False
-            g = g.to(act.device, torch.int64)
-            lin, order = torch.sort(torch.cat([act[keep], g]))
-            vals = torch.cat([layer.values.detach()[keep], torch.zeros(g.numel(), dtype=layer.values.dtype,
-                                                                       device=act.device)])[order]
-            state = optimizer.state.get(layer.values) if optimizer is not None else None
-            if state:
-                for k, v in list(state.items()):
-                    if torch.is_tensor(v) and v.shape == layer.values.shape:
-                        state[k] = torch.cat([v[keep], torch.zeros(g.numel(), dtype=v.dtype, device=v.device)])[order]
-            layer.set_active(lin, vals)
+            self._entry(i).replace_(d, g, optimizer, reset)
+        if self._view is None and self._any_sparse:
             self.last_rebuild_s += time.perf_counter() - t0
         self._changed()  # the weights at `drop` and `grow` are zero already
 
     # --- dense views of sparse layers (update steps) --------------------------------------------
-    def _open_view(self):
-        if self._view is not None:
-            return self._view
-        native = [n for n, layer in zip(self.names, self.layers) if getattr(layer, "init_bound", None)]
+    def _open_view(self) -> list[MaskedTensor]:
+        native = [n for n, e in zip(self.names, self.entries) if e.sparse and getattr(e.layer, "init_bound", None)]
         if native:
             raise RuntimeError(f"a dense view of {native[0]} was asked for, but the layer is too big to hold "
                                f"densely; the method must use MaskSet's index-level calls")
-        params, masks = [], []
-        for i, layer in enumerate(self.layers):
-            if layer is None:
-                params.append(self._params[i])
-                masks.append(self._masks[i])
-                continue
-            shape = self._shapes[i]
-            p = nn.Parameter(layer.dense_weight().view(shape))
-            if layer.dense_grad is not None:
-                p.grad = layer.dense_grad.view(shape)
-            lin = layer.active_linear()
-            if self.optimizer is not None:
-                state = self.optimizer.state.get(layer.values)
-                if state:
-                    dense = {}
-                    for k, v in state.items():
-                        if torch.is_tensor(v) and v.shape == layer.values.shape:
-                            full = self.shadow[i].get(k)
-                            full = torch.zeros(self._numels[i], dtype=v.dtype, device=v.device) if full is None \
-                                else full.clone()
-                            full[lin] = v
-                            dense[k] = full.view(shape)
-                        else:
-                            dense[k] = v
-                    self.optimizer.state[p] = dense
-            params.append(p)
-            m = torch.zeros(self._numels[i], dtype=torch.bool, device=lin.device)
-            m[lin] = True
-            masks.append(m.view(shape))
-        self._view = (params, _MaskList(masks, self))
+        self._view = [e.open_view(self.optimizer) if e.sparse else e for e in self.entries]
         self._changed()
         return self._view
 
@@ -495,26 +614,9 @@ class MaskSet:
         if self._view is None:
             return False
         t0 = time.perf_counter()
-        params, masks = self._view
-        for i, layer in enumerate(self.layers):
-            if layer is None:
-                self._masks[i] = masks[i]
-                continue
-            p, m = params[i], masks[i]
-            lin = m.reshape(-1).nonzero().squeeze(1)
-            dense = self.optimizer.state.pop(p, None) if self.optimizer is not None else None
-            layer.set_active(lin, p.data.reshape(-1)[lin])
-            if dense:
-                new = {}
-                for k, v in dense.items():
-                    if torch.is_tensor(v) and tuple(v.shape) == self._shapes[i]:
-                        flat = v.reshape(-1)
-                        new[k] = flat[lin].clone()
-                        if self.keeps_inactive_state:
-                            self.shadow[i][k] = flat
-                    else:
-                        new[k] = v
-                self.optimizer.state[layer.values] = new
+        for e, view in zip(self.entries, self._view):
+            if e.sparse:
+                e.close_view(view, self.optimizer, self.keeps_inactive_state)
         self._view = None
         self._changed()
         self.last_rebuild_s += time.perf_counter() - t0
@@ -526,38 +628,9 @@ class MaskSet:
         (`dist` is torch.distributed); returns how many layers differed here before."""
         self.close_view()
         differed = 0
-        for i, layer in enumerate(self.layers):
-            if layer is None:
-                p = self._params[i]
-                mine = self._masks[i].clone()
-                m = self._masks[i].to(torch.uint8)
-                dist.broadcast(m, src=0)
-                self._masks[i] = m.bool()
-                differed += int(not torch.equal(mine, self._masks[i]))
-                dist.broadcast(p.data, src=0)
-                tensors = [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
-            else:
-                mine = layer.active_linear()
-                n = torch.tensor([mine.numel()], dtype=torch.int64, device=mine.device)
-                dist.broadcast(n, src=0)
-                lin = mine.clone() if int(n) == mine.numel() else torch.empty(
-                    int(n), dtype=torch.int64, device=mine.device)
-                dist.broadcast(lin, src=0)
-                vals = layer.values.detach().clone() if int(n) == mine.numel() else torch.empty(
-                    int(n), dtype=layer.values.dtype, device=lin.device)
-                dist.broadcast(vals, src=0)
-                same = lin.numel() == mine.numel() and torch.equal(lin, mine)
-                differed += int(not same)
-                state = optimizer.state.get(layer.values, {})
-                if not same:
-                    layer.set_active(lin, vals)
-                    for k, v in list(state.items()):
-                        if torch.is_tensor(v) and v.dim() == 1 and v.numel() == mine.numel():
-                            state[k] = torch.zeros(lin.numel(), dtype=v.dtype, device=v.device)
-                else:
-                    layer.values.data.copy_(vals)
-                tensors = [v for v in state.values() if torch.is_tensor(v) and v.shape == layer.values.shape]
-                tensors += [v for v in self.shadow[i].values()]
+        for e in self.entries:
+            changed, tensors = e.broadcast_(optimizer, dist)
+            differed += int(changed)
             for value in tensors:
                 dist.broadcast(value, src=0)
         self._changed()
@@ -575,9 +648,7 @@ class MaskSet:
         """Masks of masked layers (a sparse layer's structure is saved with the model), and the
         dense optimizer state of inactive weights where a method keeps it."""
         self.close_view()
-        out = {"names": list(self.names),
-               "masks": [None if layer is not None else m.detach().cpu().clone()
-                         for layer, m in zip(self.layers, self._masks)]}
+        out = {"names": list(self.names), "masks": [e.saved_mask() for e in self.entries]}
         if any(self.shadow):
             out["shadow"] = [{k: v.detach().cpu().clone() for k, v in s.items()} for s in self.shadow]
         return out
@@ -586,11 +657,11 @@ class MaskSet:
         if list(state["names"]) != self.names:
             raise ValueError("checkpoint masks are for different parameters")
         self.close_view()
-        for i, m in enumerate(state["masks"]):
-            if m is not None and self.layers[i] is None:
-                self._masks[i] = m.to(device=self._params[i].device, dtype=torch.bool)
-        for i, s in enumerate(state.get("shadow") or []):
-            if self.layers[i] is not None:
-                dev = self.layers[i].values.device
-                self.shadow[i] = {k: v.to(dev) for k, v in s.items()}
+        for e, m in zip(self.entries, state["masks"]):
+            if m is not None and not e.sparse:
+                e.mask = m.to(device=e.weight.device, dtype=torch.bool)
+        for e, s in zip(self.entries, state.get("shadow") or []):
+            if e.sparse:
+                dev = e.layer.values.device
+                e.shadow = {k: v.to(dev) for k, v in s.items()}
         self._changed()
