@@ -10,6 +10,8 @@ line, the tests and the tools read one copy, and the schema fills a partial opti
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.resources
 from pathlib import Path
 
@@ -42,3 +44,17 @@ def option_values(group: str, name) -> dict | None:
     if not path.is_file():
         return None
     return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def config_values() -> dict:
+    """The top-level values of ``conf/config.yaml`` (without Hydra's ``defaults`` list and without
+    resolving interpolations): the one place the top-level defaults are written. A copy: the
+    caller may change it."""
+    return copy.deepcopy(_config_values())
+
+
+@functools.cache
+def _config_values() -> dict:
+    node = OmegaConf.to_container(OmegaConf.load(conf_dir() / "config.yaml"), resolve=False)
+    node.pop("defaults", None)
+    return node

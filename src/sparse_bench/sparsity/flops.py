@@ -72,7 +72,9 @@ class Extra:
     passes: float = 1.0
 
 
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: modules whose whole forward cost is their weight's (so a weight at density d costs d of it): what
+#: the counter can attribute to a prunable tensor, whatever the prunable rule selects
+_WEIGHT_BOUND = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class LayerFlops:
@@ -121,7 +123,7 @@ class LayerFlops:
             mod_name, _, attr = name.rpartition(".")
             mod = modules.get(mod_name)
             fqn = f"{root}.{mod_name}" if mod_name else root
-            if attr == "weight" and isinstance(mod, _LAYER_TYPES) and fqn in counts:
+            if attr == "weight" and isinstance(mod, _WEIGHT_BOUND) and fqn in counts:
                 per_layer.append(float(sum(counts[fqn].values())))
             else:
                 per_layer.append(0.0)

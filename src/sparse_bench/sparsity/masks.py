@@ -37,9 +37,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..confdir import config_values
 from ..errors import ConfigError
-
-DEFAULT_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
 
 def _module_types(names: Iterable[str]) -> tuple[type, ...]:
@@ -52,13 +51,16 @@ def _module_types(names: Iterable[str]) -> tuple[type, ...]:
     return tuple(types)
 
 
-def prunable_parameters(
-    model: nn.Module,
-    types: Sequence[str] = DEFAULT_TYPES,
-    exclude: Sequence[str] = (),
-    include: Sequence[str] = (),
-) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) pairs the rule selects, in the model's parameter order."""
+def full_rule(rule=None) -> dict:
+    """The prunable rule `rule` (``types``, ``exclude``, ``include``, ``allow_empty``; any of them
+    may be left out) over the values of ``prunable`` in ``conf/config.yaml``."""
+    return {**config_values()["prunable"], **{k: v for k, v in dict(rule or {}).items() if v is not None}}
+
+
+def prunable_parameters(model: nn.Module, rule=None) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs the rule selects (:func:`full_rule`), in the model's parameter order."""
+    rule = full_rule(rule)
+    types, exclude, include = list(rule["types"]), list(rule["exclude"]), list(rule["include"])
     mod_types = _module_types(types)
     chosen: set[str] = set()
     for mod_name, mod in model.named_modules():
@@ -331,17 +333,10 @@ class MaskSet:
 
     @classmethod
     def from_model(cls, model: nn.Module, rule) -> MaskSet:
-        rule = rule or {}
-        ms = cls(
-            prunable_parameters(
-                model,
-                types=list(rule.get("types", DEFAULT_TYPES)),
-                exclude=list(rule.get("exclude", [])),
-                include=list(rule.get("include", [])),
-            ),
-            model,
-        )
-        ms.floor = 0 if rule.get("allow_empty") else 1
+        """The mask set of `model`'s prunable parameters under `rule` (:func:`full_rule`)."""
+        rule = full_rule(rule)
+        ms = cls(prunable_parameters(model, rule), model)
+        ms.floor = 0 if rule["allow_empty"] else 1
         return ms
 
     def __len__(self) -> int:

@@ -68,13 +68,12 @@ def build_model_for(mode: str, build, device: torch.device, rule: dict, limit: i
     which layers. Models whose layers all fit are built exactly as under execution=masked."""
     if mode == "masked":
         return build().to(device)
-    from ..masks import DEFAULT_TYPES, prunable_parameters
+    from ..masks import prunable_parameters
 
     limit = DENSE_BUILD_LIMIT if limit is None else limit
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the probe leaves the RNG as it was
         probe = build()
-    named = prunable_parameters(probe, list(rule.get("types") or DEFAULT_TYPES),
-                                list(rule.get("exclude") or []), list(rule.get("include") or []))
+    named = prunable_parameters(probe, rule)
     big = {id(p) for _, p in named if p.numel() > limit}
     if not big:
         return build().to(device)
