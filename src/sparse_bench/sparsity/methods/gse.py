@@ -76,6 +76,7 @@ from torch import nn
 from ... import schema as S
 from ...errors import ConfigError
 from ..candidate_grad import (
+    SCORE_KINDS,
     candidate_gradients,
     check_layer,
     num_rows,
@@ -137,7 +138,7 @@ class GSESchema:
     update_every: Any = interval()
     end: Optional[Milestone] = milestone()
     gamma: float = S.num(gt=0.0, hint="the paper uses 1 (CIFAR) or 2 (ImageNet)")
-    sampling: str = S.choice(("uniform", "grabo", "graest"))
+    sampling: str = S.choice(("uniform", *SCORE_KINDS))  # uniform, or a guided sampler of candidate_grad
     scope: str = scope()
     stat_batches: int = S.count(ge=1)
     chunk_size: int = S.count(ge=1)
