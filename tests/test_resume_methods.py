@@ -34,6 +34,9 @@ METHODS = {
                  "method.init=er", "method.reinit=fan_in", "method.end={unit:epoch,value:4}"],
     "topkast:gse": ["method.update_every=4", "method.init=er", "method.explore_end={unit:epoch,value:3}",
                     "method.norm_penalty=1e-4", "method.promote=zero", "optimizer.weight_decay=0"],
+    # mixed precision: autocast, and fp16's gradient scaler state in the checkpoint
+    "rigl:bf16": ["method.update_every=4", "precision=bf16"],
+    "sparse_momentum:fp16": ["method.update_every=5", "precision=fp16"],
     "deepr:dsr": ["method.l1_mode=loss", "method.noise_mode=gradient", "method.regrow_sign=first_update",
                   "method.exclude_pruned=true", "method.end={unit:epoch,value:3}",
                   "method.temperature={unit:epoch,points:[[0,1e-4],[2,1e-6]]}"],

@@ -245,3 +245,20 @@ def test_progress_lines_when_output_is_not_a_terminal(caplog):
         quiet = Progress(epoch=1, epochs=3, n_batches=5, enabled=False, log_every=2, tty=False)
         quiet.update(2, torch.tensor(1.0), torch.tensor(1), 2, 2, 15)
     assert caplog.records == []
+
+
+def test_train_loss_and_lr_every_log_every_steps_in_wandb_only(fake_wandb, tmp_path):
+    """log_every steps: the training curve between epochs (train/step_loss, train/step_lr) in W&B, charted
+    over the step; metrics.jsonl keeps its one record per epoch and update."""
+    over = [*TINY, "method=static", "log_every=5", "eval.train_samples=0", f"paths.runs={tmp_path}"]
+    run(compose(over))
+    (r,) = fake_wandb
+    curve = [x for x in r.logged if "train/step_loss" in x]
+    assert [x["step"] for x in curve] == list(range(5, 5 * len(curve) + 1, 5)) and len(curve) >= 4
+    assert all(x["train/step_lr"] > 0 and x["train/step_loss"] > 0 for x in curve)
+    assert r.metrics["train/step_loss"] == "step" and r.metrics["train/step_lr"] == "step"
+    assert r.steps == sorted(r.steps) and len(set(r.steps)) == len(r.steps)  # W&B's step only grows
+    folder = next(tmp_path.glob("digits-mlp-static-*"))
+    assert not any("train/step_loss" in x for x in read_jsonl(folder / "metrics.jsonl"))
+    epochs = [x for x in read_jsonl(folder / "metrics.jsonl") if "train/loss" in x]
+    assert all(x["throughput/ms_per_step"] > 0 and 0 <= x["throughput/data_wait"] <= 1 for x in epochs)

@@ -118,6 +118,7 @@ def write_results(run_dir: Path, resolved: dict, final: dict, trainer, prunable:
         "epochs": trainer.epoch,
         "steps": trainer.step,
         "train_time_s": trainer.train_time,
+        "throughput": dict(getattr(trainer, "throughput", {}) or {}),  # the last epoch's
         "wall_time_s": time.perf_counter() - started,
         "wandb": sink.wandb_info,
         "provenance": prov,

@@ -441,6 +441,8 @@ def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict) -> Parts:
     # as build_model(...).to(device); under execution=sparse a layer too big to hold densely gets no dense weight
     model = build_model_for(execution_mode(cfg), lambda: build_model(cfg.model, data.input_shape, data.num_classes),
                             device, rule)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # 4-d weights only; the parameters stay the same objects
     optimizer = build_optimizer(cfg.optimizer, model)
 
     multiplier = float(cfg.schedule.get("multiplier", 1))
@@ -469,6 +471,9 @@ def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict) -> Parts:
                      base_epochs=int(cfg.schedule.epochs),
                      train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),
                      test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)),
+                     precision=str(cfg.precision), clip_grad_norm=cfg.optimizer.get("clip_grad_norm"),
+                     channels_last=bool(cfg.channels_last), compile=bool(cfg.compile),
+                     compile_backend=str(cfg.compile_backend),
                      log_every=int(cfg.get("log_every", 0) or 0), progress=bool(cfg.progress), fingerprint=config_fp)
     trainer = Trainer(model, optimizer, lr_schedule, method, data, device, loss_fn, run_dir, plan, dist=dist,
                       flops=flops, hooks=[execution])

@@ -206,6 +206,10 @@ class Root:
     threads: Optional[int] = count(ge=1, nullable=True, hint="null = automatic", role=VOLATILE)
     log_every: int = count(ge=0, hint="batches between progress lines (0 = none)", role=VOLATILE)
     execution: str = choice(("masked", "sparse", "auto"), hint="how prunable layers run", role=DETAIL)
+    precision: str = choice(("fp32", "bf16", "fp16"), hint="bf16 or fp16 autocast (mixed precision)", role=DETAIL)
+    channels_last: bool = keyed(role=DETAIL)
+    compile: bool = keyed(role=DETAIL)
+    compile_backend: str = keyed(role=DETAIL)
     optimized_metric: Optional[str] = keyed(role=VOLATILE, check=_check_metric)
     loss: Loss = keyed(role=RECIPE)
     eval: Eval = keyed(role=DETAIL)
@@ -225,6 +229,7 @@ class SGD:
     momentum: float = num(ge=0.0, lt=1.0, hint="e.g. optimizer.momentum=0.9")
     nesterov: bool = MISSING
     weight_decay: float = num(ge=0.0, hint="e.g. optimizer.weight_decay=5e-4")
+    clip_grad_norm: Optional[float] = num(gt=0.0, nullable=True, hint="null, or a norm, e.g. 1.0")
 
 
 def _check_pair(value, key: str) -> None:
@@ -239,6 +244,7 @@ class Adam:
     betas: List[float] = numbers(items_ge=0.0, items_lt=1.0, hint="e.g. optimizer.betas=[0.9,0.999]",
                                  check=_check_pair)
     weight_decay: float = num(ge=0.0, hint="e.g. optimizer.weight_decay=0")
+    clip_grad_norm: Optional[float] = num(gt=0.0, nullable=True, hint="null, or a norm, e.g. 1.0")
 
 
 @dataclass

@@ -212,6 +212,27 @@ class MetricSink:
             return "step"
         return "epoch"
 
+    @property
+    def wants_steps(self) -> bool:
+        """Whether per-step records (``log_step``) go anywhere: to W&B, when it is on."""
+        return self.wandb is not None
+
+    def log_step(self, record: dict) -> None:
+        """A record of the training curve between epochs (step, train loss, LR; every ``log_every``
+        steps) for W&B's charts only: metrics.jsonl keeps one record per epoch and update."""
+        if self.wandb is None:
+            return
+        for key in record:
+            if key not in self._defined and key not in ("step", "epoch"):
+                self.wandb.define_metric(key, step_metric="step")
+                self._defined.add(key)
+        try:
+            self.wandb.log(dict(record), step=self._wb_step)
+        except Exception as exc:  # noqa: BLE001 - see _wandb_failed
+            return self._wandb_failed("log a step record", exc)
+        self._wb_step += 1
+        self._step_file.write_text(f"{self._wb_step}\n")
+
     def log(self, record: dict, wandb_skip=()) -> None:
         """Append `record`; W&B gets it without the flags and without the keys in `wandb_skip`
         (already sent in an update record at the same step)."""
@@ -373,6 +394,11 @@ class NullSink:
     wandb_info = None
 
     def log(self, record: dict, wandb_skip=()) -> None:
+        pass
+
+    wants_steps = False
+
+    def log_step(self, record: dict) -> None:
         pass
 
     def summary(self, values: dict) -> None:

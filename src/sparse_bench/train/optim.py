@@ -21,7 +21,8 @@ log = logging.getLogger("sparse_bench")
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD, Adam or AdamW from the ``optimizer`` group (sgd | adam | adamw, checked by the schema)."""
+    """SGD, Adam or AdamW from the ``optimizer`` group (sgd | adam | adamw, checked by the schema),
+    stepping all parameters with grouped (foreach) kernels, not a Python loop over them."""
     cfg = check_option("optimizer", cfg)
     params = model.parameters()
     if cfg.name == "sgd":
@@ -29,9 +30,9 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
             raise ConfigError("optimizer.nesterov=true needs optimizer.momentum > 0; set optimizer.momentum=0.9 "
                               "or optimizer.nesterov=false")
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, foreach=True)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, foreach=True)
 
 
 class LRSchedule:

@@ -24,6 +24,7 @@ from . import distributed as dist_util
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .logging import MetricSink, NullSink, Progress, console_line, final_line
 from .optim import LRSchedule, set_lr
+from .precision import FP32, Amp
 
 log = logging.getLogger("sparse_bench")
 
@@ -38,22 +39,50 @@ def summed_loss(loss_fn):
     return lambda out, y: loss_fn(out, y) * y.shape[0]
 
 
-def hooked_step(method: Method, optimizer: torch.optim.Optimizer, step: int, forward, hooks=()):
+def hooked_step(method: Method, optimizer: torch.optim.Optimizer, step: int, forward, hooks=(),
+                amp: Amp = FP32, clip_grad_norm: float | None = None):
     """One optimizer step with a method's hooks in the trainer's order: ``before_forward``, the
     forward pass and loss (``forward()``, returning the loss or a tuple whose first item is the
-    loss), backward, ``before_optimizer_step`` (where methods edit gradients),
-    ``optimizer.step()``, ``after_optimizer_step`` (where masks are re-applied). Returns what
-    ``forward()`` returned; the caller advances the step and calls ``on_step_end(step + 1)``.
-    `hooks` (the execution engine) run around each of the method's hooks (``call_hook``).
-    The Trainer, the tests that drive a method by hand and the benchmarks all step through it."""
+    loss; under `amp`'s autocast), backward, ``before_optimizer_step`` (where methods edit
+    gradients, unscaled under fp16), gradient clipping (`clip_grad_norm`, over every parameter the
+    optimizer holds), ``optimizer.step()``, ``after_optimizer_step`` (where masks are re-applied).
+    Returns what ``forward()`` returned; the caller advances the step and calls
+    ``on_step_end(step + 1)``. `hooks` (the execution engine) run around each of the method's
+    hooks (``call_hook``). The Trainer, the tests that drive a method by hand and the benchmarks
+    all step through it."""
     call_hook(method, hooks, "before_forward", step)
-    result = forward()
+    with amp.autocast():
+        result = forward()
     optimizer.zero_grad(set_to_none=True)
-    (result[0] if isinstance(result, tuple) else result).backward()
+    amp.backward(result[0] if isinstance(result, tuple) else result)
+    amp.unscale_(optimizer)
     call_hook(method, hooks, "before_optimizer_step", step)
-    optimizer.step()
+    if clip_grad_norm is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm, foreach=True)
+    amp.step(optimizer)
     call_hook(method, hooks, "after_optimizer_step", step)
     return result
+
+
+def _timed(iterable, wait: list):
+    """`iterable`'s items, the seconds spent waiting for each added to ``wait[0]``."""
+    it = iter(iterable)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        wait[0] += time.perf_counter() - t0
+        yield item
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process (torch._dynamo's counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _sync(device: torch.device) -> None:
@@ -75,6 +104,11 @@ class TrainPlan:
     progress: bool = True  # a progress bar
     fingerprint: str = ""  # the run config's hash, written into every checkpoint
     nonfinite_check_every: int = 100  # on CUDA: steps between reads of the non-finite-loss flag
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (train.precision)
+    clip_grad_norm: float | None = None  # the gradients' global norm is clipped to this (None: not clipped)
+    channels_last: bool = False  # 4-d inputs (and the model, see run.build_parts) in channels_last
+    compile: bool = False  # the training forward through torch.compile (eager again if compiling fails)
+    compile_backend: str = "inductor"
 
 
 class Trainer:
@@ -114,6 +148,14 @@ class Trainer:
         self.nonfinite_check_every = 1 if device.type == "cpu" else int(plan.nonfinite_check_every)
         self._first_bad = None
         self._last_x = None
+        self.amp = Amp(plan.precision, device)
+        self.clip_grad_norm = plan.clip_grad_norm
+        self.channels_last = plan.channels_last
+        self.compile = plan.compile
+        self.compile_backend = plan.compile_backend
+        self._compiled = None  # the compiled training module, made at the first step
+        self._graphs_before = 0
+        self.throughput: dict = {}  # the last epoch's samples_per_s, ms_per_step and data_wait (results.json)
 
     # --- one epoch ----------------------------------------------------------------------------
     def train_epoch(self, epoch: int, sink: MetricSink | None = None) -> dict:
@@ -131,7 +173,8 @@ class Trainer:
         t0 = time.perf_counter()
         bar = Progress(epoch, self.epochs, n_batches, enabled=self.progress and self.dist.is_main,
                        log_every=self.log_every)
-        for i, (x, y) in enumerate(loader):
+        wait = [0.0]  # seconds spent waiting for the loader
+        for i, (x, y) in enumerate(_timed(loader, wait)):
             if i >= n_batches:
                 break
             global_n = int(y.shape[0])
@@ -140,7 +183,7 @@ class Trainer:
             set_lr(self.optimizer, self.lr_schedule(self.method.schedule_step(self.step)))
 
             def forward(x=x, y=y, global_n=global_n):
-                out = self.train_model(x)
+                out = self._train_forward(x)
                 if self.dist.enabled:
                     # DDP averages the ranks' gradients equally; weighting each rank's summed loss
                     # by world / global batch makes that average the single-process mean
@@ -152,11 +195,15 @@ class Trainer:
                 return loss, out, loss.detach() * y.shape[0]
 
             self._last_x = x  # read only if the loss turns non-finite (which input was it?)
-            _, out, loss_detached = hooked_step(self.method, self.optimizer, self.step, forward, self.hooks)
+            _, out, loss_detached = hooked_step(self.method, self.optimizer, self.step, forward, self.hooks,
+                                                self.amp, self.clip_grad_norm)
             if self.flops is not None:
                 self.flops.step(self.step, samples)
             self.step += 1
             self._watch_loss(loss_detached, epoch)
+            if self.log_every and self.step % self.log_every == 0 and sink.wants_steps:  # one sync per log_every
+                sink.log_step({"step": self.step, "epoch": epoch, "train/step_loss": float(loss_detached) / y.shape[0],
+                               "train/step_lr": self.optimizer.param_groups[0]["lr"]})
             step_logs = call_hook(self.method, self.hooks, "on_step_end", self.step)
             if step_logs:
                 dist_util.verify_masks(self.method, self.dist, self.step)
@@ -175,12 +222,16 @@ class Trainer:
         _sync(self.device)
         elapsed = time.perf_counter() - t0
         self.train_time += elapsed
+        steps = min(i + 1, n_batches) if n_batches else 0
         logs = {
             "train/loss": float(loss_sum) / max(seen, 1),
             "train/acc": float(correct) / max(seen, 1),
             "time/epoch_s": elapsed,
             "throughput/samples_per_s": seen / elapsed if elapsed > 0 else 0.0,
+            "throughput/ms_per_step": 1000.0 * elapsed / max(steps, 1),
+            "throughput/data_wait": min(wait[0] / elapsed, 1.0) if elapsed > 0 else 0.0,  # fraction of the epoch
         }
+        self.throughput = {k.split("/", 1)[1]: v for k, v in logs.items() if k.startswith("throughput/")}
         return logs
 
     def _check_layers(self, logs: dict) -> None:
@@ -220,8 +271,9 @@ class Trainer:
                 x, y = x[: max_samples - n], y[: max_samples - n]
             n_global = y.shape[0]
             x, y = self._shard(loader, x, y)
-            out = self.model(x)
-            loss_sum += nn.functional.cross_entropy(out, y, reduction="sum")
+            with self.amp.autocast():
+                out = self.model(self._layout(x))
+            loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
             n += n_global if not getattr(loader, "sharded", False) else y.shape[0]
         dist_util.all_reduce_sum(loss_sum, self.dist)
@@ -229,6 +281,28 @@ class Trainer:
         if getattr(loader, "sharded", False):
             n = int(dist_util.all_reduce_sum(torch.tensor(float(n), device=self.device), self.dist))
         return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
+
+    # --- the forward pass: layout and compilation ---------------------------------------------
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._layout(x)
+        if not self.compile:
+            return self.train_model(x)
+        if self._compiled is None:
+            self._graphs_before = _compiled_graphs()
+            self._compiled = torch.compile(self.train_model, backend=self.compile_backend)
+            try:  # the first call compiles; a failure falls back to eager, said in one line
+                return self._compiled(x)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: train eagerly instead
+                log.warning(f"compile=true: torch.compile failed ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); training eagerly instead")
+                self.compile = False
+                return self.train_model(x)
+        return self._compiled(x)
 
     # --- guards -----------------------------------------------------------------------------
     def _global_count(self, loader, global_n: int, y) -> float | torch.Tensor:
@@ -304,6 +378,9 @@ class Trainer:
             self._check_layers(rec)
             if self.flops is not None:
                 rec["flops/train_total"] = self.flops.train_total
+            if self._compiled is not None and self.compile:
+                # graphs compiled so far (1 + recompiles): a mask update must not add one
+                rec["compile/graphs"] = _compiled_graphs() - self._graphs_before
             rec["step"] = self.step
             self.epoch = epoch
             if "val/acc" in rec and rec["val/acc"] >= self.best.get("val/acc", -1.0):
@@ -338,6 +415,7 @@ class Trainer:
             "train_time": self.train_time,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "amp": self.amp.state_dict(),
             "method": self.method.state_dict(),
             "flops": self.flops.state_dict() if self.flops is not None else None,
             "rng": rng_state(),
@@ -351,6 +429,7 @@ class Trainer:
     def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.amp.load_state_dict(state.get("amp"))
         call_hook(self.method, self.hooks, "load_state_dict", state["method"])
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])

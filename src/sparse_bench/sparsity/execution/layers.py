@@ -23,6 +23,7 @@ methods that define their growth on it (RigL on update steps, sparse momentum ev
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -64,6 +65,21 @@ class DenseGradControl:
         """Accumulate a dense weight gradient of `layer` (a layer may run more than once a step)."""
         prev = self.grads.get(layer)
         self.grads[layer] = g if prev is None else prev + g
+
+
+def _float32_eager(forward):
+    """A sparse layer's forward: float32 kernels whatever autocast says (the input is cast at the
+    layer's boundary, precision=bf16|fp16), and run eagerly under torch.compile (its structure
+    changes size with every mask update, so it is never traced into a graph)."""
+
+    @functools.wraps(forward)
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return forward(self, x.to(self.values.dtype))
+        return forward(self, x)
+
+    return torch.compiler.disable(run)
 
 
 class _SparseMatmul(torch.autograd.Function):
@@ -270,6 +286,7 @@ class SparseLinear(SparseLayer):
             layer.set_active(lin, w.detach().reshape(-1)[lin])
         return layer
 
+    @_float32_eager
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -337,6 +354,7 @@ class SparseConv2d(SparseLayer):
             self._offsets[key] = (off, t_off, self.t_indptr[::kk].contiguous())
         return self._offsets[key]
 
+    @_float32_eager
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         kh, kw = self.kernel_size

@@ -1,0 +1,128 @@
+"""GPU-grade training, the parts that run on a CPU: mixed precision (bf16 / fp16 autocast, the
+fp16 gradient scaler), sparse layers under autocast, gradient clipping, torch.compile without a
+recompile per mask update and its fallback to eager."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from sparse_bench.confdir import conf_dir
+from sparse_bench.errors import ConfigError
+from sparse_bench.run import run, validate
+from sparse_bench.sparsity.methods import MethodContext, build_method
+from sparse_bench.train.precision import Amp
+from sparse_bench.train.trainer import hooked_step
+
+from conftest import compose, read_jsonl
+
+BASE = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=2", "density=0.3",
+        "limit_train_batches=8", "eval.train_samples=0", "logger=none", "progress=false", "device=cpu"]
+
+
+def _rigl(model, opt, every=2):
+    cfg = OmegaConf.load(conf_dir() / "method" / "rigl.yaml")
+    cfg.update_every = every
+    cfg.end = {"unit": "fraction", "value": 1.0}
+    ctx = MethodContext(model=model, optimizer=opt, density=0.3, epochs=1, steps_per_epoch=20,
+                        device=torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+    m = build_method(cfg, ctx)
+    m.setup()
+    return m
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_weights_masks_and_state_float32_and_grows_at_zero(precision):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    method = _rigl(model, opt)
+    amp = Amp(precision, "cpu")
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    dtypes = []
+
+    def forward():
+        out = model(x)
+        dtypes.append(out.dtype)
+        return nn.functional.cross_entropy(out, y)
+
+    for step in range(6):
+        old = [m.clone() for m in method.masks.masks]
+        hooked_step(method, opt, step, forward, amp=amp)
+        logs = method.on_step_end(step + 1)
+        if logs:
+            for p, o, n in zip(method.masks.params, old, method.masks.masks):
+                assert torch.equal(p.detach()[n & ~o], torch.zeros_like(p.detach()[n & ~o]))  # grown at exactly 0
+    assert dtypes[0] == PRECISION_DTYPE[precision]  # the forward ran under autocast
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(v.dtype == torch.float32 for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    assert method.last_update  # updates happened
+    assert (amp.state_dict() is not None) == (precision == "fp16")
+
+
+PRECISION_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def test_sparse_layers_run_float32_under_autocast_and_train_like_masked(tmp_path):
+    over = [*BASE, "method=rigl", "method.update_every=3", "precision=bf16"]
+    recs = {}
+    for execution in ("masked", "sparse"):
+        cfg = compose([*over, f"execution={execution}", f"paths.runs={tmp_path / execution}"])
+        run(cfg)
+        recs[execution] = read_jsonl(tmp_path / execution / cfg.run_name / "metrics.jsonl")
+    a, b = recs["masked"][-1], recs["sparse"][-1]
+    assert a["test/acc"] == pytest.approx(b["test/acc"], abs=0.03)  # bf16 rounds the two differently
+    assert a["density/achieved"] == b["density/achieved"]
+
+
+def test_fp16_with_sparse_layers_is_one_line():
+    with pytest.raises(ConfigError, match="precision=fp16 with execution=sparse"):
+        validate(compose([*BASE, "method=rigl", "precision=fp16", "execution=sparse"]))
+
+
+def test_gradient_clipping_bounds_the_global_norm():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    method = build_method(OmegaConf.load(conf_dir() / "method" / "dense.yaml"),
+                          MethodContext(model=model, optimizer=opt, density=1.0, epochs=1, steps_per_epoch=1,
+                                        device=torch.device("cpu"), generator=torch.Generator()))
+    x, y = torch.randn(4, 8) * 100, torch.randint(0, 3, (4,))
+    hooked_step(method, opt, 0, lambda: nn.functional.cross_entropy(model(x), y), clip_grad_norm=1e-3)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert float(norm) <= 1e-3 * (1 + 1e-4)
+
+
+def test_compile_does_not_recompile_per_mask_update(tmp_path):
+    """A small CNN under torch.compile with RigL updating its masks every 2 steps: the compiled
+    graphs stay bounded (the masks are applied outside the compiled forward)."""
+    cfg = compose(["dataset=synthetic", "dataset.input_shape=[1,28,28]", "dataset.n_train=256", "dataset.n_test=64",
+                   "dataset.batch_size=32", "dataset.drop_last=true", "model=lenet5_caffe", "schedule=constant",
+                   "schedule.epochs=2", "method=rigl", "method.update_every=2", "method.end={unit:fraction,value:1.0}",
+                   "density=0.3", "logger=none", "progress=false", "device=cpu", "eval.train_samples=0",
+                   "compile=true", "compile_backend=aot_eager", f"paths.runs={tmp_path}"])
+    run(cfg)
+    recs = read_jsonl(tmp_path / cfg.run_name / "metrics.jsonl")
+    updates = [r for r in recs if r.get("update")]
+    epochs = [r for r in recs if "compile/graphs" in r]
+    assert len(updates) >= 5 and len(epochs) == 2
+    assert epochs[-1]["compile/graphs"] <= 2  # the training graph (and its eval-mode twin at most), not one per update
+
+
+def test_a_compile_failure_trains_eagerly_with_one_line(tmp_path, monkeypatch, caplog):
+    def broken(module, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no compiler here")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    cfg = compose([*BASE, "method=static", "compile=true", f"paths.runs={tmp_path}"])
+    with caplog.at_level(logging.WARNING, logger="sparse_bench"):
+        run(cfg)
+    lines = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(lines) == 1 and "no compiler here" in lines[0] and "training eagerly" in lines[0]
+    assert (tmp_path / cfg.run_name / "results.json").exists()
