@@ -126,3 +126,24 @@ def test_a_compile_failure_trains_eagerly_with_one_line(tmp_path, monkeypatch, c
     lines = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
     assert len(lines) == 1 and "no compiler here" in lines[0] and "training eagerly" in lines[0]
     assert (tmp_path / cfg.run_name / "results.json").exists()
+
+
+def test_the_weight_average_is_kept_on_the_masks_and_evaluated(tmp_path):
+    from sparse_bench.train.checkpoint import load_checkpoint
+
+    cfg = compose([*BASE, "method=rigl", "method.update_every=3", "eval.ema_decay=0.9", f"paths.runs={tmp_path}"])
+    run(cfg)
+    folder = tmp_path / cfg.run_name
+    final = read_jsonl(folder / "metrics.jsonl")[-1]
+    assert 0.0 <= final["ema/test/acc"] <= 1.0 and "ema/test/loss" in final
+    ckpt = load_checkpoint(folder / "checkpoint.pt")
+    masks = dict(zip(ckpt["method"]["masks"]["names"], ckpt["method"]["masks"]["masks"]))
+    for name, m in masks.items():
+        ema = ckpt["ema"][name]
+        assert torch.equal(ema[~m], torch.zeros_like(ema[~m]))  # zero wherever the final mask is
+        assert not torch.equal(ema[m], ckpt["model"][name][m])  # an average, not a copy
+
+
+def test_a_weight_average_with_sparse_layers_is_one_line():
+    with pytest.raises(ConfigError, match="eval.ema_decay with execution=sparse"):
+        validate(compose([*BASE, "method=rigl", "eval.ema_decay=0.99", "execution=sparse"]))

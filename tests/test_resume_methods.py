@@ -37,6 +37,7 @@ METHODS = {
     # mixed precision: autocast, and fp16's gradient scaler state in the checkpoint
     "rigl:bf16": ["method.update_every=4", "precision=bf16"],
     "sparse_momentum:fp16": ["method.update_every=5", "precision=fp16"],
+    "rigl:ema": ["method.update_every=4", "eval.ema_decay=0.9"],  # the weight average in the checkpoint
     "deepr:dsr": ["method.l1_mode=loss", "method.noise_mode=gradient", "method.regrow_sign=first_update",
                   "method.exclude_pruned=true", "method.end={unit:epoch,value:3}",
                   "method.temperature={unit:epoch,points:[[0,1e-4],[2,1e-6]]}"],

@@ -471,6 +471,7 @@ def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict) -> Parts:
                      base_epochs=int(cfg.schedule.epochs),
                      train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),
                      test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)),
+                     ema_decay=cfg.eval.get("ema_decay"),
                      precision=str(cfg.precision), clip_grad_norm=cfg.optimizer.get("clip_grad_norm"),
                      channels_last=bool(cfg.channels_last), compile=bool(cfg.compile),
                      compile_backend=str(cfg.compile_backend),

@@ -178,6 +178,7 @@ class Loss:
 class Eval:
     train_samples: int = count(ge=0, hint="0 turns train_eval/* off")
     test_every_epoch: bool = MISSING
+    ema_decay: Optional[float] = num(gt=0.0, lt=1.0, nullable=True, hint="null, or e.g. 0.9998")
 
 
 @dataclass

@@ -33,6 +33,9 @@ def check(cfg) -> DictConfig:
     if isinstance(top.get("resume"), bool):  # `resume=true` arrives as a bool
         top["resume"] = str(top["resume"]).lower()
     out = OmegaConf.to_container(S.check_group("", top, S.Root))
+    if out["eval"]["ema_decay"] is not None and out["execution"] != "masked":  # two keys
+        raise ConfigError(f"eval.ema_decay with execution={out['execution']}: the weight average is kept for masked "
+                          f"layers only (a sparse layer's values change size at every update); use execution=masked")
     if out["precision"] == "fp16" and out["execution"] != "masked":  # two keys
         raise ConfigError(f"precision=fp16 with execution={out['execution']}: the sparse layers' dense gradients are "
                           f"not unscaled by the fp16 gradient scaler; use precision=bf16 or execution=masked")

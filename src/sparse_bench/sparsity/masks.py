@@ -506,6 +506,17 @@ class MaskSet:
             torch._foreach_mul_(self._float_params, self._float)
 
     @torch.no_grad()
+    def apply_to_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Zero, in `tensors` (one per entry, each shaped like its weight: a copy such as a weight
+        average), the positions inactive in the masked entries; one grouped multiply."""
+        if self._stale:
+            self._refresh()
+        where = {id(p): f for p, f in zip(self._float_params, self._float)}
+        pairs = [(t, where[id(e.weight)]) for t, e in zip(tensors, self.entries) if not e.sparse]
+        if pairs:
+            torch._foreach_mul_([t for t, _ in pairs], [f for _, f in pairs])
+
+    @torch.no_grad()
     def mask_grads_(self) -> None:
         """Zero the gradients of inactive weights of masked layers (sparse layers have none)."""
         if self._stale:

@@ -9,6 +9,7 @@ record with the test metrics and FLOP figures.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -65,6 +66,14 @@ def hooked_step(method: Method, optimizer: torch.optim.Optimizer, step: int, for
     return result
 
 
+def _ema_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of `model` to hold the weight average (starts at the weights as they are)."""
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
 def _timed(iterable, wait: list):
     """`iterable`'s items, the seconds spent waiting for each added to ``wait[0]``."""
     it = iter(iterable)
@@ -109,6 +118,7 @@ class TrainPlan:
     channels_last: bool = False  # 4-d inputs (and the model, see run.build_parts) in channels_last
     compile: bool = False  # the training forward through torch.compile (eager again if compiling fails)
     compile_backend: str = "inductor"
+    ema_decay: float | None = None  # an average of the weights kept on the masks, evaluated as ema/*
 
 
 class Trainer:
@@ -156,6 +166,9 @@ class Trainer:
         self._compiled = None  # the compiled training module, made at the first step
         self._graphs_before = 0
         self.throughput: dict = {}  # the last epoch's samples_per_s, ms_per_step and data_wait (results.json)
+        self.ema_decay = plan.ema_decay
+        self.ema = _ema_copy(model) if plan.ema_decay is not None else None
+        self._ema_started = False  # the average starts at the weights of the first step's end
 
     # --- one epoch ----------------------------------------------------------------------------
     def train_epoch(self, epoch: int, sink: MetricSink | None = None) -> dict:
@@ -208,6 +221,8 @@ class Trainer:
             if step_logs:
                 dist_util.verify_masks(self.method, self.dist, self.step)
                 self._log_update(sink, epoch, step_logs)
+            if self.ema is not None:
+                self._update_ema()
             with torch.no_grad():
                 loss_sum += loss_detached
                 correct += (out.argmax(1) == y).sum()
@@ -258,9 +273,30 @@ class Trainer:
         sink.log({"epoch": epoch, "step": self.step, "update": True, **logs})
 
     @torch.no_grad()
-    def evaluate(self, loader, max_samples: int | None = None) -> tuple[float, float]:
-        """Mean loss and accuracy in eval mode (over the first `max_samples` when given)."""
-        self.model.eval()
+    def _update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * weights (buffers copied), then the masks applied to
+        it, so the average is a model of the current masks: one grouped lerp, no host sync."""
+        ema_p = [p for p in self.ema.parameters()]
+        weights = [p.detach() for p in self.model.parameters()]
+        if self._ema_started:
+            torch._foreach_lerp_(ema_p, weights, 1.0 - self.ema_decay)
+        else:  # the weights after set-up (masks drawn, re-initialised) and one step
+            torch._foreach_copy_(ema_p, weights)
+            self._ema_started = True
+        for e, b in zip(self.ema.buffers(), self.model.buffers()):
+            e.copy_(b)
+        masks = getattr(self.method, "masks", None)
+        if masks is not None:
+            named = dict(self.ema.named_parameters())
+            masks.apply_to_([named[n] for n in masks.names])
+
+    @torch.no_grad()
+    def evaluate(self, loader, max_samples: int | None = None, model: nn.Module | None = None
+                 ) -> tuple[float, float]:
+        """Mean loss and accuracy in eval mode (over the first `max_samples` when given) of the
+        trained model, or of `model` (the weight average)."""
+        model = self.model if model is None else model
+        model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         n = 0
@@ -272,7 +308,7 @@ class Trainer:
             n_global = y.shape[0]
             x, y = self._shard(loader, x, y)
             with self.amp.autocast():
-                out = self.model(self._layout(x))
+                out = model(self._layout(x))
             loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
             n += n_global if not getattr(loader, "sharded", False) else y.shape[0]
@@ -367,6 +403,8 @@ class Trainer:
                 rec["train_eval/loss"], rec["train_eval/acc"] = self.evaluate(loader, self.train_eval_samples)
             if self.data.val is not None:
                 rec["val/loss"], rec["val/acc"] = self.evaluate(self.data.val)
+                if self.ema is not None:
+                    rec["ema/val/loss"], rec["ema/val/acc"] = self.evaluate(self.data.val, model=self.ema)
             if self.test_every_epoch and epoch < self.epochs:
                 rec["test/loss"], rec["test/acc"] = self.evaluate(self.data.test)
             method_logs = call_hook(self.method, self.hooks, "on_epoch_end", epoch, self.step)
@@ -399,6 +437,8 @@ class Trainer:
     def finish(self, sink: MetricSink) -> dict:
         test_loss, test_acc = self.evaluate(self.data.test)
         rec = {"epoch": self.epoch, "step": self.step, "final": True, "test/loss": test_loss, "test/acc": test_acc}
+        if self.ema is not None:
+            rec["ema/test/loss"], rec["ema/test/acc"] = self.evaluate(self.data.test, model=self.ema)
         rec.update(self.method.density_logs())
         rec.update(self.flop_summary())
         sink.log(rec)
@@ -416,6 +456,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "amp": self.amp.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "method": self.method.state_dict(),
             "flops": self.flops.state_dict() if self.flops is not None else None,
             "rng": rng_state(),
@@ -430,6 +471,9 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.amp.load_state_dict(state.get("amp"))
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+            self._ema_started = True
         call_hook(self.method, self.hooks, "load_state_dict", state["method"])
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
