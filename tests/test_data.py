@@ -469,6 +469,7 @@ def test_loader_rejects_mismatched_tensors():
         DeviceLoader(torch.zeros(4, 2), torch.zeros(5), 2, shuffle=False)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_everything_on_cuda():
     dev = torch.device("cuda")

@@ -391,6 +391,7 @@ def test_train_eval_view_is_not_augmented(tmp_path):
     assert not torch.allclose(x_tr, want[data.train.order(0)])  # the training batches are augmented
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cifar_on_cuda(tmp_path):
     arrays = write_cifar10(tmp_path)

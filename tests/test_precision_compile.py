@@ -147,3 +147,23 @@ def test_the_weight_average_is_kept_on_the_masks_and_evaluated(tmp_path):
 def test_a_weight_average_with_sparse_layers_is_one_line():
     with pytest.raises(ConfigError, match="eval.ema_decay with execution=sparse"):
         validate(compose([*BASE, "method=rigl", "eval.ema_decay=0.99", "execution=sparse"]))
+
+
+@pytest.mark.slow
+def test_the_device_check_runs_every_section_at_toy_sizes(tmp_path):
+    """scripts/device_check.py --smoke on the CPU: every section runs and none fails, so the GPU
+    check is ready whenever a GPU is lent."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "scripts/device_check.py", "--smoke", "--out", str(tmp_path)], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (tmp_path / "device_check.md").read_text()
+    assert "failed:" not in report and "skipped:" not in report, report
+    for title in ("CUDA tests", "ResNet-50", "GSE", "bench_sparse.py layers", "decoders", "finished"):
+        assert title in report

@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""The GPU check (run by scripts/device_check.sh): one Markdown report of what only a GPU shows.
+
+Sections, each under its own time budget (a section that runs out, or fails, says so in the
+report and the next one runs):
+
+1. the machine (GPU, torch, CUDA);
+2. the CUDA tests (``pytest -m cuda``);
+3. ResNet-50 on synthetic ImageNet-shaped batches: fp32, bf16, and bf16 + channels_last +
+   torch.compile, each dense, masked (static, 10%) and RigL with its mask updates: images/s;
+4. GSE on ResNet-56, CIFAR-100-shaped batches of 128: one epoch-equivalent of steps (391) with
+   mask updates, ms per step;
+5. ``bench_sparse.py --device cuda layers`` (torch's CSR kernels beside dense and masked);
+6. the ImageNet decoders (``dataset.decoder``) on a generated JPEG folder: images/s.
+
+``--smoke`` runs every section at toy sizes on whatever device there is (the test suite runs it
+on the CPU, so the script cannot rot between GPU sessions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from sparse_bench.confdir import conf_dir  # noqa: E402
+from sparse_bench.models import build_model  # noqa: E402
+from sparse_bench.sparsity.methods import MethodContext, build_method  # noqa: E402
+from sparse_bench.train.precision import Amp  # noqa: E402
+from sparse_bench.train.trainer import hooked_step  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Report:
+    def __init__(self, path: Path):
+        self.path = path
+        self.lines: list[str] = []
+
+    def add(self, *lines: str) -> None:
+        self.lines += list(lines)
+        self.path.write_text("\n".join(self.lines) + "\n")  # written as it goes: a killed run keeps its part
+        print("\n".join(lines), flush=True)
+
+
+def train_rate(model_name: str, method: str, precision: str, channels_last: bool, compiled: bool,
+               shape: tuple, classes: int, batch: int, steps: int, warmup: int, device: torch.device,
+               density: float = 0.1, update_every: int = 10, model_cfg: dict | None = None) -> float:
+    """Images per second of `steps` training steps (after `warmup`), mask updates included."""
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.create(model_cfg or {"name": model_name}), shape, classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-5, foreach=True)
+    x = torch.randn(batch, *shape, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,), device=device)
+    cfg = OmegaConf.load(conf_dir() / "method" / f"{method}.yaml")
+    for key, value in (("update_every", update_every), ("end", {"unit": "fraction", "value": 1.0})):
+        if key in cfg:
+            cfg[key] = value
+    ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=1, steps_per_epoch=steps + warmup + 1,
+                        device=device, generator=torch.Generator().manual_seed(1), loss_fn=nn.CrossEntropyLoss(),
+                        batches=lambda n, key=0: [(x, y)] * n)
+    m = build_method(cfg, ctx)
+    m.setup()
+    amp = Amp(precision, device)
+    forward_model = torch.compile(model) if compiled else model
+    t0 = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        hooked_step(m, opt, step, lambda: nn.functional.cross_entropy(forward_model(x), y), amp=amp)
+        m.on_step_end(step + 1)
+    sync(device)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def section(report: Report, title: str, budget_s: float, deadline: float):
+    """A context for one section: its heading, its time left, and its failure as a line."""
+
+    @contextlib.contextmanager
+    def run():
+        report.add("", f"## {title}", "")
+        left = deadline - time.monotonic()
+        if left < 10:
+            report.add(f"skipped: the check's time is spent ({left:.0f} s left)")
+            yield None
+            return
+        t0 = time.monotonic()
+        try:
+            yield min(budget_s, left)
+        except Exception as exc:  # noqa: BLE001 - a failing section is reported, the next one runs
+            report.add(f"failed: {type(exc).__name__}: {exc}", "", "```", traceback.format_exc()[-2000:], "```")
+        report.add("", f"({time.monotonic() - t0:.0f} s)")
+
+    return run()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder of the report (device_check.md)")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes on whatever device there is")
+    ap.add_argument("--minutes", type=float, default=7.5)
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = Report(Path(a.out) / "device_check.md")
+    deadline = time.monotonic() + 60 * a.minutes
+    smoke = a.smoke
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    report.add("# Device check", "", f"- machine: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}",
+               f"- sizes: {'smoke (toy)' if smoke else 'full'}; started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+
+    with section(report, "CUDA tests (pytest -m cuda)", 150, deadline) as budget:
+        if budget is not None:
+            if smoke:
+                report.add("not run under --smoke")
+            else:
+                proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+                                       "tests"], cwd=ROOT, capture_output=True, text=True, timeout=budget)
+                report.add(f"exit {proc.returncode}", "", "```", proc.stdout[-3000:], proc.stderr[-1000:], "```")
+
+    r50 = dict(model_name="resnet50", shape=(3, 224, 224), classes=1000, batch=128, steps=20, warmup=5)
+    if smoke:
+        r50 = dict(model_name="mlp", shape=(1, 8, 8), classes=10, batch=16, steps=3, warmup=1,
+                   model_cfg={"name": "mlp", "hidden": [32], "dropout": 0.0})
+    with section(report, "ResNet-50, synthetic ImageNet-shaped batches of 128: images/s", 240, deadline) as budget:
+        if budget is not None:
+            report.add("| precision | layout / compile | dense | masked (static 10%) | RigL 10% (update every 10) |",
+                       "|---|---|---:|---:|---:|")
+            for precision, cl, comp in (("fp32", False, False), ("bf16", False, False), ("bf16", True, True)):
+                rates = []
+                for method in ("dense", "static", "rigl"):
+                    rates.append(train_rate(method=method, precision=precision, channels_last=cl, compiled=comp,
+                                            device=device, **r50))
+                report.add(f"| {precision} | {'channels_last + compile' if comp else 'default'} | "
+                           + " | ".join(f"{r:,.0f}" for r in rates) + " |")
+
+    with section(report, "GSE, ResNet-56 on CIFAR-100-shaped batches of 128: one epoch of steps", 90,
+                 deadline) as budget:
+        if budget is not None:
+            steps = 4 if smoke else 391
+            shape_kw = dict(model_name="resnet56", shape=(3, 32, 32), classes=100, batch=128, steps=steps, warmup=3)
+            if smoke:
+                shape_kw.update(model_name="mlp", shape=(1, 8, 8), classes=10, batch=16,
+                                model_cfg={"name": "mlp", "hidden": [32], "dropout": 0.0})
+            rate = train_rate(method="gse", precision="fp32", channels_last=False, compiled=False, device=device,
+                              density=0.02, update_every=100 if not smoke else 2, **shape_kw)
+            report.add(f"{steps} steps at density 2%, an update every {100 if not smoke else 2} steps: "
+                       f"{rate:,.0f} images/s, {1000 * shape_kw['batch'] / rate:.1f} ms per step")
+
+    with section(report, "bench_sparse.py layers (dense, masked, sparse)", 90, deadline) as budget:
+        if budget is not None:
+            args = [sys.executable, "scripts/bench_sparse.py", "layers", "--device", device.type, "--rounds",
+                    "1" if smoke else "3", "--steps", "1" if smoke else "3"]
+            if smoke:
+                args += ["--densities", "0.05"]
+            proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=budget,
+                                  env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            report.add(proc.stdout[-4000:] or "(no output)", *(["", "```", proc.stderr[-1500:], "```"]
+                                                               if proc.returncode else []))
+
+    with section(report, "ImageNet decoders on a generated JPEG folder: images/s", 60, deadline) as budget:
+        if budget is not None:
+            report.add(*decoder_rates(device, smoke))
+    report.add("", f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    return 0
+
+
+def decoder_rates(device: torch.device, smoke: bool) -> list[str]:
+    """Images per second through the ImageNet reader with each decoder this machine has."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from sparse_bench.data import build_data
+
+    lines = ["| decoder | images/s |", "|---|---:|"]
+    n_class, per_class = (2, 4) if smoke else (4, 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        for split in ("train", "val"):
+            for c in range(n_class):
+                folder = Path(tmp) / split / f"n{c:08d}"
+                folder.mkdir(parents=True)
+                for i in range(per_class):
+                    img = (rng.random((300, 400, 3)) * 255).astype("uint8")
+                    Image.fromarray(img).save(folder / f"img{i}.JPEG", quality=90)
+        cfg = OmegaConf.load(conf_dir() / "dataset" / "imagenet.yaml")
+        cfg.root, cfg.batch_size, cfg.num_workers = tmp, 16, 0 if smoke else 8
+        cfg.persistent_workers = False
+        data = build_data(cfg, device, 0)
+        t0, n = time.perf_counter(), 0
+        for _, y in data.train:
+            n += int(y.shape[0])
+        sync(device)
+        lines.append(f"| pil ({cfg.num_workers} workers) | {n / (time.perf_counter() - t0):,.0f} |")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
