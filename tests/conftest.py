@@ -73,6 +73,7 @@ def cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     out, err = io.StringIO(), io.StringIO()
     here, argv, threads = os.getcwd(), sys.argv[:], torch.get_num_threads()
     handlers, on_term = logging.getLogger().handlers[:], signal.getsignal(signal.SIGTERM)
+    on_usr1 = signal.getsignal(signal.SIGUSR1)
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -86,6 +87,7 @@ def cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         torch.set_num_threads(threads)
         logging.getLogger().handlers[:] = handlers
         signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGUSR1, on_usr1)
     return subprocess.CompletedProcess(["sparse_bench", *args], code, out.getvalue(), err.getvalue())
 
 

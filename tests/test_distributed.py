@@ -147,3 +147,83 @@ def test_a_torchrun_worker_ends_with_its_status_and_skips_the_teardown(monkeypat
     monkeypatch.setenv("WORLD_SIZE", "1")
     if outcome == 0:
         assert cli.main([]) == 0  # one process: main() returns as before
+
+
+def test_ddp_is_set_up_from_a_slurm_jobs_variables(monkeypatch):
+    """srun without torchrun: rank, world and local rank from SLURM's variables, the first node
+    of the job as the master, a port from the job id (submitit's reader)."""
+    from sparse_bench.train import distributed as dist_util
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(key, raising=False)  # what the export sets is taken back after the test
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+                       "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}.items():
+        monkeypatch.setenv(key, value)
+    d = dist_util.from_env()
+    assert (d.rank, d.world, d.local_rank) == (3, 4, 1)
+    assert os.environ["MASTER_ADDR"] == "gpu07" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+    assert "SUBMITIT_EXECUTOR" not in os.environ
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job is a single process
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert dist_util.from_env().world == 1
+
+
+def _task_pids(folder: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "submitit.core._submit" in cmd and str(folder) in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_a_preempted_two_process_slurm_style_job_is_requeued_and_resumes(tmp_path):
+    """Hydra's submitit launcher (its local executor, as a SLURM job runs): one job of two
+    processes trained together under DDP; preempted (submitit's signal) after an epoch, the job is
+    requeued and resumes from its last checkpoint, ending as an uninterrupted job does."""
+    import signal
+
+    common = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+              "hydra.launcher.timeout_min=5", "dataset=digits", "model=mlp", "method=rigl", "method.update_every=4",
+              "schedule=constant", "schedule.epochs=30", "density=0.3", "logger=none", "progress=false", "device=cpu",
+              "eval.train_samples=0", "sweep_name=s"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+
+    def launch(folder: Path):
+        return subprocess.Popen([sys.executable, "-m", "sparse_bench", *common, f"paths.runs={folder}"], cwd=tmp_path,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    straight = launch(tmp_path / "a")
+    out_a, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out_a[-3000:]
+    preempted = launch(tmp_path / "b")
+    ckpt = None
+    deadline = time.time() + 300
+    while ckpt is None:
+        assert time.time() < deadline
+        assert preempted.poll() is None, preempted.communicate()[0][-3000:]
+        found = list((tmp_path / "b").glob("multirun/s/*/checkpoint.pt"))
+        ckpt = found[0] if found else None
+        time.sleep(0.2)
+    pids = _task_pids(tmp_path / "b")
+    assert len(pids) == 2
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR2)  # what SLURM sends (submitit asks for it) before a time limit or preemption
+    out_b, _ = preempted.communicate(timeout=600)
+    assert preempted.returncode == 0, out_b[-3000:]
+    (run_a,) = (tmp_path / "a").glob("multirun/s/*/results.json")
+    (run_b,) = (tmp_path / "b").glob("multirun/s/*/results.json")
+    logs = "".join(p.read_text() for p in (tmp_path / "b").glob("multirun/s/.submitit/*/*_0_log.*"))
+    assert "Requeued job" in logs and "resuming" in logs and "x 2 processes" in logs
+    ra, rb = json.loads(run_a.read_text()), json.loads(run_b.read_text())
+    assert ra["status"] == rb["status"] == "complete"
+    assert ra["final"]["test/acc"] == rb["final"]["test/acc"] and ra["final"]["test/loss"] == rb["final"]["test/loss"]

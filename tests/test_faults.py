@@ -366,7 +366,8 @@ def test_a_library_that_cannot_be_rebuilt_falls_back_in_one_line(fresh_kernels, 
 
 # --- 10: signals and messages --------------------------------------------------------------------
 @pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
-                                           (signal.SIGTERM, 143, "SIGTERM")])
+                                           (signal.SIGTERM, 143, "SIGTERM"),
+                                           (signal.SIGUSR1, 138, "SIGUSR1")])  # SLURM's warning before the limit
 def test_a_signal_checkpoints_what_is_finished_and_says_how_to_resume(sig, code, said, tmp_path):
     args = over("schedule.epochs=100000", "limit_train_batches=null", f"paths.runs={tmp_path}", "run_name=r")
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")

@@ -200,3 +200,18 @@ def test_an_unmodified_row_lands_in_the_table_beside_its_paper(tmp_path, capsys)
     ours, paper, delta = cells[f"LeNet-300-100 {tables.DAGGER} [schedule.epochs=2]"]
     assert ours.endswith("(n=1)") and paper == "" and delta == ""
     capsys.readouterr()
+
+
+def test_reproduce_passes_a_launcher_and_overrides_through_its_own_flags(capsys):
+    from sparse_bench.reproduce import main
+
+    assert main(["sm_mnist_lenet300_100", "--seeds", "1", "--launcher", "submitit_slurm", "--gpus", "4",
+                 "--partition", "gpu", "--time-min", "60", "--set", "dataset.root=/data", "--dry-run", "--",
+                 "hydra.launcher.account=lab"]) == 0
+    cmd = capsys.readouterr().out.strip().splitlines()[-1]
+    for part in ("hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4",
+                 "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=60", "hydra.launcher.max_num_timeout=20",
+                 "dataset.root=/data", "hydra.launcher.account=lab"):
+        assert part in cmd.split(), part
+    with pytest.raises(SystemExit, match="submitit"):
+        main(["sm_mnist_lenet300_100", "--gpus", "2", "--dry-run"])

@@ -220,12 +220,12 @@ def run_job(cfg):
     try:
         result = run(cfg, on_refused=None if multirun else _refused_at_start)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): one line, no traceback
-        what = "SIGTERM" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+        what = (str(exc) or "SIGTERM") if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
         message = (f"{what}: {run_dir} keeps its last finished epoch (the checkpoint is written after every "
                    f"epoch); run the same command again to resume it")
         print(f"\n{message}", file=sys.stderr)
         _log_to_file(message, logging.WARNING)
-        sys.exit(143 if isinstance(exc, Terminated) else 130)
+        sys.exit(128 + signal.Signals[str(exc) or "SIGTERM"].value if isinstance(exc, Terminated) else 130)
     except (ConfigError, RunFailed) as exc:
         message = str(exc)
         print(f"error: {message}", file=sys.stderr)
@@ -314,13 +314,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
+    raise Terminated(signal.Signals(signum).name)
 
 
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if "SUBMITIT_EXECUTOR" not in os.environ:  # under submitit its own handler checkpoints and requeues
+            signal.signal(signal.SIGUSR1, _on_sigterm)  # SLURM's warning before the time limit (--signal=USR1@90)
     try:
         _STATE["precheck"] = precheck(argv)
     except ConfigError as exc:

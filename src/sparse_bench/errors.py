@@ -6,8 +6,10 @@ class ConfigError(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a cluster's scheduler stopping a job), handled as Ctrl-C is: the run stops where it
-    is, keeps its last finished epoch's checkpoint, and the same command resumes it (exit 143)."""
+    """SIGTERM or SIGUSR1 (a cluster's scheduler stopping a job, or warning it of its time limit;
+    the message is the signal's name), handled as Ctrl-C is: the run stops where it is, keeps its
+    last finished epoch's checkpoint, and the same command resumes it (exit 128 + the signal's
+    number: 143, 138)."""
 
 
 class RunFailed(Exception):

@@ -2,7 +2,13 @@
 
     sparse-bench-reproduce sm_mnist_lenet300_100            # runs the sweep (also: python -m sparse_bench.reproduce)
     sparse-bench-reproduce sm_mnist_lenet300_100 --dry-run  # prints the command
-    sparse-bench-reproduce gse_cifar100_resnet56_rigl --seeds 1 -- hydra/launcher=submitit_slurm
+    sparse-bench-reproduce gse_cifar100_resnet56_rigl --seeds 1 --launcher submitit_slurm --gpus 4 \
+        --partition gpu --time-min 720 --set dataset.root=/data/cifar100 -- hydra.launcher.account=lab
+
+One job per configuration: with ``--gpus N`` each job is N processes (``tasks_per_node``), one GPU
+each, that train together under DDP (set up from SLURM's variables, no torchrun needed); a job
+stopped by its time limit or a preemption is requeued by the launcher and resumes from its last
+finished epoch.
 
 The experiment file's `paper:` block names the densities (`values`, the densities the published
 runs used) and `seeds`; anything after `--` is passed to Hydra unchanged. A protocol value the
@@ -36,6 +42,31 @@ def row(experiment: str) -> tuple[dict, list[float]]:
     cfg = yaml.safe_load(path.read_text()) or {}
     paper = cfg.get("paper") or {}
     return cfg, sorted({float(d) for d in (paper.get("values") or {})}) or [float(cfg.get("density", 0.05))]
+
+
+#: --launcher: Hydra's launcher plugins installed with the project
+LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm")
+
+
+def launcher_overrides(launcher: str | None, gpus: int | None, partition: str | None, time_min: int | None,
+                       overrides: list[str]) -> list[str]:
+    """The Hydra overrides the launcher flags stand for, then the --set overrides."""
+    out = [f"hydra/launcher={launcher}"] if launcher else []
+    submitit = (launcher or "").startswith("submitit")
+    if (gpus or partition or time_min) and not submitit:
+        raise SystemExit("error: --gpus, --partition and --time-min go to a submitit launcher; "
+                         "add --launcher submitit_slurm (or submitit_local)")
+    if gpus:
+        out += [f"hydra.launcher.tasks_per_node={gpus}", "hydra.launcher.nodes=1"]
+        if launcher == "submitit_slurm":
+            out += [f"hydra.launcher.gpus_per_node={gpus}"]
+    if partition:
+        out.append(f"hydra.launcher.partition={partition}")
+    if time_min:
+        out.append(f"hydra.launcher.timeout_min={time_min}")
+        if launcher == "submitit_slurm":  # a job stopped at its time limit is requeued (preemptions always are)
+            out.append("hydra.launcher.max_num_timeout=20")
+    return out + list(overrides)
 
 
 def command(experiment: str, seeds: int | None, method: str | None, extra: list[str]) -> list[str]:
@@ -77,9 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="override the paper's seed count")
     ap.add_argument("--method", default=None,
                     help="swap the method group on this row's setup (a baseline's protocol is its own experiment file)")
+    ap.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                    help="Hydra's launcher: one process after another (basic), local processes (joblib, "
+                         "submitit_local) or SLURM jobs (submitit_slurm)")
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="submitit: processes (and GPUs) per job, trained together under DDP")
+    ap.add_argument("--partition", default=None, help="submitit_slurm: the SLURM partition")
+    ap.add_argument("--time-min", type=int, default=None,
+                    help="submitit: a job's time limit in minutes (a job stopped there is requeued and resumes)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Hydra override for every job, e.g. --set dataset.root=/data (repeatable; anything "
+                         "after -- is passed on too)")
     ap.add_argument("--dry-run", action="store_true")
     a = ap.parse_args(own)
-    cmd = command(a.experiment, a.seeds, a.method, extra)
+    cmd = command(a.experiment, a.seeds, a.method,
+                  launcher_overrides(a.launcher, a.gpus, a.partition, a.time_min, a.overrides) + extra)
     for line in density_values(a.experiment):
         print(line)
     print(shlex.join(cmd))

@@ -1,7 +1,11 @@
 """torchrun / DDP: one process per device, rank 0 decides masks, logs and checkpoints.
 
 Launch with ``torchrun --nproc_per_node=N -m sparse_bench ...``: the usual environment
-variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) select the process group.
+variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) select the process group. A
+SLURM job of several tasks (``srun``, or Hydra's submitit launcher with ``tasks_per_node`` > 1, its
+local executor too) needs no torchrun: its own variables are read instead (submitit's
+``TorchDistributedEnvironment``: rank, world, local rank, the first node as master, a port from the
+job id).
 ``dataset.batch_size`` stays the GLOBAL batch size: every rank walks the same global batch order
 and takes its slice of each batch, so the gradients DDP averages equal the single-process ones.
 """
@@ -30,9 +34,32 @@ class Dist:
         return self.rank == 0
 
 
+#: the job variables that give the number of tasks: submitit's local executor's, then SLURM's
+_TASKS = {"local": "SUBMITIT_LOCAL_NTASKS", "slurm": "SLURM_NTASKS"}
+
+
 def from_env() -> Dist:
+    """This process's place: torchrun's variables, else those of a SLURM / submitit job of several
+    tasks (exported as torchrun's, so the process group starts the same way)."""
+    if "RANK" not in os.environ:
+        _export_job_env()
     return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _export_job_env() -> None:
+    executor = os.environ.get("SUBMITIT_EXECUTOR") or ("slurm" if "SLURM_JOB_ID" in os.environ else None)
+    if executor not in _TASKS or int(os.environ.get(_TASKS[executor], "1") or 1) <= 1:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    plain = "SUBMITIT_EXECUTOR" not in os.environ
+    os.environ["SUBMITIT_EXECUTOR"] = executor  # srun without submitit: its SLURM reader, all the same
+    try:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    finally:
+        if plain:
+            del os.environ["SUBMITIT_EXECUTOR"]
 
 
 def init(d: Dist, device: torch.device) -> None:
