@@ -203,15 +203,17 @@ def decoder_rates(device: torch.device, smoke: bool) -> list[str]:
                 for i in range(per_class):
                     img = (rng.random((300, 400, 3)) * 255).astype("uint8")
                     Image.fromarray(img).save(folder / f"img{i}.JPEG", quality=90)
-        cfg = OmegaConf.load(conf_dir() / "dataset" / "imagenet.yaml")
-        cfg.root, cfg.batch_size, cfg.num_workers = tmp, 16, 0 if smoke else 8
-        cfg.persistent_workers = False
-        data = build_data(cfg, device, 0)
-        t0, n = time.perf_counter(), 0
-        for _, y in data.train:
-            n += int(y.shape[0])
-        sync(device)
-        lines.append(f"| pil ({cfg.num_workers} workers) | {n / (time.perf_counter() - t0):,.0f} |")
+        for decoder in ("pil", "gpu"):
+            cfg = OmegaConf.load(conf_dir() / "dataset" / "imagenet.yaml")
+            cfg.root, cfg.batch_size, cfg.num_workers = tmp, 16, 0 if smoke else 8
+            cfg.persistent_workers, cfg.decoder = False, decoder
+            data = build_data(cfg, device, 0)
+            t0, n = time.perf_counter(), 0
+            for _, y in data.train:
+                n += int(y.shape[0])
+            sync(device)
+            lines.append(f"| {decoder} on {device.type} ({cfg.num_workers} workers) | "
+                         f"{n / (time.perf_counter() - t0):,.0f} |")
     return lines
 
 

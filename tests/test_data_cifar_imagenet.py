@@ -539,3 +539,36 @@ def test_imagenet_layout_errors(tmp_path):
     with pytest.raises(ConfigError) as exc:  # the eval centre crop needs val_resize >= image_size
         build_data(inet_cfg(tmp_path, image_size=32, val_resize=24), CPU, seed=0)
     assert names_key(one_line(exc), "dataset.val_resize")
+
+
+def test_imagenet_gpu_decoder_gives_the_pil_paths_batches(tmp_path):
+    """dataset.decoder=gpu (batched decode and augmentation on the training device; here the
+    CPU): the same labels in the same order, the same crops and flips (so pixels close to the
+    PIL path's, which resizes with PIL), shapes and normalisation; statistics draws too."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in CLASSES:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(5):  # gradients and blocks: a crop, a flip or a shift shows in the pixels
+                h, w = 40 + 7 * i, 56 - 3 * i
+                yy, xx = np.mgrid[0:h, 0:w]
+                img = np.stack([255 * xx / w, 255 * yy / h, 255 * (((xx // 8) + (yy // 8)) % 2)], -1)
+                img = img * rng.uniform(0.6, 1.0)
+                Image.fromarray(img.astype("uint8")).filter(ImageFilter.GaussianBlur(1)).save(
+                    tmp_path / split / c / f"{i}.JPEG", quality=95)
+    got = {}
+    for decoder in ("pil", "gpu"):
+        conf = cfg(name="imagenet", root=str(tmp_path), batch_size=6, test_batch_size=4, image_size=24,
+                   num_workers=0, persistent_workers=False, decoder=decoder, normalize=None)
+        data = build_data(conf, CPU, 3)
+        data.train.set_epoch(2)
+        got[decoder] = ([b for b in data.train], [b for b in data.test], list(data.train.draw(1, 7)))
+    for (xp, yp), (xg, yg) in zip(*(sum(got[d][:2], []) for d in ("pil", "gpu"))):
+        assert torch.equal(yp, yg) and xp.shape == xg.shape and xg.dtype == torch.float32
+        assert (xp - xg).abs().mean() < 0.03, float((xp - xg).abs().mean())  # same crops; two resizers
+        assert (xp - xg.flip(-1)).abs().mean() > 0.1  # where a flip (or another crop) would show
+    (xs, ys), (xg, yg) = got["pil"][2][0], got["gpu"][2][0]
+    assert torch.equal(ys, yg) and (xs - xg).abs().mean() < 0.03
+    assert float(xs.std()) > 0.2

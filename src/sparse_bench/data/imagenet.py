@@ -71,7 +71,6 @@ __all__ = [
     "scan_split",
 ]
 
-#: Normalisation statistics (per channel) when ``dataset.normalize`` is null.
 #: Tag separating the per-sample augmentation seeds from other uses of ``mix_seed``.
 _SAMPLE_STREAM = 0x696D67
 
@@ -283,6 +282,83 @@ class _SeededImages(Dataset):
         return self.transform(img, gen), int(self.images.targets[index])
 
 
+class _JpegBytes(Dataset):
+    """``dataset.decoder=gpu``: items are a file's bytes and the crop the PIL path would take
+    (the same 41 uniforms of the same sample seed, from the image's header size), decoded later
+    in batches on the device (:class:`DeviceDecode`)."""
+
+    def __init__(self, images: ImageList, transform: TrainTransform | EvalTransform) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, int]:
+        from PIL import Image
+
+        index, sample_seed = key
+        path = self.images.path(index)
+        data = torchvision_read_file(path)
+        with Image.open(path) as img:  # the header only: no decoding here
+            width, height = img.size
+        if self.transform.random:
+            u = torch.rand(41, generator=torch.Generator().manual_seed(sample_seed), dtype=torch.float64).tolist()
+            top, left, h, w = self.transform.crop_params(height, width, u)
+            flip = int(self.transform.flip and u[40] < 0.5)
+        else:
+            top, left, h, w, flip = 0, 0, height, width, 0
+        return data, torch.tensor([top, left, h, w, flip]), int(self.images.targets[index])
+
+
+def torchvision_read_file(path: str) -> Tensor:
+    import torchvision
+
+    return torchvision.io.read_file(path)
+
+
+def _collate_bytes(batch):
+    """The files' bytes stay a list (their lengths differ); crops and labels are stacked."""
+    return [b[0] for b in batch], torch.stack([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
+
+
+class DeviceDecode:
+    """Decodes a batch of JPEG files with torchvision's batched decoder on `device` (nvJPEG on
+    CUDA) and applies the transform's crop, resize, flip and normalisation there: the PIL path's
+    augmentations (the same crops and flips), with torch's antialiased resize instead of PIL's."""
+
+    def __init__(self, transform: TrainTransform | EvalTransform, device: torch.device) -> None:
+        self.transform, self.device = transform, torch.device(device)
+
+    def __call__(self, datas: list[Tensor], crops: Tensor) -> Tensor:
+        import torchvision
+        import torchvision.transforms.v2.functional as TF
+
+        rgb = torchvision.io.ImageReadMode.RGB
+        try:
+            images = torchvision.io.decode_jpeg(datas, mode=rgb, device=self.device)
+        except RuntimeError:  # a file in the batch that is no baseline JPEG (a PNG named .JPEG): one at a time
+            images = [torchvision.io.decode_image(d, mode=rgb).to(self.device) for d in datas]
+        size = self.transform.size
+        out = []
+        for img, (top, left, h, w, flip) in zip(images, crops.tolist()):
+            if self.transform.random:
+                img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+                if flip:
+                    img = TF.horizontal_flip(img)
+            else:
+                img = TF.center_crop(TF.resize(img, self.transform.resize, antialias=True), [size, size])
+            out.append(img)
+        x = torch.stack(out).float().div_(255.0)
+        mean, std = self.transform.mean, self.transform.std
+        if mean is not None:
+            x = TF.normalize(x, list(mean), list(std))
+        return x
+
+
+DECODERS = ("pil", "gpu")
+
+
 class _ListSampler(Sampler):
     """Yields a fixed list of ``(index, sample_seed)`` keys (a statistics draw)."""
 
@@ -385,8 +461,10 @@ class ImageFolderLoader:
         persistent_workers: bool = True,
         prefetch_factor: int | None = None,
         batch_key: str | None = None,
+        decoder: str = "pil",
     ) -> None:
         self.images = images
+        self.decode = DeviceDecode(transform, device) if decoder == "gpu" else None
         self.transform = transform
         self.device = torch.device(device)
         self.shuffle = bool(shuffle)
@@ -409,14 +487,25 @@ class ImageFolderLoader:
             if prefetch_factor is not None:
                 kwargs["prefetch_factor"] = int(prefetch_factor)
         self.loader = DataLoader(
-            _SeededImages(images, transform),
+            self._items(),
             batch_size=self.batch_size,
             sampler=self.sampler,
             num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda" and self.decode is None,
             drop_last=self.drop_last,
+            collate_fn=_collate_bytes if self.decode is not None else None,
             **kwargs,
         )
+
+    def _items(self) -> Dataset:
+        return (_JpegBytes if self.decode is not None else _SeededImages)(self.images, self.transform)
+
+    def _on_device(self, batch) -> tuple[Tensor, Tensor]:
+        if self.decode is not None:
+            datas, crops, y = batch
+            return self.decode(datas, crops), y.to(self.device, non_blocking=True)
+        x, y = batch
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     @property
     def num_samples(self) -> int:
@@ -433,8 +522,8 @@ class ImageFolderLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self.sampler.set_epoch(self.epoch)
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for batch in self.loader:
+            yield self._on_device(batch)
 
     def draw(self, n: int, key: int) -> StatBatches:
         """`n` statistics batches of the global batch size for `key` (see the module docstring)."""
@@ -449,11 +538,11 @@ class ImageFolderLoader:
         order = torch.randperm(len(self.images), generator=gen)[:count].tolist()
         base = mix_seed(self.seed, STATS_STREAM, key, _SAMPLE_STREAM)
         keys = [(i, splitmix64(base ^ i) >> 1) for i in order]
-        loader = DataLoader(_SeededImages(self.images, self.transform), batch_size=self.global_batch_size,
-                            sampler=_ListSampler(keys), num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda")
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        loader = DataLoader(self._items(), batch_size=self.global_batch_size, sampler=_ListSampler(keys),
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda" and self.decode is None,
+                            collate_fn=_collate_bytes if self.decode is not None else None)
+        for batch in loader:
+            yield self._on_device(batch)
 
     def __repr__(self) -> str:
         return (
@@ -512,7 +601,7 @@ def build_imagenet(cfg: Any, device: torch.device, seed: int) -> DataBundle:
 
     train_tf = TrainTransform(image_size, mean, std)
     eval_tf = EvalTransform(image_size, resize, mean, std)
-    common = {"device": device, "num_workers": num_workers, "prefetch_factor": prefetch}
+    common = {"device": device, "num_workers": num_workers, "prefetch_factor": prefetch, "decoder": cfg.decoder}
 
     def eval_loader(images: ImageList, shuffle: bool = False, persistent: bool = persistent) -> ImageFolderLoader:
         return ImageFolderLoader(images, eval_tf, test_batch_size, shuffle=shuffle, seed=seed,
@@ -541,6 +630,8 @@ class ImageNetSchema(S.DataSchema):
     num_workers: int = S.count(ge=0, role=S.VOLATILE)
     persistent_workers: bool = S.keyed(role=S.VOLATILE)
     prefetch_factor: Optional[int] = S.count(ge=1, nullable=True, role=S.VOLATILE)
+    decoder: str = S.choice(DECODERS, hint="pil (CPU workers) or gpu (batched on the training device)",
+                            role=S.DETAIL)
 
 
 S.register("dataset", "imagenet", build_imagenet,
