@@ -163,3 +163,14 @@ def _no_hydra_job_left_behind():
 
     HydraConfig.instance().cfg = None
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_variables_left_behind():
+    """A test must not leave torchrun's variables in this worker's environment: every later run
+    (and every process it starts) would take itself for one rank of a distributed job and wait."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    leaked = [k for k in keys if os.environ.get(k) != before[k]]
+    assert not leaked, f"the test left {leaked} set in the environment"

@@ -149,25 +149,29 @@ def test_a_torchrun_worker_ends_with_its_status_and_skips_the_teardown(monkeypat
         assert cli.main([]) == 0  # one process: main() returns as before
 
 
-def test_ddp_is_set_up_from_a_slurm_jobs_variables(monkeypatch):
+def test_ddp_is_set_up_from_a_slurm_jobs_variables():
     """srun without torchrun: rank, world and local rank from SLURM's variables, the first node
     of the job as the master, a port from the job id (submitit's reader)."""
     from sparse_bench.train import distributed as dist_util
 
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "SUBMITIT_EXECUTOR"):
-        monkeypatch.delenv(key, raising=False)  # what the export sets is taken back after the test
-    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
-                       "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}.items():
-        monkeypatch.setenv(key, value)
-    d = dist_util.from_env()
-    assert (d.rank, d.world, d.local_rank) == (3, 4, 1)
-    assert os.environ["MASTER_ADDR"] == "gpu07" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
-    assert "SUBMITIT_EXECUTOR" not in os.environ
-    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job is a single process
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
-    assert dist_util.from_env().world == 1
+    saved = dict(os.environ)  # the export writes the torchrun variables into this process's environment
+    try:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "SUBMITIT_EXECUTOR"):
+            os.environ.pop(key, None)
+        os.environ.update({"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+                           "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"})
+        d = dist_util.from_env()
+        assert (d.rank, d.world, d.local_rank) == (3, 4, 1)
+        assert os.environ["MASTER_ADDR"] == "gpu07" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+        assert "SUBMITIT_EXECUTOR" not in os.environ
+        os.environ["SLURM_NTASKS"] = "1"  # a one-task job is a single process
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(key, None)
+        assert dist_util.from_env().world == 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _task_pids(folder: Path) -> list[int]:
