@@ -169,6 +169,10 @@ def _check_metric(value, key: str) -> None:
 
 
 # --- top level ----------------------------------------------------------------------------------
+#: ``precision``: name -> the torch dtype (by its name) the forward pass autocasts to (None: float32)
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
 @dataclass
 class Loss:
     label_smoothing: float = num(ge=0.0, lt=1.0, hint="e.g. loss.label_smoothing=0.1")
@@ -207,7 +211,7 @@ class Root:
     threads: Optional[int] = count(ge=1, nullable=True, hint="null = automatic", role=VOLATILE)
     log_every: int = count(ge=0, hint="batches between progress lines (0 = none)", role=VOLATILE)
     execution: str = choice(("masked", "sparse", "auto"), hint="how prunable layers run", role=DETAIL)
-    precision: str = choice(("fp32", "bf16", "fp16"), hint="bf16 or fp16 autocast (mixed precision)", role=DETAIL)
+    precision: str = choice(PRECISIONS, hint="bf16 or fp16 autocast (mixed precision)", role=DETAIL)
     channels_last: bool = keyed(role=DETAIL)
     compile: bool = keyed(role=DETAIL)
     compile_backend: str = keyed(role=DETAIL)

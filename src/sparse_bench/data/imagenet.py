@@ -295,11 +295,12 @@ class _JpegBytes(Dataset):
         return len(self.images)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, int]:
+        import torchvision
         from PIL import Image
 
         index, sample_seed = key
         path = self.images.path(index)
-        data = torchvision_read_file(path)
+        data = torchvision.io.read_file(path)
         with Image.open(path) as img:  # the header only: no decoding here
             width, height = img.size
         if self.transform.random:
@@ -309,12 +310,6 @@ class _JpegBytes(Dataset):
         else:
             top, left, h, w, flip = 0, 0, height, width, 0
         return data, torch.tensor([top, left, h, w, flip]), int(self.images.targets[index])
-
-
-def torchvision_read_file(path: str) -> Tensor:
-    import torchvision
-
-    return torchvision.io.read_file(path)
 
 
 def _collate_bytes(batch):
@@ -491,14 +486,20 @@ class ImageFolderLoader:
             batch_size=self.batch_size,
             sampler=self.sampler,
             num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda" and self.decode is None,
             drop_last=self.drop_last,
-            collate_fn=_collate_bytes if self.decode is not None else None,
+            **self._batching(),
             **kwargs,
         )
 
     def _items(self) -> Dataset:
         return (_JpegBytes if self.decode is not None else _SeededImages)(self.images, self.transform)
+
+    def _batching(self) -> dict:
+        """How items become batches: tensors pinned for the copy to CUDA, or the files' bytes listed
+        for the device decoder."""
+        if self.decode is not None:
+            return {"pin_memory": False, "collate_fn": _collate_bytes}
+        return {"pin_memory": self.device.type == "cuda"}
 
     def _on_device(self, batch) -> tuple[Tensor, Tensor]:
         if self.decode is not None:
@@ -539,8 +540,7 @@ class ImageFolderLoader:
         base = mix_seed(self.seed, STATS_STREAM, key, _SAMPLE_STREAM)
         keys = [(i, splitmix64(base ^ i) >> 1) for i in order]
         loader = DataLoader(self._items(), batch_size=self.global_batch_size, sampler=_ListSampler(keys),
-                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda" and self.decode is None,
-                            collate_fn=_collate_bytes if self.decode is not None else None)
+                            num_workers=self.num_workers, **self._batching())
         for batch in loader:
             yield self._on_device(batch)
 

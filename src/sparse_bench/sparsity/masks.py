@@ -511,10 +511,8 @@ class MaskSet:
         average), the positions inactive in the masked entries; one grouped multiply."""
         if self._stale:
             self._refresh()
-        where = {id(p): f for p, f in zip(self._float_params, self._float)}
-        pairs = [(t, where[id(e.weight)]) for t, e in zip(tensors, self.entries) if not e.sparse]
-        if pairs:
-            torch._foreach_mul_([t for t, _ in pairs], [f for _, f in pairs])
+        if self._float and self._view is None:  # the float masks are the masked entries', in order
+            torch._foreach_mul_([t for t, e in zip(tensors, self.entries) if not e.sparse], self._float)
 
     @torch.no_grad()
     def mask_grads_(self) -> None:

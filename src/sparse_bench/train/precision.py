@@ -19,9 +19,7 @@ import contextlib
 import torch
 
 from ..errors import ConfigError
-
-#: precision -> the autocast dtype (None: plain float32)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ..schema import PRECISIONS
 
 
 class Amp:
@@ -31,7 +29,7 @@ class Amp:
         if precision not in PRECISIONS:
             raise ConfigError(f"precision={precision} is not one of: {', '.join(PRECISIONS)}")
         self.precision = precision
-        self.dtype = PRECISIONS[precision]
+        self.dtype = None if PRECISIONS[precision] is None else getattr(torch, PRECISIONS[precision])
         self.device_type = torch.device(device).type
         self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
 

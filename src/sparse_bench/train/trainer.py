@@ -169,6 +169,7 @@ class Trainer:
         self.ema_decay = plan.ema_decay
         self.ema = _ema_copy(model) if plan.ema_decay is not None else None
         self._ema_started = False  # the average starts at the weights of the first step's end
+        self._ema_prunable: list | None = None
 
     # --- one epoch ----------------------------------------------------------------------------
     def train_epoch(self, epoch: int, sink: MetricSink | None = None) -> dict:
@@ -287,8 +288,10 @@ class Trainer:
             e.copy_(b)
         masks = getattr(self.method, "masks", None)
         if masks is not None:
-            named = dict(self.ema.named_parameters())
-            masks.apply_to_([named[n] for n in masks.names])
+            if self._ema_prunable is None:  # the average's copies of the prunable weights, found once
+                named = dict(self.ema.named_parameters())
+                self._ema_prunable = [named[n] for n in masks.names]
+            masks.apply_to_(self._ema_prunable)
 
     @torch.no_grad()
     def evaluate(self, loader, max_samples: int | None = None, model: nn.Module | None = None
