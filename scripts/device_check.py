@@ -191,6 +191,7 @@ def decoder_rates(device: torch.device, smoke: bool) -> list[str]:
     from PIL import Image
 
     from sparse_bench.data import build_data
+    from sparse_bench.data.imagenet import dali_available
 
     lines = ["| decoder | images/s |", "|---|---:|"]
     n_class, per_class = (2, 4) if smoke else (4, 64)
@@ -203,7 +204,10 @@ def decoder_rates(device: torch.device, smoke: bool) -> list[str]:
                 for i in range(per_class):
                     img = (rng.random((300, 400, 3)) * 255).astype("uint8")
                     Image.fromarray(img).save(folder / f"img{i}.JPEG", quality=90)
-        for decoder in ("pil", "gpu"):
+        for decoder in ("pil", "gpu", "dali"):
+            if decoder == "dali" and not dali_available():
+                lines.append("| dali | not installed (pip install '.[dali]') |")
+                continue
             cfg = OmegaConf.load(conf_dir() / "dataset" / "imagenet.yaml")
             cfg.root, cfg.batch_size, cfg.num_workers = tmp, 16, 0 if smoke else 8
             cfg.persistent_workers, cfg.decoder = False, decoder

@@ -541,11 +541,16 @@ def test_imagenet_layout_errors(tmp_path):
     assert names_key(one_line(exc), "dataset.val_resize")
 
 
-def test_imagenet_gpu_decoder_gives_the_pil_paths_batches(tmp_path):
-    """dataset.decoder=gpu (batched decode and augmentation on the training device; here the
-    CPU): the same labels in the same order, the same crops and flips (so pixels close to the
-    PIL path's, which resizes with PIL), shapes and normalisation; statistics draws too."""
+@pytest.mark.parametrize("decoder", ["gpu", "dali"])
+def test_imagenet_batch_decoders_give_the_pil_paths_batches(tmp_path, decoder):
+    """dataset.decoder=gpu (torchvision's batched decode and augmentation on the training device;
+    here the CPU) and dali (an NVIDIA DALI pipeline, its CPU decoder here; skipped where DALI is
+    not installed): the same labels in the same order, the same crops and flips (so pixels close
+    to the PIL path's, which resizes with PIL), shapes and normalisation; statistics draws too."""
     from PIL import Image, ImageFilter
+
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is an optional extra (pip install '.[dali]')")
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -559,16 +564,16 @@ def test_imagenet_gpu_decoder_gives_the_pil_paths_batches(tmp_path):
                 Image.fromarray(img.astype("uint8")).filter(ImageFilter.GaussianBlur(1)).save(
                     tmp_path / split / c / f"{i}.JPEG", quality=95)
     got = {}
-    for decoder in ("pil", "gpu"):
+    for name in ("pil", decoder):
         conf = cfg(name="imagenet", root=str(tmp_path), batch_size=6, test_batch_size=4, image_size=24,
-                   num_workers=0, persistent_workers=False, decoder=decoder, normalize=None)
+                   num_workers=0, persistent_workers=False, decoder=name, normalize=None)
         data = build_data(conf, CPU, 3)
         data.train.set_epoch(2)
-        got[decoder] = ([b for b in data.train], [b for b in data.test], list(data.train.draw(1, 7)))
-    for (xp, yp), (xg, yg) in zip(*(sum(got[d][:2], []) for d in ("pil", "gpu"))):
+        got[name] = ([b for b in data.train], [b for b in data.test], list(data.train.draw(1, 7)))
+    for (xp, yp), (xg, yg) in zip(*(sum(got[d][:2], []) for d in ("pil", decoder))):
         assert torch.equal(yp, yg) and xp.shape == xg.shape and xg.dtype == torch.float32
         assert (xp - xg).abs().mean() < 0.03, float((xp - xg).abs().mean())  # same crops; two resizers
         assert (xp - xg.flip(-1)).abs().mean() > 0.1  # where a flip (or another crop) would show
-    (xs, ys), (xg, yg) = got["pil"][2][0], got["gpu"][2][0]
+    (xs, ys), (xg, yg) = got["pil"][2][0], got[decoder][2][0]
     assert torch.equal(ys, yg) and (xs - xg).abs().mean() < 0.03
     assert float(xs.std()) > 0.2

@@ -351,7 +351,105 @@ class DeviceDecode:
         return x
 
 
-DECODERS = ("pil", "gpu")
+class DaliDecode:
+    """``dataset.decoder=dali``: the batch decoded by an NVIDIA DALI pipeline (nvJPEG through DALI's
+    ``mixed`` decoder on CUDA, its CPU decoder otherwise) that decodes only the crop window the PIL
+    path would take (``decoders.image_slice``), resizes it with DALI's antialiased resize, flips and
+    normalises it: the same crops and flips as :class:`DeviceDecode`. Evaluation resizes the shorter
+    side and centre-crops with DALI's operators. DALI is an optional extra (``pip install '.[dali]'``);
+    the pipeline is built on the first batch and fed through external sources, so the order, the
+    sharding and the per-sample seeds stay those of this module's sampler."""
+
+    def __init__(self, transform: TrainTransform | EvalTransform, device: torch.device, max_batch: int) -> None:
+        self.transform, self.device, self.max_batch = transform, torch.device(device), int(max_batch)
+        self.pipe = None
+
+    def _build(self):
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+        from nvidia.dali import pipeline_def
+
+        cuda = self.device.type == "cuda"
+        device_id = None
+        if cuda:
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        tf, size = self.transform, self.transform.size
+        scale = [255.0 * m for m in tf.mean] if tf.mean is not None else [0.0, 0.0, 0.0]
+        spread = [255.0 * s for s in tf.std] if tf.std is not None else [255.0, 255.0, 255.0]
+        decoder = "mixed" if cuda else "cpu"
+
+        @pipeline_def(batch_size=self.max_batch, num_threads=max(1, min(4, os.cpu_count() or 1)),
+                      device_id=device_id, prefetch_queue_depth=1)
+        def pipeline():
+            jpegs = fn.external_source(name="jpegs", dtype=types.UINT8)
+            if tf.random:
+                anchor = fn.external_source(name="anchor", dtype=types.FLOAT)
+                shape = fn.external_source(name="shape", dtype=types.FLOAT)
+                mirror = fn.external_source(name="mirror", dtype=types.INT32)
+                img = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder, output_type=types.RGB,
+                                              normalized_anchor=False, normalized_shape=False, axis_names="WH")
+                img = fn.resize(img, resize_x=size, resize_y=size, antialias=True)
+            else:  # torchvision's resize of the shorter side and centre crop, sizes computed on the host
+                resized = fn.external_source(name="resized", dtype=types.FLOAT)
+                anchor = fn.external_source(name="anchor", dtype=types.FLOAT)
+                img = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+                img = fn.resize(img, size=resized, antialias=True)
+                img = fn.slice(img, anchor, [float(size), float(size)], axis_names="WH",
+                               normalized_anchor=False, normalized_shape=False)
+                mirror = 0
+            return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
+                                            mean=scale, std=spread, mirror=mirror)
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def __call__(self, datas: list[Tensor], crops: Tensor) -> Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        if self.pipe is None:
+            self.pipe = self._build()
+        self.pipe.feed_input("jpegs", [d.numpy() for d in datas])
+        if self.transform.random:
+            top, left, h, w, flip = crops.to(torch.int64).unbind(1)
+            self.pipe.feed_input("anchor", list(torch.stack([left, top], 1).float().numpy()))
+            self.pipe.feed_input("shape", list(torch.stack([w, h], 1).float().numpy()))
+            self.pipe.feed_input("mirror", list(flip.to(torch.int32).numpy()))
+        else:
+            self._feed_centre_crops(crops)
+        (out,) = self.pipe.run()
+        if self.device.type == "cuda":
+            out = out.as_tensor()
+            x = torch.empty(out.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(out, x, cuda_stream=torch.cuda.current_stream(self.device))
+            return x
+        out = out.as_tensor()
+        x = torch.empty(out.shape(), dtype=torch.float32)
+        feed_ndarray(out, x)
+        return x
+
+
+    def _feed_centre_crops(self, crops: Tensor) -> None:
+        """Each image's resized (width, height) and centre-crop corner, as torchvision computes them."""
+        import torchvision.transforms.functional as TF
+
+        size, resized, anchor = self.transform.size, [], []
+        for _, _, height, width, _ in crops.tolist():
+            new_h, new_w = TF._compute_resized_output_size((height, width), [self.transform.resize])
+            resized.append(np.array([new_h, new_w], dtype=np.float32))
+            left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+            anchor.append(np.array([left, top], dtype=np.float32))
+        self.pipe.feed_input("resized", resized)
+        self.pipe.feed_input("anchor", anchor)
+
+
+def dali_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+DECODERS = ("pil", "gpu", "dali")
 
 
 class _ListSampler(Sampler):
@@ -459,7 +557,8 @@ class ImageFolderLoader:
         decoder: str = "pil",
     ) -> None:
         self.images = images
-        self.decode = DeviceDecode(transform, device) if decoder == "gpu" else None
+        self.decode = (DeviceDecode(transform, device) if decoder == "gpu"
+                       else DaliDecode(transform, device, batch_size) if decoder == "dali" else None)
         self.transform = transform
         self.device = torch.device(device)
         self.shuffle = bool(shuffle)
@@ -581,6 +680,9 @@ def build_imagenet(cfg: Any, device: torch.device, seed: int) -> DataBundle:
     if resize < image_size:  # two keys: checked here
         raise ConfigError(f"dataset.val_resize={resize} is smaller than dataset.image_size={image_size}; the eval "
                           f"centre crop needs val_resize >= image_size (null: round(image_size / 0.875))")
+    if cfg.decoder == "dali" and not dali_available():
+        raise ConfigError("dataset.decoder: dali needs NVIDIA DALI, which is not installed; "
+                          "pip install '.[dali]', or set dataset.decoder=pil or gpu")
     num_workers, persistent, prefetch = cfg.num_workers, cfg.persistent_workers, cfg.prefetch_factor
     drop_last = cfg.drop_last
     mean, std = channel_stats(cfg, 3) or (None, None)
@@ -630,8 +732,8 @@ class ImageNetSchema(S.DataSchema):
     num_workers: int = S.count(ge=0, role=S.VOLATILE)
     persistent_workers: bool = S.keyed(role=S.VOLATILE)
     prefetch_factor: Optional[int] = S.count(ge=1, nullable=True, role=S.VOLATILE)
-    decoder: str = S.choice(DECODERS, hint="pil (CPU workers) or gpu (batched on the training device)",
-                            role=S.DETAIL)
+    decoder: str = S.choice(DECODERS, role=S.DETAIL,
+                            hint="pil (CPU workers), gpu (batched on the training device) or dali (NVIDIA DALI)")
 
 
 S.register("dataset", "imagenet", build_imagenet,
