@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import identity
 from .confdir import conf_dir
+from .errors import ConfigError
 from .identity import diff, shown
 from .schema import GROUP_ROLES, RECIPE
 from .validation import check
@@ -105,21 +106,31 @@ def departures(recipe: dict, config: dict) -> list[str]:
     return out
 
 
-def recipe_of(experiment: str, density, seed, config_name: str = "config") -> dict | None:
-    """The experiment's config at this density and seed, composed afresh and typed by the schema
-    (None when it cannot be composed)."""
+def recipe_of(experiment: str, density, seed, config_name: str = "config", init_from=None) -> dict | None:
+    """The experiment's config at this density and seed (and, for a row that starts from a trained
+    model, this run's ``init_from``: the row's input, not a departure), composed afresh and typed by
+    the schema (None when it cannot be composed)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     overrides = [f"experiment={experiment}", f"density={density}", f"seed={seed}"]
-    try:
+
+    def composed(extra: list[str]) -> dict:
         if GlobalHydra.instance().is_initialized():  # the run's own search path (--config-dir ...)
-            cfg = compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides + extra)
         else:
             with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-                cfg = compose(config_name=config_name, overrides=overrides)
+                cfg = compose(config_name=config_name, overrides=overrides + extra)
         return OmegaConf.to_container(check(cfg))  # typed as the run's config is: like with like
+
+    try:
+        try:
+            return composed([])
+        except ConfigError as exc:  # a row whose input is the model it starts from: the run's is its input
+            if init_from is None or not str(exc).startswith("init_from is not set"):
+                raise
+            return composed([f"init_from={init_from}"])
     except Exception as exc:  # an experiment that no longer composes: say so, record null
         log.info(f"provenance: the recipe of experiment={experiment} could not be composed ({type(exc).__name__})")
         return None
@@ -135,7 +146,8 @@ def provenance(resolved: dict, experiment: str | None = None, overrides: list[st
         experiment = job["experiment"] if experiment is None else experiment
         overrides = job["overrides"] if overrides is None else overrides
         options, config_name = job["options"], job["config_name"]
-    recipe = (recipe_of(experiment, resolved.get("density"), resolved.get("seed"), config_name)
+    recipe = (recipe_of(experiment, resolved.get("density"), resolved.get("seed"), config_name,
+                        resolved.get("init_from"))
               if experiment else None)
     return {
         "git": git_state(),

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .data import DataBundle, build_data
 from .errors import ConfigError, RunFailed
 from .identity import diff, recipe, run_identity, shown
+from .modelio import Start, StartMasks, load_into, read_start
 from .models import build_model
 from .provenance import provenance as make_provenance
 from .results import model_label, write_results
@@ -33,7 +34,7 @@ from .train import distributed as dist_util
 from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, is_checkpoint, load_checkpoint
 from .train.logging import MetricSink, NullSink, wandb_run_config
 from .train.optim import LRSchedule, build_optimizer
-from .train.trainer import CHECKPOINT, Trainer, TrainPlan
+from .train.trainer import BEST, CHECKPOINT, Trainer, TrainPlan
 from .validation import check
 
 log = logging.getLogger("sparse_bench")
@@ -146,8 +147,8 @@ def _changes(old: dict, new: dict) -> list[str]:
 
 
 # files this tool writes into a run folder (resume=false removes these, and only these)
-OWN_FILES = (CHECKPOINT, "results.json", "metrics.jsonl", "wandb_id.txt", "wandb_step.txt", "provenance.json",
-             "config.json", "config.yaml", PLAN_FILE)
+OWN_FILES = (CHECKPOINT, BEST, "results.json", "metrics.jsonl", "wandb_id.txt", "wandb_step.txt", "provenance.json",
+             "config.json", "config.yaml", PLAN_FILE, "eval.json", "eval-best.json")
 # the first file this tool writes into every run folder it makes or uses: the folder is its own
 MARKER = ".sparse_bench"
 
@@ -364,11 +365,13 @@ class Parts:
     rule: dict  # which parameters are prunable (``prunable``)
     density: float
     state: dict | None = None  # the checkpoint to resume from (dropped once restored)
+    start: Start | None = None  # init_from: the weights the model started from (None: a random start)
+    start_masks: bool = False  # init_from_masks: the method's first masks replaced by the start's
 
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
-    clean_stale_temporaries(run_dir, (CHECKPOINT, "results.json", "config.json"))
+    clean_stale_temporaries(run_dir, (CHECKPOINT, BEST, "results.json", "config.json"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     done = decide_resume(cfg, run_dir, resolved)
     if done is not None:
@@ -411,10 +414,39 @@ def decide_resume(cfg: DictConfig, run_dir: Path, resolved: dict) -> dict | None
     return None
 
 
-def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict) -> Parts:
+def _saved_state(cfg: DictConfig, run_dir: Path, device: torch.device, config_fp: str, state: dict | None
+                 ) -> tuple[dict | None, Start | None]:
+    """The checkpoint to resume from (`state` when given, else the run folder's unless resume=false)
+    and, for a fresh run, the weights ``init_from`` names: both read and checked before any data."""
+    ckpt_path = run_dir / CHECKPOINT
+    if state is None and str(cfg.resume).lower() != "false" and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, map_location=device, config_fingerprint=config_fp)
+    start = read_start(cfg.init_from) if cfg.get("init_from") and state is None else None
+    if start is not None and cfg.init_from_masks and not start.masks:
+        raise ConfigError(f"init_from_masks=true but init_from={start.path} holds no masks (a plain state dict); pass "
+                          f"a run folder, checkpoint or export of this tool, or set init_from_masks=false")
+    return state, start
+
+
+def _best_metric(cfg: DictConfig, data: DataBundle) -> str:
+    """What the best epoch is chosen by (``optimized_metric``, else val/acc), refused in one line
+    before a single step when it needs a validation split the data set does not hold out."""
+    metric = cfg.get("optimized_metric")
+    fix = f"set e.g. dataset.val_fraction=0.1 (dataset={cfg.dataset.name} holds none out)"
+    if metric and str(metric).startswith("val/") and data.val is None:
+        raise ConfigError(f"optimized_metric={metric} needs a validation split; {fix}")
+    best = str(metric or "val/acc")
+    if cfg.checkpoint.keep_best and best.startswith("val/") and data.val is None:
+        raise ConfigError(f"checkpoint.keep_best=true chooses the best epoch by {best}, which needs a validation "
+                          f"split; {fix}")
+    return best
+
+
+def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict, state: dict | None = None) -> Parts:
     """Threads, device and process group, then data, model, optimizer, schedule, method, its
     execution and the trainer, each seeded as before; a checkpoint to resume from is loaded (and
-    refused if corrupt, foreign or of another config) before any data is read."""
+    refused if corrupt, foreign or of another config) before any data is read, and so is the file
+    a fresh run starts from (``init_from``). `state`: a checkpoint already read (sparse-bench-eval)."""
     seed = int(cfg.seed)
     threads = job_threads(cfg)
     if threads is not None:
@@ -423,24 +455,20 @@ def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict) -> Parts:
     device = pick_device(cfg.device, dist.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ckpt_path = run_dir / CHECKPOINT
     config_fp = fingerprint(run_identity(resolved))
-    ckpt_state = (load_checkpoint(ckpt_path, map_location=device, config_fingerprint=config_fp)
-                  if str(cfg.resume).lower() != "false" and ckpt_path.exists() else None)
+    ckpt_state, start = _saved_state(cfg, run_dir, device, config_fp, state)
     dist_util.init(dist, device)
     density = float(cfg.density)
     torch.manual_seed(seed)
     data = build_data(cfg.dataset, device, seed)
-    metric = cfg.get("optimized_metric")
-    if metric and str(metric).startswith("val/") and data.val is None:  # known before a single step
-        raise ConfigError(f"optimized_metric={metric} needs a validation split, and dataset={cfg.dataset.name} holds "
-                          f"none out (dataset.val_fraction={cfg.dataset.get('val_fraction')}); set e.g. "
-                          f"dataset.val_fraction=0.1")
+    best_metric = _best_metric(cfg, data)
     torch.manual_seed(seed)
     rule = OmegaConf.to_container(cfg.prunable, resolve=True)
     # as build_model(...).to(device); under execution=sparse a layer too big to hold densely gets no dense weight
     model = build_model_for(execution_mode(cfg), lambda: build_model(cfg.model, data.input_shape, data.num_classes),
                             device, rule)
+    if start is not None:
+        load_into(model, start)  # names and shapes checked: one line naming the first that differ
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # 4-d weights only; the parameters stay the same objects
     optimizer = build_optimizer(cfg.optimizer, model)
@@ -471,29 +499,39 @@ def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict) -> Parts:
                      base_epochs=int(cfg.schedule.epochs),
                      train_eval_samples=int(cfg.eval.get("train_samples", 0) or 0),
                      test_every_epoch=bool(cfg.eval.get("test_every_epoch", False)),
-                     ema_decay=cfg.eval.get("ema_decay"),
+                     ema_decay=cfg.eval.get("ema_decay"), best_metric=best_metric,
+                     keep_best=bool(cfg.checkpoint.keep_best), test_on=str(cfg.eval.test_on),
                      precision=str(cfg.precision), clip_grad_norm=cfg.optimizer.get("clip_grad_norm"),
                      channels_last=bool(cfg.channels_last), compile=bool(cfg.compile),
                      compile_backend=str(cfg.compile_backend),
                      log_every=int(cfg.get("log_every", 0) or 0), progress=bool(cfg.progress), fingerprint=config_fp)
     trainer = Trainer(model, optimizer, lr_schedule, method, data, device, loss_fn, run_dir, plan, dist=dist,
                       flops=flops, hooks=[execution])
-    return Parts(dist, device, data, model, optimizer, method, execution, trainer, rule, density, ckpt_state)
+    # what a checkpoint carries to be evaluated, exported or started from without this run's folder
+    trainer.run_info = {"config": resolved, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+                        "prunable": _prunable(method)["prunable"]}
+    if start is not None and cfg.init_from_masks and method.masks is None:
+        raise ConfigError(f"init_from_masks=true with method={cfg.method.name}, which has no masks; set "
+                          f"init_from_masks=false or choose a sparse method")
+    return Parts(dist, device, data, model, optimizer, method, execution, trainer, rule, density, ckpt_state,
+                 start, bool(start is not None and cfg.init_from_masks))
 
 
-def start_or_resume(parts: Parts, run_dir: Path) -> None:
-    """Restore the checkpoint's state, or run the method's set-up (masks drawn, broadcast to every
-    rank); under torchrun, wrap the model in DDP."""
+def start_or_resume(parts: Parts, run_dir: Path, quiet: bool = False) -> None:
+    """Restore the checkpoint's state, or run the method's set-up (masks drawn, or taken from
+    ``init_from`` with ``init_from_masks``; broadcast to every rank); under torchrun, wrap the
+    model in DDP."""
     method, trainer, dist = parts.method, parts.trainer, parts.dist
     state, parts.state = parts.state, None
     if state is not None:
         parts.execution.convert(resume=True)
         trainer.load_state(state)
         del state
-        if dist.is_main:
+        if dist.is_main and not quiet:
             log.info(f"resuming {run_dir} after epoch {trainer.epoch} (step {trainer.step})")
     else:
-        setup_logs = call_hook(method, trainer.hooks, "setup") or {}
+        first = [StartMasks(parts.start, method)] if parts.start_masks else []
+        setup_logs = call_hook(method, [*first, *trainer.hooks], "setup") or {}
         dist_util.broadcast_masks(method, parts.optimizer, dist)
         if setup_logs and dist.is_main:
             log.info(" | ".join(f"{k} {v}" for k, v in setup_logs.items()))
@@ -510,6 +548,10 @@ def record_config(cfg: DictConfig, resolved: dict, parts: Parts, run_dir: Path) 
     prov = make_provenance(resolved) if dist.is_main else {}
     if not dist.is_main:
         return prov
+    if parts.start is not None:
+        prov["init_from"] = parts.start.record(parts.start_masks)
+        log.info(f"init_from {parts.start.path} ({parts.start.kind}, sha256 {parts.start.sha256[:12]})"
+                 + (", with its masks" if parts.start_masks else ""))
     atomic_write_json(run_dir / "config.json", resolved)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_json(run_dir / "provenance.json", prov)

@@ -168,6 +168,11 @@ def _check_metric(value, key: str) -> None:
                           f"the test set would make the test result meaningless")
 
 
+def _check_init_from(value, key: str) -> None:
+    if value is not None and not str(value).strip():
+        raise ConfigError(f"{key} is empty; pass {key}=PATH (a run folder, checkpoint or state dict) or {key}=null")
+
+
 # --- top level ----------------------------------------------------------------------------------
 #: ``precision``: name -> the torch dtype (by its name) the forward pass autocasts to (None: float32)
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
@@ -183,6 +188,13 @@ class Eval:
     train_samples: int = count(ge=0, hint="0 turns train_eval/* off")
     test_every_epoch: bool = MISSING
     ema_decay: Optional[float] = num(gt=0.0, lt=1.0, nullable=True, hint="null, or e.g. 0.9998")
+    # which model is tested changes the result a table shows: a recipe key (the papers test the final one)
+    test_on: str = choice(("final", "best"), hint="final, or best with checkpoint.keep_best=true", role=RECIPE)
+
+
+@dataclass
+class Checkpoint:
+    keep_best: bool = MISSING
 
 
 @dataclass
@@ -216,6 +228,11 @@ class Root:
     compile: bool = keyed(role=DETAIL)
     compile_backend: str = keyed(role=DETAIL)
     optimized_metric: Optional[str] = keyed(role=VOLATILE, check=_check_metric)
+    init_from: Optional[str] = keyed(role=RECIPE, check=_check_init_from,
+                                     hint="this experiment starts from a trained model: pass init_from=PATH (a run "
+                                          "folder, checkpoint or state dict file of this model, e.g. a dense run's)")
+    init_from_masks: bool = keyed(role=RECIPE)
+    checkpoint: Checkpoint = keyed(role=DETAIL)
     loss: Loss = keyed(role=RECIPE)
     eval: Eval = keyed(role=DETAIL)
     prunable: Prunable = keyed(role=RECIPE)

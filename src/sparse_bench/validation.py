@@ -39,6 +39,12 @@ def check(cfg) -> DictConfig:
     if out["precision"] == "fp16" and out["execution"] != "masked":  # two keys
         raise ConfigError(f"precision=fp16 with execution={out['execution']}: the sparse layers' dense gradients are "
                           f"not unscaled by the fp16 gradient scaler; use precision=bf16 or execution=masked")
+    if out["eval"]["test_on"] == "best" and not out["checkpoint"]["keep_best"]:  # two keys
+        raise ConfigError("eval.test_on=best tests the best epoch's checkpoint, which is kept only with "
+                          "checkpoint.keep_best=true; set it, or eval.test_on=final")
+    if out["init_from_masks"] and out["init_from"] is None:  # two keys
+        raise ConfigError("init_from_masks=true takes the masks of init_from, which is null; pass init_from=PATH "
+                          "or drop init_from_masks")
     for group in groups:
         node = data.get(group)
         if not isinstance(node, dict):

@@ -22,7 +22,7 @@ from ..errors import RunFailed
 from ..sparsity.flops import FlopMeter
 from ..sparsity.methods import Method, call_hook
 from . import distributed as dist_util
-from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .logging import MetricSink, NullSink, Progress, console_line, final_line
 from .optim import LRSchedule, set_lr
 from .precision import FP32, Amp
@@ -30,6 +30,7 @@ from .precision import FP32, Amp
 log = logging.getLogger("sparse_bench")
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"  # checkpoint.keep_best: the checkpoint of the best epoch by TrainPlan.best_metric
 
 
 def summed_loss(loss_fn):
@@ -119,6 +120,9 @@ class TrainPlan:
     compile: bool = False  # the training forward through torch.compile (eager again if compiling fails)
     compile_backend: str = "inductor"
     ema_decay: float | None = None  # an average of the weights kept on the masks, evaluated as ema/*
+    best_metric: str = "val/acc"  # what the best epoch is chosen by (a name ending in "loss": lowest)
+    keep_best: bool = False  # that epoch's checkpoint kept as best.pt
+    test_on: str = "final"  # final | best: the model the test set is evaluated on
 
 
 class Trainer:
@@ -170,6 +174,9 @@ class Trainer:
         self.ema = _ema_copy(model) if plan.ema_decay is not None else None
         self._ema_started = False  # the average starts at the weights of the first step's end
         self._ema_prunable: list | None = None
+        self.best_metric, self.keep_best, self.test_on = plan.best_metric, plan.keep_best, plan.test_on
+        self._best_pending = False  # this epoch is the best so far: save() writes best.pt too
+        self.run_info: dict = {}  # config, input shape, classes, prunable shapes: written into every checkpoint
 
     # --- one epoch ----------------------------------------------------------------------------
     def train_epoch(self, epoch: int, sink: MetricSink | None = None) -> dict:
@@ -424,13 +431,26 @@ class Trainer:
                 rec["compile/graphs"] = _compiled_graphs() - self._graphs_before
             rec["step"] = self.step
             self.epoch = epoch
-            if "val/acc" in rec and rec["val/acc"] >= self.best.get("val/acc", -1.0):
-                self.best = {"val/acc": rec["val/acc"], "epoch": epoch}
+            self._track_best(rec)
             sink.log(rec, wandb_skip=method_logs or ())
             if self.dist.is_main:
                 log.info(console_line(rec))
             self.save()
         return self.finish(sink)
+
+    def _track_best(self, rec: dict) -> None:
+        """The best epoch so far by `best_metric` (a tie goes to the later epoch), with the epoch's
+        validation metrics and density; marks best.pt to be written with this epoch's checkpoint."""
+        value = rec.get(self.best_metric)
+        if value is None:
+            return
+        old = self.best.get("value")
+        lower = self.best_metric.endswith("loss")
+        if old is None or (value <= old if lower else value >= old):
+            self.best = {"metric": self.best_metric, "value": value, "epoch": rec["epoch"], "step": rec["step"],
+                         **{k: v for k, v in rec.items() if k.startswith(("val/", "train_eval/", "ema/val/"))},
+                         **({"density/achieved": rec["density/achieved"]} if "density/achieved" in rec else {})}
+            self._best_pending = self.keep_best
 
     def flop_summary(self) -> dict:
         if self.flops is None:
@@ -438,8 +458,12 @@ class Trainer:
         return self.flops.summary(self.epoch, self.base_epochs)
 
     def finish(self, sink: MetricSink) -> dict:
-        test_loss, test_acc = self.evaluate(self.data.test)
-        rec = {"epoch": self.epoch, "step": self.step, "final": True, "test/loss": test_loss, "test/acc": test_acc}
+        rec = {"epoch": self.epoch, "step": self.step, "final": True}
+        if self.test_on == "best":
+            rec["test/loss"], rec["test/acc"] = self._evaluate_best()
+            rec["test/epoch"] = self.best["epoch"]
+        else:
+            rec["test/loss"], rec["test/acc"] = self.evaluate(self.data.test)
         if self.ema is not None:
             rec["ema/test/loss"], rec["ema/test/acc"] = self.evaluate(self.data.test, model=self.ema)
         rec.update(self.method.density_logs())
@@ -463,11 +487,31 @@ class Trainer:
             "method": self.method.state_dict(),
             "flops": self.flops.state_dict() if self.flops is not None else None,
             "rng": rng_state(),
+            "run": self.run_info,
         }
 
+    def _evaluate_best(self) -> tuple[float, float]:
+        """The test set on the best epoch's model (best.pt's weights, sparse layers' structure
+        included), then the final weights put back."""
+        if not self.best.get("epoch"):
+            raise RunFailed(f"eval.test_on=best, but no epoch reported {self.best_metric}; nothing to test")
+        state = load_checkpoint(self.run_dir / BEST, map_location=self.device, config_fingerprint=self.fingerprint)
+        final = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(state["model"])
+        try:
+            return self.evaluate(self.data.test)
+        finally:
+            self.model.load_state_dict(final)
+
     def save(self) -> None:
+        """The epoch's checkpoint, after best.pt when this epoch is the best so far (so a crash
+        between the two never leaves a checkpoint naming a best epoch that best.pt does not hold)."""
         if self.dist.is_main:
-            save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict(), self.fingerprint)
+            state = self.state_dict()
+            if self._best_pending:
+                save_checkpoint(self.run_dir / BEST, state, self.fingerprint)
+            save_checkpoint(self.run_dir / CHECKPOINT, state, self.fingerprint)
+        self._best_pending = False
         dist_util.barrier(self.dist)
 
     def load_state(self, state: dict) -> None:

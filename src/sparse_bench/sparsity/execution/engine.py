@@ -112,7 +112,7 @@ def execution_mode(cfg) -> str:
     return value
 
 
-def _parent_of(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
+def parents_of(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
     out = []
     for mod in model.modules():
         for name, child in mod._modules.items():
@@ -311,7 +311,7 @@ class Execution:
         w = mod.weight
         layer = cls.from_dense(mod, None if resume else masks.masked_entry(i)[1])
         layer.control = self.control
-        for parent, name in _parent_of(self.model, mod):
+        for parent, name in parents_of(self.model, mod):
             setattr(parent, name, layer)
         for group in self.optimizer.param_groups:
             group["params"] = [layer.values if p is w else p for p in group["params"]]
