@@ -37,6 +37,17 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
+def experiment_overrides(name: str) -> list[str]:
+    """The overrides that run experiment `name`: the row, and a placeholder for each input the row
+    leaves to the user (a key whose value is ``${sb.required:...}``, e.g. the dense model a
+    ``*_from_dense`` row prunes)."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(compose([f"experiment={name}"]), resolve=False)
+    inputs = [k for k, v in raw.items() if isinstance(v, str) and v.startswith("${sb.required:")]
+    return [f"experiment={name}", *(f"{k}=/inputs/{k}" for k in inputs)]
+
+
 def choices(runs: list[list[str]]) -> list[dict]:
     """For each list of overrides, the group options (``hydra.runtime.choices``) `compose` would
     pick, from Hydra's defaults list alone (a fifth of the time of composing, for parametrising at

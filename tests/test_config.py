@@ -8,7 +8,7 @@ from sparse_bench.errors import ConfigError
 from sparse_bench.run import run, validate
 from sparse_bench.schema import GROUP_ROLES
 
-from conftest import CONF, cli_here, compose, tiered
+from conftest import CONF, cli_here, compose, experiment_overrides, tiered
 
 GROUPS = (*GROUP_ROLES, "experiment")
 OPTIONS = [(g, o) for g in GROUPS if g != "experiment" for o in group_options(g, CONF)]
@@ -28,7 +28,7 @@ def test_every_group_option_composes(group, option):
 
 @pytest.mark.parametrize("experiment", tiered(group_options("experiment", CONF), 4, ids=str))
 def test_every_experiment_composes(experiment):
-    cfg = compose([f"experiment={experiment}"])
+    cfg = compose(experiment_overrides(experiment))
     validate(cfg)
 
 

@@ -10,7 +10,7 @@ import pytest
 from sparse_bench.confdir import group_options
 from sparse_bench.run import run, validate
 
-from conftest import CONF, choices, compose, tiered
+from conftest import CONF, choices, compose, experiment_overrides, tiered
 
 EXPERIMENTS = [e for e in group_options("experiment", CONF)]
 SHAPES = {"mnist": [1, 28, 28], "fashion_mnist": [1, 28, 28], "digits": [1, 8, 8],
@@ -43,7 +43,7 @@ def test_there_is_an_experiment_for_every_paper():
 
 @pytest.mark.parametrize("name", tiered([e for e in EXPERIMENTS if e != "demo"], 4, ids=str))
 def test_experiment_has_a_paper_block(name):
-    cfg = compose([f"experiment={name}"])
+    cfg = compose(experiment_overrides(name))
     validate(cfg)
     paper = cfg.paper
     assert paper.source and paper.table and paper.row and paper.metric in ("test/acc", "test/error")
@@ -61,7 +61,7 @@ def test_experiment_has_a_paper_block(name):
 
 def _distinct() -> list[str]:
     seen, out = set(), []
-    for name, picked in zip(EXPERIMENTS, choices([[f"experiment={name}"] for name in EXPERIMENTS])):
+    for name, picked in zip(EXPERIMENTS, choices([experiment_overrides(name) for name in EXPERIMENTS])):
         key = (picked["model"], picked["method"], tuple(SHAPES[picked["dataset"]]))
         if key not in seen:
             seen.add(key)
@@ -72,9 +72,9 @@ def _distinct() -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _distinct())
 def test_experiment_trains_two_steps_on_its_input_shape(name, tmp_path):
-    real = compose([f"experiment={name}"])
+    real = compose(experiment_overrides(name))
     ds, method = real.dataset.name, real.method.name
-    over = [f"experiment={name}", "dataset=synthetic", f"dataset.input_shape={SHAPES[ds]}",
+    over = [*experiment_overrides(name), "dataset=synthetic", f"dataset.input_shape={SHAPES[ds]}",
             f"dataset.num_classes={CLASSES[ds]}", "dataset.n_train=4", "dataset.n_test=2", "dataset.batch_size=2",
             "dataset.test_batch_size=2", "dataset.val_fraction=0", "schedule.epochs=1", "limit_train_batches=2",
             "eval.train_samples=0", "logger=none", "progress=false", "device=cpu", f"paths.runs={tmp_path}",

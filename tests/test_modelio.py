@@ -180,3 +180,25 @@ def test_best_and_last_checkpoints_and_test_on_best(tmp_path, monkeypatch):
         run(compose([*BASE, "eval.test_on=best", f"paths.runs={tmp_path / 'c'}"]))
     with pytest.raises(ConfigError, match="validation split"):
         run(compose([*BASE, "checkpoint.keep_best=true", "dataset.val_fraction=0", f"paths.runs={tmp_path / 'c'}"]))
+
+
+def test_the_gmp_row_from_a_dense_model_names_its_input(tmp_path):
+    """gmp_imagenet_resnet50_from_dense (IST-DASLab/ACDC imagenet_resnet50_gmp_sp*.yaml): without
+    init_from one line naming it, exit 2; with one, the run's recipe is the row's (no departure)."""
+    from omegaconf import OmegaConf
+
+    from sparse_bench.provenance import departures, recipe_of
+    from sparse_bench.run import validate
+
+    proc = subprocess.run([sys.executable, "-m", "sparse_bench", "experiment=gmp_imagenet_resnet50_from_dense",
+                           f"paths.runs={tmp_path}"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: init_from is not set"), proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    cfg = validate(compose(["experiment=gmp_imagenet_resnet50_from_dense", "init_from=/models/resnet50.pth"]))
+    resolved = OmegaConf.to_container(cfg)
+    recipe = recipe_of("gmp_imagenet_resnet50_from_dense", cfg.density, cfg.seed, init_from=cfg.init_from)
+    assert departures(recipe, resolved) == []
+    assert cfg.schedule.lr.milestones == [41, 47, 53, 59, 65, 71, 77, 83, 89] and cfg.method.initial_sparsity == 0.05
+    other = validate(compose(["experiment=gmp_imagenet_resnet50_from_dense", "init_from=/models/resnet50.pth",
+                              "optimizer.lr=0.1"]))
+    assert departures(recipe, OmegaConf.to_container(other)) == ["optimizer.lr=0.1"]

@@ -23,7 +23,7 @@ from sparse_bench.sparsity.distributions import layer_counts
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.train.trainer import hooked_step
 
-from conftest import CONF, cli_here, compose
+from conftest import CONF, cli_here, compose, experiment_overrides
 
 CPU = torch.device("cpu")
 SPE = 4
@@ -349,7 +349,7 @@ def test_acdc_experiments_lay_out_the_references_phases():
             ("acdc_imagenet_resnet50", 100, list(range(10, 71, 10)) + [85], list(range(15, 66, 10)) + [75]),
             ("acdc_imagenet_resnet50_2x", 200, list(range(10, 171, 10)) + [185], list(range(15, 166, 10)) + [175]),
             ("acdc_cifar100_wrn28_10", 200, [10, 50, 90, 130, 170], [30, 70, 110, 150])):
-        cfg = compose([f"experiment={exp}"])
+        cfg = compose(experiment_overrides(exp))
         assert cfg.schedule.epochs * cfg.schedule.multiplier == epochs
         model = mlp()
         ctx = MethodContext(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), density=0.1,
@@ -480,7 +480,7 @@ def test_reproduce_sweeps_the_densities_the_published_runs_used():
 # --- the last gaps of a second read (GSE's Top-KAST init, its loader, its GMP window) ---------------
 def _row_method(row: str, model: nn.Module, steps_per_epoch: int = SPE, density: float | None = None):
     """The method of an experiment row, as a run of that row builds it, on `model`."""
-    cfg = compose([f"experiment={row}"])
+    cfg = compose(experiment_overrides(row))
     torch.manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ctx = MethodContext(model=model, optimizer=opt, density=float(density or cfg.density),
@@ -537,7 +537,7 @@ def test_gse_rows_drop_the_last_partial_batch_as_its_loader_does(tmp_path):
     assert len(DeviceLoader(torch.zeros(50_000, 1), torch.zeros(50_000), 128, True, drop_last=False)) == 391
     for row in ("gse_cifar10_resnet56", "gse_cifar100_vit_cifar_rigl", "gse_cifar10_vgg16_small_gmp",
                 "gse_imagenet_resnet50", "gse_width_cifar100_resnet56"):
-        assert compose([f"experiment={row}"]).dataset.drop_last is True, row
+        assert compose(experiment_overrides(row)).dataset.drop_last is True, row
     write_cifar10(tmp_path)  # a small CIFAR-10: the row's loader at batch 16 instead of 128
     cfg = OmegaConf.merge(compose(["experiment=gse_cifar10_resnet56"]).dataset, {"root": str(tmp_path),
                                                                                "batch_size": 16})

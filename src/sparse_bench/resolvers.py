@@ -56,9 +56,16 @@ def by_density(density, table, *, _node_=None):
                           f"not {density}; pick one of those densities or set {key}=<value> yourself") from None
 
 
+def required(what: str, *, _node_=None):
+    """A value an experiment cannot give and the user must (``${sb.required:'what it is'}``): the
+    user's override replaces the interpolation; left alone, it is one line naming the key."""
+    key = _node_._get_full_key(None) if _node_ is not None else "this key"
+    raise ConfigError(f"{key} is not set: this experiment needs {what}; pass {key}=PATH")
+
+
 def register() -> None:
     for name, fn in (("sb.density_tag", density_tag), ("sb.model_tag", model_tag), ("sb.job_dir", job_dir),
-                     ("sb.by_density", by_density)):
+                     ("sb.by_density", by_density), ("sb.required", required)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
