@@ -71,6 +71,8 @@ def _sha256(path: Path) -> str:
 def checkpoint_file(path: Path, which: str = "last") -> Path:
     """The checkpoint a path names: the file itself, or a run folder's last (``checkpoint.pt``) or best."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; pass a run folder of this tool or a checkpoint file")
     if path.is_dir():
         name = BEST if which == "best" else CHECKPOINT
         if not (path / name).is_file():
