@@ -171,6 +171,11 @@ MODELS = {
     "lenet300_100": ({"name": "lenet300_100", "in_features": 784}, (1, 28, 28), 100),
     "lenet5_caffe": ({"name": "lenet5_caffe"}, (1, 28, 28), 100),
     "mlp4096": ({"name": "mlp", "hidden": [4096, 4096]}, (1, 28, 28), 128),
+    # GSE's CIFAR models (conf/model/*.yaml) at GSE's batch 128
+    "resnet56": ({"name": "resnet56"}, (3, 32, 32), 128),
+    "vgg16_small": ({"name": "vgg16_small"}, (3, 32, 32), 128),
+    "vit_cifar": ({"name": "vit_cifar"}, (3, 32, 32), 128),
+    "resnet50": ({"name": "resnet50"}, (3, 224, 224), 8),
 }
 
 

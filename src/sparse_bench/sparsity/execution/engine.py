@@ -46,7 +46,7 @@ from ...errors import ConfigError, RunFailed
 from ...sidefiles import read_object
 from ...train.checkpoint import atomic_write_json
 from . import kernels
-from .layers import DenseGradControl, SparseLayer, sparse_twin
+from .layers import DenseGradControl, SparseConv2d, SparseLayer, keep_channel_major, sparse_twin
 
 log = logging.getLogger("sparse_bench")
 
@@ -295,6 +295,8 @@ class Execution:
                 self._convert_one(i, cls, resume)
             self.plan[masks.names[i]] = "sparse"
         self.active = bool(chosen)
+        if any(isinstance(masks.layers[i], SparseConv2d) for i in chosen):
+            keep_channel_major(self.model)  # batch norms keep the sparse convolutions' layout
         masks.run_sparse(self.active, self.optimizer, bool(getattr(self.method, "keeps_inactive_state", False)))
         if masks.keeps_inactive_state and self.active:
             kind = type(self.optimizer).__name__
