@@ -88,7 +88,7 @@ def main() -> int:
             print("| group | ms | share |\n|---|---:|---:|")
             for g, t in sorted(groups.items(), key=lambda kv: -kv[1]):
                 print(f"| {g} | {t:,.1f} | {t / total:.0%} |")
-            print(f"\n| top operators (self) | ms | calls |\n|---|---:|---:|")
+            print("\n| top operators (self) | ms | calls |\n|---|---:|---:|")
             for name, t, n in sorted(events, key=lambda e: -e[1])[:a.top]:
                 print(f"| `{name}` | {t:,.1f} | {n} |")
             sys.stdout.flush()

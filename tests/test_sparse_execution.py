@@ -55,6 +55,22 @@ def test_kernels_match_dense_products(backend, nb, batch):
     torch.testing.assert_close(g, (dyt @ xt.transpose(1, 2)).sum(0)[mask], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("m", [1, 7, 128, 200, 300])
+def test_row_major_kernels_match_dense_products(backend, m):
+    """The kernels for (tokens, features) inputs: y = x W^T + b, dx = dy W, and dy^T x at the
+    active positions, across row tiles (128 rows) and a short last tile."""
+    gen = torch.Generator().manual_seed(m)
+    rows, cols = 37, 53
+    s, values, w, mask = _random_csr(rows, cols, 0.2, gen)
+    x, dy, bias = torch.randn(m, cols, generator=gen), torch.randn(m, rows, generator=gen), torch.randn(rows)
+    torch.testing.assert_close(kernels.spmm_rows(s["indptr"], s["indices"], values, x, bias), x @ w.t() + bias,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.spmm_rows(s["t_indptr"], s["t_indices"], values[s["t_perm"]], dy), dy @ w,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.sddmm_rows(s["indptr"], s["indices"], dy, x), (dy.t() @ x)[mask],
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_kernels_with_no_nonzeros(backend):
     s = structure_from_linear(torch.zeros(0, dtype=torch.long), 4, 3)
     y = kernels.spmm(s["indptr"], s["indices"], torch.zeros(0), torch.randn(1, 3, 5), torch.ones(4))
@@ -94,7 +110,10 @@ def _layer_pair(kind, gen):
     torch.manual_seed(0)
     if kind == "linear":
         dense = nn.Linear(40, 24)
-        x = torch.randn(3, 5, 40, generator=gen)  # leading dimensions are flattened
+        x = torch.randn(3, 5, 40, generator=gen)  # (batch, tokens, features): the row-major kernels
+    elif kind == "linear_2d":  # (batch, features): feature-major kernels, the output a transposed view
+        dense = nn.Linear(40, 24)
+        x = torch.randn(7, 40, generator=gen)
     elif kind == "conv1x1":  # a matmul on the input as it is, no unfold
         dense = nn.Conv2d(12, 8, 1)
         x = torch.randn(4, 12, 5, 6, generator=gen)
@@ -110,13 +129,13 @@ def _layer_pair(kind, gen):
     mask = torch.rand(dense.weight.shape, generator=gen) < 0.3
     with torch.no_grad():
         dense.weight.mul_(mask)
-    cls = SparseLinear if kind == "linear" else SparseConv2d
+    cls = SparseLinear if kind.startswith("linear") else SparseConv2d
     sparse = cls.from_dense(dense, mask)
     sparse.bias = nn.Parameter(dense.bias.detach().clone())
     return dense, sparse, mask, x
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv", "conv1x1", "conv_direct", "conv_direct_nopad"])
+@pytest.mark.parametrize("kind", ["linear", "linear_2d", "conv", "conv1x1", "conv_direct", "conv_direct_nopad"])
 def test_sparse_layer_matches_masked_dense_layer(backend, kind):
     gen = torch.Generator().manual_seed(1)
     dense, sparse, mask, x = _layer_pair(kind, gen)

@@ -141,6 +141,12 @@ def _load() -> ctypes.CDLL | None:
                 lib.sb_spmm.restype = None
                 lib.sb_sddmm.argtypes = [I64, I64, I64, P, P, P, I64, P, I64, P, ctypes.c_int]
                 lib.sb_sddmm.restype = None
+                lib.sb_spmm_rows.argtypes = [I64, I64, I64, P, P, P, P, P, P, P, ctypes.c_int]
+                lib.sb_spmm_rows.restype = None
+                lib.sb_sddmm_rows.argtypes = [I64, I64, I64, P, P, P, P, P, P, ctypes.c_int]
+                lib.sb_sddmm_rows.restype = None
+                lib.sb_row_tile.argtypes = []
+                lib.sb_row_tile.restype = I64
                 lib.sb_conv_fwd.argtypes = [I64, I64, I64, I64, P, P, P, P, P, P, ctypes.c_int]
                 lib.sb_conv_fwd.restype = None
                 lib.sb_conv_dgrad.argtypes = [I64, I64, I64, I64, I64, P, P, P, P, P, P, ctypes.c_int]
@@ -223,6 +229,38 @@ def sddmm(indptr: torch.Tensor, indices: torch.Tensor, dyt: torch.Tensor, xt: to
     d2 = dyt[0] if nb == 1 else dyt.transpose(0, 1).reshape(rows, nb * b)
     x2 = xt[0] if nb == 1 else xt.transpose(0, 1).reshape(cols, nb * b)
     return torch.sparse.sampled_addmm(pattern, d2, x2.t(), beta=0.0, alpha=1.0).values()
+
+
+def spmm_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
+              bias: torch.Tensor | None = None, indices64: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for row-major x (M, cols), W the CSR matrix (rows, cols): (M, rows),
+    row-major. The C kernel transposes tiles of rows in cache instead of whole matrices."""
+    rows = indptr.numel() - 1
+    m, cols = x.shape
+    x = x.contiguous()
+    if _use_c(values, x):
+        out = torch.empty(m, rows, dtype=x.dtype)
+        work = torch.empty((cols + rows) * _lib.sb_row_tile(), dtype=x.dtype)
+        bias = None if bias is None else bias.detach().contiguous()
+        _lib.sb_spmm_rows(m, rows, cols, indptr.data_ptr(), indices.data_ptr(), values.contiguous().data_ptr(),
+                          x.data_ptr(), _ptr(bias), out.data_ptr(), work.data_ptr(), torch.get_num_threads())
+        return out
+    return spmm(indptr, indices, values, x.t().unsqueeze(0), bias, indices64)[0].t()
+
+
+def sddmm_rows(indptr: torch.Tensor, indices: torch.Tensor, dy: torch.Tensor, x: torch.Tensor,
+               indices64: torch.Tensor | None = None) -> torch.Tensor:
+    """``dy.T @ x`` at the structure's positions only, for row-major dy (M, rows) and x (M, cols)."""
+    rows = indptr.numel() - 1
+    m, cols = x.shape
+    dy, x = dy.contiguous(), x.contiguous()
+    if _use_c(dy, x):
+        out = torch.empty(indices.numel(), dtype=dy.dtype)
+        work = torch.empty((cols + rows) * _lib.sb_row_tile(), dtype=x.dtype)
+        _lib.sb_sddmm_rows(m, rows, cols, indptr.data_ptr(), indices.data_ptr(), dy.data_ptr(), x.data_ptr(),
+                           out.data_ptr(), work.data_ptr(), torch.get_num_threads())
+        return out
+    return sddmm(indptr, indices, dy.t().unsqueeze(0), x.t().unsqueeze(0), indices64)
 
 
 def direct_conv_available(*tensors: torch.Tensor) -> bool:

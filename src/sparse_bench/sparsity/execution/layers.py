@@ -114,6 +114,38 @@ class _SparseMatmul(torch.autograd.Function):
         return dv, dx, db, None
 
 
+class _SparseMatmulRows(torch.autograd.Function):
+    """y = x W^T + bias for row-major x (M, cols), as a Linear on (batch, tokens, features) inputs
+    sees it: no whole-matrix transposes (see kernels.spmm_rows); backward: active-weight gradient,
+    input gradient (the same kernel on W^T's structure), bias gradient."""
+
+    @staticmethod
+    def forward(ctx, values, x, bias, layer):
+        y = kernels.spmm_rows(layer.indptr, layer.indices, values.detach(), x,
+                              None if bias is None else bias.detach(), layer._indices64())
+        ctx.layer = layer
+        ctx.save_for_backward(values, x)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        values, x = ctx.saved_tensors
+        layer = ctx.layer
+        dy = dy.contiguous()
+        dv = dx = db = None
+        if ctx.needs_input_grad[0]:
+            dv = kernels.sddmm_rows(layer.indptr, layer.indices, dy, x, layer._indices64())
+        if ctx.needs_input_grad[1]:
+            dx = kernels.spmm_rows(layer.t_indptr, layer.t_indices, values.detach()[layer.t_perm], dy, None,
+                                   layer._t_indices64())
+        if ctx.needs_input_grad[2]:
+            db = dy.sum(0)
+        ctl = layer.control
+        if ctl.dense:
+            ctl.add(layer, dy.t() @ x)
+        return dv, dx, db, None
+
+
 class _SparseConvDirect(torch.autograd.Function):
     """Stride-1 sparse convolution without unfolding: activations as (C, H, W, N), N innermost."""
 
@@ -292,6 +324,11 @@ class SparseLinear(SparseLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if len(lead) > 1 and x2.is_contiguous():
+            # (batch, tokens, features) inputs, row-major: kernels that keep them so (the output
+            # and the gradients too), instead of transposing whole activations at each layer
+            return _SparseMatmulRows.apply(self.values, x2, self.bias, self).view(*lead, self.out_features)
+        # 2-d inputs: feature-major, the output a transposed view a following sparse layer takes as it is
         y = self._matmul(x2.t().unsqueeze(0))[0].t()
         return y if len(lead) == 1 else y.reshape(*lead, self.out_features)
 

@@ -142,11 +142,10 @@ void sb_spmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const i
     }
 }
 
-/* out[k] = sum_n dot(dyt_n[i, :], xt_n[indices[k], :]) for every nonzero k of every row i. */
-void sb_sddmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const int32_t *indices,
-              const float *dyt, int64_t dy_stride, const float *xt, int64_t x_stride, float *out,
-              int nthreads) {
-    memset(out, 0, (size_t)indptr[rows] * sizeof(float));
+/* out[k] += sum_n dot(dyt_n[i, :], xt_n[indices[k], :]) for every nonzero k of every row i. */
+static void sddmm_add(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const int32_t *indices,
+                      const float *dyt, int64_t dy_stride, const float *xt, int64_t x_stride, float *out,
+                      int nthreads) {
     for (int64_t n = 0; n < nb; n++) {
         const float *dn = dyt + n * dy_stride;
         const float *xn = xt + n * x_stride;
@@ -163,6 +162,78 @@ void sb_sddmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const 
                 else sddmm_scalar(indptr, indices, dn, xn, B, i, b0, w, out);
             }
             b0 += w;
+        }
+    }
+}
+
+/* out[k] = sum_n dot(dyt_n[i, :], xt_n[indices[k], :]) for every nonzero k of every row i. */
+void sb_sddmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const int32_t *indices,
+              const float *dyt, int64_t dy_stride, const float *xt, int64_t x_stride, float *out,
+              int nthreads) {
+    memset(out, 0, (size_t)indptr[rows] * sizeof(float));
+    sddmm_add(nb, rows, B, indptr, indices, dyt, dy_stride, xt, x_stride, out, nthreads);
+}
+
+/* --- row-major (token-major) activations: X is (M, cols) row-major, as a Linear sees a
+ * (batch, tokens, features) input. Rather than transposing whole matrices (a pass over memory
+ * each way, each step), tiles of RT rows are transposed into a small buffer that stays in cache
+ * and the feature-major kernels above run on the tile (B = RT: one 8-vector column tile).
+ *
+ *   sb_spmm_rows:  Y (M, rows) = X W^T (+ bias); the input gradient is the same on W^T's CSR.
+ *   sb_sddmm_rows: out[k] = sum_m DY[m, i] X[m, indices[k]]: the active weights' gradient. */
+#define RT (8 * VL)
+int64_t sb_row_tile(void) { return RT; } /* the callers size the work buffer (cols + rows) * RT */
+
+/* dst (cols x n, leading dimension RT) = the transpose of src's n rows (leading dimension ld). */
+static void pack_tile(const float *src, int64_t ld, int64_t n, int64_t cols, float *dst) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+        const int64_t c1 = c0 + 16 < cols ? c0 + 16 : cols;
+        for (int64_t r = 0; r < n; r++) {
+            const float *s = src + r * ld;
+            for (int64_t c = c0; c < c1; c++) dst[c * RT + r] = s[c];
+        }
+    }
+}
+
+/* dst's n rows (leading dimension ld) = the transpose of src (cols x n, leading dimension RT). */
+static void unpack_tile(const float *src, int64_t n, int64_t cols, float *dst, int64_t ld) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+        const int64_t c1 = c0 + 16 < cols ? c0 + 16 : cols;
+        for (int64_t r = 0; r < n; r++) {
+            float *d = dst + r * ld;
+            for (int64_t c = c0; c < c1; c++) d[c] = src[c * RT + r];
+        }
+    }
+}
+
+void sb_spmm_rows(int64_t M, int64_t rows, int64_t cols, const int64_t *indptr, const int32_t *indices,
+                  const float *values, const float *x, const float *bias, float *y, float *work, int nthreads) {
+    float *xt = work, *yt = work + cols * RT;
+    for (int64_t m0 = 0; m0 < M; m0 += RT) {
+        const int64_t n = M - m0 < RT ? M - m0 : RT;
+        pack_tile(x + m0 * cols, cols, n, cols, xt);
+        if (n == RT) {
+            sb_spmm(1, rows, RT, indptr, indices, values, xt, 0, bias, yt, 0, nthreads);
+        } else { /* the last, short tile: the scalar path on its n columns of the RT-wide buffer */
+            for (int64_t i = 0; i < rows; i++)
+                spmm_scalar(indptr, indices, values, xt, RT, i, 0, n, bias ? bias[i] : 0.0f, yt + i * RT);
+        }
+        unpack_tile(yt, n, rows, y + m0 * rows, rows);
+    }
+}
+
+void sb_sddmm_rows(int64_t M, int64_t rows, int64_t cols, const int64_t *indptr, const int32_t *indices,
+                   const float *dy, const float *x, float *out, float *work, int nthreads) {
+    float *xt = work, *dt = work + cols * RT;
+    memset(out, 0, (size_t)indptr[rows] * sizeof(float));
+    for (int64_t m0 = 0; m0 < M; m0 += RT) {
+        const int64_t n = M - m0 < RT ? M - m0 : RT;
+        pack_tile(x + m0 * cols, cols, n, cols, xt);
+        pack_tile(dy + m0 * rows, rows, n, rows, dt);
+        if (n == RT) {
+            sddmm_add(1, rows, RT, indptr, indices, dt, 0, xt, 0, out, nthreads);
+        } else {
+            for (int64_t i = 0; i < rows; i++) sddmm_scalar(indptr, indices, dt, xt, RT, i, 0, n, out);
         }
     }
 }
