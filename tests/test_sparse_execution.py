@@ -307,6 +307,7 @@ def test_auto_measures_once_per_configuration_and_repeats_take_that_plan(tmp_pat
         return (1.0, 0.5) if len(calls) % 2 else (0.5, 1.0)
 
     monkeypatch.setattr(engine, "time_layer", timing)
+    monkeypatch.setattr(engine.Execution, "_whole_model", lambda self, cands, decisions: decisions)  # layers alone
     first = _run(tmp_path, "static", "auto", ["schedule.epochs=1", "seed=0"])
     assert len(calls) == 3
     plan = json.loads((first / "execution.json").read_text())["plan"]
@@ -321,6 +322,27 @@ def test_auto_measures_once_per_configuration_and_repeats_take_that_plan(tmp_pat
     assert len(calls) == 6
     shared = sorted((tmp_path / "auto" / ".execution-plans").glob("*.json"))
     assert len(shared) == 2
+
+
+@pytest.mark.parametrize("fastest", ["masked", "all sparse", "per layer"])
+def test_auto_takes_the_fastest_whole_model_plan(fastest, tmp_path, monkeypatch):
+    """execution=auto times whole training steps of the per-layer plan, all sparse and all masked
+    (layers timed alone miss the cost of layout switches between neighbours) and takes the fastest."""
+    import json
+
+    from sparse_bench.sparsity.execution import engine
+    from sparse_bench.sparsity.execution.layers import SparseLayer
+
+    monkeypatch.setattr(engine, "time_layer", lambda mod, *a, **k: (1.0, 0.5) if mod.in_features == 64 else (0.5, 1.0))
+    # per layer: the two layers with 64 inputs (digits 8x8 -> 128, and 64 -> 10) sparse
+    cost = {"masked": lambda n: n, "all sparse": lambda n: -n, "per layer": lambda n: abs(n - 2)}[fastest]
+    monkeypatch.setattr(engine, "_time_step", lambda model, batch: 1.0 + cost(
+        sum(isinstance(m, SparseLayer) for m in model.modules())))
+    out = _run(tmp_path, "static", "auto", ["schedule.epochs=1"])
+    rec = json.loads((out / "execution.json").read_text())
+    sparse = sorted(n for n, v in rec["plan"].items() if v == "sparse")
+    assert len(sparse) == {"masked": 0, "all sparse": 3, "per layer": 2}[fastest], rec
+    assert min(rec["whole_model_ms"], key=rec["whole_model_ms"].get) == fastest
 
 
 def test_bad_execution_is_one_config_error():
@@ -351,6 +373,7 @@ def test_sparse_resume_is_bit_identical(method, execution, tmp_path, monkeypatch
         return (1.0, 0.5) if mod.in_features == 64 and mod.out_features == 128 else (0.5, 1.0)
 
     monkeypatch.setattr(engine, "time_layer", fake_timing)
+    monkeypatch.setattr(engine.Execution, "_whole_model", lambda self, cands, decisions: decisions)  # layers alone
     over = [*BASE, "schedule.epochs=4", f"method={method}", *METHODS[method], f"execution={execution}"]
     a = compose([*over, f"paths.runs={tmp_path / 'a'}"])
     run(a)

@@ -140,6 +140,7 @@ class Execution:
         self.plan: dict[str, str] = {}  # parameter name -> "sparse" | "masked: why"
         self.notes: list[str] = []
         self.timings: dict[str, tuple[float, float]] = {}
+        self.whole_model_ms: dict[str, float] = {}  # auto: whole training steps per plan (see _whole_model)
         self.active = False  # any layer sparse
         masks = method.masks
         if mode != "masked" and masks is not None:
@@ -204,7 +205,8 @@ class Execution:
 
     def _record(self) -> dict:
         return {"execution": self.mode, "kernels": kernels.backend(), "plan": self.plan,
-                "timings_ms": {k: {"masked": a * 1e3, "sparse": b * 1e3} for k, (a, b) in self.timings.items()}}
+                "timings_ms": {k: {"masked": a * 1e3, "sparse": b * 1e3} for k, (a, b) in self.timings.items()},
+                "whole_model_ms": self.whole_model_ms}
 
     def _save_plan(self) -> None:
         if self.run_dir is None or (self.dist is not None and not self.dist.is_main):
@@ -392,6 +394,7 @@ class Execution:
                 t_masked, t_sparse = time_layer(mods[i], cls, masks.masked_entry(i)[1], *shape)
                 self.timings[masks.names[i]] = (t_masked, t_sparse)
                 decisions.append(t_sparse < t_masked)
+            decisions = self._whole_model(cands, decisions)
         if self.dist is not None and self.dist.enabled:
             import torch.distributed as tdist
 
@@ -404,6 +407,50 @@ class Execution:
             elif masks.names[i] not in self.plan:
                 self.plan[masks.names[i]] = "masked: slower sparse at this density (measured)"
         return chosen
+
+    def _whole_model(self, cands: dict[int, type], decisions: list[bool]) -> list[bool]:
+        """Layers timed alone do not see what switching layouts between neighbours costs: the
+        per-layer plan, every candidate sparse and every one masked are timed as whole training
+        steps (forward and backward on a statistics batch, best of 3, interleaved), and the
+        fastest is taken, so auto is never slower than masked as measured here. Returns the
+        decisions, one per candidate."""
+        batch = next(iter(self.batches(1, 0)), None) if self.batches is not None else None
+        if batch is None or not cands:
+            return decisions
+        plans = {"per layer": decisions, "all sparse": [True] * len(cands), "masked": [False] * len(cands)}
+        if not any(decisions):
+            plans.pop("per layer")
+        times = {name: float("inf") for name in plans}
+        models = {name: self._planned_copy(cands, plan) for name, plan in plans.items()}
+        with torch.random.fork_rng(devices=[]):
+            for _ in range(3):
+                for name, model in models.items():
+                    times[name] = min(times[name], _time_step(model, batch))
+        best = min(times, key=times.get)
+        self.notes.append("execution=auto: whole training steps, " + ", ".join(
+            f"{name} {t * 1e3:.1f} ms" for name, t in times.items()) + f"; took {best}")
+        self.whole_model_ms = {name: t * 1e3 for name, t in times.items()}
+        return plans[best]
+
+    def _planned_copy(self, cands: dict[int, type], plan: list[bool]) -> nn.Module:
+        """A copy of the model with the candidates `plan` marks made sparse (as convert() would)."""
+        masks = self.method.masks
+        names = {id(m): n for n, m in self.model.named_modules()}
+        model = copy.deepcopy(self.model)
+        inside = dict(model.named_modules())
+        convs = False
+        for (i, cls), yes in zip(cands.items(), plan):
+            owner = masks.owners[i][0] if masks.owners[i] is not None else None
+            if not yes or owner is None or isinstance(owner, SparseLayer):
+                continue
+            mod = inside[names[id(owner)]]
+            layer = cls.from_dense(mod, masks.masked_entry(i)[1])
+            convs = convs or isinstance(layer, SparseConv2d)
+            for parent, attr in parents_of(model, mod):
+                setattr(parent, attr, layer)
+        if convs:
+            keep_channel_major(model)
+        return model.train()
 
     # --- per step ---------------------------------------------------------------------------------
     def _close(self, logs):
@@ -497,6 +544,22 @@ class Execution:
         flat.div_(self.dist.world)
         for g, f in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(f)
+
+
+def _time_step(model: nn.Module, batch) -> float:
+    """Seconds of one forward and backward of `model` on a batch (x, y): cross-entropy on y."""
+    x, y = batch[0], batch[1]
+    dev = x.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    out = model(x)
+    nn.functional.cross_entropy(out.float(), y).backward()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elapsed = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return elapsed
 
 
 def time_layer(mod: nn.Module, cls, mask: torch.Tensor, input_shape: tuple, input_grad: bool = True,
