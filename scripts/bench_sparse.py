@@ -2,7 +2,8 @@
 """Sparse execution benchmarks: dense vs masked vs sparse, per layer and per training step.
 
     python scripts/bench_sparse.py layers   # 768->3072 @ B2048, 4096x4096 @ B128; + torch CSR, SparseProp
-    python scripts/bench_sparse.py models   # LeNet-300-100, LeNet-5-Caffe, MLP 784-4096-4096-10
+    python scripts/bench_sparse.py models   # LeNet-300-100, LeNet-5-Caffe, MLP 784-4096-4096-10, and
+        # GSE's ResNet-56, VGG-16-small, ViT-CIFAR (batch 128, 3x32x32), ResNet-50 (batch 8, 224x224)
     python scripts/bench_sparse.py gse      # GSE grow step and sparse train step, widths 1k-65k
     python scripts/bench_sparse.py update   # one SM / RigL / SET mask update on VGG16-D (masked)
     python scripts/bench_sparse.py layers --device cuda   # where a GPU is lent (torch's CSR ops there)
@@ -236,7 +237,8 @@ def table_models(a):
             t = interleaved({v: b[0] for v, b in built.items()}, a.rounds, a.steps)
             plan = built["auto"][2].plan
             n_sparse = sum(v == "sparse" for v in plan.values())
-            choice = ", ".join(f"{k.rsplit('.', 1)[0]}:{'S' if v == 'sparse' else 'M'}" for k, v in plan.items())
+            masked = [k.rsplit(".", 1)[0] for k, v in plan.items() if v != "sparse"]
+            choice = ("masked: " + ", ".join(masked[:6]) + (", ..." if len(masked) > 6 else "")) if masked else "all"
             res = [built[v][1]() for v in ("dense", "masked", "sparse")]
             pk = [peak_bytes(built[v][0]) for v in ("dense", "masked", "sparse")]
             print(f"| {model_name} | {d:.0%} | {ms(t['dense'][0])} | {ms(t['masked'][0])}/{ms(t['masked'][1])} "

@@ -146,6 +146,12 @@ class _SparseMatmulRows(torch.autograd.Function):
         return dv, dx, db, None
 
 
+def _padded(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """(N, C, H, W) input as the direct kernels read it: (C, H + 2 p0, W + 2 p1, N), zero-padded."""
+    p0, p1 = padding
+    return F.pad(x.permute(1, 2, 3, 0), (0, 0, p1, p1, p0, p0)).contiguous()
+
+
 class _SparseConvDirect(torch.autograd.Function):
     """Stride-1 sparse convolution without unfolding: activations as (C, H, W, N), N innermost."""
 
@@ -155,23 +161,25 @@ class _SparseConvDirect(torch.autograd.Function):
         (p0, p1), (kh, kw) = layer.padding, layer.kernel_size
         hp, wp = h + 2 * p0, w + 2 * p1
         h_out, w_out = hp - kh + 1, wp - kw + 1
-        xp = F.pad(x.permute(1, 2, 3, 0), (0, 0, p1, p1, p0, p0)).contiguous()  # (C, Hp, Wp, N), one copy
+        xp = _padded(x, layer.padding)  # (C, Hp, Wp, N), one copy
         off = layer._direct_offsets(hp, wp, n)[0]
         y = kernels.conv_fwd(layer.indptr, off, values, xp, bias, h_out, w_out)
         ctx.layer, ctx.geometry = layer, (n, c, h, w, hp, wp)
-        ctx.save_for_backward(values, xp, off)
+        # the input as it came (most often the saved output of the ReLU before: no memory of its
+        # own), padded again in the backward, rather than the padded copy held until then
+        ctx.save_for_backward(values, x, off)
         return y.permute(3, 0, 1, 2)  # (N, C_out, H_out, W_out), a view
 
     @staticmethod
     def backward(ctx, dy):
-        values, xp, off = ctx.saved_tensors
+        values, x, off = ctx.saved_tensors
         layer = ctx.layer
         n, c, h, w, hp, wp = ctx.geometry
         (p0, p1) = layer.padding
         dyt = dy.permute(1, 2, 3, 0).contiguous()  # (C_out, H_out, W_out, N)
         dv = dx = db = None
         if ctx.needs_input_grad[0]:
-            dv = kernels.conv_wgrad(layer.indptr, off, dyt, xp)
+            dv = kernels.conv_wgrad(layer.indptr, off, dyt, _padded(x, layer.padding))
         if ctx.needs_input_grad[1]:
             _, t_off, t_indptr = layer._direct_offsets(hp, wp, n)
             dxp = kernels.conv_dgrad(t_indptr, t_off, layer.t_indices, values.detach()[layer.t_perm], dyt,
@@ -183,7 +191,6 @@ class _SparseConvDirect(torch.autograd.Function):
             db = dyt.sum((1, 2, 3))
         ctl = layer.control
         if ctl.dense:
-            x = xp[:, p0:p0 + h, p1:p1 + w, :].permute(3, 0, 1, 2)
             g = torch.nn.grad.conv2d_weight(x, layer.weight_shape, dyt.permute(3, 0, 1, 2), 1, layer.padding)
             ctl.add(layer, g.reshape(layer.rows, layer.cols))
         return dv, dx, db, None
