@@ -375,7 +375,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
-    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=["lenet300_100", "lenet5_caffe", "mlp4096"],
+                    help=f"of {', '.join(MODELS)} (default: the three small ones)")
     ap.add_argument("--method", default="static")
     ap.add_argument("--widths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
     ap.add_argument("--active", type=int, default=65536)
