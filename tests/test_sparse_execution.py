@@ -117,6 +117,9 @@ def _layer_pair(kind, gen):
     elif kind == "conv1x1":  # a matmul on the input as it is, no unfold
         dense = nn.Conv2d(12, 8, 1)
         x = torch.randn(4, 12, 5, 6, generator=gen)
+    elif kind == "conv1x1_channel_major":  # the layout a sparse 3x3 conv returns: one feature-major matmul
+        dense = nn.Conv2d(12, 8, 1)
+        x = torch.randn(12, 5, 6, 4, generator=gen).permute(3, 0, 1, 2)
     elif kind == "conv_direct":  # stride 1: the direct kernels (C), or unfold (torch backend)
         dense = nn.Conv2d(5, 7, (3, 5), padding=(1, 2))
         x = torch.randn(6, 5, 7, 9, generator=gen)
@@ -135,7 +138,8 @@ def _layer_pair(kind, gen):
     return dense, sparse, mask, x
 
 
-@pytest.mark.parametrize("kind", ["linear", "linear_2d", "conv", "conv1x1", "conv_direct", "conv_direct_nopad"])
+@pytest.mark.parametrize("kind", ["linear", "linear_2d", "conv", "conv1x1", "conv1x1_channel_major", "conv_direct",
+                                  "conv_direct_nopad"])
 def test_sparse_layer_matches_masked_dense_layer(backend, kind):
     gen = torch.Generator().manual_seed(1)
     dense, sparse, mask, x = _layer_pair(kind, gen)
