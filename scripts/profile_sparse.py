@@ -7,7 +7,7 @@
 Each variant is built as ``bench_sparse.py models`` builds it (batch 128, 3x32x32, static masks at
 a uniform density, SGD with Nesterov), warmed up for one step, then one step is profiled on one
 thread. Printed per variant: the step's wall time, and the operators by self CPU time (the sparse
-layers' C kernels run inside their autograd functions, ``_SparseMatmul``, ``_SparseConvDirect`` and
+layers' C kernels run inside their autograd functions, ``_SparseProduct``, ``_SparseConvDirect`` and
 their backward nodes, and show under those names), grouped into what the issue asks about:
 the prunable layers' arithmetic, layout changes (permute/contiguous/copy/pad), unfolding and folding
 (im2col/col2im), normalisation and activations, the optimizer, and the rest.
@@ -27,7 +27,7 @@ from bench_sparse import build_variant, machine  # noqa: E402
 
 # operator name fragments -> group (first match wins)
 GROUPS = (
-    ("prunable layers: sparse kernels", ("_SparseMatmul", "_SparseConvDirect")),
+    ("prunable layers: sparse kernels", ("_SparseProduct", "_SparseConvDirect")),
     ("prunable layers: dense conv/matmul", ("convolution", "conv2d", "mkldnn", "addmm", "aten::mm", "bmm",
                                             "matmul", "linear")),
     ("unfold / fold (im2col, col2im)", ("im2col", "col2im", "unfold", "fold")),

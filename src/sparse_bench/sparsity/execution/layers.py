@@ -82,105 +82,62 @@ def _float32_eager(forward):
     return torch.compiler.disable(run)
 
 
-class _SparseMatmul(torch.autograd.Function):
-    """yt[n] = W xt[n] + bias for each of nb batches (xt: nb x cols x B, feature-major);
-    backward: active-weight gradient, input gradient, bias gradient."""
+class Layout:
+    """How a sparse layer's input meets its kernels: the matrix they multiply (`operand`, made
+    from the input kept for the backward), the product kernels, the bias' reduction dimensions,
+    the dense weight gradient, and the way back from the operand's gradient to the input's."""
+
+    def __init__(self, spmm, sddmm, bias_dims, dense_grad, operand=None, back=None):
+        self.spmm, self.sddmm, self.bias_dims, self.dense_grad = spmm, sddmm, bias_dims, dense_grad
+        self.operand = operand or (lambda layer, x: x)
+        self.back = back or (lambda layer, d, size: d)
+
+
+#: (nb, cols, B) feature-major activations: a Linear's transposed input, a conv's per-sample patches
+FEATURE_MAJOR = Layout(kernels.spmm, kernels.sddmm, (0, 2),
+                       lambda dyt, xt: torch.einsum("nib,njb->ij", dyt, xt) if xt.shape[0] > 1 else dyt[0] @ xt[0].t())
+#: (M, cols) row-major: a Linear on (batch, tokens, features), tiles transposed in cache (kernels.spmm_rows)
+ROW_MAJOR = Layout(kernels.spmm_rows, kernels.sddmm_rows, (0,), lambda dy, x: dy.t() @ x)
+#: a strided conv: patches unfolded from the input in the forward and again in the backward (holding
+#: them, kernel-area times the input, from one to the other made its peak memory exceed masked's)
+UNFOLDED = Layout(kernels.spmm, kernels.sddmm, (0, 2), FEATURE_MAJOR.dense_grad,
+                  operand=lambda layer, x: layer._unfold(x),
+                  back=lambda layer, d, size: F.fold(d, size, layer.kernel_size, dilation=layer.dilation,
+                                                     padding=layer.padding, stride=layer.stride))
+
+
+class _SparseProduct(torch.autograd.Function):
+    """y = W x + bias in one of the layouts (the weight's CSR structure on the layer); backward:
+    the active weights' gradient (sddmm), the input gradient (spmm on W^T's structure), the bias
+    gradient, and the dense weight gradient when the engine asks for it."""
 
     @staticmethod
-    def forward(ctx, values, xt, bias, layer):
-        xt = xt.contiguous()
-        yt = kernels.spmm(layer.indptr, layer.indices, values.detach(), xt,
-                          None if bias is None else bias.detach(), layer._indices64())
-        ctx.layer = layer
-        ctx.save_for_backward(values, xt)
-        return yt
-
-    @staticmethod
-    def backward(ctx, dyt):
-        values, xt = ctx.saved_tensors
-        layer = ctx.layer
-        dyt = dyt.contiguous()
-        dv = dx = db = None
-        if ctx.needs_input_grad[0]:
-            dv = kernels.sddmm(layer.indptr, layer.indices, dyt, xt, layer._indices64())
-        if ctx.needs_input_grad[1]:
-            dx = kernels.spmm(layer.t_indptr, layer.t_indices, values.detach()[layer.t_perm], dyt, None,
-                              layer._t_indices64())
-        if ctx.needs_input_grad[2]:
-            db = dyt.sum((0, 2))
-        ctl = layer.control
-        if ctl.dense:
-            ctl.add(layer, torch.einsum("nib,njb->ij", dyt, xt) if xt.shape[0] > 1 else dyt[0] @ xt[0].t())
-        return dv, dx, db, None
-
-
-class _SparseMatmulRows(torch.autograd.Function):
-    """y = x W^T + bias for row-major x (M, cols), as a Linear on (batch, tokens, features) inputs
-    sees it: no whole-matrix transposes (see kernels.spmm_rows); backward: active-weight gradient,
-    input gradient (the same kernel on W^T's structure), bias gradient."""
-
-    @staticmethod
-    def forward(ctx, values, x, bias, layer):
-        y = kernels.spmm_rows(layer.indptr, layer.indices, values.detach(), x,
-                              None if bias is None else bias.detach(), layer._indices64())
-        ctx.layer = layer
+    def forward(ctx, values, x, bias, layer, how):
+        y = how.spmm(layer.indptr, layer.indices, values.detach(), how.operand(layer, x).contiguous(),
+                     None if bias is None else bias.detach(), layer._indices64())
+        ctx.layer, ctx.how, ctx.size = layer, how, tuple(x.shape[-2:])
         ctx.save_for_backward(values, x)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         values, x = ctx.saved_tensors
-        layer = ctx.layer
+        layer, how = ctx.layer, ctx.how
         dy = dy.contiguous()
+        ctl = layer.control
+        operand = how.operand(layer, x).contiguous() if ctx.needs_input_grad[0] or ctl.dense else None
         dv = dx = db = None
         if ctx.needs_input_grad[0]:
-            dv = kernels.sddmm_rows(layer.indptr, layer.indices, dy, x, layer._indices64())
+            dv = how.sddmm(layer.indptr, layer.indices, dy, operand, layer._indices64())
         if ctx.needs_input_grad[1]:
-            dx = kernels.spmm_rows(layer.t_indptr, layer.t_indices, values.detach()[layer.t_perm], dy, None,
-                                   layer._t_indices64())
+            d = how.spmm(layer.t_indptr, layer.t_indices, values.detach()[layer.t_perm], dy, None,
+                         layer._t_indices64())
+            dx = how.back(layer, d, ctx.size)
         if ctx.needs_input_grad[2]:
-            db = dy.sum(0)
-        ctl = layer.control
+            db = dy.sum(how.bias_dims)
         if ctl.dense:
-            ctl.add(layer, dy.t() @ x)
-        return dv, dx, db, None
-
-
-class _SparseConvUnfold(torch.autograd.Function):
-    """A strided (or, without the C kernels, any) sparse convolution as a sparse matmul over each
-    sample's unfolded patches (N, fan_in, L). Only the input is kept for the backward, and the
-    patches are unfolded again there: holding them (kernel-area times the input) from forward to
-    backward made a sparse ResNet-50 step's peak memory higher than the masked one's."""
-
-    @staticmethod
-    def forward(ctx, values, x, bias, layer):
-        patches = layer._unfold(x)
-        yt = kernels.spmm(layer.indptr, layer.indices, values.detach(), patches,
-                          None if bias is None else bias.detach(), layer._indices64())
-        ctx.layer, ctx.size = layer, tuple(x.shape[-2:])
-        ctx.save_for_backward(values, x)
-        return yt
-
-    @staticmethod
-    def backward(ctx, dyt):
-        values, x = ctx.saved_tensors
-        layer = ctx.layer
-        dyt = dyt.contiguous()
-        dv = dx = db = None
-        ctl = layer.control
-        patches = layer._unfold(x) if ctx.needs_input_grad[0] or ctl.dense else None
-        if ctx.needs_input_grad[0]:
-            dv = kernels.sddmm(layer.indptr, layer.indices, dyt, patches, layer._indices64())
-        if ctx.needs_input_grad[1]:
-            dp = kernels.spmm(layer.t_indptr, layer.t_indices, values.detach()[layer.t_perm], dyt, None,
-                              layer._t_indices64())
-            dx = F.fold(dp, ctx.size, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
-                        stride=layer.stride)
-        if ctx.needs_input_grad[2]:
-            db = dyt.sum((0, 2))
-        if ctl.dense:
-            ctl.add(layer, torch.einsum("nib,njb->ij", dyt, patches))
-        return dv, dx, db, None
+            ctl.add(layer, how.dense_grad(dy, operand))
+        return dv, dx, db, None, None
 
 
 def _padded(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
@@ -342,8 +299,8 @@ class SparseLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def _matmul(self, xt: torch.Tensor) -> torch.Tensor:
-        return _SparseMatmul.apply(self.values, xt, self.bias, self)
+    def _matmul(self, xt: torch.Tensor, how: Layout = FEATURE_MAJOR) -> torch.Tensor:
+        return _SparseProduct.apply(self.values, xt, self.bias, self, how)
 
 
 class SparseLinear(SparseLayer):
@@ -371,7 +328,7 @@ class SparseLinear(SparseLayer):
         if len(lead) > 1 and x2.is_contiguous():
             # (batch, tokens, features) inputs, row-major: kernels that keep them so (the output
             # and the gradients too), instead of transposing whole activations at each layer
-            return _SparseMatmulRows.apply(self.values, x2, self.bias, self).view(*lead, self.out_features)
+            return self._matmul(x2, ROW_MAJOR).view(*lead, self.out_features)
         # 2-d inputs: feature-major, the output a transposed view a following sparse layer takes as it is
         y = self._matmul(x2.t().unsqueeze(0))[0].t()
         return y if len(lead) == 1 else y.reshape(*lead, self.out_features)
@@ -457,7 +414,7 @@ class SparseConv2d(SparseLayer):
             return y.view(self.out_channels, h, w, n).permute(3, 0, 1, 2)
         if one_by_one and self.stride == (1, 1):  # the input itself is the patch matrix: no copy to keep
             return self._matmul(x.reshape(n, self.cols, h * w)).view(n, self.out_channels, h_out, w_out)
-        return _SparseConvUnfold.apply(self.values, x, self.bias, self).view(n, self.out_channels, h_out, w_out)
+        return self._matmul(x, UNFOLDED).view(n, self.out_channels, h_out, w_out)
 
     def _unfold(self, x: torch.Tensor) -> torch.Tensor:
         """(N, fan_in, L) patches of x, contiguous."""
