@@ -5,6 +5,15 @@ class ConfigError(Exception):
     """Bad input: the message names the key and the fix; no traceback is shown (exit status 2)."""
 
 
+class MissingInput(ConfigError):
+    """A value an experiment leaves to the user (``${sb.required:...}``) that was not given; `key`
+    names it (provenance composes such a row with the run's own value for it)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGUSR1 (a cluster's scheduler stopping a job, or warning it of its time limit;
     the message is the signal's name), handled as Ctrl-C is: the run stops where it is, keeps its

@@ -87,10 +87,9 @@ def checkpoint_file(path: Path, which: str = "last") -> Path:
 
 def _csr_to_dense(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, shape) -> tuple:
     """The dense tensor of `shape` and its bool mask from CSR parts over ``[shape[0], rest]``."""
-    rows = crow.numel() - 1
-    cols = math.prod(shape) // max(rows, 1)
-    counts = (crow[1:] - crow[:-1]).long()
-    lin = torch.repeat_interleave(torch.arange(rows), counts) * cols + col.long()
+    from .sparsity.execution.layers import linear_from_structure
+
+    lin = linear_from_structure(crow, col, math.prod(shape) // max(crow.numel() - 1, 1))
     dense = torch.zeros(math.prod(shape), dtype=values.dtype)
     dense[lin] = values
     mask = torch.zeros(math.prod(shape), dtype=torch.bool)
@@ -244,12 +243,12 @@ class StartMasks:
 
 
 def _csr(weight: torch.Tensor, mask: torch.Tensor) -> tuple:
-    rows = weight.shape[0]
-    m2, w2 = mask.reshape(rows, -1), weight.reshape(rows, -1)
-    crow = torch.zeros(rows + 1, dtype=torch.int64)
-    crow[1:] = torch.cumsum(m2.sum(1), 0)
-    col = m2.nonzero()[:, 1].to(torch.int64)
-    return w2[m2].contiguous(), crow, col.contiguous()
+    """(values, crow_indices, col_indices) of `weight` at `mask`, over ``[shape[0], rest]``."""
+    from .sparsity.execution.layers import structure_from_linear
+
+    lin = mask.reshape(-1).nonzero().squeeze(1)
+    s = structure_from_linear(lin, weight.shape[0], mask[0].numel())
+    return weight.reshape(-1)[lin].contiguous(), s["indptr"], s["indices"].long()
 
 
 def export(path, out, fmt: str = "safetensors", which: str = "last") -> dict:
@@ -316,7 +315,7 @@ def load_exported(path, execution: str = "masked", device="cpu") -> nn.Module:
                         int(meta["num_classes"]))
     load_into(model, Start(path, "export", weights, masks, ""), "load_exported")
     if execution == "sparse":
-        from .sparsity.execution.engine import parents_of
+        from .sparsity.execution.engine import keep_sparse_layouts, replace_module
         from .sparsity.execution.layers import sparse_twin
 
         mods = {n: m for n, m in model.named_modules()}
@@ -325,9 +324,8 @@ def load_exported(path, execution: str = "masked", device="cpu") -> nn.Module:
             cls = sparse_twin(owner)
             if isinstance(cls, str):  # no sparse kernel for this layer type: it stays dense, with zeros
                 continue
-            layer = cls.from_dense(owner, mask)
-            for parent, attr in parents_of(model, owner):
-                setattr(parent, attr, layer)
+            replace_module(model, owner, cls.from_dense(owner, mask))
+        keep_sparse_layouts(model)
     elif execution != "masked":
         raise ConfigError(f"execution={execution} is unknown; choose masked or sparse")
     model.exported_masks = masks

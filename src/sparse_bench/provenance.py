@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import identity
 from .confdir import conf_dir
-from .errors import ConfigError
+from .errors import MissingInput
 from .identity import diff, shown
 from .schema import GROUP_ROLES, RECIPE
 from .validation import check
@@ -127,8 +127,8 @@ def recipe_of(experiment: str, density, seed, config_name: str = "config", init_
     try:
         try:
             return composed([])
-        except ConfigError as exc:  # a row whose input is the model it starts from: the run's is its input
-            if init_from is None or not str(exc).startswith("init_from is not set"):
+        except MissingInput as exc:  # a row whose input is the model it starts from: the run's is its input
+            if init_from is None or exc.key != "init_from":
                 raise
             return composed([f"init_from={init_from}"])
     except Exception as exc:  # an experiment that no longer composes: say so, record null

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingInput
 
 
 def dense_methods() -> tuple[str, ...]:
@@ -60,7 +60,7 @@ def required(what: str, *, _node_=None):
     """A value an experiment cannot give and the user must (``${sb.required:'what it is'}``): the
     user's override replaces the interpolation; left alone, it is one line naming the key."""
     key = _node_._get_full_key(None) if _node_ is not None else "this key"
-    raise ConfigError(f"{key} is not set: this experiment needs {what}; pass {key}=PATH")
+    raise MissingInput(key, f"{key} is not set: this experiment needs {what}; pass {key}=PATH")
 
 
 def register() -> None:

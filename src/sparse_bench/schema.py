@@ -557,6 +557,6 @@ def unresolved(exc: OmegaConfBaseException, where: str) -> ConfigError:
     cause = exc
     while cause is not None:
         if isinstance(cause, ConfigError):
-            return ConfigError(str(cause))
+            return cause.with_traceback(None)  # its own type too (MissingInput)
         cause = cause.__cause__ or cause.__context__
     return ConfigError(f"{getattr(exc, 'full_key', '') or where}: {str(exc).splitlines()[0]}")

@@ -121,7 +121,8 @@ def fingerprint(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def save_checkpoint(path: Path, state: dict, config_fingerprint: str = "") -> None:
+def save_checkpoint(path, state: dict, config_fingerprint: str = "") -> None:
+    """`state` written to `path`, or to each of a sequence of paths in turn (serialised once)."""
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getbuffer()
@@ -132,7 +133,8 @@ def save_checkpoint(path: Path, state: dict, config_fingerprint: str = "") -> No
         f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n")
         f.write(payload)
 
-    atomic_write_bytes(path, write)
+    for target in ([path] if isinstance(path, (str, os.PathLike)) else path):
+        atomic_write_bytes(target, write)
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -507,10 +507,8 @@ class Trainer:
         """The epoch's checkpoint, after best.pt when this epoch is the best so far (so a crash
         between the two never leaves a checkpoint naming a best epoch that best.pt does not hold)."""
         if self.dist.is_main:
-            state = self.state_dict()
-            if self._best_pending:
-                save_checkpoint(self.run_dir / BEST, state, self.fingerprint)
-            save_checkpoint(self.run_dir / CHECKPOINT, state, self.fingerprint)
+            paths = [self.run_dir / BEST] if self._best_pending else []
+            save_checkpoint([*paths, self.run_dir / CHECKPOINT], self.state_dict(), self.fingerprint)
         self._best_pending = False
         dist_util.barrier(self.dist)
 

@@ -121,6 +121,19 @@ def parents_of(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str
     return out
 
 
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` wherever `old` sits in `model`."""
+    for parent, name in parents_of(model, old):
+        setattr(parent, name, new)
+
+
+def keep_sparse_layouts(model: nn.Module) -> None:
+    """Once `model` holds sparse convolutions, its batch norms, poolings and ReLUs keep their layout
+    (layers.keep_channel_major)."""
+    if any(isinstance(m, SparseConv2d) for m in model.modules()):
+        keep_channel_major(model)
+
+
 class Execution:
     """The prunable layers of `method` executed masked or sparse: a hook the trainer runs around the
     method's hooks (see the module docstring)."""
@@ -297,8 +310,7 @@ class Execution:
                 self._convert_one(i, cls, resume)
             self.plan[masks.names[i]] = "sparse"
         self.active = bool(chosen)
-        if any(isinstance(masks.layers[i], SparseConv2d) for i in chosen):
-            keep_channel_major(self.model)  # batch norms keep the sparse convolutions' layout
+        keep_sparse_layouts(self.model)
         masks.run_sparse(self.active, self.optimizer, bool(getattr(self.method, "keeps_inactive_state", False)))
         if masks.keeps_inactive_state and self.active:
             kind = type(self.optimizer).__name__
@@ -315,8 +327,7 @@ class Execution:
         w = mod.weight
         layer = cls.from_dense(mod, None if resume else masks.masked_entry(i)[1])
         layer.control = self.control
-        for parent, name in parents_of(self.model, mod):
-            setattr(parent, name, layer)
+        replace_module(self.model, mod, layer)
         for group in self.optimizer.param_groups:
             group["params"] = [layer.values if p is w else p for p in group["params"]]
         state = self.optimizer.state.pop(w, None)
@@ -438,18 +449,13 @@ class Execution:
         names = {id(m): n for n, m in self.model.named_modules()}
         model = copy.deepcopy(self.model)
         inside = dict(model.named_modules())
-        convs = False
         for (i, cls), yes in zip(cands.items(), plan):
             owner = masks.owners[i][0] if masks.owners[i] is not None else None
             if not yes or owner is None or isinstance(owner, SparseLayer):
                 continue
             mod = inside[names[id(owner)]]
-            layer = cls.from_dense(mod, masks.masked_entry(i)[1])
-            convs = convs or isinstance(layer, SparseConv2d)
-            for parent, attr in parents_of(model, mod):
-                setattr(parent, attr, layer)
-        if convs:
-            keep_channel_major(model)
+            replace_module(model, mod, cls.from_dense(mod, masks.masked_entry(i)[1]))
+        keep_sparse_layouts(model)
         return model.train()
 
     # --- per step ---------------------------------------------------------------------------------

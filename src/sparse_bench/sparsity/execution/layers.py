@@ -53,6 +53,13 @@ def structure_from_linear(lin: torch.Tensor, rows: int, cols: int) -> dict[str, 
     }
 
 
+def linear_from_structure(indptr: torch.Tensor, indices: torch.Tensor, cols: int) -> torch.Tensor:
+    """The sorted linear positions (row * cols + col) of a CSR structure's nonzeros, in its order:
+    the inverse of structure_from_linear."""
+    rows = torch.arange(indptr.numel() - 1, device=indptr.device)
+    return torch.repeat_interleave(rows, indptr[1:] - indptr[:-1]) * cols + indices.to(indptr.device).long()
+
+
 class DenseGradControl:
     """Whether sparse layers form their dense weight gradient in the backward, and the results
     (shared by all of an engine's layers, so one assignment per step switches them all)."""
@@ -272,7 +279,7 @@ class SparseLayer(nn.Module):
 
     def active_linear(self) -> torch.Tensor:
         """Sorted linear positions (row * cols + col) of the active weights, in values' order."""
-        return self.row_ids() * self.cols + self.indices.long()
+        return linear_from_structure(self.indptr, self.indices, self.cols)
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
@@ -292,10 +299,7 @@ class SparseLayer(nn.Module):
                               unexpected_keys, error_msgs):
         ind, ptr, val = (state_dict.get(prefix + k) for k in ("indices", "indptr", "values"))
         if ind is not None and ptr is not None and val is not None:
-            dev = self.values.device
-            rows = torch.repeat_interleave(torch.arange(self.rows, device=dev), (ptr[1:] - ptr[:-1]).to(dev))
-            lin = rows * self.cols + ind.to(dev).long()
-            self.set_active(lin, val)
+            self.set_active(linear_from_structure(ptr.to(self.values.device), ind, self.cols), val)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -491,7 +495,7 @@ CHANNEL_MAJOR = {nn.BatchNorm2d: ChannelMajorBatchNorm2d, nn.MaxPool2d: ChannelM
 
 
 def keep_channel_major(model: nn.Module) -> int:
-    """Make the batch norms and poolings of `model` their channel-major subclasses (CHANNEL_MAJOR;
+    """Make the batch norms, poolings and ReLUs of `model` their channel-major subclasses (CHANNEL_MAJOR;
     in place: the class only, so parameters, buffers and the state dict are untouched), so the
     activations between sparse convolutions keep the kernels' layout; returns how many."""
     count = 0
