@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -46,6 +47,30 @@ def experiment_overrides(name: str) -> list[str]:
     raw = OmegaConf.to_container(compose([f"experiment={name}"]), resolve=False)
     inputs = [k for k, v in raw.items() if isinstance(v, str) and v.startswith("${sb.required:")]
     return [f"experiment={name}", *(f"{k}=/inputs/{k}" for k in inputs)]
+
+
+class Crash(RuntimeError):
+    """A run killed right after an epoch's checkpoint was written (tests of resume)."""
+
+
+@contextlib.contextmanager
+def killed_after(monkeypatch, epoch: int):
+    """Inside: every run raises Crash right after writing the checkpoint of `epoch`; outside,
+    Trainer.save is the real one again."""
+    from sparse_bench.train import trainer as trainer_mod
+
+    real_save = trainer_mod.Trainer.save
+
+    def save_then_crash(self):
+        real_save(self)
+        if self.epoch == epoch:
+            raise Crash(f"killed after epoch {epoch}")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "save", save_then_crash)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
 
 
 def choices(runs: list[list[str]]) -> list[dict]:

@@ -7,10 +7,9 @@ import torch
 
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run
-from sparse_bench.train import trainer as trainer_mod
 from sparse_bench.train.checkpoint import load_checkpoint, save_checkpoint
 
-from conftest import FASHION, cli, compose, read_jsonl
+from conftest import FASHION, Crash, cli, compose, killed_after, read_jsonl
 
 TINY = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=3", "density=0.3"]
 
@@ -99,9 +98,6 @@ def test_fashion_mnist_sparse_momentum_reaches_84_percent(tmp_path):
     assert res["prunable"]["total"] == 266_200
 
 
-class Crash(RuntimeError):
-    pass
-
 
 def _strip(recs):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in recs]
@@ -115,17 +111,8 @@ def test_resume_after_a_crash_ends_bit_identical(tmp_path, fast_overrides, monke
     folder_a = tmp_path / "a" / full.run_name
 
     cfg = compose(base + [f"paths.runs={tmp_path / 'b'}"])
-    real_save = trainer_mod.Trainer.save
-
-    def save_then_crash(self):
-        real_save(self)
-        if self.epoch == 1:
-            raise Crash("killed after epoch 1")
-
-    monkeypatch.setattr(trainer_mod.Trainer, "save", save_then_crash)
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, 1), pytest.raises(Crash):
         run(cfg)
-    monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
     folder_b = tmp_path / "b" / cfg.run_name
     crashed = _results(folder_b)
     assert crashed["status"] == "failed" and "killed after epoch 1" in crashed["error"]

@@ -14,11 +14,10 @@ from sparse_bench.confdir import conf_dir
 from sparse_bench.errors import ConfigError
 from sparse_bench.run import run
 from sparse_bench.sparsity.methods import MethodContext, build_method
-from sparse_bench.train import trainer as trainer_mod
 from sparse_bench.train.checkpoint import load_checkpoint
 from sparse_bench.train.trainer import hooked_step
 
-from conftest import compose, read_jsonl
+from conftest import Crash, compose, killed_after, read_jsonl
 
 CONF = conf_dir() / "method" / "lottery.yaml"
 EPOCHS, SPE = 2, 4
@@ -141,9 +140,6 @@ def test_density_sequence_is_followed_exactly():
         build(density=0.3, n_rounds=0)
 
 
-class Crash(RuntimeError):
-    pass
-
 
 def _strip(recs):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in recs]
@@ -171,17 +167,8 @@ def test_rounds_restart_the_lr_and_resume_is_bit_identical(tmp_path, fast_overri
     assert res["density"]["achieved"] == round(0.3 * total) / total
 
     cfg = compose(base + [f"paths.runs={tmp_path / 'b'}"])
-    real_save = trainer_mod.Trainer.save
-
-    def save_then_crash(self):
-        real_save(self)
-        if self.epoch == 3:  # after the first round boundary, before the second
-            raise Crash("killed after epoch 3")
-
-    monkeypatch.setattr(trainer_mod.Trainer, "save", save_then_crash)
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, 3), pytest.raises(Crash):  # after the first round boundary, before the second
         run(cfg)
-    monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
     folder_b = tmp_path / "b" / cfg.run_name
     ck = load_checkpoint(folder_b / "checkpoint.pt")
     assert ck["method"]["lottery"]["round"] == 2 and ck["method"]["lottery"]["rewind"] is not None

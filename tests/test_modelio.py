@@ -13,10 +13,9 @@ from sparse_bench.evaluation import evaluate
 from sparse_bench.evaluation import main as eval_main
 from sparse_bench.modelio import export, export_main, load_exported, read_start
 from sparse_bench.run import build_parts, run, start_or_resume
-from sparse_bench.train import trainer as trainer_mod
 from sparse_bench.train.checkpoint import load_checkpoint
 
-from conftest import compose, read_jsonl
+from conftest import Crash, compose, killed_after, read_jsonl
 
 BASE = ["dataset=digits", "model=mlp", "schedule=constant", "eval.train_samples=0", "logger=none",
         "progress=false", "device=cpu", "limit_train_batches=8"]
@@ -158,17 +157,8 @@ def test_best_and_last_checkpoints_and_test_on_best(tmp_path, monkeypatch):
     assert final["test/epoch"] == best_epoch
 
     # killed after epoch 2 and resumed: the same best and last checkpoints as the run that was not
-    real_save = trainer_mod.Trainer.save
-
-    def save_then_crash(self):
-        real_save(self)
-        if self.epoch == 2:
-            raise RuntimeError("killed")
-
-    monkeypatch.setattr(trainer_mod.Trainer, "save", save_then_crash)
-    with pytest.raises(RuntimeError):
+    with killed_after(monkeypatch, 2), pytest.raises(Crash):
         _run(tmp_path / "b", "run", over)
-    monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
     b = _run(tmp_path / "b", "run", over)
     assert json.loads((b / "results.json").read_text())["best"] == res["best"]
     for name in ("best.pt", "checkpoint.pt"):

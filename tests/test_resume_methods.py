@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from sparse_bench.run import run
-from sparse_bench.train import trainer as trainer_mod
 from sparse_bench.train.checkpoint import load_checkpoint
 
-from conftest import compose, read_jsonl
+from conftest import Crash, compose, killed_after, read_jsonl
 
 BASE = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=4", "density=0.3",
         "limit_train_batches=6", "eval.train_samples=100", "logger=none", "progress=false", "device=cpu"]
@@ -44,9 +43,6 @@ METHODS = {
 }
 
 
-class Crash(RuntimeError):
-    pass
-
 
 def _strip(recs):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in recs]
@@ -58,18 +54,9 @@ def test_resume_is_bit_identical(method, tmp_path, monkeypatch):
     a = compose([*over, f"paths.runs={tmp_path / 'a'}"])
     run(a)
     b = compose([*over, f"paths.runs={tmp_path / 'b'}"])
-    real_save = trainer_mod.Trainer.save
     crash_after = 2
-
-    def save_then_crash(self):
-        real_save(self)
-        if self.epoch == crash_after:
-            raise Crash(f"killed after epoch {crash_after}")
-
-    monkeypatch.setattr(trainer_mod.Trainer, "save", save_then_crash)
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, crash_after), pytest.raises(Crash):
         run(b)
-    monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
     run(b)
 
     fa, fb = tmp_path / "a" / a.run_name, tmp_path / "b" / b.run_name

@@ -14,7 +14,7 @@ from sparse_bench.sparsity.execution import kernels
 from sparse_bench.sparsity.execution.layers import SparseConv2d, SparseLinear, structure_from_linear
 from sparse_bench.train.checkpoint import load_checkpoint
 
-from conftest import compose, read_jsonl, run_in_process
+from conftest import Crash, compose, killed_after, read_jsonl, run_in_process
 
 BACKENDS = ["c", "torch"]
 
@@ -355,9 +355,6 @@ def test_bad_execution_is_one_config_error():
 
 
 # --- resume and DDP ----------------------------------------------------------------------------
-class Crash(RuntimeError):
-    pass
-
 
 def _strip(recs):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/", "sparse/rebuild_s"))}
@@ -368,7 +365,6 @@ def _strip(recs):
                                               ("gse", "sparse"), ("set", "auto")])
 def test_sparse_resume_is_bit_identical(method, execution, tmp_path, monkeypatch):
     from sparse_bench.sparsity.execution import engine
-    from sparse_bench.train import trainer as trainer_mod
 
     calls = []
 
@@ -382,17 +378,8 @@ def test_sparse_resume_is_bit_identical(method, execution, tmp_path, monkeypatch
     a = compose([*over, f"paths.runs={tmp_path / 'a'}"])
     run(a)
     b = compose([*over, f"paths.runs={tmp_path / 'b'}"])
-    real_save = trainer_mod.Trainer.save
-
-    def save_then_crash(self):
-        real_save(self)
-        if self.epoch == 2:
-            raise Crash("killed after epoch 2")
-
-    monkeypatch.setattr(trainer_mod.Trainer, "save", save_then_crash)
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, 2), pytest.raises(Crash):
         run(b)
-    monkeypatch.setattr(trainer_mod.Trainer, "save", real_save)
     n_timed = len(calls)
     run(b)
     assert len(calls) == n_timed, "a resumed run rebuilds the layers its plan file names, without timing"
