@@ -11,7 +11,9 @@ report and the next one runs):
 4. GSE on ResNet-56, CIFAR-100-shaped batches of 128: one epoch-equivalent of steps (391) with
    mask updates, ms per step;
 5. ``bench_sparse.py --device cuda layers`` (torch's CSR kernels beside dense and masked);
-6. the ImageNet decoders (``dataset.decoder``) on a generated JPEG folder: images/s.
+6. 2:4 semi-structured linear layers (``structure=nm``, n=2, m=4) beside dense bf16: forward and
+   training-step milliseconds, and their largest difference from the masked dense product;
+7. the ImageNet decoders (``dataset.decoder``) on a generated JPEG folder: images/s.
 
 ``--smoke`` runs every section at toy sizes on whatever device there is (the test suite runs it
 on the CPU, so the script cannot rot between GPU sessions).
@@ -176,11 +178,68 @@ def main() -> int:
             report.add(proc.stdout[-4000:] or "(no output)", *(["", "```", proc.stderr[-1500:], "```"]
                                                                if proc.returncode else []))
 
+    with section(report, "2:4 semi-structured linear (structure=nm, 2:4) beside dense, bf16", 60, deadline) as budget:
+        if budget is not None:
+            report.add(*two_four_rates(device, smoke))
     with section(report, "ImageNet decoders on a generated JPEG folder: images/s", 60, deadline) as budget:
         if budget is not None:
             report.add(*decoder_rates(device, smoke))
     report.add("", f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return 0
+
+
+def _ms(fn, reps: int, device: torch.device) -> float:
+    """Milliseconds per call of `fn`: the minimum over `reps` timed calls after two warm-ups."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    return min(times)
+
+
+def two_four_rates(device: torch.device, smoke: bool) -> list[str]:
+    """A linear layer with a 2:4 mask: dense bf16 product vs torch's semi-structured one."""
+
+    from sparse_bench.sparsity.execution import semistructured
+
+    if not semistructured.available(device):
+        return [f"not available on {device.type} (needs CUDA, compute capability >= 8.0)"]
+    lines = ["| tokens x in -> out | dense fwd ms | 2:4 fwd ms (weight compressed once) | 2:4 fwd ms (compressed "
+             "each call) | dense train step ms | 2:4 train step ms | max abs diff vs masked |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    shapes = [(64, 128, 64)] if smoke else [(2048, 768, 3072), (8192, 4096, 4096), (16384, 8192, 8192)]
+    for tokens, fan_in, out in shapes:
+        lines.append(_two_four_row(tokens, fan_in, out, device, 3 if smoke else 20))
+    return lines
+
+
+def _two_four_row(tokens: int, fan_in: int, out: int, device: torch.device, reps: int) -> str:
+    from torch.nn import functional as F
+
+    from sparse_bench.sparsity.execution import semistructured
+
+    dtype = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    keep = torch.rand(out, fan_in // 4, 4, device=device, generator=g).topk(2, dim=-1).indices
+    mask = torch.zeros(out, fan_in // 4, 4, dtype=torch.bool, device=device).scatter_(-1, keep, True)
+    mask = mask.reshape(out, fan_in).to(dtype)
+    w = (torch.randn(out, fan_in, device=device, dtype=dtype, generator=g) * mask).requires_grad_(True)
+    x = torch.randn(tokens, fan_in, device=device, dtype=dtype, generator=g, requires_grad=True)
+    packed = semistructured.compress(w.detach(), dtype)
+    with torch.no_grad():
+        diff = (F.linear(x, packed) - F.linear(x, w)).abs().max().item()
+        dense_fwd = _ms(lambda: F.linear(x, w), reps, device)
+        once_fwd = _ms(lambda: F.linear(x, packed), reps, device)
+        each_fwd = _ms(lambda: semistructured.two_four_linear(x, w, mask), reps, device)
+    dense_step = _ms(lambda: F.linear(x, w).sum().backward(), reps, device)
+    sparse_step = _ms(lambda: semistructured.two_four_linear(x, w, mask).sum().backward(), reps, device)
+    return (f"| {tokens} x {fan_in} -> {out} | {dense_fwd:.3f} | {once_fwd:.3f} | {each_fwd:.3f} | "
+            f"{dense_step:.3f} | {sparse_step:.3f} | {diff:.3g} |")
 
 
 def decoder_rates(device: torch.device, smoke: bool) -> list[str]:

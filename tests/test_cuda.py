@@ -101,6 +101,38 @@ def test_sparse_layers_run_torch_csr_on_cuda_like_masked():
     torch.testing.assert_close(sparse.values.grad, lin.weight.grad.reshape(-1)[lin_idx], rtol=1e-4, atol=1e-4)
 
 
+def _two_four_mask(rows: int, cols: int, device) -> torch.Tensor:
+    keep = torch.rand(rows, cols // 4, 4, device=device).topk(2, dim=-1).indices
+    return torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=device).scatter_(-1, keep, True).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_two_four_linear_matches_the_masked_product(dtype):
+    from sparse_bench.sparsity.execution import semistructured
+
+    if not semistructured.available(CUDA):
+        pytest.skip("no semi-structured sparse support on this GPU")
+    torch.manual_seed(0)
+    mask = _two_four_mask(256, 512, CUDA)
+    assert semistructured.is_two_four(mask) and semistructured.fits(mask.shape, dtype)
+    w = (torch.randn(256, 512, device=CUDA) * mask).requires_grad_(True)
+    b = torch.randn(256, device=CUDA, requires_grad=True)
+    x = torch.randn(4, 32, 512, device=CUDA, dtype=dtype, requires_grad=True)
+    w2, b2 = w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    out = semistructured.two_four_linear(x, w, mask.float(), b)
+    ref = nn.functional.linear(x2, (w2 * mask).to(dtype), b2.to(dtype))
+    assert out.dtype == dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=2e-2, atol=5e-2)
+    assert not bool(w.grad[~mask].any())  # inactive weights get no gradient
+    torch.testing.assert_close(b.grad, b2.grad, rtol=2e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_and_compile_on_cuda(precision):
     torch.manual_seed(0)

@@ -1,0 +1,121 @@
+"""2:4 linear layers on CUDA through torch's semi-structured sparse tensors (cuSPARSELt or CUTLASS).
+
+A layer whose mask keeps at most 2 of every 4 consecutive weights along the input dimension
+(``structure=nm`` with n=2, m=4) multiplies in the forward pass with its weight compressed to
+the 2:4 format (``torch.sparse.to_sparse_semi_structured``): half the multiply-adds, on the
+sparse tensor cores of Ampere and Hopper GPUs. The weight changes every step, so it is
+compressed again in every forward (one small kernel, as torchao's 2:4 training does).
+
+The backward pass: the weight gradient is the dense product masked (the methods read it dense:
+RigL and sparse momentum grow from it), and the input gradient is ``grad_out @ W``, whose sparse
+operand would be W's transpose, which is not 2:4 along its rows; both run as dense GEMMs. So the
+forward is the only sparse product, and a 2:4 layer's training step does 1/2 + 1 + 1 of the
+dense step's work (5/6).
+
+Semi-structured tensors need float16 or bfloat16 here (under ``precision=bf16|fp16``, the
+autocast dtype) and a GPU of compute capability 8.0 or newer; ``available()`` says whether this
+process has both, and the engine uses the masked layer otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def available(device: torch.device | None = None) -> bool:
+    """Whether this process can run 2:4 semi-structured products on `device` (CUDA, sm >= 80)."""
+    if not torch.cuda.is_available():
+        return False
+    device = device or torch.device("cuda")
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.sparse import to_sparse_semi_structured  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def fits(shape: tuple[int, int], dtype: torch.dtype) -> bool:
+    """Whether a weight of `shape` (out x in) meets the minimum and multiple shapes that torch's
+    semi-structured tensors ask of the sparse operand in `dtype` (e.g. 32 x 64 for half types)."""
+    from torch.sparse import SparseSemiStructuredTensor
+    from torch.sparse.semi_structured import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    cls = SparseSemiStructuredTensorCUTLASS if SparseSemiStructuredTensor._FORCE_CUTLASS \
+        else SparseSemiStructuredTensorCUSPARSELT
+    limits = cls._DTYPE_SHAPE_CONSTRAINTS.get(dtype)
+    if limits is None:
+        return False
+    rows, cols = shape
+    return (rows >= limits.sparse_min_rows and rows % limits.sparse_min_rows == 0
+            and cols >= limits.sparse_min_cols and cols % limits.sparse_min_cols == 0)
+
+
+def is_two_four(mask: torch.Tensor) -> bool:
+    """Whether every group of 4 consecutive weights along each row (the input dimension) of the
+    matrix `mask` (out x in) has at most 2 active."""
+    rows, cols = mask.shape
+    return cols % 4 == 0 and bool((mask.reshape(rows, cols // 4, 4).sum(-1) <= 2).all())
+
+
+def compress(weight: torch.Tensor, dtype: torch.dtype):
+    """The masked weight (zeros where inactive) as a semi-structured tensor of `dtype`."""
+    from torch.sparse import to_sparse_semi_structured
+
+    return to_sparse_semi_structured(weight.to(dtype))
+
+
+class _TwoFourLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, mask, bias):
+        dtype = x.dtype if x.dtype in DTYPES else torch.bfloat16
+        w = weight * mask
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        y = F.linear(x2, compress(w, dtype))
+        if bias is not None:
+            y = y + bias.to(dtype)
+        ctx.save_for_backward(x2, w.to(dtype), mask)
+        ctx.has_bias, ctx.in_dtype, ctx.w_dtype = bias is not None, x.dtype, weight.dtype
+        return y.reshape(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, w, mask = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(w.dtype)
+        grad_x = (g @ w).reshape(*grad_out.shape[:-1], w.shape[1]).to(ctx.in_dtype)
+        grad_w = ((g.t() @ x2).float() * mask).to(ctx.w_dtype)
+        grad_b = g.float().sum(0).to(ctx.w_dtype) if ctx.has_bias else None
+        return grad_x, grad_w, None, grad_b
+
+
+def two_four_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight * mask, bias)`` with the forward product on 2:4 sparse tensor cores;
+    the result is in the half-precision dtype (x's, or bfloat16 for a float32 x)."""
+    return _TwoFourLinear.apply(x, weight, mask, bias)
+
+
+class TwoFourLinear(nn.Module):
+    """A Linear layer whose weight keeps its dense shape and a 2:4 mask (a buffer); its forward
+    runs `two_four_linear`. Same parameter names and state dict as the nn.Linear it replaces, so
+    the methods' masks and optimizer state stay as they are."""
+
+    def __init__(self, linear: nn.Linear, mask: torch.Tensor):
+        super().__init__()
+        if not is_two_four(mask):
+            raise ValueError("TwoFourLinear needs a mask with at most 2 active in every 4 along the input dimension")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("mask", mask.to(torch.bool), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return two_four_linear(x, self.weight, self.mask.to(self.weight.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, 2:4"
