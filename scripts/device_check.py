@@ -94,13 +94,20 @@ def train_rate(model_name: str, method: str, precision: str, channels_last: bool
     return batch * steps / (time.perf_counter() - t0)
 
 
-def section(report: Report, title: str, budget_s: float, deadline: float):
+SECTIONS = ("tests", "resnet50", "gse", "layers", "two_four", "decoders")
+
+
+def section(report: Report, title: str, budget_s: float, deadline: float, key: str = "", chosen=SECTIONS):
     """A context for one section: its heading, its time left, and its failure as a line."""
 
     @contextlib.contextmanager
     def run():
         report.add("", f"## {title}", "")
         left = deadline - time.monotonic()
+        if key not in chosen:
+            report.add("skipped: not among --sections")
+            yield None
+            return
         if left < 10:
             report.add(f"skipped: the check's time is spent ({left:.0f} s left)")
             yield None
@@ -120,7 +127,11 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder of the report (device_check.md)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on whatever device there is")
     ap.add_argument("--minutes", type=float, default=7.5)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    ap.add_argument("--resnet50-rows", default="fp32,bf16,bf16+compile", help="of fp32, bf16, bf16+compile "
+                    "(bf16 with channels_last and torch.compile)")
     a = ap.parse_args()
+    chosen = a.sections.split(",")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = Report(Path(a.out) / "device_check.md")
     deadline = time.monotonic() + 60 * a.minutes
@@ -129,24 +140,29 @@ def main() -> int:
     report.add("# Device check", "", f"- machine: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}",
                f"- sizes: {'smoke (toy)' if smoke else 'full'}; started {time.strftime('%Y-%m-%d %H:%M:%S')}")
 
-    with section(report, "CUDA tests (pytest -m cuda)", 150, deadline) as budget:
+    with section(report, "CUDA tests (pytest -m cuda)", 150, deadline, "tests", chosen) as budget:
         if budget is not None:
             if smoke:
                 report.add("not run under --smoke")
             else:
                 proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                                       "tests"], cwd=ROOT, capture_output=True, text=True, timeout=budget)
-                report.add(f"exit {proc.returncode}", "", "```", proc.stdout[-3000:], proc.stderr[-1000:], "```")
+                                       "-p", "no:logging", "--tb=short", "tests"], cwd=ROOT, capture_output=True,
+                                      text=True, timeout=budget)
+                (Path(a.out) / "device_check_pytest.txt").write_text(proc.stdout + proc.stderr)
+                report.add(f"exit {proc.returncode} (the whole output: device_check_pytest.txt)", "", "```",
+                           proc.stdout[-3000:], proc.stderr[-1000:], "```")
 
     r50 = dict(model_name="resnet50", shape=(3, 224, 224), classes=1000, batch=128, steps=20, warmup=5)
     if smoke:
         r50 = dict(model_name="mlp", shape=(1, 8, 8), classes=10, batch=16, steps=3, warmup=1,
                    model_cfg={"name": "mlp", "hidden": [32], "dropout": 0.0})
-    with section(report, "ResNet-50, synthetic ImageNet-shaped batches of 128: images/s", 240, deadline) as budget:
+    with section(report, "ResNet-50, synthetic ImageNet-shaped batches of 128: images/s", 240, deadline,
+                 "resnet50", chosen) as budget:
         if budget is not None:
             report.add("| precision | layout / compile | dense | masked (static 10%) | RigL 10% (update every 10) |",
                        "|---|---|---:|---:|---:|")
-            for precision, cl, comp in (("fp32", False, False), ("bf16", False, False), ("bf16", True, True)):
+            rows = {"fp32": ("fp32", False, False), "bf16": ("bf16", False, False), "bf16+compile": ("bf16", True, True)}
+            for precision, cl, comp in (rows[r] for r in a.resnet50_rows.split(",")):
                 rates = []
                 for method in ("dense", "static", "rigl"):
                     rates.append(train_rate(method=method, precision=precision, channels_last=cl, compiled=comp,
@@ -155,7 +171,7 @@ def main() -> int:
                            + " | ".join(f"{r:,.0f}" for r in rates) + " |")
 
     with section(report, "GSE, ResNet-56 on CIFAR-100-shaped batches of 128: one epoch of steps", 90,
-                 deadline) as budget:
+                 deadline, "gse", chosen) as budget:
         if budget is not None:
             steps = 4 if smoke else 391
             shape_kw = dict(model_name="resnet56", shape=(3, 32, 32), classes=100, batch=128, steps=steps, warmup=3)
@@ -167,7 +183,7 @@ def main() -> int:
             report.add(f"{steps} steps at density 2%, an update every {100 if not smoke else 2} steps: "
                        f"{rate:,.0f} images/s, {1000 * shape_kw['batch'] / rate:.1f} ms per step")
 
-    with section(report, "bench_sparse.py layers (dense, masked, sparse)", 90, deadline) as budget:
+    with section(report, "bench_sparse.py layers (dense, masked, sparse)", 90, deadline, "layers", chosen) as budget:
         if budget is not None:
             args = [sys.executable, "scripts/bench_sparse.py", "layers", "--device", device.type, "--rounds",
                     "1" if smoke else "3", "--steps", "1" if smoke else "3"]
@@ -178,10 +194,12 @@ def main() -> int:
             report.add(proc.stdout[-4000:] or "(no output)", *(["", "```", proc.stderr[-1500:], "```"]
                                                                if proc.returncode else []))
 
-    with section(report, "2:4 semi-structured linear (structure=nm, 2:4) beside dense, bf16", 60, deadline) as budget:
+    with section(report, "2:4 semi-structured linear (structure=nm, 2:4) beside dense, bf16", 60, deadline,
+                 "two_four", chosen) as budget:
         if budget is not None:
             report.add(*two_four_rates(device, smoke))
-    with section(report, "ImageNet decoders on a generated JPEG folder: images/s", 60, deadline) as budget:
+    with section(report, "ImageNet decoders on a generated JPEG folder: images/s", 60, deadline,
+                 "decoders", chosen) as budget:
         if budget is not None:
             report.add(*decoder_rates(device, smoke))
     report.add("", f"finished {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -252,6 +270,9 @@ def decoder_rates(device: torch.device, smoke: bool) -> list[str]:
     from sparse_bench.data import build_data
     from sparse_bench.data.imagenet import dali_available
 
+    # sandboxed machines (gVisor) cannot dup the descriptors of the default strategy that the
+    # loader's workers pass their batches through: share through files instead
+    torch.multiprocessing.set_sharing_strategy("file_system")
     lines = ["| decoder | images/s |", "|---|---:|"]
     n_class, per_class = (2, 4) if smoke else (4, 64)
     with tempfile.TemporaryDirectory() as tmp:

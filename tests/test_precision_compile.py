@@ -170,3 +170,38 @@ def test_the_device_check_runs_every_section_at_toy_sizes(tmp_path):
     assert "failed:" not in report and "skipped:" not in report, report
     for title in ("CUDA tests", "ResNet-50", "GSE", "bench_sparse.py layers", "decoders", "finished"):
         assert title in report
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "sparse_momentum"])
+def test_channels_last_conv_weights_take_mask_updates_like_contiguous_ones(method):
+    """Under channels_last=true a conv weight (and its masks, scores, momentum) is stored in another
+    order; mask updates write flat positions in the logical order, so both layouts end equal."""
+
+    def train(channels_last: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+        x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,))
+        if channels_last:
+            model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        cfg = OmegaConf.load(conf_dir() / "method" / f"{method}.yaml")
+        cfg.update_every, cfg.end = 2, {"unit": "fraction", "value": 1.0}
+        m = build_method(cfg, MethodContext(model=model, optimizer=opt, density=0.3, epochs=1, steps_per_epoch=10,
+                                            device=torch.device("cpu"), generator=torch.Generator().manual_seed(1)))
+        m.setup()
+        changed = 0
+        for step in range(7):
+            hooked_step(m, opt, step, lambda: nn.functional.cross_entropy(model(x), y))
+            logs = m.on_step_end(step + 1)
+            changed += (logs or {}).get("mask/grown", 0)
+        masks = [t.detach().contiguous() for t in m.masks.masks]
+        return masks, [p.detach().contiguous() for p in model.parameters()], changed
+
+    masks_a, params_a, grown = train(False)
+    masks_b, params_b, _ = train(True)
+    assert grown > 0  # the updates moved weights
+    assert all(torch.equal(a, b) for a, b in zip(masks_a, masks_b))
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

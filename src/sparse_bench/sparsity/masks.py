@@ -39,6 +39,7 @@ from torch import nn
 
 from ..confdir import config_values
 from ..errors import ConfigError
+from .ops import fill_at_
 
 
 def _module_types(names: Iterable[str]) -> tuple[type, ...]:
@@ -107,16 +108,16 @@ class MaskedTensor:
     @torch.no_grad()
     def replace_(self, drop: torch.Tensor, grow: torch.Tensor, optimizer, reset: Sequence[str]) -> None:
         mask = self.mask.clone()
-        mask.view(-1)[drop] = False
-        mask.view(-1)[grow] = True
-        self.weight.data.view(-1)[grow] = 0.0
-        self.weight.data.view(-1)[drop] = 0.0
+        fill_at_(mask, drop, False)
+        fill_at_(mask, grow, True)
+        fill_at_(self.weight.data, grow, 0.0)
+        fill_at_(self.weight.data, drop, 0.0)
         self.mask = mask
         if optimizer is not None and reset:
             for value in optimizer.state.get(self.weight, {}).values():
                 if torch.is_tensor(value) and value.shape == self.weight.shape:
                     for where in ([grow] if "grown" in reset else []) + ([drop] if "dropped" in reset else []):
-                        value.view(-1)[where] = 0
+                        fill_at_(value, where, 0)
 
     @torch.no_grad()
     def broadcast_(self, optimizer, dist) -> tuple[bool, list[torch.Tensor]]:

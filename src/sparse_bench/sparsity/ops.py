@@ -51,6 +51,22 @@ def topk_indices(values: torch.Tensor, k: int, largest: bool = True,
     return cand[torch.topk(values[cand], k, largest=largest, sorted=False).indices]
 
 
+def fill_at_(t: torch.Tensor, idx: torch.Tensor, value) -> torch.Tensor:
+    """``t.view(-1)[idx] = value`` for flat indices in `t`'s logical (row-major) order, in place,
+    for a contiguous or a channels_last `t` (a conv weight under ``channels_last=true``, and the
+    masks and optimizer state made like it), without a host sync on a GPU (``index_fill_`` takes
+    the value as a scalar; an indexed assignment copies it from the host first)."""
+    if t.is_contiguous():
+        t.view(-1).index_fill_(0, idx, value)
+        return t
+    offsets = sum(i * s for i, s in zip(torch.unravel_index(idx, t.shape), t.stride()))
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        t.as_strided((t.numel(),), (1,)).index_fill_(0, offsets, value)  # dense storage, other order
+    else:
+        t[torch.unravel_index(idx, t.shape)] = value
+    return t
+
+
 def smallest_active(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
     """Bool tensor marking the `k` active (mask True) entries of smallest score (ranked among
     the active entries only)."""
@@ -62,8 +78,7 @@ def smallest_active(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.T
     else:
         active = mask.reshape(-1).nonzero().squeeze(1)
         idx = active[topk_indices(scores.reshape(-1)[active], k, largest=False)]
-    out.view(-1)[idx] = True
-    return out
+    return fill_at_(out, idx, True)
 
 
 def guard_layers(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] | None, floor: int
@@ -77,11 +92,10 @@ def guard_layers(scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] |
     out = []
     for s, m in zip(scores, masks if masks is not None else [None] * len(scores)):
         s = s.clone()
-        flat = s.view(-1)
-        if flat.numel():
-            idx = topk_indices(flat, min(floor, flat.numel()), largest=True,
+        if s.numel():
+            idx = topk_indices(s.reshape(-1), min(floor, s.numel()), largest=True,
                                eligible=None if m is None else m.reshape(-1))
-            flat[idx] = float("inf")
+            fill_at_(s, idx, float("inf"))
         out.append(s)
     return out
 
@@ -118,8 +132,7 @@ def largest_inactive(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.
     if k <= 0:
         return out
     idx = topk_indices(scores.reshape(-1), k, largest=True, eligible=~mask.reshape(-1))
-    out.view(-1)[idx] = True
-    return out
+    return fill_at_(out, idx, True)
 
 
 def random_inactive(mask: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
