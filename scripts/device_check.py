@@ -161,7 +161,8 @@ def main() -> int:
         if budget is not None:
             report.add("| precision | layout / compile | dense | masked (static 10%) | RigL 10% (update every 10) |",
                        "|---|---|---:|---:|---:|")
-            rows = {"fp32": ("fp32", False, False), "bf16": ("bf16", False, False), "bf16+compile": ("bf16", True, True)}
+            rows = {"fp32": ("fp32", False, False), "bf16": ("bf16", False, False),
+                    "bf16+compile": ("bf16", True, True)}
             for precision, cl, comp in (rows[r] for r in a.resnet50_rows.split(",")):
                 rates = []
                 for method in ("dense", "static", "rigl"):
