@@ -39,6 +39,13 @@ def model_tag(name: str, arch=None) -> str:
     return f"{name}_{arch}" if arch not in (None, "", "None") else str(name)
 
 
+def structure_tag(name, n=None, m=None) -> str:
+    """The run name's mark of a structure: none for unstructured, ``-2of4`` for N:M, ``-fan_in``."""
+    if str(name) in ("unstructured", "None"):
+        return ""
+    return f"-{n}of{m}" if str(name) == "nm" else f"-{name}"
+
+
 def job_dir(run_name: str, overrides: str = "") -> str:
     extra = str(overrides or "").replace("/", "_")
     return f"{run_name}-{extra}" if extra else str(run_name)
@@ -65,6 +72,7 @@ def required(what: str, *, _node_=None):
 
 def register() -> None:
     for name, fn in (("sb.density_tag", density_tag), ("sb.model_tag", model_tag), ("sb.job_dir", job_dir),
+                     ("sb.structure_tag", structure_tag),
                      ("sb.by_density", by_density), ("sb.required", required)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

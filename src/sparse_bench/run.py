@@ -30,6 +30,7 @@ from .sparsity.execution import Execution, build_model_for, execution_mode
 from .sparsity.execution.engine import PLAN_FILE
 from .sparsity.flops import build_meter
 from .sparsity.methods import Method, MethodContext, build_method, call_hook
+from .sparsity.structure import Structure
 from .train import distributed as dist_util
 from .train.checkpoint import atomic_write_json, clean_stale_temporaries, fingerprint, is_checkpoint, load_checkpoint
 from .train.logging import MetricSink, NullSink, wandb_run_config
@@ -487,7 +488,7 @@ def build_parts(cfg: DictConfig, run_dir: Path, resolved: dict, state: dict | No
     ctx = MethodContext(model=model, optimizer=optimizer, density=density, epochs=epochs,
                         steps_per_epoch=steps_per_epoch, device=device,
                         generator=torch.Generator().manual_seed(seed + 1), prunable=rule, batches=batches,
-                        loss_fn=loss_fn, multiplier=multiplier)
+                        loss_fn=loss_fn, multiplier=multiplier, structure=Structure.from_config(cfg.get("structure")))
     method = build_method(cfg.method, ctx)
     flops = build_meter(model, data.input_shape, method, device)
     # masked or sparse layers (execution=...): runs around the method's hooks, converts layers after setup

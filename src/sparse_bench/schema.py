@@ -72,7 +72,8 @@ VOLATILE = "volatile"  # where files and data live, logging, device, threads, pr
 #                        run and its resumption, and is never part of what a run is
 ROLES = (RECIPE, AXIS, DETAIL, VOLATILE)
 #: the role of each config group (its keys inherit it unless a field declares its own)
-GROUP_ROLES = {"model": RECIPE, "dataset": RECIPE, "method": RECIPE, "schedule": RECIPE, "optimizer": RECIPE,
+GROUP_ROLES = {"model": RECIPE, "dataset": RECIPE, "method": RECIPE, "structure": RECIPE, "schedule": RECIPE,
+               "optimizer": RECIPE,
                "logger": VOLATILE}
 
 
@@ -302,6 +303,22 @@ class NoLogger:
     name: str = MISSING
 
 
+# --- structure (sparsity/structure.py) -----------------------------------------------------------
+@dataclass
+class Unstructured:
+    name: str = MISSING
+
+
+@dataclass
+class NM:
+    name: str = MISSING
+    n: int = count(ge=1, hint="active weights per group, e.g. structure.n=2")
+    m: int = count(ge=2, hint="group size, e.g. structure.m=4")
+
+
+STRUCTURES = {"unstructured": Unstructured, "nm": NM, "fan_in": Unstructured}
+
+
 # --- data sets ----------------------------------------------------------------------------------
 # Each data set's schema sits beside its builder in ``sparse_bench.data`` (``DataSchema`` plus its own
 # keys; the values are in its YAML) and registers with it: ``register("dataset", name, builder, schema)``.
@@ -355,7 +372,7 @@ LOGGERS = {"wandb": WandbLogger, "none": NoLogger}
 
 #: group -> {option name: schema}
 GROUPS: dict[str, Any] = {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "logger": LOGGERS,
-                          "schedule": SCHEDULES}
+                          "schedule": SCHEDULES, "structure": STRUCTURES}
 #: method name -> schema, each registered beside its method (``@register(name, schema=...)`` in
 #: ``sparsity/methods/``) when ``sparse_bench.sparsity.methods`` is imported
 METHODS: dict[str, Any] = {}

@@ -40,6 +40,7 @@ from torch import nn
 from ..confdir import config_values
 from ..errors import ConfigError
 from .ops import fill_at_
+from .structure import Structure
 
 
 def _module_types(names: Iterable[str]) -> tuple[type, ...]:
@@ -320,6 +321,7 @@ class MaskSet:
                         where.setdefault(id(p), (mod, attr))
             self.owners = [where.get(id(p)) for _, p in named_params]
         self.optimizer: torch.optim.Optimizer | None = None
+        self.structure = Structure()  # the shape the masks keep (set by the method: structure=)
         self.keeps_inactive_state = False  # dense optimizer state of inactive weights is kept
         self._view: list[MaskedTensor] | None = None
         self._float: list[torch.Tensor] = []
@@ -454,6 +456,13 @@ class MaskSet:
         from .distributions import layer_counts, random_masks
         from .execution.layers import sample_positions
 
+        if self.structure.active:  # every group its capacity, at random
+            if self._any_sparse:
+                raise ConfigError(f"structure={self.structure.kind} with layers built sparse from the start (too big "
+                                  f"to hold densely) is not supported; use structure=unstructured")
+            counts = layer_counts(self._shapes, density, "uniform" if kind == "bernoulli" else kind, self.names)
+            self.set_masks(self.structure.random_masks(self._shapes, counts, generator))
+            return
         if not self._any_sparse:
             self.set_masks(random_masks(self.shapes, density, kind, generator, self.names))
             return
@@ -470,6 +479,15 @@ class MaskSet:
             e.layer.set_active(lin, values)
         self._changed()
         self.apply_()
+
+    def structure_violations(self, empty_ok: bool = False) -> dict[str, int]:
+        """Layers whose mask breaks `structure`, with the number of groups that break it
+        (`empty_ok`: output units with no active input, SRigL's ablated ones, are allowed)."""
+        if not self.structure.active:
+            return {}
+        with self.dense_view():
+            bad = {n: self.structure.violations(m, empty_ok) for n, m in zip(self.names, self.masks)}
+        return {n: v for n, v in bad.items() if v}
 
     def set_masks(self, masks: Sequence[torch.Tensor]) -> None:
         """Replace all masks (moved to each parameter's device) and apply them."""

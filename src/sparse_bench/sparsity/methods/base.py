@@ -49,6 +49,7 @@ from ...plugins import target_of
 from ..flops import DENSE_STEP, SPARSE_STEP, Extra, Passes
 from ..masks import MaskSet
 from ..schedules import Timeline, UpdateCadence
+from ..structure import Structure
 
 #: method name -> class: every ``@register``-ed method (the registry ``sparse_bench.schema`` checks by)
 METHODS: dict[str, type[Method]] = S.IMPLEMENTATIONS["method"]
@@ -87,6 +88,7 @@ class MethodContext:
     batches: Optional[Callable[[int, int], list]] = None
     loss_fn: Optional[Callable] = None
     multiplier: float = 1.0  # schedule.multiplier: scale every epoch-based milestone by it
+    structure: Structure = field(default_factory=Structure)  # the shape masks keep (structure=)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -115,6 +117,8 @@ class Method:
     #: execution=sparse: the method's setup or updates open dense views of sparse layers (so it
     #: cannot train a layer too big to hold densely); False for index-level-only methods (GSE)
     needs_dense_views = True
+    #: its masks keep ``structure=nm|fan_in`` (drawn and regrown through ``sparsity.structure``)
+    keeps_structure = False
 
     def wants_dense_grad(self, step: int) -> bool:
         """execution=sparse: must the backward of optimizer step `step` form the gradient of the
@@ -126,6 +130,9 @@ class Method:
         self.cfg = cfg
         self.ctx = ctx
         self.masks = MaskSet.from_model(ctx.model, ctx.prunable) if self.sparse else None
+        self.structure = ctx.structure
+        if self.structure.active:
+            self._check_structure()
         # a method that draws per-layer counts from a distribution (`init`) refuses such a density
         # itself, with the distribution's own smallest usable density (distributions.layer_counts)
         if self.masks is not None and self.masks.floor > 0 and not cfg.get("init"):
@@ -135,6 +142,15 @@ class Method:
                 raise ConfigError(f"density={ctx.density:g} keeps {int(round(ctx.density * total))} of {total} "
                                   f"prunable weights, fewer than one per prunable layer ({layers}); use density >= "
                                   f"{layers / total:.3g}, or prunable.allow_empty=true to let a layer empty")
+
+    def _check_structure(self) -> None:
+        if not self.keeps_structure:
+            keepers = sorted(n for n, impl in S.IMPLEMENTATIONS["method"].items()
+                             if getattr(impl, "keeps_structure", False))
+            raise ConfigError(f"structure={self.structure.kind}: method={self.name} does not keep a structure; use "
+                              f"structure=unstructured, or one of method={', '.join(keepers)}")
+        self.structure.check(self.masks.names, self.masks.shapes, self.ctx.density)
+        self.masks.structure = self.structure
 
     # --- life cycle -------------------------------------------------------------------------
     def setup(self) -> dict | None:

@@ -85,6 +85,7 @@ class StaticSchema:
 
 @register("static", schema=StaticSchema)
 class Static(RandomInitMixin, Method):
+    keeps_structure = True  # its masks are the initial ones, drawn within the structure
     """A random mask drawn once at initialisation and never changed (``init``, ``reinit``)."""
 
     sparse_execution = True

@@ -12,6 +12,9 @@ One mask update, split as jaxpruner's sparse-training updaters split it (``DropA
    ``grow_scores`` among the positions not blocked (``exclude_pruned``: the ones active before
    the update, so nothing just dropped comes back); random growth is growth by uniform scores
    (``random_scores``);
+   Under ``structure=nm|fan_in`` every method grows through ``grow_within_structure``: in each
+   group (N:M group, output unit) exactly what it lost, by the method's own growth scores
+   (``sparsity.structure``), so the structure and each layer's count hold after every update;
 4. ``commit``: one path into ``MaskSet.replace_`` for every method. ``regrown`` says whether a
    weight dropped and grown in the same update restarts at 0 (``"restart"``: SET, DSR; GSE never
    regrows one) or keeps its value (``"keep"``: RigL, sparse momentum); ``reset`` which
@@ -107,6 +110,8 @@ class Update:
 class DropAndGrow(ScheduledUpdates, RandomInitMixin, Method):
     """Base of the methods that replace a fraction of the active weights at each update."""
 
+    keeps_structure = True
+
     #: a weight dropped and grown in the same update: "restart" (at 0, optimizer state zeroed) or
     #: "keep" (its value and state, as if it had not moved)
     regrown = "restart"
@@ -144,7 +149,17 @@ class DropAndGrow(ScheduledUpdates, RandomInitMixin, Method):
 
     def grow(self, u: Update) -> list[torch.Tensor]:
         blocked = u.old if self.exclude_pruned else u.after
+        if self.structure.active:
+            return self.grow_within_structure(u, self.grow_scores(u), blocked)
         return largest(self.grow_scores(u), blocked, self.grow_budget(u))
+
+    def grow_within_structure(self, u: Update, scores: Sequence[torch.Tensor], blocked: Sequence[torch.Tensor]
+                              ) -> list[torch.Tensor]:
+        """Structured growth (the one mechanism every method's growth takes under ``structure``):
+        per layer, each group regains what the drop took from it, at the largest `scores` not
+        `blocked` (then at the just-dropped positions where a group has too few). A method that
+        moves weights between layers (sparse momentum, DSR) keeps each layer's count here."""
+        return [self.structure.regrow(s, o, a, b) for s, o, a, b in zip(scores, u.old, u.after, blocked)]
 
     def record(self, u: Update) -> dict:
         """What ``last_update`` keeps of the update (the tests and diagnostics read it)."""
@@ -157,6 +172,12 @@ class DropAndGrow(ScheduledUpdates, RandomInitMixin, Method):
     def finish(self, u: Update) -> None:
         """After the commit: what the method carries to its next update (DSR's threshold)."""
 
+    def check_structure(self) -> None:
+        """Raise if an update left a mask outside `structure` (a bug, never bad input)."""
+        bad = self.masks.structure_violations()
+        if bad:
+            raise RuntimeError(f"{self.name}: the update broke structure={self.structure} in {bad}")
+
     # --- the skeleton ---------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, step: int) -> dict:
@@ -167,6 +188,8 @@ class DropAndGrow(ScheduledUpdates, RandomInitMixin, Method):
             u.after = [m & ~d for m, d in zip(u.old, u.dropped)]
             u.grown = self.grow(u)
             self.commit(u.old, u.dropped, u.grown)
+            if self.structure.active:
+                self.check_structure()
             self.finish(u)
             self.last_update = self.record(u)
             return {**self.method_logs(u), **mask_change_logs(ms.names, u.old, ms.masks)}

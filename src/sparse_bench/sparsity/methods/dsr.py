@@ -151,6 +151,9 @@ class DSR(DropAndGrow):
         removed = [int(c) for c in torch.stack([d.sum() for d in u.dropped]).cpu().tolist()]
         k_total = sum(removed)
         surviving = [k - r for k, r in zip(u.nnz, removed)]
+        if self.structure.active:  # no reallocation between layers: each group regrows what it lost
+            u.extra.update(removed=removed, surviving=surviving, regrow=removed, k_total=k_total)
+            return self.grow_within_structure(u, random_scores(u.old, "layer", self.ctx.generator), u.after)
         free = [n - s for n, s in zip(self.masks.numels, surviving)]
         exclude = self.exclude_pruned and sum(free) - k_total >= k_total
         if exclude:

@@ -152,6 +152,7 @@ class GSE(DropAndGrow):
     # updates use index-level MaskSet calls only: no dense weight, gradient, momentum or mask of
     # a sparse layer is ever formed
     sparse_execution = True
+    keeps_structure = False  # its growth samples candidate positions index by index
     needs_dense_views = False
     regrown = "restart"  # never happens: candidates are inactive, drops active
     reset = ("grown",)

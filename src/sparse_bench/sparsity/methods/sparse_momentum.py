@@ -45,7 +45,7 @@ from ..flops import DENSE_GRADIENT_STEP, SPARSE_STEP
 from ..ops import floored, largest_inactive, random_inactive, smallest_active
 from ..schedules import DECAYS, decay
 from .base import cadence_from, register
-from .drop_grow import DropAndGrow, Update, largest, smallest
+from .drop_grow import DropAndGrow, Update, largest, random_scores, smallest
 from .schemas import Milestone, fraction, init, interval, milestone, reinit
 
 
@@ -247,6 +247,11 @@ class SparseMomentum(DropAndGrow):
         total_removed = sum(removed)
         free = [n - (k - r) for n, k, r in zip(numels, nnz, removed)]
         u.extra.update(removed=removed, free=free)
+        if self.structure.active:  # no redistribution: each group regrows what it lost
+            u.extra["regrow"] = removed
+            scores = (random_scores(u.old, "layer", self.ctx.generator) if self.growth_mode == "random"
+                      else [g.abs() for g in signals])
+            return self.grow_within_structure(u, scores, u.after)
         rule = GROWTHS[self.growth_mode]
         if rule is None:  # global momentum
             grown = largest([g.abs() for g in signals], u.after, total_removed)
