@@ -187,14 +187,19 @@ def _top(flat_scores: torch.Tensor, flat_active: torch.Tensor, k: int) -> torch.
 
 @torch.no_grad()
 def keep_top(scores: Sequence[torch.Tensor], n_keep: int, scope: str = "global",
-             active: Sequence[torch.Tensor] | None = None, floor: int = 1) -> list[torch.Tensor]:
+             active: Sequence[torch.Tensor] | None = None, floor: int = 1, structure=None) -> list[torch.Tensor]:
     """Bool masks keeping exactly `n_keep` of the `active` weights, those of largest score, and
     at least `floor` in every layer (``MaskSet.floor``: a layer's best are kept first).
 
     ``global``: one ranking over all layers. ``layer``: every layer keeps the same fraction of
     its weights (counts by largest remainder, capped by what is active in the layer).
-    Ties go to torch.topk's order.
+    Ties go to torch.topk's order. Under a `structure` (``sparsity.structure.Structure``) the
+    selection is then made structured (``Structure.keep``: per layer the count chosen here).
     """
+    if structure is not None and structure.active:
+        chosen = keep_top(scores, n_keep, scope, active, floor)
+        active = active if active is not None else [torch.ones_like(s, dtype=torch.bool) for s in scores]
+        return structure.keep(scores, active, chosen, n_keep / sum(s.numel() for s in scores))
     if active is None:
         active = [torch.ones_like(s, dtype=torch.bool) for s in scores]
     n_active = [int(a.sum()) for a in active]

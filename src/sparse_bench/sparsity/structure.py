@@ -16,9 +16,11 @@ groups (``groups``: rows of m for nm, one row per output unit for fan_in) with a
 (n; k). Initial masks draw, per group, the capacity at random (``random_masks``). A drop-and-grow
 update drops whatever the method drops (fewer active never breaks "at most n" or, once regrown,
 "k per unit") and regrows in each group exactly what that group lost, choosing the largest of the
-method's own growth scores within the group (``fill``), so the layer's count and every group's
-count come back to what they were. ``violations`` checks a mask, for the tests and after every
-update.
+method's own growth scores within the group (``regrow``), so the layer's count and every group's
+count come back to what they were. A pruning method (GMP, AC/DC, SNIP, GraSP, SynFlow, lottery)
+chooses each layer's count by its own ranking, then keeps in each group its largest scores up to
+the group's capacity (``keep``). ``violations`` checks a mask, for the tests and after every
+drop-and-grow update. GSE, DeepR and Top-KAST keep no structure (they refuse one).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class Structure:
         """One line (ConfigError) for a density the structure contradicts or a layer it cannot fit."""
         if self.kind != "nm":
             return
+        if self.n >= self.m:
+            raise ConfigError(f"structure.n={self.n} must be below structure.m={self.m} (n of every m weights stay "
+                              f"active), e.g. structure.n=2 structure.m=4")
         if abs(density - self.n / self.m) > 1e-9:
             raise ConfigError(f"density={density:g} contradicts structure=nm with n={self.n}, m={self.m}, which keeps "
                               f"every layer at density n/m = {self.n / self.m:g}; pass density={self.n / self.m:g}")
@@ -117,6 +122,23 @@ class Structure:
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
         picked = (rank < deficit.unsqueeze(1)) & torch.isfinite(s)
         return self.ungroup(picked, tuple(scores.shape))
+
+    def keep(self, scores: Sequence[torch.Tensor], active: Sequence[torch.Tensor], chosen: Sequence[torch.Tensor],
+             fraction: float) -> list[torch.Tensor]:
+        """A pruning method's selection made structured (the one mechanism of SNIP, GraSP, SynFlow,
+        lottery, GMP and AC/DC under a structure): per layer, in each group the largest `scores`
+        among the `active` weights, as many as the group's capacity. fan_in: the layer's count as
+        the method chose it (`chosen`, by its own global or per-layer ranking), per unit; nm: n per
+        group once the method reaches its final density (`fraction` = n/m), round(m x fraction)
+        (at least n) at the higher densities a gradual method passes through."""
+        out = []
+        for s, a, c in zip(scores, active, chosen):
+            if self.kind == "nm":
+                cap = torch.full((self.groups(a).shape[0],), min(self.m, max(self.n, round(self.m * fraction))))
+            else:
+                cap = torch.full((a.shape[0],), self.capacity(tuple(a.shape), int(c.sum())))
+            out.append(self.fill(s, ~a, cap.to(a.device)))
+        return out
 
     def regrow(self, scores: torch.Tensor, old: torch.Tensor, after: torch.Tensor, blocked: torch.Tensor
                ) -> torch.Tensor:

@@ -73,6 +73,7 @@ class ACDCSchema:
 
 @register("acdc", schema=ACDCSchema)
 class ACDC(Method):
+    keeps_structure = True  # its compressed phases' masks keep it (its dense phases are dense)
     """Alternating dense and sparse (global magnitude) phases; ends sparse at `density`."""
 
     sparse_execution = "its dense phases train every weight"
@@ -133,7 +134,7 @@ class ACDC(Method):
         old = [m.clone() for m in masks.masks]
         total = sum(masks.numels)
         keep = round(self.ctx.density * total)
-        new = magnitude_masks([p.data for p in masks.params], old, keep, self.scope, masks.floor)
+        new = magnitude_masks([p.data for p in masks.params], old, keep, self.scope, masks.floor, self.structure)
         for i, m in enumerate(new):
             masks.masks[i] = m
         masks.apply_()

@@ -77,12 +77,17 @@ def layer_counts_like(numels: list[int], caps: list[int], keep: int) -> list[int
 
 @torch.no_grad()
 def magnitude_masks(weights: list[torch.Tensor], masks: list[torch.Tensor], keep: int, scope: str,
-                    floor: int = 1) -> list[torch.Tensor]:
+                    floor: int = 1, structure=None) -> list[torch.Tensor]:
     """New masks keeping the `keep` active weights of largest |w| (one threshold, or per layer),
-    never fewer than `floor` in a layer (``MaskSet.floor``).
+    never fewer than `floor` in a layer (``MaskSet.floor``); under a `structure` then made
+    structured (``Structure.keep``).
 
     Only active weights (mask True) can be kept: the result is a subset of `masks`.
     """
+    if structure is not None and structure.active:
+        chosen = magnitude_masks(weights, masks, keep, scope, floor)
+        return structure.keep([w.detach().abs() for w in weights], masks, chosen,
+                              keep / sum(m.numel() for m in masks))
     active = [int(m.sum()) for m in masks]
     keep = min(int(keep), sum(active))
     if scope == "global":
@@ -118,6 +123,7 @@ class GMPSchema:
 
 @register("gmp", schema=GMPSchema)
 class GMP(Method):
+    keeps_structure = True  # every pruning step keeps it (N:M reaches n per group at the final density)
     """Gradual magnitude pruning from dense to `density` on Zhu & Gupta's cubic schedule."""
 
     sparse_execution = "it starts dense and prunes gradually, so its weights are dense for much of training"
@@ -187,7 +193,7 @@ class GMP(Method):
         masks = self.masks
         old = [m.clone() for m in masks.masks]
         keep = self.target_count(t)
-        new = magnitude_masks([p.data for p in masks.params], old, keep, self.scope, masks.floor)
+        new = magnitude_masks([p.data for p in masks.params], old, keep, self.scope, masks.floor, self.structure)
         for i, m in enumerate(new):
             masks.masks[i] = m
         masks.apply_()

@@ -72,5 +72,6 @@ class GraSP(PruneAtInit):
         scores = grasp_scores(self.ctx.model, self.masks.names, batches, self.ctx.loss_fn,
                               self.temperature, self.train_mode)
         # keep the SMALLEST S = -θ ⊙ Hg, i.e. the largest θ ⊙ Hg
-        masks = keep_top([-s for s in scores], self.n_keep(), self.scope, floor=self.masks.floor)
+        masks = keep_top([-s for s in scores], self.n_keep(), self.scope, floor=self.masks.floor,
+                         structure=self.structure)
         return masks, {"grasp/batches": len(batches), "grasp/temperature": self.temperature}

@@ -98,6 +98,7 @@ class LotterySchema:
 
 @register("lottery", schema=LotterySchema)
 class Lottery(Method):
+    keeps_structure = True  # every round's pruning goes through keep_top with the structure
     sparse_execution = "its first round trains the dense network"
 
     def __init__(self, cfg, ctx):
@@ -173,7 +174,7 @@ class Lottery(Method):
         old = [m.clone() for m in self.masks.masks]
         n_keep = min(self.target_count(target), sum(int(m.sum()) for m in old))
         new = keep_top([p.detach().abs() for p in self.masks.params], n_keep, self.scope, active=old,
-                       floor=self.masks.floor)
+                       floor=self.masks.floor, structure=self.structure)
         self.ctx.model.load_state_dict(self.rewind_state)
         self.masks.set_masks(new)
         self.ctx.optimizer.state.clear()

@@ -46,6 +46,7 @@ from .schemas import reinit, scope
 
 
 class PruneAtInit(Method):
+    keeps_structure = True  # its one selection goes through keep_top with the structure
     """Shared by SNIP / GraSP / SynFlow: score once in `setup`, keep the top weights, stay static.
 
     ``reinit: fan_in`` first re-initialises the dense model by its (dense) fan-in, as GSE's
@@ -98,4 +99,5 @@ class SNIP(PruneAtInit):
     def prune_masks(self):
         batches = scoring_batches(self.ctx, self.n_batches, "snip")
         scores = snip_scores(self.ctx.model, self.masks.names, batches, self.ctx.loss_fn, self.train_mode)
-        return keep_top(scores, self.n_keep(), self.scope, floor=self.masks.floor), {"snip/batches": len(batches)}
+        return (keep_top(scores, self.n_keep(), self.scope, floor=self.masks.floor, structure=self.structure),
+                {"snip/batches": len(batches)})

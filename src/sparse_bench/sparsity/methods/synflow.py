@@ -110,6 +110,7 @@ class SynFlow(PruneAtInit):
             scores = scorer(masks)
             check_finite(scores, "synflow", self._overflow_fix())
             n_keep = min(int(round(self.round_density(k) * total)), sum(int(m.sum()) for m in masks))
-            masks = keep_top(scores, n_keep, self.scope, active=masks, floor=self.masks.floor)
+            masks = keep_top(scores, n_keep, self.scope, active=masks, floor=self.masks.floor,
+                             structure=self.structure)
         del scorer
         return masks, {"synflow/iterations": self.iterations, "synflow/schedule": self.schedule}
