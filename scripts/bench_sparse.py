@@ -119,7 +119,7 @@ def table_layers(a):
     print("| layer | batch | density | dense ms (min/med) | sparse ms (min/med) | torch CSR ms | SparseProp ms "
           "| sparse vs dense | sparse vs SparseProp | dense MiB resident/peak | sparse MiB resident/peak |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for fan_in, fan_out, batch in ((768, 3072, 2048), (4096, 4096, 128)):
+    for fan_in, fan_out, batch in (tuple(int(v) for v in spec.split("x")) for spec in a.layers):
         for d in a.densities:
             torch.manual_seed(0)
             dense = nn.Linear(fan_in, fan_out).to(DEVICE)
@@ -375,6 +375,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    ap.add_argument("--layers", nargs="+", default=["768x3072x2048", "4096x4096x128"],
+                    help="layers table: fan_in x fan_out x batch")
     ap.add_argument("--models", nargs="+", default=["lenet300_100", "lenet5_caffe", "mlp4096"],
                     help=f"of {', '.join(MODELS)} (default: the three small ones)")
     ap.add_argument("--method", default="static")

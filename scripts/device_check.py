@@ -61,7 +61,8 @@ class Report:
 
 def train_rate(model_name: str, method: str, precision: str, channels_last: bool, compiled: bool,
                shape: tuple, classes: int, batch: int, steps: int, warmup: int, device: torch.device,
-               density: float = 0.1, update_every: int = 10, model_cfg: dict | None = None) -> float:
+               density: float = 0.1, update_every: int = 10, model_cfg: dict | None = None,
+               smoke: bool = False) -> float:
     """Images per second of `steps` training steps (after `warmup`), mask updates included."""
     torch.manual_seed(0)
     model = build_model(OmegaConf.create(model_cfg or {"name": model_name}), shape, classes).to(device)
@@ -82,7 +83,8 @@ def train_rate(model_name: str, method: str, precision: str, channels_last: bool
     m = build_method(cfg, ctx)
     m.setup()
     amp = Amp(precision, device)
-    forward_model = torch.compile(model) if compiled else model
+    # --smoke: dynamo with the eager backend (the same capture, none of inductor's code generation)
+    forward_model = torch.compile(model, backend="eager" if smoke else "inductor") if compiled else model
     t0 = 0.0
     for step in range(warmup + steps):
         if step == warmup:
@@ -166,10 +168,10 @@ def main() -> int:
             for precision, cl, comp in (rows[r] for r in a.resnet50_rows.split(",")):
                 rates = []
                 for method, every, steps in (("dense", 10, None), ("static", 10, None), ("rigl", 10, None),
-                                             ("rigl", 100, 20 if smoke else 200)):
+                                             ("rigl", 100, 3 if smoke else 200)):
                     kw = {**r50, "steps": steps or r50["steps"]}
                     rates.append(train_rate(method=method, precision=precision, channels_last=cl, compiled=comp,
-                                            device=device, update_every=every, **kw))
+                                            device=device, update_every=every, smoke=smoke, **kw))
                 report.add(f"| {precision} | {'channels_last + compile' if comp else 'default'} | "
                            + " | ".join(f"{r:,.0f}" for r in rates) + " |")
 
@@ -191,7 +193,7 @@ def main() -> int:
             args = [sys.executable, "scripts/bench_sparse.py", "layers", "--device", device.type, "--rounds",
                     "1" if smoke else "3", "--steps", "1" if smoke else "3"]
             if smoke:
-                args += ["--densities", "0.05"]
+                args += ["--densities", "0.05", "--layers", "64x128x32"]
             proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=budget,
                                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
             report.add(proc.stdout[-4000:] or "(no output)", *(["", "```", proc.stderr[-1500:], "```"]
