@@ -41,6 +41,7 @@ from sparse_bench.models import build_model  # noqa: E402
 from sparse_bench.sparsity.execution import Execution, kernels  # noqa: E402
 from sparse_bench.sparsity.execution.layers import SparseLinear  # noqa: E402
 from sparse_bench.sparsity.methods import MethodContext, build_method, call_hook  # noqa: E402
+from sparse_bench.sparsity.structure import Structure  # noqa: E402
 from sparse_bench.train.trainer import hooked_step  # noqa: E402
 
 DENSITIES = (0.01, 0.02, 0.05, 0.10)
@@ -123,9 +124,13 @@ def table_layers(a):
         for d in a.densities:
             torch.manual_seed(0)
             dense = nn.Linear(fan_in, fan_out).to(DEVICE)
-            mask = torch.zeros(fan_out * fan_in, dtype=torch.bool)
-            mask[torch.randperm(fan_out * fan_in)[: int(round(d * fan_in * fan_out))]] = True
-            mask = mask.view(fan_out, fan_in).to(DEVICE)
+            if a.mask == "fan_in":  # the same count in every row (structure=fan_in)
+                mask = Structure("fan_in").random_masks([(fan_out, fan_in)], [int(round(d * fan_in * fan_out))],
+                                                        torch.Generator().manual_seed(0))[0].to(DEVICE)
+            else:
+                mask = torch.zeros(fan_out * fan_in, dtype=torch.bool)
+                mask[torch.randperm(fan_out * fan_in)[: int(round(d * fan_in * fan_out))]] = True
+                mask = mask.view(fan_out, fan_in).to(DEVICE)
             with torch.no_grad():
                 dense.weight.mul_(mask)
             sparse = SparseLinear.from_dense(dense, mask)
@@ -375,6 +380,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    ap.add_argument("--mask", choices=["random", "fan_in"], default="random",
+                    help="layers table: positions uniformly at random, or the same count in every row")
     ap.add_argument("--layers", nargs="+", default=["768x3072x2048", "4096x4096x128"],
                     help="layers table: fan_in x fan_out x batch")
     ap.add_argument("--models", nargs="+", default=["lenet300_100", "lenet5_caffe", "mlp4096"],

@@ -250,5 +250,7 @@ def test_a_structured_run_trains_names_its_structure_and_keeps_it(tmp_path, stru
     results = json.loads(next(tmp_path.rglob("results.json")).read_text())
     density = float(structure[1].split("=")[1])
     assert results["density"]["achieved"] == pytest.approx(density, abs=0.02)
+    if tag == "2of4":  # FLOPs follow the structure: a 2:4 layer counts half its dense FLOPs
+        assert results["flops"]["test_multiple"] == pytest.approx(0.5, abs=1e-3)
     records = read_jsonl(next(tmp_path.rglob("metrics.jsonl")))
     assert any(r.get("mask/grown", 0) > 0 for r in records)

@@ -30,7 +30,13 @@
 #endif
 const char *sb_key(void) { return SB_KEY; }
 
-#define VL 16 /* floats per vector: one AVX-512 register, or two AVX2 registers */
+/* floats per vector: one register of the target (AVX-512: 16; AVX2 and narrower: 8, so a tile's
+ * eight accumulators stay in the 16 ymm registers instead of spilling as 16-float pairs) */
+#if defined(__AVX512F__)
+#define VL 16
+#else
+#define VL 8
+#endif
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 
