@@ -44,8 +44,18 @@ def experiment_overrides(name: str) -> list[str]:
     ``*_from_dense`` row prunes)."""
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.to_container(compose([f"experiment={name}"]), resolve=False)
-    inputs = [k for k, v in raw.items() if isinstance(v, str) and v.startswith("${sb.required:")]
+    # read from the row's own file (composing all rows at collection time took half a minute)
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{name}.yaml"), resolve=False)
+    inputs = []
+
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, str) and v.startswith("${sb.required:"):
+                inputs.append(f"{prefix}{k}")
+
+    walk({k: v for k, v in raw.items() if k != "defaults"})
     return [f"experiment={name}", *(f"{k}=/inputs/{k}" for k in inputs)]
 
 
