@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from sparse_bench.confdir import conf_dir  # noqa: E402
 from sparse_bench.models import build_model  # noqa: E402
 from sparse_bench.sparsity.methods import MethodContext, build_method  # noqa: E402
+from sparse_bench.sparsity.structure import Structure  # noqa: E402
 from sparse_bench.train.precision import Amp  # noqa: E402
 from sparse_bench.train.trainer import hooked_step  # noqa: E402
 
@@ -248,9 +249,8 @@ def _two_four_row(tokens: int, fan_in: int, out: int, device: torch.device, reps
 
     dtype = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
-    keep = torch.rand(out, fan_in // 4, 4, device=device, generator=g).topk(2, dim=-1).indices
-    mask = torch.zeros(out, fan_in // 4, 4, dtype=torch.bool, device=device).scatter_(-1, keep, True)
-    mask = mask.reshape(out, fan_in).to(dtype)
+    mask = Structure("nm", 2, 4).random_masks([(out, fan_in)], [0], torch.Generator().manual_seed(0))[0]
+    mask = mask.to(device, dtype)
     w = (torch.randn(out, fan_in, device=device, dtype=dtype, generator=g) * mask).requires_grad_(True)
     x = torch.randn(tokens, fan_in, device=device, dtype=dtype, generator=g, requires_grad=True)
     packed = semistructured.compress(w.detach(), dtype)

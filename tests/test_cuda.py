@@ -13,6 +13,7 @@ from torch import nn
 from sparse_bench.confdir import conf_dir
 from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.ops import largest_inactive, smallest_active
+from sparse_bench.sparsity.structure import Structure
 from sparse_bench.train.precision import Amp
 from sparse_bench.train.trainer import hooked_step
 
@@ -101,11 +102,6 @@ def test_sparse_layers_run_torch_csr_on_cuda_like_masked():
     torch.testing.assert_close(sparse.values.grad, lin.weight.grad.reshape(-1)[lin_idx], rtol=1e-4, atol=1e-4)
 
 
-def _two_four_mask(rows: int, cols: int, device) -> torch.Tensor:
-    keep = torch.rand(rows, cols // 4, 4, device=device).topk(2, dim=-1).indices
-    return torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=device).scatter_(-1, keep, True).reshape(rows, cols)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_two_four_linear_matches_the_masked_product(dtype):
     from sparse_bench.sparsity.execution import semistructured
@@ -113,8 +109,9 @@ def test_two_four_linear_matches_the_masked_product(dtype):
     if not semistructured.available(CUDA):
         pytest.skip("no semi-structured sparse support on this GPU")
     torch.manual_seed(0)
-    mask = _two_four_mask(256, 512, CUDA)
-    assert semistructured.is_two_four(mask) and semistructured.fits(mask.shape, dtype)
+    two_four = Structure("nm", 2, 4)
+    mask = two_four.random_masks([(256, 512)], [0], torch.Generator().manual_seed(0))[0].to(CUDA)
+    assert two_four.violations(mask) == 0 and semistructured.fits(mask.shape, dtype)
     w = (torch.randn(256, 512, device=CUDA) * mask).requires_grad_(True)
     b = torch.randn(256, device=CUDA, requires_grad=True)
     x = torch.randn(4, 32, 512, device=CUDA, dtype=dtype, requires_grad=True)

@@ -59,11 +59,12 @@ def fill_at_(t: torch.Tensor, idx: torch.Tensor, value) -> torch.Tensor:
     if t.is_contiguous():
         t.view(-1).index_fill_(0, idx, value)
         return t
-    offsets = sum(i * s for i, s in zip(torch.unravel_index(idx, t.shape), t.stride()))
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        t.as_strided((t.numel(),), (1,)).index_fill_(0, offsets, value)  # dense storage, other order
+    where = torch.unravel_index(idx, t.shape)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):  # dense storage, other order
+        offsets = sum(i * s for i, s in zip(where, t.stride()))
+        t.as_strided((t.numel(),), (1,)).index_fill_(0, offsets, value)
     else:
-        t[torch.unravel_index(idx, t.shape)] = value
+        t[where] = value
     return t
 
 

@@ -33,8 +33,6 @@ import torch
 
 from ..errors import ConfigError
 
-KINDS = ("unstructured", "nm", "fan_in")
-
 
 @dataclass(frozen=True)
 class Structure:
@@ -134,7 +132,7 @@ class Structure:
         out = []
         for s, a, c in zip(scores, active, chosen):
             if self.kind == "nm":
-                cap = torch.full((self.groups(a).shape[0],), min(self.m, max(self.n, round(self.m * fraction))))
+                cap = torch.full((a.numel() // self.m,), min(self.m, max(self.n, round(self.m * fraction))))
             else:
                 cap = torch.full((a.shape[0],), self.capacity(tuple(a.shape), int(c.sum())))
             out.append(self.fill(s, ~a, cap.to(a.device)))

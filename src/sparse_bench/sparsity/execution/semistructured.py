@@ -14,13 +14,14 @@ dense step's work (5/6).
 
 Semi-structured tensors need float16 or bfloat16 here (under ``precision=bf16|fp16``, the
 autocast dtype) and a GPU of compute capability 8.0 or newer; ``available()`` says whether this
-process has both, and the engine uses the masked layer otherwise.
+process has both. The execution engine does not route 2:4 layers here: on the H200 measured,
+the product was slower than the dense bf16 one (BENCHMARKS.md); the CUDA tests and the device
+check keep it measured.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -54,13 +55,6 @@ def fits(shape: tuple[int, int], dtype: torch.dtype) -> bool:
     rows, cols = shape
     return (rows >= limits.sparse_min_rows and rows % limits.sparse_min_rows == 0
             and cols >= limits.sparse_min_cols and cols % limits.sparse_min_cols == 0)
-
-
-def is_two_four(mask: torch.Tensor) -> bool:
-    """Whether every group of 4 consecutive weights along each row (the input dimension) of the
-    matrix `mask` (out x in) has at most 2 active."""
-    rows, cols = mask.shape
-    return cols % 4 == 0 and bool((mask.reshape(rows, cols // 4, 4).sum(-1) <= 2).all())
 
 
 def compress(weight: torch.Tensor, dtype: torch.dtype):
@@ -99,23 +93,3 @@ def two_four_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
     """``F.linear(x, weight * mask, bias)`` with the forward product on 2:4 sparse tensor cores;
     the result is in the half-precision dtype (x's, or bfloat16 for a float32 x)."""
     return _TwoFourLinear.apply(x, weight, mask, bias)
-
-
-class TwoFourLinear(nn.Module):
-    """A Linear layer whose weight keeps its dense shape and a 2:4 mask (a buffer); its forward
-    runs `two_four_linear`. Same parameter names and state dict as the nn.Linear it replaces, so
-    the methods' masks and optimizer state stay as they are."""
-
-    def __init__(self, linear: nn.Linear, mask: torch.Tensor):
-        super().__init__()
-        if not is_two_four(mask):
-            raise ValueError("TwoFourLinear needs a mask with at most 2 active in every 4 along the input dimension")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self.register_buffer("mask", mask.to(torch.bool), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return two_four_linear(x, self.weight, self.mask.to(self.weight.dtype), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, 2:4"

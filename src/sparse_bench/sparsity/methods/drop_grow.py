@@ -111,6 +111,8 @@ class DropAndGrow(ScheduledUpdates, RandomInitMixin, Method):
     """Base of the methods that replace a fraction of the active weights at each update."""
 
     keeps_structure = True
+    #: output units left with no active input keep the structure (SRigL's ablated units)
+    empty_units = False
 
     #: a weight dropped and grown in the same update: "restart" (at 0, optimizer state zeroed) or
     #: "keep" (its value and state, as if it had not moved)
@@ -174,7 +176,7 @@ class DropAndGrow(ScheduledUpdates, RandomInitMixin, Method):
 
     def check_structure(self) -> None:
         """Raise if an update left a mask outside `structure` (a bug, never bad input)."""
-        bad = self.masks.structure_violations()
+        bad = self.masks.structure_violations(empty_ok=self.empty_units)
         if bad:
             raise RuntimeError(f"{self.name}: the update broke structure={self.structure} in {bad}")
 

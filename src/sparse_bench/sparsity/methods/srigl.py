@@ -40,7 +40,7 @@ import torch
 from ... import schema as S
 from ...errors import ConfigError
 from ..distributions import layer_counts
-from ..ops import topk_indices
+from ..ops import fill_at_, topk_indices
 from .base import register
 from .drop_grow import Update
 from .rigl import RigL, RigLSchema
@@ -58,6 +58,7 @@ class SRigLSchema(RigLSchema):
 @register("srigl", schema=SRigLSchema)
 class SRigL(RigL):
     keeps_structure = True
+    empty_units = True  # ablated units have no inputs
 
     def __init__(self, cfg, ctx):
         if ctx.structure.kind != "fan_in":
@@ -73,11 +74,6 @@ class SRigL(RigL):
         self.targets = layer_counts(self.masks.shapes, ctx.density, "uniform" if cfg.init == "bernoulli" else cfg.init,
                                     self.masks.names)
 
-    def check_structure(self) -> None:
-        bad = self.masks.structure_violations(empty_ok=True)  # ablated units have no inputs
-        if bad:
-            raise RuntimeError(f"srigl: the update broke the constant fan-in in {bad}")
-
     # --- one update ---------------------------------------------------------------------------
     def _ablated(self, i: int, w: torch.Tensor, g: torch.Tensor, n_keep: int, n_prune: int) -> torch.Tensor:
         """Bool per output unit: too few salient weights (never in the output layer)."""
@@ -86,8 +82,8 @@ class SRigL(RigL):
         if not self.ablation or self.gamma == 0 or i == len(self.masks) - 1:
             return none
         salient = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-        salient[topk_indices(w.reshape(-1), n_keep)] = True
-        salient[topk_indices(g.reshape(-1), n_prune)] = True
+        fill_at_(salient, topk_indices(w.reshape(-1), n_keep), True)
+        fill_at_(salient, topk_indices(g.reshape(-1), n_prune), True)
         counts = salient.reshape(units, -1).sum(1)
         target, dense_fan_in = self.targets[i], w[0].numel()
         threshold = self.gamma if self.gamma >= 1 else max(1, int(self.gamma * (target // units)))
@@ -107,11 +103,9 @@ class SRigL(RigL):
             ablated = self._ablated(i, w, g, n_keep, k - n_keep)
             fan_in = max(1, self.targets[i] // max(units - int(ablated.sum()), 1))
             score = w.masked_fill(ablated.view(-1, *[1] * (w.dim() - 1)), float("-inf"))
-            keep = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
             active = old.reshape(-1).nonzero().squeeze(1)
-            keep[active[topk_indices(score.reshape(-1)[active], n_keep)]] = True
-            keep = keep.view_as(old) & torch.isfinite(score)
-            # a unit left with more than the fan-in keeps its largest |w|
+            keep = fill_at_(torch.zeros_like(old), active[topk_indices(score.reshape(-1)[active], n_keep)], True)
+            # a unit left with more than the fan-in keeps its largest |w|; an ablated one nothing
             limit = torch.where(ablated, 0, fan_in)
             keep = self.structure.fill(w, ~keep, limit)
             dropped.append(old & ~keep)
