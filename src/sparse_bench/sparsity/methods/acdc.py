@@ -73,9 +73,9 @@ class ACDCSchema:
 
 @register("acdc", schema=ACDCSchema)
 class ACDC(Method):
-    keeps_structure = True  # its compressed phases' masks keep it (its dense phases are dense)
     """Alternating dense and sparse (global magnitude) phases; ends sparse at `density`."""
 
+    keeps_structure = True  # its compressed phases' masks keep it (its dense phases are dense)
     sparse_execution = "its dense phases train every weight"
 
     def __init__(self, cfg, ctx):

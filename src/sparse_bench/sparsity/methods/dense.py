@@ -85,8 +85,8 @@ class StaticSchema:
 
 @register("static", schema=StaticSchema)
 class Static(RandomInitMixin, Method):
-    keeps_structure = True  # its masks are the initial ones, drawn within the structure
     """A random mask drawn once at initialisation and never changed (``init``, ``reinit``)."""
 
+    keeps_structure = True  # its masks are the initial ones, drawn within the structure
     sparse_execution = True
     needs_dense_views = False  # random masks at setup, then nothing

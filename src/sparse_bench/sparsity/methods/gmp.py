@@ -123,9 +123,9 @@ class GMPSchema:
 
 @register("gmp", schema=GMPSchema)
 class GMP(Method):
-    keeps_structure = True  # every pruning step keeps it (N:M reaches n per group at the final density)
     """Gradual magnitude pruning from dense to `density` on Zhu & Gupta's cubic schedule."""
 
+    keeps_structure = True  # every pruning step keeps it (N:M reaches n per group at the final density)
     sparse_execution = "it starts dense and prunes gradually, so its weights are dense for much of training"
 
     def __init__(self, cfg, ctx):

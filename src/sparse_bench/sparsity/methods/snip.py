@@ -46,7 +46,6 @@ from .schemas import reinit, scope
 
 
 class PruneAtInit(Method):
-    keeps_structure = True  # its one selection goes through keep_top with the structure
     """Shared by SNIP / GraSP / SynFlow: score once in `setup`, keep the top weights, stay static.
 
     ``reinit: fan_in`` first re-initialises the dense model by its (dense) fan-in, as GSE's
@@ -54,6 +53,7 @@ class PruneAtInit(Method):
     the kept weights are then those of the re-initialised model.
     """
 
+    keeps_structure = True  # its one selection goes through keep_top with the structure
     sparse_execution = True  # scored on the dense model at setup; sparse layers from then on
 
     def __init__(self, cfg, ctx):
