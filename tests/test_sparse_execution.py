@@ -126,7 +126,22 @@ def _layer_pair(kind, gen):
     elif kind == "conv_direct_nopad":
         dense = nn.Conv2d(3, 4, 5)
         x = torch.randn(3, 3, 12, 11, generator=gen)
-    else:
+    elif kind == "conv_direct_batch16":  # vector tiles inside one column, partly inside the padding, or not
+        dense = nn.Conv2d(4, 6, 3, padding=1)
+        x = torch.randn(16, 4, 6, 9, generator=gen)
+    elif kind == "conv_direct_widepad":  # more padding than the kernel reaches: outputs larger than inputs
+        dense = nn.Conv2d(4, 6, 3, padding=2)
+        x = torch.randn(16, 4, 5, 7, generator=gen)
+    elif kind == "conv_strided_batch16":  # stride 2: the direct strided kernels (C), tiles of one position
+        dense = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        x = torch.randn(16, 4, 8, 9, generator=gen).permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+    elif kind == "conv1x1_strided":  # a ResNet downsampling shortcut
+        dense = nn.Conv2d(6, 5, 1, stride=2)
+        x = torch.randn(9, 6, 7, 8, generator=gen)
+    elif kind == "conv_dilated":  # dilation: unfolded patches on either backend
+        dense = nn.Conv2d(3, 4, 3, padding=2, dilation=2)
+        x = torch.randn(2, 3, 7, 6, generator=gen)
+    else:  # stride 2, padding 1, odd sizes
         dense = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         x = torch.randn(4, 3, 9, 11, generator=gen)
     mask = torch.rand(dense.weight.shape, generator=gen) < 0.3
@@ -139,7 +154,8 @@ def _layer_pair(kind, gen):
 
 
 @pytest.mark.parametrize("kind", ["linear", "linear_2d", "conv", "conv1x1", "conv1x1_channel_major", "conv_direct",
-                                  "conv_direct_nopad"])
+                                  "conv_direct_nopad", "conv_direct_batch16", "conv_direct_widepad",
+                                  "conv_strided_batch16", "conv1x1_strided", "conv_dilated"])
 def test_sparse_layer_matches_masked_dense_layer(backend, kind):
     gen = torch.Generator().manual_seed(1)
     dense, sparse, mask, x = _layer_pair(kind, gen)

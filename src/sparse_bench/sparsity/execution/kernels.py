@@ -147,12 +147,18 @@ def _load() -> ctypes.CDLL | None:
                 lib.sb_sddmm_rows.restype = None
                 lib.sb_row_tile.argtypes = []
                 lib.sb_row_tile.restype = I64
-                lib.sb_conv_fwd.argtypes = [I64, I64, I64, I64, P, P, P, P, P, P, ctypes.c_int]
+                lib.sb_conv_fwd.argtypes = [I64, I64, I64, I64, I64, P, P, P, P, P, P, ctypes.c_int]
                 lib.sb_conv_fwd.restype = None
-                lib.sb_conv_dgrad.argtypes = [I64, I64, I64, I64, I64, P, P, P, P, P, P, ctypes.c_int]
+                lib.sb_conv_dgrad.argtypes = [I64, I64, I64, I64, I64, I64, P, P, P, P, P, P, ctypes.c_int]
                 lib.sb_conv_dgrad.restype = None
-                lib.sb_conv_wgrad.argtypes = [I64, I64, I64, I64, P, P, P, P, P, ctypes.c_int]
+                lib.sb_conv_wgrad.argtypes = [I64, I64, I64, I64, I64, P, P, P, P, P, ctypes.c_int]
                 lib.sb_conv_wgrad.restype = None
+                lib.sb_conv_fwd_strided.argtypes = [I64] * 8 + [P] * 6 + [ctypes.c_int]
+                lib.sb_conv_fwd_strided.restype = None
+                lib.sb_conv_dgrad_strided.argtypes = [I64] * 9 + [P] * 6 + [ctypes.c_int]
+                lib.sb_conv_dgrad_strided.restype = None
+                lib.sb_conv_wgrad_strided.argtypes = [I64] * 8 + [P] * 5 + [ctypes.c_int]
+                lib.sb_conv_wgrad_strided.restype = None
                 _lib = lib
             except (OSError, RuntimeError, AttributeError) as e:
                 _reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -268,34 +274,47 @@ def direct_conv_available(*tensors: torch.Tensor) -> bool:
     return _use_c(*tensors)
 
 
-def conv_fwd(indptr, off, values, xp, bias, h_out: int, w_out: int) -> torch.Tensor:
-    """Direct stride-1 convolution on the padded input xp (C, Hp, Wp, N): y (rows, h_out, w_out, N)."""
+def conv_fwd(indptr, geo, values, x, bias, h_out: int, w_out: int, stride=(1, 1)) -> torch.Tensor:
+    """Direct convolution of x (C, H, W, N), its padding skipped, not copied: y (rows, h_out,
+    w_out, N). geo (4, nnz): each nonzero's offset, row shift and valid run (stride 1) or valid
+    output columns (other strides), as spkernels.c describes."""
     rows = indptr.numel() - 1
-    _, hp, wp, n = xp.shape
-    y = torch.empty(rows, h_out, w_out, n, dtype=xp.dtype)
+    _, h, w, n = x.shape
+    y = torch.empty(rows, h_out, w_out, n, dtype=x.dtype)
     b = None if bias is None else bias.detach().contiguous()
-    _lib.sb_conv_fwd(rows, h_out, w_out * n, wp * n, indptr.data_ptr(), off.data_ptr(),
-                     values.detach().contiguous().data_ptr(), xp.data_ptr(), _ptr(b), y.data_ptr(),
-                     torch.get_num_threads())
+    ptrs = (indptr.data_ptr(), geo.data_ptr(), values.detach().contiguous().data_ptr(), x.data_ptr(), _ptr(b),
+            y.data_ptr(), torch.get_num_threads())
+    if tuple(stride) == (1, 1):
+        _lib.sb_conv_fwd(rows, h_out, w_out * n, h, w * n, *ptrs)
+    else:
+        _lib.sb_conv_fwd_strided(rows, h_out, w_out, n, h, w * n, *stride, *ptrs)
     return y
 
 
-def conv_dgrad(c_indptr, t_off, t_src, t_vals, dy, shape) -> torch.Tensor:
-    """The input gradient of conv_fwd, padded: dxp of `shape` (C, Hp, Wp, N); dy (rows, h_out, w_out, N)."""
-    c, hp, wp, n = shape
+def conv_dgrad(c_indptr, t_geo, t_src, t_vals, dy, shape, stride=(1, 1)) -> torch.Tensor:
+    """The input gradient of conv_fwd: dx of `shape` (C, H, W, N) from dy (rows, h_out, w_out, N);
+    t_geo as conv_fwd's geo in the transposed order, offsets within one input channel."""
+    c, h, w, n = shape
     _, h_out, w_out, _ = dy.shape
-    dxp = torch.zeros(shape, dtype=dy.dtype)
-    _lib.sb_conv_dgrad(c, h_out, w_out * n, wp * n, hp * wp * n, c_indptr.data_ptr(), t_off.data_ptr(),
-                       t_src.data_ptr(), t_vals.contiguous().data_ptr(), dy.data_ptr(), dxp.data_ptr(),
-                       torch.get_num_threads())
-    return dxp
+    dx = torch.zeros(shape, dtype=dy.dtype)
+    ptrs = (c_indptr.data_ptr(), t_geo.data_ptr(), t_src.data_ptr(), t_vals.contiguous().data_ptr(), dy.data_ptr(),
+            dx.data_ptr(), torch.get_num_threads())
+    if tuple(stride) == (1, 1):
+        _lib.sb_conv_dgrad(c, h_out, w_out * n, h, w * n, h * w * n, *ptrs)
+    else:
+        _lib.sb_conv_dgrad_strided(c, h_out, w_out, n, h, w * n, h * w * n, *stride, *ptrs)
+    return dx
 
 
-def conv_wgrad(indptr, off, dy, xp) -> torch.Tensor:
+def conv_wgrad(indptr, geo, dy, x, stride=(1, 1)) -> torch.Tensor:
     """The gradient of conv_fwd's active weights, one value per nonzero."""
     rows = indptr.numel() - 1
     _, h_out, w_out, n = dy.shape
+    _, h, w, _ = x.shape
     out = torch.empty(int(indptr[-1]), dtype=dy.dtype)
-    _lib.sb_conv_wgrad(rows, h_out, w_out * n, xp.shape[2] * n, indptr.data_ptr(), off.data_ptr(),
-                       dy.data_ptr(), xp.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    ptrs = (indptr.data_ptr(), geo.data_ptr(), dy.data_ptr(), x.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if tuple(stride) == (1, 1):
+        _lib.sb_conv_wgrad(rows, h_out, w_out * n, h, w * n, *ptrs)
+    else:
+        _lib.sb_conv_wgrad_strided(rows, h_out, w_out, n, h, w * n, *stride, *ptrs)
     return out

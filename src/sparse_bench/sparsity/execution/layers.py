@@ -11,9 +11,10 @@ C_in * kh * kw in ``flatten(1)`` order):
 No tensor of the weight's dense shape exists. The forward pass, the input gradient and the
 gradient of the active weights run the kernels of ``kernels.py`` on feature-major activations
 (a layer's output is returned as a transposed view, so a chain of sparse layers passes its
-activations on without copies). A stride-1 Conv2d runs the direct convolution kernels on
-(C, H, W, N) activations (no patches; a 1x1 one is a plain sparse matmul); a strided one
-unfolds its input into patches and multiplies each sample's (its input gradient folds back
+activations on without copies). A Conv2d with dilation 1 runs the direct convolution kernels on
+(C, H, W, N) activations, any stride: no patches and no padded copy (the kernels skip the
+reads that fall in the padding); a 1x1 one with stride 1 is a plain sparse matmul. A dilated
+one unfolds its input into patches and multiplies each sample's (its input gradient folds back
 through autograd); with torch's CSR ops (no compiler) every conv unfolds.
 
 ``dense_grad`` holds the gradient of the loss with respect to the whole dense weight when the
@@ -105,8 +106,9 @@ FEATURE_MAJOR = Layout(kernels.spmm, kernels.sddmm, (0, 2),
                        lambda dyt, xt: torch.einsum("nib,njb->ij", dyt, xt) if xt.shape[0] > 1 else dyt[0] @ xt[0].t())
 #: (M, cols) row-major: a Linear on (batch, tokens, features), tiles transposed in cache (kernels.spmm_rows)
 ROW_MAJOR = Layout(kernels.spmm_rows, kernels.sddmm_rows, (0,), lambda dy, x: dy.t() @ x)
-#: a strided conv: patches unfolded from the input in the forward and again in the backward (holding
-#: them, kernel-area times the input, from one to the other made its peak memory exceed masked's)
+#: a conv the direct kernels do not take (dilated, or torch's CSR ops): patches unfolded from the input
+#: in the forward and again in the backward (holding them, kernel-area times the input, from one to
+#: the other made its peak memory exceed masked's)
 UNFOLDED = Layout(kernels.spmm, kernels.sddmm, (0, 2), FEATURE_MAJOR.dense_grad,
                   operand=lambda layer, x: layer._unfold(x),
                   back=lambda layer, d, size: F.fold(d, size, layer.kernel_size, dilation=layer.dilation,
@@ -147,52 +149,49 @@ class _SparseProduct(torch.autograd.Function):
         return dv, dx, db, None, None
 
 
-def _padded(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    """(N, C, H, W) input as the direct kernels read it: (C, H + 2 p0, W + 2 p1, N), zero-padded."""
-    p0, p1 = padding
-    return F.pad(x.permute(1, 2, 3, 0), (0, 0, p1, p1, p0, p0)).contiguous()
+def _channel_major(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) input as the direct kernels read it, (C, H, W, N): a view where it already is
+    in that memory order (the output of a sparse layer, batch norm, ReLU or pooling before), else
+    one copy."""
+    xt = x.permute(1, 2, 3, 0)
+    return xt if xt.is_contiguous() else xt.contiguous()
 
 
 class _SparseConvDirect(torch.autograd.Function):
-    """Stride-1 sparse convolution without unfolding: activations as (C, H, W, N), N innermost."""
+    """Sparse convolution (dilation 1, any stride) without unfolding or padding copies:
+    activations as (C, H, W, N), N innermost; the kernels skip the reads that fall in the padding."""
 
     @staticmethod
     def forward(ctx, values, x, bias, layer):
         n, c, h, w = x.shape
-        (p0, p1), (kh, kw) = layer.padding, layer.kernel_size
-        hp, wp = h + 2 * p0, w + 2 * p1
-        h_out, w_out = hp - kh + 1, wp - kw + 1
-        xp = _padded(x, layer.padding)  # (C, Hp, Wp, N), one copy
-        off = layer._direct_offsets(hp, wp, n)[0]
-        y = kernels.conv_fwd(layer.indptr, off, values, xp, bias, h_out, w_out)
-        ctx.layer, ctx.geometry = layer, (n, c, h, w, hp, wp)
-        # the input as it came (most often the saved output of the ReLU before: no memory of its
-        # own), padded again in the backward, rather than the padded copy held until then
-        ctx.save_for_backward(values, x, off)
+        h_out, w_out = layer._out_size(h, w)
+        geo, t_geo, t_indptr = layer._direct_geometry(h, w, n)
+        y = kernels.conv_fwd(layer.indptr, geo, values, _channel_major(x), bias, h_out, w_out, layer.stride)
+        ctx.layer, ctx.shape, ctx.geometry = layer, (c, h, w, n), (geo, t_geo, t_indptr)
+        # the input as it came (most often the saved output of the ReLU before: no memory of its own)
+        ctx.save_for_backward(values, x)
         return y.permute(3, 0, 1, 2)  # (N, C_out, H_out, W_out), a view
 
     @staticmethod
     def backward(ctx, dy):
-        values, x, off = ctx.saved_tensors
+        values, x = ctx.saved_tensors
         layer = ctx.layer
-        n, c, h, w, hp, wp = ctx.geometry
-        (p0, p1) = layer.padding
+        geo, t_geo, t_indptr = ctx.geometry
         dyt = dy.permute(1, 2, 3, 0).contiguous()  # (C_out, H_out, W_out, N)
         dv = dx = db = None
         if ctx.needs_input_grad[0]:
-            dv = kernels.conv_wgrad(layer.indptr, off, dyt, _padded(x, layer.padding))
+            dv = kernels.conv_wgrad(layer.indptr, geo, dyt, _channel_major(x), layer.stride)
         if ctx.needs_input_grad[1]:
-            _, t_off, t_indptr = layer._direct_offsets(hp, wp, n)
-            dxp = kernels.conv_dgrad(t_indptr, t_off, layer.t_indices, values.detach()[layer.t_perm], dyt,
-                                     (c, hp, wp, n))
-            # one sequential copy of the unpadded part: the gradient stays channel-major and dense
-            # for the batch norm, activation and residual backward before it (see ChannelMajorBatchNorm2d)
-            dx = dxp[:, p0:p0 + h, p1:p1 + w, :].contiguous().permute(3, 0, 1, 2)
+            # channel-major and dense for the batch norm, activation and residual backward before
+            # it (see ChannelMajorBatchNorm2d)
+            dx = kernels.conv_dgrad(t_indptr, t_geo, layer.t_indices, values.detach()[layer.t_perm], dyt,
+                                    ctx.shape, layer.stride).permute(3, 0, 1, 2)
         if ctx.needs_input_grad[2]:
             db = dyt.sum((1, 2, 3))
         ctl = layer.control
         if ctl.dense:
-            g = torch.nn.grad.conv2d_weight(x, layer.weight_shape, dyt.permute(3, 0, 1, 2), 1, layer.padding)
+            g = torch.nn.grad.conv2d_weight(x, layer.weight_shape, dyt.permute(3, 0, 1, 2), layer.stride,
+                                            layer.padding)
             ctl.add(layer, g.reshape(layer.rows, layer.cols))
         return dv, dx, db, None
 
@@ -343,8 +342,8 @@ class SparseLinear(SparseLayer):
 
 
 class SparseConv2d(SparseLayer):
-    """nn.Conv2d (groups=1, zero padding) with a sparse weight: direct kernels for stride 1,
-    a sparse matmul over unfolded patches otherwise."""
+    """nn.Conv2d (groups=1, zero padding) with a sparse weight: direct kernels for dilation 1 (any
+    stride), a sparse matmul over unfolded patches otherwise."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  bias: nn.Parameter | None = None, dtype=torch.float32, device=None):
@@ -376,47 +375,52 @@ class SparseConv2d(SparseLayer):
             layer.set_active(lin, w.detach().reshape(-1)[lin])
         return layer
 
-    def _conv_offsets(self, cols: torch.Tensor, hp: int, wp: int, n: int) -> torch.Tensor:
-        """Element offsets into the padded (C, Hp, Wp, N) input of fan-in columns (c, kh, kw)."""
-        kh, kw = self.kernel_size
-        c = torch.div(cols, kh * kw, rounding_mode="floor")
-        r = cols - c * (kh * kw)
-        i = torch.div(r, kw, rounding_mode="floor")
-        return ((c * hp + i) * wp + (r - i * kw)) * n
+    def _out_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (p0, p1), (sh, sw), (dh, dw) = self.kernel_size, self.padding, self.stride, self.dilation
+        return (h + 2 * p0 - dh * (kh - 1) - 1) // sh + 1, (w + 2 * p1 - dw * (kw - 1) - 1) // sw + 1
 
-    def _direct_offsets(self, hp: int, wp: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The direct kernels' index data for a padded (C, Hp, Wp, N) input: the forward's offset of
-        each active weight, the transposed structure's offsets within one input channel, and its
-        row pointers per input channel. Built once per structure and input geometry (a mask
-        update clears them), not every step."""
-        key = (hp, wp, n)
+    def _direct_geometry(self, h: int, w: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The direct kernels' index data for an (C, H, W, N) input (spkernels.c): geo (4, nnz),
+        each active weight's offset, row shift and valid part of the output (a run of floats at
+        stride 1, else a range of output columns); the same in the transposed order with offsets
+        within one input channel; the transposed row pointers per input channel. Built once per
+        structure and input geometry (a mask update clears them), not every step."""
+        key = (h, w, n)
         if key not in self._offsets:
-            kk = self.kernel_size[0] * self.kernel_size[1]
-            off = self._conv_offsets(self.indices.long(), hp, wp, n)
-            t_cols = self.indices[self.t_perm].long()  # the fan-in column of each transposed entry
-            t_off = off[self.t_perm] - (t_cols // kk) * (hp * wp * n)
-            self._offsets[key] = (off, t_off, self.t_indptr[::kk].contiguous())
+            (kh, kw), (p0, p1), sw = self.kernel_size, self.padding, self.stride[1]
+            w_out = self._out_size(h, w)[1]
+            cols = self.indices.long()
+            c = torch.div(cols, kh * kw, rounding_mode="floor")
+            r = cols - c * (kh * kw)
+            i = torch.div(r, kw, rounding_mode="floor")
+            dh, s = i - p0, r - i * kw - p1
+            # the output columns whose input column sw * w + s is inside [0, W)
+            lo = torch.div(-s + sw - 1, sw, rounding_mode="floor").clamp(min=0)
+            hi = (torch.div(w - 1 - s, sw, rounding_mode="floor") + 1).clamp(max=w_out)
+            if sw == 1:  # as runs of floats along the output row
+                lo, hi = lo * n, hi * n
+            geo = torch.stack([((c * h + dh) * w + s) * n, dh, lo, hi])
+            t_geo = geo[:, self.t_perm]
+            t_geo[0] -= c[self.t_perm] * (h * w * n)
+            self._offsets[key] = (geo.contiguous(), t_geo.contiguous(), self.t_indptr[::kh * kw].contiguous())
         return self._offsets[key]
 
     @_float32_eager
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        kh, kw = self.kernel_size
-        h_out = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        w_out = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        # (N, fan_in, L) patches: one matrix per sample, used in place (no transpose); a 1x1
-        # convolution with stride 1 and no padding is a matmul on the input as it is; other
-        # stride-1 convolutions run the direct kernels (no patches at all) where they are compiled
-        one_by_one = self.kernel_size == (1, 1) and self.padding == (0, 0)
-        if (self.stride == (1, 1) and self.dilation == (1, 1) and not one_by_one
-                and kernels.direct_conv_available(self.values, x)):
+        h_out, w_out = self._out_size(h, w)
+        # a 1x1 convolution with stride 1 and no padding is a matmul on the input as it is; other
+        # convolutions with dilation 1 run the direct kernels (no patches at all) where they are
+        # compiled; the rest multiply (N, fan_in, L) patches, one matrix per sample, in place
+        one_by_one = self.kernel_size == (1, 1) and self.padding == (0, 0) and self.stride == (1, 1)
+        if self.dilation == (1, 1) and not one_by_one and kernels.direct_conv_available(self.values, x):
             return _SparseConvDirect.apply(self.values, x, self.bias, self)
-        if one_by_one and self.stride == (1, 1) and channel_major(x):
+        if one_by_one and channel_major(x):
             # (C, H, W, N) memory is the feature-major (C, H*W*N) matrix the kernels take: no copy,
             # and the output stays channel-major for what follows
             y = self._matmul(x.permute(1, 2, 3, 0).reshape(1, self.cols, h * w * n))
             return y.view(self.out_channels, h, w, n).permute(3, 0, 1, 2)
-        if one_by_one and self.stride == (1, 1):  # the input itself is the patch matrix: no copy to keep
+        if one_by_one:  # the input itself is the patch matrix: no copy to keep
             return self._matmul(x.reshape(n, self.cols, h * w)).view(n, self.out_channels, h_out, w_out)
         return self._matmul(x, UNFOLDED).view(n, self.out_channels, h_out, w_out)
 

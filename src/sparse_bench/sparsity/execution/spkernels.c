@@ -245,25 +245,60 @@ void sb_sddmm_rows(int64_t M, int64_t rows, int64_t cols, const int64_t *indptr,
 }
 
 /* --- direct convolution (stride 1, dilation 1), activations as (C, H, W, N): N innermost ------
- * A weight's nonzero k at (o, c, kh, kw) reads the input at element offset off[k] =
- * ((c * Hp + kh) * Wp + kw) * N of the zero-padded input Xp (C, Hp, Wp, N). For output row h,
- * the run of W_out * N floats Y[o, h, :, :] takes v * Xp[c, h + kh, kw : kw + W_out, :], which is
- * contiguous too: every product is an AXPY or a dot product over contiguous memory, and no
- * patches are unfolded. */
+ * No padded copy of the input exists: the padding is the set of reads the kernels skip. A
+ * nonzero k at (o, c, i, j) of a kernel with padding (p0, p1) shifts rows by dh = i - p0 and
+ * columns by s = j - p1. For output row h it reads input row h + dh (none when that row is
+ * outside [0, H)), and along the run of L = W_out * N floats of that output row, positions
+ * t in [lo, hi) read the input row's float t + s * N (lo = max(0, -s) N, hi = min(W_out, W - s) N;
+ * the run's other positions meet the padding). Both runs are contiguous: every product is an
+ * AXPY or a dot product over contiguous memory, and no patches are unfolded.
+ *
+ * A layer's geometry is one int64 array geo (4, nnz) in its nonzeros' order: off = ((c H + dh) W
+ * + s) N (so input row h + dh's run starts at h * row + off, row = W * N), dh, lo, hi. */
 
+static inline int row_out(int64_t r, int64_t H) { return r < 0 || r >= H; }
+
+/* Adds to out[0 : b1 - b0] the nonzeros of row o over the part of [b0, b1) inside their [lo, hi)
+ * (all of them when `only_partial` is 0, else those that do not cover [b0, b1) whole). */
+static void conv_part(const int64_t *indptr, const int64_t *geo, int64_t nnz, const float *values,
+                      const float *x, int64_t h, int64_t H, int64_t row, int64_t o, int64_t b0,
+                      int64_t b1, int only_partial, float *out) {
+    const int64_t *off = geo, *dh = geo + nnz, *lo = dh + nnz, *hi = lo + nnz;
+    for (int64_t k = indptr[o]; k < indptr[o + 1]; k++) {
+        if (row_out(h + dh[k], H)) continue;
+        if (only_partial && b0 >= lo[k] && b1 <= hi[k]) continue;
+        const int64_t t0 = b0 > lo[k] ? b0 : lo[k], t1 = b1 < hi[k] ? b1 : hi[k];
+        const float s = values[k];
+        const int64_t base = h * row + off[k];
+        for (int64_t t = t0; t < t1; t++) out[t - b0] += s * x[base + t];
+    }
+}
+
+/* y[o, h, b0 : b0 + w] for a tile of w = NV * VL floats: the nonzeros whose [lo, hi) covers the
+ * tile run vectorised; those that cover part of it (batch sizes that are not a multiple of the
+ * tile) add theirs afterwards, element by element. */
 #define DEFINE_CONV_TILE(NV)                                                                     \
-    static inline void conv_tile##NV(const int64_t *indptr, const int64_t *off, const float *values, \
-                                     const float *xh, int64_t o, int64_t b0, float init,           \
-                                     float *out) {                                                 \
+    static inline void conv_tile##NV(const int64_t *indptr, const int64_t *geo, int64_t nnz,      \
+                                     const float *values, const float *x, int64_t h, int64_t H,    \
+                                     int64_t row, int64_t o, int64_t b0, float init, float *out) { \
+        const int64_t *off = geo, *dh = geo + nnz, *lo = dh + nnz, *hi = lo + nnz;                 \
+        const int64_t b1 = b0 + NV * VL;                                                           \
         vf acc[NV];                                                                                \
+        int partial = 0;                                                                           \
         for (int v = 0; v < NV; v++) acc[v] = (vf){0} + init;                                      \
         const int64_t end = indptr[o + 1];                                                         \
         for (int64_t k = indptr[o]; k < end; k++) {                                                \
+            if (row_out(h + dh[k], H)) continue;                                                   \
+            if (b0 < lo[k] || b1 > hi[k]) {                                                        \
+                partial |= b0 < hi[k] && b1 > lo[k];                                               \
+                continue;                                                                          \
+            }                                                                                      \
             const vf s = (vf){0} + values[k];                                                      \
-            const float *x = xh + off[k] + b0;                                                     \
-            for (int v = 0; v < NV; v++) acc[v] += s * loadu(x + v * VL);                          \
+            const float *xk = x + (h * row + off[k] + b0);                                         \
+            for (int v = 0; v < NV; v++) acc[v] += s * loadu(xk + v * VL);                         \
         }                                                                                          \
         for (int v = 0; v < NV; v++) storeu(out + v * VL, acc[v]);                                 \
+        if (partial) conv_part(indptr, geo, nnz, values, x, h, H, row, o, b0, b1, 1, out);         \
     }
 
 DEFINE_CONV_TILE(8)
@@ -271,12 +306,14 @@ DEFINE_CONV_TILE(4)
 DEFINE_CONV_TILE(2)
 DEFINE_CONV_TILE(1)
 
-/* y (rows, H_out, L) with L = W_out * N: y[o, h, :] = bias[o] + sum_k v_k xp[h * row + off_k + :] */
-void sb_conv_fwd(int64_t rows, int64_t h_out, int64_t L, int64_t row, const int64_t *indptr,
-                 const int64_t *off, const float *values, const float *xp, const float *bias,
-                 float *y, int nthreads) {
+/* y (rows, H_out, L) with L = W_out * N from x (C, H, W, N), row = W * N:
+ * y[o, h, t] = bias[o] + sum_k v_k x[h * row + off_k + t] over the nonzeros whose row h + dh_k is
+ * inside the input and t inside [lo_k, hi_k). */
+void sb_conv_fwd(int64_t rows, int64_t h_out, int64_t L, int64_t H, int64_t row, const int64_t *indptr,
+                 const int64_t *geo, const float *values, const float *x, const float *bias, float *y,
+                 int nthreads) {
+    const int64_t nnz = indptr[rows];
     for (int64_t h = 0; h < h_out; h++) {
-        const float *xh = xp + h * row;
         int64_t b0 = 0;
         while (b0 < L) {
             const int64_t left = L - b0;
@@ -285,17 +322,13 @@ void sb_conv_fwd(int64_t rows, int64_t h_out, int64_t L, int64_t row, const int6
             for (int64_t o = 0; o < rows; o++) {
                 const float init = bias ? bias[o] : 0.0f;
                 float *out = y + (o * h_out + h) * L + b0;
-                if (w == 8 * VL) conv_tile8(indptr, off, values, xh, o, b0, init, out);
-                else if (w == 4 * VL) conv_tile4(indptr, off, values, xh, o, b0, init, out);
-                else if (w == 2 * VL) conv_tile2(indptr, off, values, xh, o, b0, init, out);
-                else if (w == VL) conv_tile1(indptr, off, values, xh, o, b0, init, out);
+                if (w == 8 * VL) conv_tile8(indptr, geo, nnz, values, x, h, H, row, o, b0, init, out);
+                else if (w == 4 * VL) conv_tile4(indptr, geo, nnz, values, x, h, H, row, o, b0, init, out);
+                else if (w == 2 * VL) conv_tile2(indptr, geo, nnz, values, x, h, H, row, o, b0, init, out);
+                else if (w == VL) conv_tile1(indptr, geo, nnz, values, x, h, H, row, o, b0, init, out);
                 else {
                     for (int64_t t = 0; t < w; t++) out[t] = init;
-                    for (int64_t k = indptr[o]; k < indptr[o + 1]; k++) {
-                        const float s = values[k];
-                        const float *x = xh + off[k] + b0;
-                        for (int64_t t = 0; t < w; t++) out[t] += s * x[t];
-                    }
+                    conv_part(indptr, geo, nnz, values, x, h, H, row, o, b0, b0 + w, 0, out);
                 }
             }
             b0 += w;
@@ -303,48 +336,180 @@ void sb_conv_fwd(int64_t rows, int64_t h_out, int64_t L, int64_t row, const int6
     }
 }
 
-/* dxp (cols, Hp, Wp, N), zeroed by the caller: for every input channel c (transposed structure:
- * its nonzeros k, t_off[k] = ((c * Hp + kh) * Wp + kw) * N - the channel base, t_src[k] = o,
- * t_vals[k] = v) and output row h: dxp[c][h * row + t_off[k] + :L] += v * dy[o, h, :L]. */
-void sb_conv_dgrad(int64_t cols, int64_t h_out, int64_t L, int64_t row, int64_t chan,
-                   const int64_t *t_indptr, const int64_t *t_off, const int32_t *t_src,
-                   const float *t_vals, const float *dy, float *dxp, int nthreads) {
+/* dx (cols, H, W, N), zeroed by the caller, from dy (rows, H_out, L): for every input channel c
+ * (the transposed structure: its nonzeros k, t_geo as geo with off relative to the channel's
+ * base, t_src[k] = o, t_vals[k] = v) and every output row h whose input row h + dh is inside:
+ * dx[c][h * row + off_k + t] += v * dy[o, h, t] for t in [lo_k, hi_k). Each channel is written by
+ * one thread. */
+void sb_conv_dgrad(int64_t cols, int64_t h_out, int64_t L, int64_t H, int64_t row, int64_t chan,
+                   const int64_t *t_indptr, const int64_t *t_geo, const int32_t *t_src,
+                   const float *t_vals, const float *dy, float *dx, int nthreads) {
+    const int64_t nnz = t_indptr[cols];
+    const int64_t *off = t_geo, *dh = t_geo + nnz, *lo = dh + nnz, *hi = lo + nnz;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (nthreads > 1)
     for (int64_t c = 0; c < cols; c++) {
-        float *dc = dxp + c * chan;
+        float *dc = dx + c * chan;
         for (int64_t k = t_indptr[c]; k < t_indptr[c + 1]; k++) {
             const float s = t_vals[k];
             const vf sv = (vf){0} + s;
             const float *src = dy + (int64_t)t_src[k] * h_out * L;
-            for (int64_t h = 0; h < h_out; h++) {
-                float *d = dc + h * row + t_off[k];
+            const int64_t h0 = dh[k] < 0 ? -dh[k] : 0, h1 = H - dh[k] < h_out ? H - dh[k] : h_out;
+            for (int64_t h = h0; h < h1; h++) {
+                const int64_t base = h * row + off[k];
                 const float *g = src + h * L;
-                int64_t t = 0;
-                for (; t + VL <= L; t += VL) storeu(d + t, loadu(d + t) + sv * loadu(g + t));
-                for (; t < L; t++) d[t] += s * g[t];
+                int64_t t = lo[k];
+                for (; t + VL <= hi[k]; t += VL) storeu(dc + base + t, loadu(dc + base + t) + sv * loadu(g + t));
+                for (; t < hi[k]; t++) dc[base + t] += s * g[t];
             }
         }
     }
 }
 
-/* out[k] = sum_h dot(dy[o, h, :L], xp[h * row + off[k] + :L]) for every nonzero k of row o. */
-void sb_conv_wgrad(int64_t rows, int64_t h_out, int64_t L, int64_t row, const int64_t *indptr,
-                   const int64_t *off, const float *dy, const float *xp, float *out, int nthreads) {
+/* out[k] = sum over the output rows h whose input row h + dh_k is inside of
+ * dot(dy[o, h, lo_k : hi_k], x[h * row + off_k + lo_k : ... + hi_k]), for every nonzero k of row o. */
+void sb_conv_wgrad(int64_t rows, int64_t h_out, int64_t L, int64_t H, int64_t row, const int64_t *indptr,
+                   const int64_t *geo, const float *dy, const float *x, float *out, int nthreads) {
+    const int64_t nnz = indptr[rows];
+    const int64_t *off = geo, *dh = geo + nnz, *lo = dh + nnz, *hi = lo + nnz;
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t o = 0; o < rows; o++) {
+        for (int64_t k = indptr[o]; k < indptr[o + 1]; k++) {
+            vf s0 = (vf){0}, s1 = (vf){0};
+            float tail = 0.0f;
+            const int64_t h0 = dh[k] < 0 ? -dh[k] : 0, h1 = H - dh[k] < h_out ? H - dh[k] : h_out;
+            for (int64_t h = h0; h < h1; h++) {
+                const float *g = dy + (o * h_out + h) * L;
+                const float *xr = x + (h * row + off[k]);
+                int64_t t = lo[k];
+                for (; t + 2 * VL <= hi[k]; t += 2 * VL) {
+                    s0 += loadu(g + t) * loadu(xr + t);
+                    s1 += loadu(g + t + VL) * loadu(xr + t + VL);
+                }
+                for (; t + VL <= hi[k]; t += VL) s0 += loadu(g + t) * loadu(xr + t);
+                for (; t < hi[k]; t++) tail += g[t] * xr[t];
+            }
+            out[k] = hsum(s0 + s1) + tail;
+        }
+    }
+}
+
+/* --- direct strided convolution (any stride, dilation 1) on (C, H, W, N) activations ----------
+ * With a stride the output run of a row is no longer one shifted input run, but each output
+ * position (h, w) still reads, for nonzero k, the N contiguous floats of the input at row
+ * sh h + dh and column sw w + s. geo (4, nnz) holds off = ((c H + dh) W + s) N and dh as above,
+ * and the output columns [wlo, whi) whose input column is inside [0, W). Tiles cut the batch of
+ * one output position, so a nonzero covers a tile whole or not at all. */
+
+#define DEFINE_SCONV_TILE(NV)                                                                     \
+    static inline void sconv_tile##NV(const int64_t *indptr, const int64_t *geo, int64_t nnz,      \
+                                      const float *values, const float *xhw, int64_t r0, int64_t H, \
+                                      int64_t w, int64_t o, float init, float *out) {              \
+        const int64_t *off = geo, *dh = geo + nnz, *wlo = dh + nnz, *whi = wlo + nnz;              \
+        vf acc[NV];                                                                                \
+        for (int v = 0; v < NV; v++) acc[v] = (vf){0} + init;                                      \
+        const int64_t end = indptr[o + 1];                                                         \
+        for (int64_t k = indptr[o]; k < end; k++) {                                                \
+            if (row_out(r0 + dh[k], H) || w < wlo[k] || w >= whi[k]) continue;                      \
+            const vf s = (vf){0} + values[k];                                                      \
+            const float *xk = xhw + off[k];                                                        \
+            for (int v = 0; v < NV; v++) acc[v] += s * loadu(xk + v * VL);                         \
+        }                                                                                          \
+        for (int v = 0; v < NV; v++) storeu(out + v * VL, acc[v]);                                 \
+    }
+
+DEFINE_SCONV_TILE(8)
+DEFINE_SCONV_TILE(4)
+DEFINE_SCONV_TILE(2)
+DEFINE_SCONV_TILE(1)
+
+/* y (rows, H_out, W_out, N) from x (C, H, W, N), row = W * N, strides (sh, sw). */
+void sb_conv_fwd_strided(int64_t rows, int64_t h_out, int64_t w_out, int64_t N, int64_t H, int64_t row,
+                         int64_t sh, int64_t sw, const int64_t *indptr, const int64_t *geo,
+                         const float *values, const float *x, const float *bias, float *y, int nthreads) {
+    const int64_t nnz = indptr[rows];
+    const int64_t *off = geo, *dh = geo + nnz, *wlo = dh + nnz, *whi = wlo + nnz;
+    for (int64_t h = 0; h < h_out; h++) {
+        for (int64_t w = 0; w < w_out; w++) {
+            int64_t b0 = 0;
+            while (b0 < N) {
+                const int64_t bw = tile_width(N - b0);
+                const float *xhw = x + (sh * h * row + sw * w * N + b0);
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nthreads) if (nthreads > 1)
+                for (int64_t o = 0; o < rows; o++) {
+                    const float init = bias ? bias[o] : 0.0f;
+                    float *out = y + ((o * h_out + h) * w_out + w) * N + b0;
+                    if (bw == 8 * VL) sconv_tile8(indptr, geo, nnz, values, xhw, sh * h, H, w, o, init, out);
+                    else if (bw == 4 * VL) sconv_tile4(indptr, geo, nnz, values, xhw, sh * h, H, w, o, init, out);
+                    else if (bw == 2 * VL) sconv_tile2(indptr, geo, nnz, values, xhw, sh * h, H, w, o, init, out);
+                    else if (bw == VL) sconv_tile1(indptr, geo, nnz, values, xhw, sh * h, H, w, o, init, out);
+                    else {
+                        for (int64_t t = 0; t < bw; t++) out[t] = init;
+                        for (int64_t k = indptr[o]; k < indptr[o + 1]; k++) {
+                            if (row_out(sh * h + dh[k], H) || w < wlo[k] || w >= whi[k]) continue;
+                            const float s = values[k];
+                            for (int64_t t = 0; t < bw; t++) out[t] += s * xhw[off[k] + t];
+                        }
+                    }
+                }
+                b0 += bw;
+            }
+        }
+    }
+}
+
+/* dx (cols, H, W, N), zeroed by the caller, from dy (rows, H_out, W_out, N); t_geo, t_src and
+ * t_vals as for sb_conv_dgrad (off within one input channel). */
+void sb_conv_dgrad_strided(int64_t cols, int64_t h_out, int64_t w_out, int64_t N, int64_t H, int64_t row,
+                           int64_t chan, int64_t sh, int64_t sw, const int64_t *t_indptr, const int64_t *t_geo,
+                           const int32_t *t_src, const float *t_vals, const float *dy, float *dx, int nthreads) {
+    const int64_t nnz = t_indptr[cols];
+    const int64_t *off = t_geo, *dh = t_geo + nnz, *wlo = dh + nnz, *whi = wlo + nnz;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t c = 0; c < cols; c++) {
+        float *dc = dx + c * chan;
+        for (int64_t k = t_indptr[c]; k < t_indptr[c + 1]; k++) {
+            const float s = t_vals[k];
+            const vf sv = (vf){0} + s;
+            const float *src = dy + (int64_t)t_src[k] * h_out * w_out * N;
+            for (int64_t h = 0; h < h_out; h++) {
+                if (row_out(sh * h + dh[k], H)) continue;
+                for (int64_t w = wlo[k]; w < whi[k]; w++) {
+                    float *d = dc + (sh * h * row + off[k] + sw * w * N);
+                    const float *g = src + (h * w_out + w) * N;
+                    int64_t t = 0;
+                    for (; t + VL <= N; t += VL) storeu(d + t, loadu(d + t) + sv * loadu(g + t));
+                    for (; t < N; t++) d[t] += s * g[t];
+                }
+            }
+        }
+    }
+}
+
+/* out[k] = sum over output positions (h, w) whose input position is inside of
+ * dot(dy[o, h, w, :], x[sh h row + off_k + sw w N + :N]), for every nonzero k of row o. */
+void sb_conv_wgrad_strided(int64_t rows, int64_t h_out, int64_t w_out, int64_t N, int64_t H, int64_t row,
+                           int64_t sh, int64_t sw, const int64_t *indptr, const int64_t *geo, const float *dy,
+                           const float *x, float *out, int nthreads) {
+    const int64_t nnz = indptr[rows];
+    const int64_t *off = geo, *dh = geo + nnz, *wlo = dh + nnz, *whi = wlo + nnz;
 #pragma omp parallel for schedule(dynamic, 8) num_threads(nthreads) if (nthreads > 1)
     for (int64_t o = 0; o < rows; o++) {
         for (int64_t k = indptr[o]; k < indptr[o + 1]; k++) {
             vf s0 = (vf){0}, s1 = (vf){0};
             float tail = 0.0f;
             for (int64_t h = 0; h < h_out; h++) {
-                const float *g = dy + (o * h_out + h) * L;
-                const float *x = xp + h * row + off[k];
-                int64_t t = 0;
-                for (; t + 2 * VL <= L; t += 2 * VL) {
-                    s0 += loadu(g + t) * loadu(x + t);
-                    s1 += loadu(g + t + VL) * loadu(x + t + VL);
+                if (row_out(sh * h + dh[k], H)) continue;
+                for (int64_t w = wlo[k]; w < whi[k]; w++) {
+                    const float *g = dy + ((o * h_out + h) * w_out + w) * N;
+                    const float *xr = x + (sh * h * row + off[k] + sw * w * N);
+                    int64_t t = 0;
+                    for (; t + 2 * VL <= N; t += 2 * VL) {
+                        s0 += loadu(g + t) * loadu(xr + t);
+                        s1 += loadu(g + t + VL) * loadu(xr + t + VL);
+                    }
+                    for (; t + VL <= N; t += VL) s0 += loadu(g + t) * loadu(xr + t);
+                    for (; t < N; t++) tail += g[t] * xr[t];
                 }
-                for (; t + VL <= L; t += VL) s0 += loadu(g + t) * loadu(x + t);
-                for (; t < L; t++) tail += g[t] * x[t];
             }
             out[k] = hsum(s0 + s1) + tail;
         }
