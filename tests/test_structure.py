@@ -1,4 +1,4 @@
-"""Structured sparsity (``structure=nm|fan_in``, ``method=srigl``): the structure holds exactly
+"""Structured sparsity (``structure=nm|fan_in|block``, ``method=srigl``): the structure holds exactly
 after the initial masks and after every update of every method that keeps one, each layer keeps
 its count, grown weights start at 0, and unstructured runs are bit-identical to before."""
 
@@ -61,16 +61,19 @@ def _train(method, opt, model, x, y, steps: int, each_update):
             each_update(old, before)
 
 
-DROP_AND_GROW = ["dsr", "rigl", "set", "sparse_momentum", "static"]
+DROP_AND_GROW = ["dsr", "gse", "rigl", "set", "sparse_momentum", "static"]
 PRUNING = ["acdc", "gmp", "grasp", "lottery", "snip", "synflow"]
 
 
 def test_the_methods_that_keep_a_structure():
-    assert KEEPERS == sorted(DROP_AND_GROW + PRUNING + ["srigl"])
+    assert KEEPERS == sorted(DROP_AND_GROW + PRUNING + ["deepr", "srigl", "topkast"])
+
+
+BLOCKS = [Structure("block", block=(4, 4)), Structure("block", block=(1, 8))]
 
 
 @pytest.mark.parametrize("name", DROP_AND_GROW)
-@pytest.mark.parametrize("structure", [Structure("nm", 2, 4), Structure("nm", 1, 4), Structure("fan_in")])
+@pytest.mark.parametrize("structure", [Structure("nm", 2, 4), Structure("nm", 1, 4), Structure("fan_in"), *BLOCKS])
 def test_structure_holds_after_init_and_every_update(name, structure):
     torch.manual_seed(0)
     model = Net()
@@ -84,6 +87,13 @@ def test_structure_holds_after_init_and_every_update(name, structure):
         assert counts == [int(n * structure.n / structure.m) for n in ms.numels]
         conv = ms.masks[0]  # groups run along input channels at one kernel position
         assert bool((conv.reshape(16, 2, 4, 3, 3).sum(2) == structure.n).all())
+    elif structure.kind == "block":  # whole blocks: a conv's along (out, in channels) at each kernel position
+        rows, cols = structure.block
+        conv = ms.masks[0].permute(2, 3, 0, 1).reshape(3, 3, 16 // rows, rows, 8 // cols, cols)
+        per_block = conv.sum((3, 5))
+        assert bool(((per_block == 0) | (per_block == rows * cols)).all())
+        assert all(c % (rows * cols) == 0 and c > 0 for c in counts)
+        assert sum(counts) == pytest.approx(0.2 * sum(ms.numels), rel=0.15)
     else:
         for m in ms.masks:
             per_unit = m.reshape(m.shape[0], -1).sum(1)
@@ -104,16 +114,61 @@ def test_structure_holds_after_init_and_every_update(name, structure):
         assert len(updates) == 4 and sum(updates) > 0  # the masks did change, within the structure
 
 
+@pytest.mark.parametrize("structure", [Structure("nm", 2, 4), Structure("fan_in"), BLOCKS[0]])
+def test_topkast_chooses_both_sets_within_the_structure(structure):
+    """Top-KAST's forward set A (the masks) keeps the structure after every re-selection, its
+    backward set B contains A and is structured too (a fan-in per unit, whole blocks)."""
+    torch.manual_seed(0)
+    model = Net()
+    density = 0.5 if structure.kind == "nm" else 0.2
+    method, opt, x, y = _method("topkast", structure, density, model, update_every=2)
+    method.setup()
+    ms, seen = method.masks, []
+    for step in range(8):
+        hooked_step(method, opt, step, lambda: nn.functional.cross_entropy(model(x), y))
+        method.on_step_end(step + 1)
+        assert ms.structure_violations() == {}
+        for a, b in zip(ms.masks, method.backward):
+            assert bool((b | ~a).all()) and int(b.sum()) > int(a.sum())
+            if structure.kind != "nm":  # (under 2:4 B is every weight: twice n/m)
+                assert structure.violations(b) == 0
+        seen.append([m.clone() for m in ms.masks])
+    assert any(not torch.equal(p, q) for p, q in zip(seen[0], seen[-1]))  # the sets did move
+
+
+@pytest.mark.parametrize("structure", [Structure("nm", 2, 4), Structure("fan_in")])
+def test_deepr_regrows_its_dead_within_their_groups(structure):
+    """DeepR rewires after every step; under a structure every N:M group / unit regrows what died
+    in it: the structure and each layer's count hold after every step, new connections at 0."""
+    torch.manual_seed(0)
+    model = Net()
+    density = 0.5 if structure.kind == "nm" else 0.2
+    method, opt, x, y = _method("deepr", structure, density, model, temperature=1e-3)
+    method.setup()
+    ms = method.masks
+    counts = [int(m.sum()) for m in ms.masks]
+    for step in range(6):
+        old = [m.clone() for m in ms.masks]
+        hooked_step(method, opt, step, lambda: nn.functional.cross_entropy(model(x), y))
+        method.on_step_end(step + 1)
+        assert ms.structure_violations() == {}
+        assert [int(m.sum()) for m in ms.masks] == counts
+        for p, o, n in zip(ms.params, old, ms.masks):
+            assert bool((p.detach()[n & ~o] == 0).all())
+    assert int(sum(method.rewired)) > 0  # connections did die and were regrown
+
+
 def _uniform_groups(structure: Structure, mask: torch.Tensor) -> bool:
     per = structure.groups(mask).sum(1)
     return bool((per == per[0]).all())
 
 
 @pytest.mark.parametrize("name", PRUNING)
-@pytest.mark.parametrize("structure", [Structure("nm", 2, 4), Structure("fan_in")])
+@pytest.mark.parametrize("structure", [Structure("nm", 2, 4), Structure("fan_in"), BLOCKS[0]])
 def test_pruning_methods_keep_the_structure_at_every_mask_they_choose(name, structure):
     """Every mask a pruning method chooses has the same count in every group (a dense phase is
-    dense), and the last one is the structure itself: n per N:M group, one fan-in per unit."""
+    dense; blocks whole), and the last one is the structure itself: n per N:M group, one fan-in
+    per unit, whole blocks."""
     torch.manual_seed(0)
     model = Net()
     density = 0.5 if structure.kind == "nm" else 0.2
@@ -128,7 +183,10 @@ def test_pruning_methods_keep_the_structure_at_every_mask_they_choose(name, stru
         if not seen or any(not torch.equal(a, b) for a, b in zip(seen[-1], ms.masks)):
             seen.append([m.clone() for m in ms.masks])
             for m in ms.masks:
-                assert bool(m.all()) or _uniform_groups(structure, m)
+                if structure.kind == "block":
+                    assert structure.violations(m) == 0
+                else:
+                    assert bool(m.all()) or _uniform_groups(structure, m)
 
     look()
     for step in range(method.rounds * method.ctx.total_steps):
@@ -139,7 +197,8 @@ def test_pruning_methods_keep_the_structure_at_every_mask_they_choose(name, stru
             method.on_epoch_end((step + 1) // spe, step + 1)
             look()
     assert ms.structure_violations() == {}
-    assert not any(bool(m.all()) for m in ms.masks)
+    if structure.kind != "block":  # (a layer the method keeps whole is a valid block mask)
+        assert not any(bool(m.all()) for m in ms.masks)
     assert sum(int(m.sum()) for m in ms.masks) == pytest.approx(density * sum(ms.numels), rel=0.1)
 
 
@@ -185,6 +244,27 @@ def test_structured_regrowth_takes_each_groups_deficit_by_largest_score():
     assert grown.tolist() == [[False, True, False, False, True, False, True, False]]
 
 
+def test_block_selections_take_whole_blocks_by_their_mean_score():
+    """A 2x8 weight in 1x2 blocks (8 blocks): drops take the active blocks of smallest mean drop
+    score, as many as the method's drop took weights (rounded to blocks), regrowth the free
+    blocks of largest mean score, pruning keeps the largest means among the active blocks."""
+    s = Structure("block", block=(1, 2))
+    old = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    w = torch.tensor([[5.0, 5.0, 1.0, 0.5, 0, 0, 0, 0], [0.2, 9.0, 0, 0, 3.0, 3.0, 0, 0]])
+    method_drop = torch.zeros_like(old)
+    method_drop[0, 3] = method_drop[1, 0] = method_drop[0, 2] = True  # three weights: 2 blocks (round(1.5))
+    dropped = s.whole_drops(method_drop, old, w.abs())
+    # block means: (0,0) 5, (0,1) 0.75, (1,0) 4.6, (1,2) 3 -> the two smallest: (0,1) and (1,2)
+    assert dropped.tolist() == [[0, 0, 1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 0, 0]]
+    after = old & ~dropped
+    grow = torch.tensor([[0, 0, 9.0, 9.0, 1.0, 2.0, 0, 0], [0, 0, 4.0, 4.0, 9.0, 9.0, 3.0, 0.5]])
+    grown = s.regrow(grow, old, after, blocked=old)  # free blocks: (0,2) 1.5, (0,3) 0, (1,1) 4, (1,3) 1.75
+    assert grown.tolist() == [[0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 1, 1]]
+    kept = s.keep([w.abs()], [old], [torch.ones(3, dtype=torch.bool)], 0.0)[0]  # 3 weights: 2 blocks
+    assert kept.tolist() == [[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
+    assert s.violations(kept) == 0 and s.violations(torch.tensor([[1, 0, 1, 1, 0, 0, 0, 0]] * 2).bool()) == 2
+
+
 def test_unstructured_masks_are_bit_identical_to_before_structures():
     """Digests of the masks after each of 10 steps (updates every 2 steps where a method has a
     cadence), taken with the code before the structure group existed (and before the
@@ -226,9 +306,14 @@ BASE = ["dataset=digits", "model=mlp", "model.hidden=[32]", "schedule=constant",
 
 @pytest.mark.parametrize("overrides, message", [
     (["method=rigl", "structure=nm", "density=0.1"], "density=0.1 contradicts structure=nm"),
-    (["method=gse", "structure=fan_in", "density=0.1"], "method=gse does not keep a structure"),
     (["method=srigl", "density=0.1"], "pass structure=fan_in"),
     (["method=rigl", "structure=nm", "structure.n=4", "density=1.0"], "structure.n=4 must be below structure.m=4"),
+    (["method=rigl", "structure=block", "structure.shape=[4]", "density=0.1"],
+     r"structure.shape=\[4\] must be two whole numbers"),
+    (["method=rigl", "structure=block", "density=0.1"],  # the 10-class output layer: 10 rows
+     r"net.2.weight has 10 outputs and 32 inputs, not multiples of structure.shape=\[4, 4\].*prunable.exclude"),
+    (["method=deepr", "structure=block", "density=0.1", "structure.shape=[1,2]"],
+     "structure=block: method=deepr's connections die one at a time"),
 ])
 def test_bad_structure_input_is_one_line(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -242,7 +327,8 @@ def test_nm_conv_with_input_channels_not_divisible_is_one_line():
 
 
 @pytest.mark.parametrize("structure, tag", [(["structure=nm", "density=0.5"], "2of4"),
-                                            (["structure=fan_in", "density=0.2"], "fan_in")])
+                                            (["structure=fan_in", "density=0.2"], "fan_in"),
+                                            (["structure=block", "density=0.2", "structure.shape=[1,4]"], "block1x4")])
 def test_a_structured_run_trains_names_its_structure_and_keeps_it(tmp_path, structure, tag):
     cfg = compose(BASE + [f"paths.runs={tmp_path}", "method=rigl", "method.update_every=2", *structure])
     assert tag in cfg.run_name
@@ -280,3 +366,22 @@ def test_two_four_linear_gradients_match_the_masked_product(monkeypatch):
     torch.testing.assert_close(w.grad, w2.grad)
     torch.testing.assert_close(b.grad, b2.grad, rtol=1e-2, atol=5e-2)
     assert not bool(w.grad[~mask].any())
+
+
+@pytest.mark.parametrize("structure", [["structure=nm", "density=0.5"], ["structure=block", "structure.shape=[2,4]",
+                                                                        "density=0.2"]])
+def test_structured_gse_trains_the_same_sparse_as_masked(tmp_path, structure):
+    """GSE under a structure on sparse layers (its updates through dense views) takes the same
+    updates as on masked ones: the same losses, and its updates grow."""
+    runs = {}
+    for execution in ("masked", "sparse"):
+        cfg = compose(BASE + [f"paths.runs={tmp_path / execution}", "method=gse", "method.update_every=2",
+                              "method.end={unit:fraction,value:1.0}", "model.hidden=[32]", f"execution={execution}",
+                              *structure])
+        run(cfg)
+        runs[execution] = read_jsonl(tmp_path / execution / cfg.run_name / "metrics.jsonl")
+    assert any(r.get("mask/grown", 0) > 0 for r in runs["masked"])
+    for a, b in zip(runs["masked"], runs["sparse"]):
+        for k in ("train/loss", "test/loss", "mask/grown"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k

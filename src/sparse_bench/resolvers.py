@@ -39,10 +39,13 @@ def model_tag(name: str, arch=None) -> str:
     return f"{name}_{arch}" if arch not in (None, "", "None") else str(name)
 
 
-def structure_tag(name, n=None, m=None) -> str:
-    """The run name's mark of a structure: none for unstructured, ``-2of4`` for N:M, ``-fan_in``."""
+def structure_tag(name, n=None, m=None, shape=None) -> str:
+    """The run name's mark of a structure: none for unstructured, ``-2of4`` for N:M, ``-fan_in``,
+    ``-block4x4``."""
     if str(name) in ("unstructured", "None"):
         return ""
+    if str(name) == "block" and shape is not None:
+        return f"-block{'x'.join(str(int(s)) for s in shape)}"
     return f"-{n}of{m}" if str(name) == "nm" else f"-{name}"
 
 

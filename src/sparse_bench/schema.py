@@ -316,7 +316,20 @@ class NM:
     m: int = count(ge=2, hint="group size, e.g. structure.m=4")
 
 
-STRUCTURES = {"unstructured": Unstructured, "nm": NM, "fan_in": Unstructured}
+def _check_block_shape(value, key: str) -> None:
+    if value is not None and len(value) != 2:
+        raise ConfigError(f"{key}={list(value)} must be two whole numbers (a block's rows and columns), "
+                          f"e.g. {key}=[4,4]")
+
+
+@dataclass
+class Block:
+    name: str = MISSING
+    shape: List[int] = numbers(items_gt=0, hint="a block's rows and columns, e.g. structure.shape=[4,4]",
+                               check=_check_block_shape)
+
+
+STRUCTURES = {"unstructured": Unstructured, "nm": NM, "fan_in": Unstructured, "block": Block}
 
 
 # --- data sets ----------------------------------------------------------------------------------

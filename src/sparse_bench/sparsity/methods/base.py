@@ -117,7 +117,7 @@ class Method:
     #: execution=sparse: the method's setup or updates open dense views of sparse layers (so it
     #: cannot train a layer too big to hold densely); False for index-level-only methods (GSE)
     needs_dense_views = True
-    #: its masks keep ``structure=nm|fan_in`` (drawn and regrown through ``sparsity.structure``)
+    #: its masks keep ``structure=nm|fan_in|block`` (drawn and regrown through ``sparsity.structure``)
     keeps_structure = False
 
     def wants_dense_grad(self, step: int) -> bool:

@@ -61,6 +61,12 @@ comes from a device generator seeded once from the run's generator and saved in 
 so runs are reproducible and resume bit-identically without a CPU-to-device copy every step.
 The temperature schedule is a function of the step counter (a Python float, no device read).
 Logs (rewirings per layer, mask change) are gathered on the device and read once per epoch.
+
+Under ``structure=nm|fan_in`` (not in the paper) each N:M group or output unit regrows as many
+dormant connections as it lost, at random within it (``Structure.regrow`` on the same random
+scores, so ``exclude_pruned`` still ranks the just-dead last), so the structure holds after every
+step; the per-group selection reads counts on the host. ``structure=block`` is refused: a
+connection dies alone when its own theta turns negative, so a block could not stay whole.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 
 from ... import schema as S
+from ...errors import ConfigError
 from ..ops import mask_change_logs
 from .base import Method, end_step, register
 from .dense import RandomInitMixin
@@ -105,9 +112,13 @@ class DeepR(RandomInitMixin, Method):
     """Sign-constrained connections with an L1 shrink and noise; dying ones are replaced at random."""
 
     sparse_execution = "it rewires connections after every optimizer step, on dense weights and signs"
+    keeps_structure = True  # nm and fan_in: each group regrows its dead at random (blocks refused)
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
+        if self.structure.kind == "block":  # connections die one by one: a block cannot die whole
+            raise ConfigError("structure=block: method=deepr's connections die one at a time, so it keeps no "
+                              "blocks; use structure=nm or structure=fan_in with it, or another method")
         self.l1 = cfg.l1
         temperature = cfg.temperature  # a number or a schedule (both checked by the schema)
         if OmegaConf.is_config(temperature) or isinstance(temperature, dict):
@@ -213,7 +224,10 @@ class DeepR(RandomInitMixin, Method):
             scores = scores.masked_fill_(alive, -1.0)
             if self.exclude_pruned:  # just-dead positions rank after every other dormant one
                 scores = scores.masked_fill_(dead, -0.5)
-            born = self._highest(scores, n_dead)
+            if self.structure.active:  # each N:M group / unit regrows its dead, at random within it
+                born = self.structure.regrow(scores, m, alive, blocked=alive)
+            else:
+                born = self._highest(scores, n_dead)
             if self.regrow_sign == "random":
                 fresh = torch.rand(w.shape, generator=self.step_generator, device=w.device) < 0.5
                 pos = torch.where(born, fresh, pos)

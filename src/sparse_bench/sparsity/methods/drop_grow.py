@@ -12,9 +12,11 @@ One mask update, split as jaxpruner's sparse-training updaters split it (``DropA
    ``grow_scores`` among the positions not blocked (``exclude_pruned``: the ones active before
    the update, so nothing just dropped comes back); random growth is growth by uniform scores
    (``random_scores``);
-   Under ``structure=nm|fan_in`` every method grows through ``grow_within_structure``: in each
-   group (N:M group, output unit) exactly what it lost, by the method's own growth scores
+   Under ``structure=nm|fan_in|block`` every method grows through ``grow_within_structure``: in
+   each group (N:M group, output unit) exactly what it lost, by the method's own growth scores
    (``sparsity.structure``), so the structure and each layer's count hold after every update;
+   under ``block`` its drop is first made whole blocks (``Structure.whole_drops``), and as many
+   whole blocks regrow;
 4. ``commit``: one path into ``MaskSet.replace_`` for every method. ``regrown`` says whether a
    weight dropped and grown in the same update restarts at 0 (``"restart"``: SET, DSR; GSE never
    regrows one) or keeps its value (``"keep"``: RigL, sparse momentum); ``reset`` which
@@ -187,6 +189,9 @@ class DropAndGrow(ScheduledUpdates, RandomInitMixin, Method):
         with ms.dense_view():  # sparse layers: their weights and masks as dense tensors for the update
             u = Update(step=step, rate=self.rate(step), old=[m.clone() for m in ms.masks], nnz=ms.nnz())
             u.dropped = self.drop(u)
+            if self.structure.kind == "block":  # whole blocks, as many as the method's drop took
+                u.dropped = [self.structure.whole_drops(d, o, s)
+                             for d, o, s in zip(u.dropped, u.old, self.drop_scores(u))]
             u.after = [m & ~d for m, d in zip(u.old, u.dropped)]
             u.grown = self.grow(u)
             self.commit(u.old, u.dropped, u.grown)

@@ -61,6 +61,15 @@ Where this implementation differs, and why:
   holds one batch's activations at a time.
 * The update runs after optimizer step t (the reference runs it before step t + 1: the same
   weights).
+
+Under ``structure=nm|fan_in|block`` (``sparsity.structure``; GSE's paper has no structure): the
+pruning selects as above, then, layer by layer, a block structure makes the drop whole blocks
+(``Structure.whole_drops``) and every group (N:M group, output unit, block) regrows what it lost
+from the sampled candidates of largest |gradient| within it; a group with too few candidates keeps
+the weights it would have dropped (with their values). So each layer keeps its count (no
+movement between layers under ``scope: global``). Under ``block`` a sampled candidate brings
+its whole block in as candidates (their gradients are computed, so a block's score is the mean
+over all of it). These updates form each layer's dense mask (``MaskSet.dense_view``).
 """
 
 from __future__ import annotations
@@ -152,7 +161,7 @@ class GSE(DropAndGrow):
     # updates use index-level MaskSet calls only: no dense weight, gradient, momentum or mask of
     # a sparse layer is ever formed
     sparse_execution = True
-    keeps_structure = False  # its growth samples candidate positions index by index
+    keeps_structure = True  # groups regrow from their sampled candidates (``_within_structure``)
     needs_dense_views = False
     regrown = "restart"  # never happens: candidates are inactive, drops active
     reset = ("grown",)
@@ -286,8 +295,42 @@ class GSE(DropAndGrow):
                 drawn += n
                 hit += n_active
                 dup += n - n_active - lin.numel()
+                if self.structure.kind == "block":
+                    lin = self._whole_blocks(i, lin)
             cands.append((lin // fan_in, lin % fan_in))
         return cands, {"drawn": drawn, "already_active": hit, "duplicate": dup}
+
+    def _whole_blocks(self, i: int, lin: torch.Tensor) -> torch.Tensor:
+        """Every position of the blocks that the candidates `lin` (inactive, so in inactive blocks)
+        fall in, sorted."""
+        shape = tuple(self.masks.shapes[i])
+        members = self.structure.groups(torch.arange(math.prod(shape), device=lin.device).view(shape))
+        block_of = torch.empty(members.numel(), dtype=torch.long, device=lin.device)
+        block_of[members.reshape(-1)] = torch.arange(members.shape[0], device=lin.device).repeat_interleave(
+            members.shape[1])
+        return members[torch.unique(block_of[lin])].reshape(-1).sort().values
+
+    def _within_structure(self, cands, scores_abs, prune_idx: list[torch.Tensor]):
+        """The update's (prune, grow) positions per layer under a structure (module docstring):
+        the drop made whole blocks where the structure is blocks, then every group regrows what it
+        lost from its candidates by |gradient|, else keeps what it dropped."""
+        masks, st = self.masks, self.structure
+        prunes, grows = [], []
+        with masks.dense_view():
+            for i, (p, m) in enumerate(zip(masks.params, masks.masks)):
+                old = m.clone()
+                flat = torch.zeros(old.numel(), dtype=torch.bool, device=old.device)
+                flat[prune_idx[i].to(old.device)] = True
+                dropped = st.whole_drops(flat.view_as(old), old, p.detach().abs())
+                after = old & ~dropped
+                o, j = cands[i]
+                score = torch.full(old.shape, float("-inf"), device=old.device)
+                score.view(-1)[(o * (old.numel() // old.shape[0]) + j).to(old.device)] = scores_abs[i].to(old.device)
+                score[dropped] = -1.0  # below every candidate: a group short of candidates keeps these
+                grown = st.regrow(score, old, after, blocked=after)
+                prunes.append(to_indices([dropped & ~grown])[0])
+                grows.append(to_indices([grown & ~old])[0])
+        return prunes, grows
 
     def _candidate_grads(self, calls_per_layer, cands, acc):
         for i, (mod, calls) in enumerate(zip(self.modules, calls_per_layer)):
@@ -349,7 +392,12 @@ class GSE(DropAndGrow):
         fan_ins = [weight_matrix_shape(mod)[1] for mod in self.modules]
         grow_idx = [o[t.to(o.device)] * f + j[t.to(o.device)] for (o, j), t, f in zip(cands, top, fan_ins)]
         prune_idx = [a[d.to(a.device)] for a, d in zip(active_idx, low)]
+        if self.structure.active:
+            prune_idx, grow_idx = self._within_structure(cands, scores_abs, prune_idx)
+            k_total = sum(g.numel() for g in grow_idx)
         self.commit_indices(prune_idx, grow_idx)  # grown at 0 with zeroed optimizer state
+        if self.structure.active:
+            self.check_structure()
 
         n_cand = sum(sizes)
         # what this update computed beyond the training step, for sparsity/flops.py: `runs`

@@ -74,6 +74,11 @@ options of this module:
 * Remaining differences: the reference selects by a quantile threshold (``>=``, ties kept), here
   exact top-k counts; the reference keeps the momentum of weights that leave B (their forward
   value drifts unused), here it is zeroed.
+
+Under ``structure=nm|fan_in|block`` (no structure in the reference) both sets are then made
+structured by |theta| with their layer counts (``Structure.keep``): A keeps n per N:M group, B
+round(m x backward density) (every weight at 2:4 with B twice A); under fan_in and block each set
+its count per unit or in whole blocks; B always contains A.
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ class TopKASTSchema:
 @register("topkast", schema=TopKASTSchema)
 class TopKAST(Method):
     sparse_execution = "it keeps dense parameters theta and a backward set larger than the forward set"
+    keeps_structure = True  # both sets chosen within the structure (``select``)
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -170,6 +176,11 @@ class TopKAST(Method):
             a[idx[:ka]] = True
             fwd.append(a.view_as(t))
             bwd.append(b.view_as(t))
+        if self.structure.active:  # each set the same count per layer, structured by |theta| (Structure.keep)
+            scores = [t.abs() for t in self.theta]
+            every = [torch.ones_like(m) for m in fwd]
+            fwd = self.structure.keep(scores, every, fwd, self.forward_density)
+            bwd = [b | a for a, b in zip(fwd, self.structure.keep(scores, every, bwd, self.backward_density))]
         return fwd, bwd
 
     def _set_backward(self, bwd: list[torch.Tensor]) -> None:
