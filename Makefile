@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/python -m sparse_bench experiment=demo resume=false
 
 # the README's worked example on real data (Fashion-MNIST from Debian's dataset-fashion-mnist):
-# 34 short runs on 2 worker processes, then docs/example/ and the README's example section
+# 38 short runs on 2 worker processes, then docs/example/ and the README's example section
 example: install
 	$(BIN)/python scripts/example.py
 

@@ -5,8 +5,9 @@ LeNet-300-100 on Fashion-MNIST, dense / static / SET / RigL / sparse momentum / 
 0.05 and 0.01, seeds 0 and 1, a short schedule (5 epochs of the paper's MNIST recipe: batch 100,
 lr 0.1, Nesterov momentum 0.9, wd 5e-4). Every method runs its paper defaults except GSE, whose
 update interval is 100 steps (its default of 1000 would give no update in 5 epochs; RigL updates
-every 100 steps too). Structured rows beside them: RigL and SRigL with a constant fan-in at the
-same densities, and RigL at density 0.5 unstructured and 2:4. The 34 runs go to two worker
+every 100 steps too). Structured rows beside them: RigL and SRigL with a constant fan-in and RigL
+in 1x4 blocks at the same densities, and RigL at density 0.5 unstructured and 2:4. The 38 runs go
+to two worker
 processes (one per seed, one thread each), then
 the tables command writes the table and figure to docs/example/ and this script puts the table,
 the figure and the wall time into README.md between its example markers.
@@ -46,6 +47,8 @@ def sweeps(seed: int, epochs: int, root: str) -> list[list[str]]:
         ["-m", *common, f"method={SPARSE}", f"density={DENSITIES}", f"sweep_name=s{seed}-sparse"],
         ["-m", *common, "method=gse", "method.update_every=100", f"density={DENSITIES}", f"sweep_name=s{seed}-gse"],
         ["-m", *common, "method=rigl,srigl", "structure=fan_in", f"density={DENSITIES}", f"sweep_name=s{seed}-fan_in"],
+        ["-m", *common, "method=rigl", "structure=block", "structure.shape=[1,4]", f"density={DENSITIES}",
+         f"sweep_name=s{seed}-block"],
         ["-m", *common, "method=rigl", "structure=unstructured,nm", "density=0.5", f"sweep_name=s{seed}-nm"],
     ]
 
