@@ -258,6 +258,26 @@ void sb_sddmm_rows(int64_t M, int64_t rows, int64_t cols, const int64_t *indptr,
 
 static inline int row_out(int64_t r, int64_t H) { return r < 0 || r >= H; }
 
+/* d[t] += s * g[t] for t in [t0, t1) (the input gradients' AXPYs) */
+static inline void axpy_run(float *d, const float *g, float s, int64_t t0, int64_t t1) {
+    const vf sv = (vf){0} + s;
+    int64_t t = t0;
+    for (; t + VL <= t1; t += VL) storeu(d + t, loadu(d + t) + sv * loadu(g + t));
+    for (; t < t1; t++) d[t] += s * g[t];
+}
+
+/* Accumulates dot(g[t0:t1], x[t0:t1]) into two vector sums and a scalar tail (the weight
+ * gradients' dot products, summed over many runs before one horizontal sum) */
+static inline void dot_run(const float *g, const float *x, int64_t t0, int64_t t1, vf *s0, vf *s1, float *tail) {
+    int64_t t = t0;
+    for (; t + 2 * VL <= t1; t += 2 * VL) {
+        *s0 += loadu(g + t) * loadu(x + t);
+        *s1 += loadu(g + t + VL) * loadu(x + t + VL);
+    }
+    for (; t + VL <= t1; t += VL) *s0 += loadu(g + t) * loadu(x + t);
+    for (; t < t1; t++) *tail += g[t] * x[t];
+}
+
 /* Adds to out[0 : b1 - b0] the nonzeros of row o over the part of [b0, b1) inside their [lo, hi)
  * (all of them when `only_partial` is 0, else those that do not cover [b0, b1) whole). */
 static void conv_part(const int64_t *indptr, const int64_t *geo, int64_t nnz, const float *values,
@@ -350,17 +370,9 @@ void sb_conv_dgrad(int64_t cols, int64_t h_out, int64_t L, int64_t H, int64_t ro
     for (int64_t c = 0; c < cols; c++) {
         float *dc = dx + c * chan;
         for (int64_t k = t_indptr[c]; k < t_indptr[c + 1]; k++) {
-            const float s = t_vals[k];
-            const vf sv = (vf){0} + s;
             const float *src = dy + (int64_t)t_src[k] * h_out * L;
             const int64_t h0 = dh[k] < 0 ? -dh[k] : 0, h1 = H - dh[k] < h_out ? H - dh[k] : h_out;
-            for (int64_t h = h0; h < h1; h++) {
-                const int64_t base = h * row + off[k];
-                const float *g = src + h * L;
-                int64_t t = lo[k];
-                for (; t + VL <= hi[k]; t += VL) storeu(dc + base + t, loadu(dc + base + t) + sv * loadu(g + t));
-                for (; t < hi[k]; t++) dc[base + t] += s * g[t];
-            }
+            for (int64_t h = h0; h < h1; h++) axpy_run(dc + (h * row + off[k]), src + h * L, t_vals[k], lo[k], hi[k]);
         }
     }
 }
@@ -377,17 +389,8 @@ void sb_conv_wgrad(int64_t rows, int64_t h_out, int64_t L, int64_t H, int64_t ro
             vf s0 = (vf){0}, s1 = (vf){0};
             float tail = 0.0f;
             const int64_t h0 = dh[k] < 0 ? -dh[k] : 0, h1 = H - dh[k] < h_out ? H - dh[k] : h_out;
-            for (int64_t h = h0; h < h1; h++) {
-                const float *g = dy + (o * h_out + h) * L;
-                const float *xr = x + (h * row + off[k]);
-                int64_t t = lo[k];
-                for (; t + 2 * VL <= hi[k]; t += 2 * VL) {
-                    s0 += loadu(g + t) * loadu(xr + t);
-                    s1 += loadu(g + t + VL) * loadu(xr + t + VL);
-                }
-                for (; t + VL <= hi[k]; t += VL) s0 += loadu(g + t) * loadu(xr + t);
-                for (; t < hi[k]; t++) tail += g[t] * xr[t];
-            }
+            for (int64_t h = h0; h < h1; h++)
+                dot_run(dy + (o * h_out + h) * L, x + (h * row + off[k]), lo[k], hi[k], &s0, &s1, &tail);
             out[k] = hsum(s0 + s1) + tail;
         }
     }
@@ -468,18 +471,11 @@ void sb_conv_dgrad_strided(int64_t cols, int64_t h_out, int64_t w_out, int64_t N
     for (int64_t c = 0; c < cols; c++) {
         float *dc = dx + c * chan;
         for (int64_t k = t_indptr[c]; k < t_indptr[c + 1]; k++) {
-            const float s = t_vals[k];
-            const vf sv = (vf){0} + s;
             const float *src = dy + (int64_t)t_src[k] * h_out * w_out * N;
             for (int64_t h = 0; h < h_out; h++) {
                 if (row_out(sh * h + dh[k], H)) continue;
-                for (int64_t w = wlo[k]; w < whi[k]; w++) {
-                    float *d = dc + (sh * h * row + off[k] + sw * w * N);
-                    const float *g = src + (h * w_out + w) * N;
-                    int64_t t = 0;
-                    for (; t + VL <= N; t += VL) storeu(d + t, loadu(d + t) + sv * loadu(g + t));
-                    for (; t < N; t++) d[t] += s * g[t];
-                }
+                for (int64_t w = wlo[k]; w < whi[k]; w++)
+                    axpy_run(dc + (sh * h * row + off[k] + sw * w * N), src + (h * w_out + w) * N, t_vals[k], 0, N);
             }
         }
     }
@@ -499,17 +495,9 @@ void sb_conv_wgrad_strided(int64_t rows, int64_t h_out, int64_t w_out, int64_t N
             float tail = 0.0f;
             for (int64_t h = 0; h < h_out; h++) {
                 if (row_out(sh * h + dh[k], H)) continue;
-                for (int64_t w = wlo[k]; w < whi[k]; w++) {
-                    const float *g = dy + ((o * h_out + h) * w_out + w) * N;
-                    const float *xr = x + (sh * h * row + off[k] + sw * w * N);
-                    int64_t t = 0;
-                    for (; t + 2 * VL <= N; t += 2 * VL) {
-                        s0 += loadu(g + t) * loadu(xr + t);
-                        s1 += loadu(g + t + VL) * loadu(xr + t + VL);
-                    }
-                    for (; t + VL <= N; t += VL) s0 += loadu(g + t) * loadu(xr + t);
-                    for (; t < N; t++) tail += g[t] * xr[t];
-                }
+                for (int64_t w = wlo[k]; w < whi[k]; w++)
+                    dot_run(dy + ((o * h_out + h) * w_out + w) * N, x + (sh * h * row + off[k] + sw * w * N), 0, N,
+                            &s0, &s1, &tail);
             }
             out[k] = hsum(s0 + s1) + tail;
         }
