@@ -11,6 +11,9 @@ report and the next one runs):
 4. GSE on ResNet-56, CIFAR-100-shaped batches of 128: one epoch-equivalent of steps (391) with
    mask updates, ms per step;
 5. ``bench_sparse.py --device cuda layers`` (torch's CSR kernels beside dense and masked);
+5b. where a RigL mask update's time goes, eager and compiled (``rigl_steps``): per-step times of
+   ResNet-50 in bf16 + channels_last around its updates (the update step's training part, the
+   update itself, the step after it, the other steps) and how many graphs dynamo compiled;
 6. 2:4 semi-structured linear layers (``structure=nm``, n=2, m=4) beside dense bf16: forward and
    training-step milliseconds, and their largest difference from the masked dense product;
 7. the ImageNet decoders (``dataset.decoder``) on a generated JPEG folder: images/s.
@@ -97,7 +100,58 @@ def train_rate(model_name: str, method: str, precision: str, channels_last: bool
     return batch * steps / (time.perf_counter() - t0)
 
 
-SECTIONS = ("tests", "resnet50", "gse", "layers", "two_four", "decoders")
+SECTIONS = ("tests", "resnet50", "gse", "layers", "rigl_steps", "two_four", "decoders")
+
+
+def rigl_step_times(compiled: bool, device: torch.device, smoke: bool) -> str:
+    """One table row: median ms of RigL's training steps away from updates, of the update steps'
+    training part, of the updates (``on_step_end``), of the steps right after them, and the graphs
+    dynamo compiled (more than at the start: the updates made it compile again)."""
+    import statistics
+
+    from torch._dynamo.utils import counters
+
+    shape, classes, batch, every, steps = ((1, 8, 8), 10, 16, 3, 10) if smoke else ((3, 224, 224), 1000, 128, 10, 45)
+    torch.manual_seed(0)
+    cfg_model = {"name": "mlp", "hidden": [32], "dropout": 0.0} if smoke else {"name": "resnet50"}
+    layout = torch.preserve_format if smoke else torch.channels_last
+    model = build_model(OmegaConf.create(cfg_model), shape, classes).to(device).to(memory_format=layout)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-5, foreach=True)
+    x = torch.randn(batch, *shape, device=device)
+    x = x if smoke else x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,), device=device)
+    cfg = OmegaConf.load(conf_dir() / "method" / "rigl.yaml")
+    cfg.update_every, cfg.end = every, {"unit": "fraction", "value": 1.0}
+    ctx = MethodContext(model=model, optimizer=opt, density=0.1, epochs=1, steps_per_epoch=steps + 1, device=device,
+                        generator=torch.Generator().manual_seed(1), loss_fn=nn.CrossEntropyLoss(),
+                        batches=lambda n, key=0: [(x, y)] * n)
+    m = build_method(cfg, ctx)
+    m.setup()
+    amp = Amp("fp32" if smoke else "bf16", device)
+    forward = torch.compile(model, backend="eager" if smoke else "inductor") if compiled else model
+    counters.clear()
+    kinds: dict[str, list[float]] = {"other": [], "update step": [], "update": [], "after update": []}
+    graphs_at_start, after = None, False
+    for step in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        hooked_step(m, opt, step, lambda: nn.functional.cross_entropy(forward(x), y), amp=amp)
+        sync(device)
+        t1 = time.perf_counter()
+        updated = bool(m.on_step_end(step + 1))
+        sync(device)
+        t2 = time.perf_counter()
+        if step == 1:
+            graphs_at_start = counters["stats"]["unique_graphs"]
+        if step >= 2:  # past compilation and the allocator's warm-up
+            kinds["update step" if updated else "after update" if after else "other"].append(1e3 * (t1 - t0))
+            if updated:
+                kinds["update"].append(1e3 * (t2 - t1))
+        after = updated
+    med = {k: statistics.median(v) if v else float("nan") for k, v in kinds.items()}
+    graphs = f"{graphs_at_start} -> {counters['stats']['unique_graphs']}"
+    return (f"| {'compiled' if compiled else 'eager'} | {med['other']:.1f} | {med['update step']:.1f} | "
+            f"{med['update']:.1f} | {med['after update']:.1f} | {graphs} |")
 
 
 def section(report: Report, title: str, budget_s: float, deadline: float, key: str = "", chosen=SECTIONS):
@@ -199,6 +253,15 @@ def main() -> int:
                                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
             report.add(proc.stdout[-4000:] or "(no output)", *(["", "```", proc.stderr[-1500:], "```"]
                                                                if proc.returncode else []))
+
+    with section(report, "Where RigL's mask updates cost (ResNet-50, bf16 + channels_last, an update every 10 steps)",
+                 120, deadline, "rigl_steps", chosen) as budget:
+        if budget is not None:
+            report.add("| forward | training step ms (other steps) | training part of an update step | the update "
+                       "(on_step_end) | the step after an update | graphs compiled (after 2 steps -> at the end) |",
+                       "|---|---:|---:|---:|---:|---|")
+            for compiled in (False, True):
+                report.add(rigl_step_times(compiled, device, smoke))
 
     with section(report, "2:4 semi-structured linear (structure=nm, 2:4) beside dense, bf16", 60, deadline,
                  "two_four", chosen) as budget:

@@ -168,7 +168,8 @@ def test_the_device_check_runs_every_section_at_toy_sizes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = (tmp_path / "device_check.md").read_text()
     assert "failed:" not in report and "skipped:" not in report, report
-    for title in ("CUDA tests", "ResNet-50", "GSE", "bench_sparse.py layers", "decoders", "finished"):
+    for title in ("CUDA tests", "ResNet-50", "GSE", "bench_sparse.py layers", "RigL's mask updates", "decoders",
+                  "finished"):
         assert title in report
 
 
