@@ -149,12 +149,11 @@ class _SparseProduct(torch.autograd.Function):
         return dv, dx, db, None, None
 
 
-def _channel_major(x: torch.Tensor) -> torch.Tensor:
+def _as_chwn(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) input as the direct kernels read it, (C, H, W, N): a view where it already is
     in that memory order (the output of a sparse layer, batch norm, ReLU or pooling before), else
     one copy."""
-    xt = x.permute(1, 2, 3, 0)
-    return xt if xt.is_contiguous() else xt.contiguous()
+    return x.permute(1, 2, 3, 0).contiguous()
 
 
 class _SparseConvDirect(torch.autograd.Function):
@@ -166,7 +165,7 @@ class _SparseConvDirect(torch.autograd.Function):
         n, c, h, w = x.shape
         h_out, w_out = layer._out_size(h, w)
         geo, t_geo, t_indptr = layer._direct_geometry(h, w, n)
-        y = kernels.conv_fwd(layer.indptr, geo, values, _channel_major(x), bias, h_out, w_out, layer.stride)
+        y = kernels.conv_fwd(layer.indptr, geo, values, _as_chwn(x), bias, h_out, w_out, layer.stride)
         ctx.layer, ctx.shape, ctx.geometry = layer, (c, h, w, n), (geo, t_geo, t_indptr)
         # the input as it came (most often the saved output of the ReLU before: no memory of its own)
         ctx.save_for_backward(values, x)
@@ -180,7 +179,7 @@ class _SparseConvDirect(torch.autograd.Function):
         dyt = dy.permute(1, 2, 3, 0).contiguous()  # (C_out, H_out, W_out, N)
         dv = dx = db = None
         if ctx.needs_input_grad[0]:
-            dv = kernels.conv_wgrad(layer.indptr, geo, dyt, _channel_major(x), layer.stride)
+            dv = kernels.conv_wgrad(layer.indptr, geo, dyt, _as_chwn(x), layer.stride)
         if ctx.needs_input_grad[1]:
             # channel-major and dense for the batch norm, activation and residual backward before
             # it (see ChannelMajorBatchNorm2d)
