@@ -138,6 +138,9 @@ def _layer_pair(kind, gen):
     elif kind == "conv1x1_strided":  # a ResNet downsampling shortcut
         dense = nn.Conv2d(6, 5, 1, stride=2)
         x = torch.randn(9, 6, 7, 8, generator=gen)
+    elif kind == "conv_batch1_strided_nopad":  # one sample (scalar tiles), stride 2 without padding
+        dense = nn.Conv2d(3, 5, (3, 2), stride=(2, 3))
+        x = torch.randn(1, 3, 9, 10, generator=gen)
     elif kind == "conv_dilated":  # dilation: unfolded patches on either backend
         dense = nn.Conv2d(3, 4, 3, padding=2, dilation=2)
         x = torch.randn(2, 3, 7, 6, generator=gen)
@@ -155,7 +158,8 @@ def _layer_pair(kind, gen):
 
 @pytest.mark.parametrize("kind", ["linear", "linear_2d", "conv", "conv1x1", "conv1x1_channel_major", "conv_direct",
                                   "conv_direct_nopad", "conv_direct_batch16", "conv_direct_widepad",
-                                  "conv_strided_batch16", "conv1x1_strided", "conv_dilated"])
+                                  "conv_strided_batch16", "conv1x1_strided", "conv_batch1_strided_nopad",
+                                  "conv_dilated"])
 def test_sparse_layer_matches_masked_dense_layer(backend, kind):
     gen = torch.Generator().manual_seed(1)
     dense, sparse, mask, x = _layer_pair(kind, gen)
