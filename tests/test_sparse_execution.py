@@ -627,3 +627,40 @@ def test_channel_major_modules_compute_what_torch_modules_do():
             torch.testing.assert_close(ours.running_var, ref.running_var)
             torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-6)
             assert ours.state_dict().keys() == ref.state_dict().keys()
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}])
+def test_channel_major_batch_norm_trains_as_torch_batch_norm(backend, options):
+    """The channel-major batch norm (statistics by the compiled kernels where they run) gives
+    torch's outputs, input and parameter gradients and running statistics over three training
+    steps, then the same evaluation-mode output."""
+    from sparse_bench.sparsity.execution.layers import keep_channel_major
+
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(6, **options)
+    ours = copy.deepcopy(ref)
+    keep_channel_major(ours)
+    if ref.affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-0.5, 0.5)
+        ours.load_state_dict(ref.state_dict())
+    for step in range(3):
+        base = torch.randn(6, 8, 8, 5) * (step + 1) + 3.0  # (C, H, W, N) memory, a mean far from 0
+        x_ref = base.permute(3, 0, 1, 2).contiguous().requires_grad_(True)
+        x_cm = base.clone().requires_grad_(True)
+        y_ref, y_cm = ref(x_ref), ours(x_cm.permute(3, 0, 1, 2))
+        torch.testing.assert_close(y_cm, y_ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(y_ref)
+        y_ref.backward(g)
+        y_cm.backward(g)
+        torch.testing.assert_close(x_cm.grad.permute(3, 0, 1, 2), x_ref.grad, rtol=1e-4, atol=1e-5)
+        if ref.affine:
+            torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+    for a, b in zip(ours.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b)
+    ours.eval(), ref.eval()
+    base = torch.randn(6, 8, 8, 5)
+    torch.testing.assert_close(ours(base.permute(3, 0, 1, 2)), ref(base.permute(3, 0, 1, 2).contiguous()),
+                               rtol=1e-5, atol=1e-5)

@@ -159,6 +159,10 @@ def _load() -> ctypes.CDLL | None:
                 lib.sb_conv_dgrad_strided.restype = None
                 lib.sb_conv_wgrad_strided.argtypes = [I64] * 8 + [P] * 5 + [ctypes.c_int]
                 lib.sb_conv_wgrad_strided.restype = None
+                lib.sb_bn_stats.argtypes = [I64, I64, P, P, P, ctypes.c_int]
+                lib.sb_bn_stats.restype = None
+                lib.sb_bn_apply.argtypes = [I64, I64, P, P, P, P, ctypes.c_int]
+                lib.sb_bn_apply.restype = None
                 _lib = lib
             except (OSError, RuntimeError, AttributeError) as e:
                 _reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -269,8 +273,9 @@ def sddmm_rows(indptr: torch.Tensor, indices: torch.Tensor, dy: torch.Tensor, x:
     return sddmm(indptr, indices, dy.t().unsqueeze(0), x.t().unsqueeze(0), indices64)
 
 
-def direct_conv_available(*tensors: torch.Tensor) -> bool:
-    """The direct convolution kernels need the compiled C file (CPU, float32)."""
+def compiled_for(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled C kernels (direct convolutions, channel-major batch norm) take these
+    tensors: the C file compiled and allowed, CPU, float32."""
     return _use_c(*tensors)
 
 
@@ -318,3 +323,21 @@ def conv_wgrad(indptr, geo, dy, x, stride=(1, 1)) -> torch.Tensor:
     else:
         _lib.sb_conv_wgrad_strided(rows, h_out, w_out, n, h, w * n, *stride, *ptrs)
     return out
+
+
+def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of x (C, L), contiguous float32: the sum and the sum of squares (float64)."""
+    c, n = x.shape
+    total = torch.empty(c, dtype=torch.float64)
+    squares = torch.empty(c, dtype=torch.float64)
+    _lib.sb_bn_stats(c, n, x.data_ptr(), total.data_ptr(), squares.data_ptr(), torch.get_num_threads())
+    return total, squares
+
+
+def batch_norm_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x (C, L) * scale[:, None] + shift[:, None] (float32, contiguous)."""
+    c, n = x.shape
+    y = torch.empty_like(x)
+    _lib.sb_bn_apply(c, n, x.data_ptr(), scale.contiguous().data_ptr(), shift.contiguous().data_ptr(), y.data_ptr(),
+                     torch.get_num_threads())
+    return y

@@ -503,3 +503,49 @@ void sb_conv_wgrad_strided(int64_t rows, int64_t h_out, int64_t w_out, int64_t N
         }
     }
 }
+
+/* --- batch norm on channel-major activations: each of C channels one contiguous run of L --------
+ * torch's CPU batch norm collects training statistics one value at a time (Welford); these run
+ * over vectors: per channel the sum and the sum of squares in one pass (float vectors over blocks
+ * of 4096 values, then double), and the normalisation y = x * scale + shift in another. */
+void sb_bn_stats(int64_t C, int64_t L, const float *x, double *sum, double *sumsq, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t c = 0; c < C; c++) {
+        const float *xc = x + c * L;
+        double s = 0.0, q = 0.0;
+        for (int64_t b = 0; b < L; b += 4096) {
+            const int64_t e = b + 4096 < L ? b + 4096 : L;
+            vf s0 = (vf){0}, s1 = (vf){0}, q0 = (vf){0}, q1 = (vf){0};
+            float ts = 0.0f, tq = 0.0f;
+            int64_t t = b;
+            for (; t + 2 * VL <= e; t += 2 * VL) {
+                const vf u = loadu(xc + t), v = loadu(xc + t + VL);
+                s0 += u;
+                s1 += v;
+                q0 += u * u;
+                q1 += v * v;
+            }
+            for (; t < e; t++) {
+                ts += xc[t];
+                tq += xc[t] * xc[t];
+            }
+            s += (double)hsum(s0 + s1) + ts;
+            q += (double)hsum(q0 + q1) + tq;
+        }
+        sum[c] = s;
+        sumsq[c] = q;
+    }
+}
+
+void sb_bn_apply(int64_t C, int64_t L, const float *x, const float *scale, const float *shift, float *y,
+                 int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t c = 0; c < C; c++) {
+        const vf a = (vf){0} + scale[c], b = (vf){0} + shift[c];
+        const float *xc = x + c * L;
+        float *yc = y + c * L;
+        int64_t t = 0;
+        for (; t + VL <= L; t += VL) storeu(yc + t, loadu(xc + t) * a + b);
+        for (; t < L; t++) yc[t] = xc[t] * scale[c] + shift[c];
+    }
+}
