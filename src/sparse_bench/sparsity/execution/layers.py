@@ -493,10 +493,12 @@ class ChannelMajorBatchNorm2d(nn.BatchNorm2d):
             y = super().forward(x2.view(1, c, -1, 1))
         return y.reshape(c, h, w, n).permute(3, 0, 1, 2)
 
+    @torch.compiler.disable
     def _train_compiled(self, x2: torch.Tensor) -> torch.Tensor:
         """Training mode with the batch statistics of the compiled kernels (torch's CPU kernel
         collects them one value at a time: about 9x slower on ResNet-56's maps), running statistics
-        updated as nn.BatchNorm2d updates them (momentum, or the cumulative average for None)."""
+        updated as nn.BatchNorm2d updates them (momentum, or the cumulative average for None); run
+        eagerly under torch.compile, as the sparse layers are (the kernels are ctypes calls)."""
         factor = 0.0
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
