@@ -63,13 +63,14 @@ class Report:
         print("\n".join(lines), flush=True)
 
 
-def train_rate(model_name: str, method: str, precision: str, channels_last: bool, compiled: bool,
-               shape: tuple, classes: int, batch: int, steps: int, warmup: int, device: torch.device,
-               density: float = 0.1, update_every: int = 10, model_cfg: dict | None = None,
-               smoke: bool = False) -> float:
-    """Images per second of `steps` training steps (after `warmup`), mask updates included."""
+def _trainer(method: str, precision: str, channels_last: bool, compiled: bool, shape: tuple, classes: int,
+             batch: int, total_steps: int, device: torch.device, model_cfg: dict, density: float = 0.1,
+             update_every: int = 10, smoke: bool = False):
+    """A model with `method` (updates to the end) on one synthetic batch, SGD with Nesterov:
+    returns a function running training step `step` (forward, backward, optimizer) and the method
+    (whose ``on_step_end`` makes the mask updates)."""
     torch.manual_seed(0)
-    model = build_model(OmegaConf.create(model_cfg or {"name": model_name}), shape, classes).to(device)
+    model = build_model(OmegaConf.create(model_cfg), shape, classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-5, foreach=True)
@@ -81,7 +82,7 @@ def train_rate(model_name: str, method: str, precision: str, channels_last: bool
     for key, value in (("update_every", update_every), ("end", {"unit": "fraction", "value": 1.0})):
         if key in cfg:
             cfg[key] = value
-    ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=1, steps_per_epoch=steps + warmup + 1,
+    ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=1, steps_per_epoch=total_steps + 1,
                         device=device, generator=torch.Generator().manual_seed(1), loss_fn=nn.CrossEntropyLoss(),
                         batches=lambda n, key=0: [(x, y)] * n)
     m = build_method(cfg, ctx)
@@ -89,12 +90,26 @@ def train_rate(model_name: str, method: str, precision: str, channels_last: bool
     amp = Amp(precision, device)
     # --smoke: dynamo with the eager backend (the same capture, none of inductor's code generation)
     forward_model = torch.compile(model, backend="eager" if smoke else "inductor") if compiled else model
+
+    def train_step(step: int) -> None:
+        hooked_step(m, opt, step, lambda: nn.functional.cross_entropy(forward_model(x), y), amp=amp)
+
+    return train_step, m
+
+
+def train_rate(model_name: str, method: str, precision: str, channels_last: bool, compiled: bool,
+               shape: tuple, classes: int, batch: int, steps: int, warmup: int, device: torch.device,
+               density: float = 0.1, update_every: int = 10, model_cfg: dict | None = None,
+               smoke: bool = False) -> float:
+    """Images per second of `steps` training steps (after `warmup`), mask updates included."""
+    train_step, m = _trainer(method, precision, channels_last, compiled, shape, classes, batch, steps + warmup,
+                             device, model_cfg or {"name": model_name}, density, update_every, smoke)
     t0 = 0.0
     for step in range(warmup + steps):
         if step == warmup:
             sync(device)
             t0 = time.perf_counter()
-        hooked_step(m, opt, step, lambda: nn.functional.cross_entropy(forward_model(x), y), amp=amp)
+        train_step(step)
         m.on_step_end(step + 1)
     sync(device)
     return batch * steps / (time.perf_counter() - t0)
@@ -112,30 +127,16 @@ def rigl_step_times(compiled: bool, device: torch.device, smoke: bool) -> str:
     from torch._dynamo.utils import counters
 
     shape, classes, batch, every, steps = ((1, 8, 8), 10, 16, 3, 10) if smoke else ((3, 224, 224), 1000, 128, 10, 45)
-    torch.manual_seed(0)
-    cfg_model = {"name": "mlp", "hidden": [32], "dropout": 0.0} if smoke else {"name": "resnet50"}
-    layout = torch.preserve_format if smoke else torch.channels_last
-    model = build_model(OmegaConf.create(cfg_model), shape, classes).to(device).to(memory_format=layout)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-5, foreach=True)
-    x = torch.randn(batch, *shape, device=device)
-    x = x if smoke else x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch,), device=device)
-    cfg = OmegaConf.load(conf_dir() / "method" / "rigl.yaml")
-    cfg.update_every, cfg.end = every, {"unit": "fraction", "value": 1.0}
-    ctx = MethodContext(model=model, optimizer=opt, density=0.1, epochs=1, steps_per_epoch=steps + 1, device=device,
-                        generator=torch.Generator().manual_seed(1), loss_fn=nn.CrossEntropyLoss(),
-                        batches=lambda n, key=0: [(x, y)] * n)
-    m = build_method(cfg, ctx)
-    m.setup()
-    amp = Amp("fp32" if smoke else "bf16", device)
-    forward = torch.compile(model, backend="eager" if smoke else "inductor") if compiled else model
+    model_cfg = {"name": "mlp", "hidden": [32], "dropout": 0.0} if smoke else {"name": "resnet50"}
+    train_step, m = _trainer("rigl", "fp32" if smoke else "bf16", not smoke, compiled, shape, classes, batch, steps,
+                             device, model_cfg, update_every=every, smoke=smoke)
     counters.clear()
     kinds: dict[str, list[float]] = {"other": [], "update step": [], "update": [], "after update": []}
     graphs_at_start, after = None, False
     for step in range(steps):
         sync(device)
         t0 = time.perf_counter()
-        hooked_step(m, opt, step, lambda: nn.functional.cross_entropy(forward(x), y), amp=amp)
+        train_step(step)
         sync(device)
         t1 = time.perf_counter()
         updated = bool(m.on_step_end(step + 1))
