@@ -196,12 +196,11 @@ def keep_top(scores: Sequence[torch.Tensor], n_keep: int, scope: str = "global",
     Ties go to torch.topk's order. Under a `structure` (``sparsity.structure.Structure``) the
     selection is then made structured (``Structure.keep``: per layer the count chosen here).
     """
-    if structure is not None and structure.active:
-        chosen = keep_top(scores, n_keep, scope, active, floor)
-        active = active if active is not None else [torch.ones_like(s, dtype=torch.bool) for s in scores]
-        return structure.keep(scores, active, chosen, n_keep / sum(s.numel() for s in scores))
     if active is None:
         active = [torch.ones_like(s, dtype=torch.bool) for s in scores]
+    if structure is not None and structure.active:
+        chosen = keep_top(scores, n_keep, scope, active, floor)
+        return structure.keep(scores, active, chosen, n_keep / sum(s.numel() for s in scores))
     n_active = [int(a.sum()) for a in active]
     if not 0 <= n_keep <= sum(n_active):
         raise ValueError(f"cannot keep {n_keep} weights out of {sum(n_active)} active ones")
