@@ -93,7 +93,7 @@ from ..candidate_grad import (
     weight_matrix_shape,
 )
 from ..flops import SPARSE, Extra
-from ..ops import count_change_logs, floored
+from ..ops import count_change_logs, fill_at_, floored
 from ..reinit import REINITS
 from ..schedules import decay
 from ..statistics import quiet_pass
@@ -319,9 +319,8 @@ class GSE(DropAndGrow):
         with masks.dense_view():
             for i, (p, m) in enumerate(zip(masks.params, masks.masks)):
                 old = m.clone()
-                flat = torch.zeros(old.numel(), dtype=torch.bool, device=old.device)
-                flat[prune_idx[i].to(old.device)] = True
-                dropped = st.whole_drops(flat.view_as(old), old, p.detach().abs())
+                chosen = fill_at_(torch.zeros_like(old), prune_idx[i].to(old.device), True)
+                dropped = st.whole_drops(chosen, old, p.detach().abs())
                 after = old & ~dropped
                 o, j = cands[i]
                 score = torch.full(old.shape, float("-inf"), device=old.device)
@@ -387,14 +386,15 @@ class GSE(DropAndGrow):
             k_total = sum(budget)
         else:
             budget = k_total = min(math.ceil(alpha * sum(nnz)), sum(sizes))
-        top = to_indices(largest(scores_abs, None, budget))
         low = to_indices(smallest(active_mag, None, budget, masks.floor))
-        fan_ins = [weight_matrix_shape(mod)[1] for mod in self.modules]
-        grow_idx = [o[t.to(o.device)] * f + j[t.to(o.device)] for (o, j), t, f in zip(cands, top, fan_ins)]
         prune_idx = [a[d.to(a.device)] for a, d in zip(active_idx, low)]
-        if self.structure.active:
+        if self.structure.active:  # each group regrows from its own candidates (its own count)
             prune_idx, grow_idx = self._within_structure(cands, scores_abs, prune_idx)
             k_total = sum(g.numel() for g in grow_idx)
+        else:
+            top = to_indices(largest(scores_abs, None, budget))
+            fan_ins = [weight_matrix_shape(mod)[1] for mod in self.modules]
+            grow_idx = [o[t.to(o.device)] * f + j[t.to(o.device)] for (o, j), t, f in zip(cands, top, fan_ins)]
         self.commit_indices(prune_idx, grow_idx)  # grown at 0 with zeroed optimizer state
         if self.structure.active:
             self.check_structure()
