@@ -460,13 +460,13 @@ class MaskSet:
             if self._any_sparse:
                 raise ConfigError(f"structure={self.structure.kind} with layers built sparse from the start (too big "
                                   f"to hold densely) is not supported; use structure=unstructured")
-            counts = layer_counts(self._shapes, density, "uniform" if kind == "bernoulli" else kind, self.names)
+            counts = layer_counts(self._shapes, density, kind, self.names)
             self.set_masks(self.structure.random_masks(self._shapes, counts, generator))
             return
         if not self._any_sparse:
             self.set_masks(random_masks(self.shapes, density, kind, generator, self.names))
             return
-        counts = layer_counts(self._shapes, density, "uniform" if kind == "bernoulli" else kind, self.names)
+        counts = layer_counts(self._shapes, density, kind, self.names)
         for e, shape, n, k in zip(self.entries, self._shapes, self._numels, counts):
             if not e.sparse:
                 flat = torch.zeros(n, dtype=torch.bool)

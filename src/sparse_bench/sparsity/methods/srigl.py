@@ -71,8 +71,7 @@ class SRigL(RigL):
         self.ablation = bool(cfg.ablation)
         self.gamma = float(cfg.min_salient_weights_per_neuron)
         # each layer's target count, fixed for the run (the initial fan-in is its floor per unit)
-        self.targets = layer_counts(self.masks.shapes, ctx.density, "uniform" if cfg.init == "bernoulli" else cfg.init,
-                                    self.masks.names)
+        self.targets = layer_counts(self.masks.shapes, ctx.density, cfg.init, self.masks.names)
 
     # --- one update ---------------------------------------------------------------------------
     def _ablated(self, i: int, w: torch.Tensor, g: torch.Tensor, n_keep: int, n_prune: int) -> torch.Tensor:
