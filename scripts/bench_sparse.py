@@ -117,9 +117,10 @@ def table_layers(a):
     print(f"# single layers: forward + backward (input and weight gradients), {machine()}")
     if sp_cls is None:
         print("# SparseProp not installed (pip install sparseprop) or not on this device: its column is skipped")
-    print("| layer | batch | density | dense ms (min/med) | sparse ms (min/med) | torch CSR ms | SparseProp ms "
-          "| sparse vs dense | sparse vs SparseProp | dense MiB resident/peak | sparse MiB resident/peak |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| layer | batch | density | dense ms (min/med) | sparse ms (min/med) | our CSR kernels ms (min/med) "
+          "| torch CSR ms | SparseProp ms | sparse vs dense | sparse vs our CSR | sparse vs SparseProp "
+          "| dense MiB resident/peak | sparse MiB resident/peak |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for fan_in, fan_out, batch in (tuple(int(v) for v in spec.split("x")) for spec in a.layers):
         for d in a.densities:
             torch.manual_seed(0)
@@ -156,6 +157,11 @@ def table_layers(a):
             fns = {"dense": lambda dense=dense: step(dense), "sparse": lambda sparse=sparse: step(sparse)}
             if DEVICE.type == "cpu":  # on CUDA the sparse step is torch's CSR ops already
                 fns["csr"] = torch_csr
+            if a.mask == "fan_in" and DEVICE.type == "cpu":
+                # the same mask on our CSR kernels: the layer's condensed fan-in path switched off
+                on_csr = SparseLinear.from_dense(dense, mask)
+                on_csr.bias, on_csr._k = sparse.bias, (0, None)
+                fns["our_csr"] = lambda on_csr=on_csr: step(on_csr)
             if sp_cls is not None:
                 spl = sp_cls.from_dense(dense)
                 fns["sparseprop"] = lambda spl=spl: step(spl)
@@ -166,10 +172,13 @@ def table_layers(a):
             spt = t.get("sparseprop")
             sp_txt = f"{ms(spt[0])}" if spt else "-"
             vs_sp = f"{spt[0] / t['sparse'][0]:.2f}x" if spt else "-"
+            ours = t.get("our_csr")
+            ours_txt = f"{ms(ours[0])}/{ms(ours[1])}" if ours else "-"
+            vs_ours = f"{ours[0] / t['sparse'][0]:.2f}x" if ours else "-"
             print(f"| {fan_in}->{fan_out} | {batch} | {d:.0%} | {ms(t['dense'][0])}/{ms(t['dense'][1])} "
-                  f"| {ms(t['sparse'][0])}/{ms(t['sparse'][1])} | {ms(t.get('csr', t['sparse'])[0])} | {sp_txt} "
-                  f"| {t['dense'][0] / t['sparse'][0]:.1f}x | {vs_sp} | {mib(res_d)}/{mib(pk_d)} "
-                  f"| {mib(res_s)}/{mib(pk_s)} |", flush=True)
+                  f"| {ms(t['sparse'][0])}/{ms(t['sparse'][1])} | {ours_txt} | {ms(t.get('csr', t['sparse'])[0])} "
+                  f"| {sp_txt} | {t['dense'][0] / t['sparse'][0]:.1f}x | {vs_ours} | {vs_sp} "
+                  f"| {mib(res_d)}/{mib(pk_d)} | {mib(res_s)}/{mib(pk_s)} |", flush=True)
 
 
 # --- whole training steps -------------------------------------------------------------------------
@@ -381,7 +390,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     ap.add_argument("--mask", choices=["random", "fan_in"], default="random",
-                    help="layers table: positions uniformly at random, or the same count in every row")
+                    help="layers table: positions uniformly at random, or the same count in every row "
+                         "(structure=fan_in: the condensed kernels, beside our CSR kernels on the same mask)")
     ap.add_argument("--layers", nargs="+", default=["768x3072x2048", "4096x4096x128"],
                     help="layers table: fan_in x fan_out x batch")
     ap.add_argument("--models", nargs="+", default=["lenet300_100", "lenet5_caffe", "mlp4096"],

@@ -191,6 +191,88 @@ def test_sparse_layer_state_dict_round_trip_with_another_nnz():
     assert set(sparse.state_dict()) == {"values", "bias", "indptr", "indices"}
 
 
+
+# --- condensed constant fan-in layers (structure=fan_in) -------------------------------------------
+def _fan_in_pair(rows, cols, k, gen, ablated=()):
+    """A Linear with k active inputs in every row but the `ablated` ones (none), and its sparse twin."""
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for i in range(rows):
+        if i not in ablated:
+            mask[i, torch.randperm(cols, generator=gen)[:k]] = True
+    torch.manual_seed(0)
+    dense = nn.Linear(cols, rows)
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    sparse = SparseLinear.from_dense(dense, mask)
+    sparse.bias = nn.Parameter(dense.bias.detach().clone())
+    return dense, sparse, mask
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 7, 64, 100, 130, 300])
+def test_condensed_fan_in_kernels_match_dense_products(batch, threads, monkeypatch):
+    """y = W x^T + b, the values' and the input's gradients, for inputs and output gradients in
+    either memory order, tiles of 64 and a short last one, one or two threads, and rows with no
+    nonzeros (SRigL's ablated units)."""
+    if kernels.backend() != "c":
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(batch)
+    rows, cols, k = 70, 53, 6
+    for ablated in ((), (0, 3, 69)):
+        _, sparse, mask = _fan_in_pair(rows, cols, k, gen, ablated)
+        w = sparse.dense_weight()
+        kk, live = sparse.condensed()
+        assert kk == k and (live is None) == (not ablated)
+        idx, vals = sparse.indices.view(-1, k), sparse.values.detach().view(-1, k)
+        bias = torch.randn(rows, generator=gen)
+        x, dy = torch.randn(batch, cols, generator=gen), torch.randn(batch, rows, generator=gen)
+        for xin, dyin in ((x, dy), (x.t().contiguous().t(), dy.t().contiguous().t())):  # row-, feature-major
+            y = kernels.fanin_forward(idx, vals, xin, bias, rows, live)
+            torch.testing.assert_close(y, w @ x.t() + bias[:, None], rtol=1e-5, atol=1e-5)
+            dv, dxt = kernels.fanin_backward(idx, vals, xin, dyin, live, True, True)
+            torch.testing.assert_close(dxt, w.t() @ dy.t(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(dv.view(-1), (dy.t() @ x)[mask], rtol=1e-4, atol=1e-4)
+            only_v, none = kernels.fanin_backward(idx, vals, xin, dyin, live, True, False)
+            assert none is None and torch.equal(only_v, dv)
+            none, only_x = kernels.fanin_backward(idx, vals, xin, dyin, live, False, True)
+            assert none is None and torch.equal(only_x, dxt)
+
+
+@pytest.mark.parametrize("ablated", [(), (1, 5)])
+def test_fan_in_layers_run_the_condensed_kernels_as_the_masked_layers(backend, ablated, monkeypatch):
+    """A chain of two constant fan-in layers (the second reads the first's feature-major output,
+    and its input gradient is the first's output gradient) equals the masked chain: outputs, all
+    gradients, the dense weight gradient; the condensed kernels run on the compiled backend (and
+    only for constant fan-in: an uneven layer runs the CSR kernels), torch's CSR ops on the other."""
+    calls = []
+    forward = kernels.fanin_forward
+    monkeypatch.setattr(kernels, "fanin_forward", lambda *a: calls.append(1) or forward(*a))
+    gen = torch.Generator().manual_seed(3)
+    d1, s1, m1 = _fan_in_pair(24, 40, 5, gen, ablated)
+    d2, s2, m2 = _fan_in_pair(10, 24, 4, gen)
+    s1.want_dense_grad = True
+    x = torch.randn(100, 40, generator=gen)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = d2(torch.relu(d1(x1))), s2(torch.relu(s1(x2)))
+    torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-5)
+    assert len(calls) == (2 if backend == "c" else 0)
+    g = torch.randn(y1.shape, generator=gen)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+    for dense, sparse, mask in ((d1, s1, m1), (d2, s2, m2)):
+        torch.testing.assert_close(sparse.values.grad, dense.weight.grad[mask], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s1.dense_grad, d1.weight.grad, rtol=1e-4, atol=1e-5)
+    # a new structure with uneven rows: the CSR kernels from then on
+    lin = s1.active_linear()
+    s1.set_active(lin[1:], s1.values.detach()[1:])
+    assert s1.condensed() is None
+    calls.clear()
+    s1(x)
+    assert not calls
+
 # --- whole runs: sparse trains the same model as masked -------------------------------------------
 BASE = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=3", "density=0.2",
         "limit_train_batches=8", "eval.train_samples=100", "logger=none", "progress=false", "device=cpu"]
@@ -265,6 +347,27 @@ def test_rigl_growth_from_statistics_batches_is_the_same_sparse_as_masked(tmp_pa
     assert grown[0] == grown[1] and sum(grown[0]) > 0
     _masks_equal(a, b)
 
+
+
+def test_srigl_trains_the_same_on_condensed_fan_in_layers_as_masked(tmp_path, monkeypatch):
+    """SRigL (structure=fan_in, units ablated and restored) on sparse layers, which run the
+    condensed kernels between its updates, trains the same model as on masked layers."""
+    monkeypatch.setenv("SPARSE_BENCH_KERNELS", "auto")
+    if kernels.backend() != "c":
+        pytest.skip("no C compiler on this machine")
+    calls = []
+    forward = kernels.fanin_forward
+    monkeypatch.setattr(kernels, "fanin_forward", lambda *a: calls.append(a[-1] is not None) or forward(*a))
+    extra = ["structure=fan_in", "method.update_every=4", "method.min_salient_weights_per_neuron=0.9"]
+    a, b = _run(tmp_path, "srigl", "masked", extra), _run(tmp_path, "srigl", "sparse", extra)
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert any(r.get("srigl/ablated", 0) > 0 for r in ra), "units must be ablated for this test to mean anything"
+    assert any(calls) and not all(calls)  # condensed layers with ablated units, and without
+    for x, y in zip(ra, rb, strict=True):
+        for k in METRICS:
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (k, x.get("epoch"))
+    _masks_equal(a, b)
 
 @pytest.mark.parametrize("method", ["set", "sparse_momentum"])
 def test_torch_csr_backend_trains_the_same_model(method, tmp_path, monkeypatch):

@@ -2,7 +2,10 @@
 
 ``spkernels.c`` (beside this file) holds two kernels on feature-major activations (see its
 header): ``spmm`` (forward pass, and the input gradient on the transposed structure) and
-``sddmm`` (the gradient of the active weights only). On first use it is compiled with the
+``sddmm`` (the gradient of the active weights only); their row-major variants; the condensed
+constant fan-in kernels (``fanin_forward`` / ``fanin_backward``: the weight as (rows, k) column ids
+and values, either memory order in, both gradients in one pass); direct convolutions; and the
+channel-major batch norm's statistics. On first use it is compiled with the
 system's C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``, OpenMP when the
 compiler has it) into a per-user cache (``$SPARSE_BENCH_CACHE`` or ``~/.cache/sparse_bench``),
 keyed by a hash of the source, the flags, the compiler and the CPU, and loaded with ctypes: about a
@@ -159,6 +162,13 @@ def _load() -> ctypes.CDLL | None:
                 lib.sb_conv_dgrad_strided.restype = None
                 lib.sb_conv_wgrad_strided.argtypes = [I64] * 8 + [P] * 5 + [ctypes.c_int]
                 lib.sb_conv_wgrad_strided.restype = None
+                lib.sb_fanin_work.argtypes = [I64] * 2 + [ctypes.c_int]
+                lib.sb_fanin_work.restype = I64
+                lib.sb_fanin_fwd.argtypes = [I64] * 4 + [P, I64, P, P, P, ctypes.c_int, P, P, P, ctypes.c_int]
+                lib.sb_fanin_fwd.restype = None
+                lib.sb_fanin_bwd.argtypes = [I64] * 4 + [P, I64, P, P, P, ctypes.c_int, P, ctypes.c_int, P, P, P,
+                                                         ctypes.c_int]
+                lib.sb_fanin_bwd.restype = None
                 lib.sb_bn_stats.argtypes = [I64, I64, P, P, P, ctypes.c_int]
                 lib.sb_bn_stats.restype = None
                 lib.sb_bn_apply.argtypes = [I64, I64, P, P, P, P, ctypes.c_int]
@@ -252,8 +262,9 @@ def spmm_rows(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
         out = torch.empty(m, rows, dtype=x.dtype)
         work = torch.empty((cols + rows) * _lib.sb_row_tile(), dtype=x.dtype)
         bias = None if bias is None else bias.detach().contiguous()
-        _lib.sb_spmm_rows(m, rows, cols, indptr.data_ptr(), indices.data_ptr(), values.contiguous().data_ptr(),
-                          x.data_ptr(), _ptr(bias), out.data_ptr(), work.data_ptr(), torch.get_num_threads())
+        values = values.contiguous()  # held: a temporary's memory would be freed before the call
+        _lib.sb_spmm_rows(m, rows, cols, indptr.data_ptr(), indices.data_ptr(), values.data_ptr(), x.data_ptr(),
+                          _ptr(bias), out.data_ptr(), work.data_ptr(), torch.get_num_threads())
         return out
     return spmm(indptr, indices, values, x.t().unsqueeze(0), bias, indices64)[0].t()
 
@@ -273,6 +284,65 @@ def sddmm_rows(indptr: torch.Tensor, indices: torch.Tensor, dy: torch.Tensor, x:
     return sddmm(indptr, indices, dy.t().unsqueeze(0), x.t().unsqueeze(0), indices64)
 
 
+def _either_major(a: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A (B, C) matrix as the fan-in kernels read it: itself and 1 when row-major, its (C, B)
+    memory and 0 when it is the transposed view of a feature-major matrix (a sparse layer's
+    output); anything else is copied row-major."""
+    if a.is_contiguous():
+        return a, 1
+    if a.t().is_contiguous():
+        return a.t(), 0
+    return a.contiguous(), 1
+
+
+_scratch = threading.local()
+
+
+def _fanin_work(b: int, idx: torch.Tensor, cols: int) -> torch.Tensor:
+    """The fan-in kernels' work buffer: one per Python thread, kept and grown as needed (a fresh
+    one of a few MiB every call costs its page faults each time, serialised across threads)."""
+    n = _lib.sb_fanin_work(idx.numel(), cols, torch.get_num_threads())
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
+    return buf
+
+
+def fanin_forward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, rows: int,
+                  live: torch.Tensor | None = None) -> torch.Tensor:
+    """``W x^T (+ bias)`` for a constant fan-in W (rows, cols) in condensed form: idx (int32
+    column ids) and vals, both (r, k), for the r rows that have k nonzeros, listed in `live`
+    (int32, ascending; None when all rows do), the other rows none; x (B, cols) row-major or
+    feature-major (see _either_major). The output feature-major, (rows, B). The compiled kernels
+    only (compiled_for)."""
+    b, cols = x.shape
+    r, k = idx.shape
+    xm, rm = _either_major(x)
+    yt = torch.empty(rows, b, dtype=x.dtype)
+    bias = None if bias is None else bias.detach().contiguous()
+    vals, work = vals.detach().contiguous(), _fanin_work(b, idx, cols)  # held until the call returns
+    _lib.sb_fanin_fwd(b, rows, cols, k, _ptr(live), r, idx.data_ptr(), vals.data_ptr(), xm.data_ptr(), rm,
+                      _ptr(bias), yt.data_ptr(), work.data_ptr(), torch.get_num_threads())
+    return yt
+
+
+def fanin_backward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, live: torch.Tensor | None,
+                   want_values: bool, want_input: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """fanin_forward's gradients from dy (B, rows), in one pass: the values' (r, k) and the
+    input's, feature-major (cols, B); each only when wanted (else None)."""
+    b, cols = x.shape
+    rows = dy.shape[1]
+    r, k = idx.shape
+    xm, x_rm = _either_major(x)
+    dym, dy_rm = _either_major(dy)
+    dv = torch.empty(r, k, dtype=dy.dtype) if want_values else None
+    dxt = torch.empty(cols, b, dtype=dy.dtype) if want_input else None
+    vals, work = vals.detach().contiguous(), _fanin_work(b, idx, cols)  # held until the call returns
+    _lib.sb_fanin_bwd(b, rows, cols, k, _ptr(live), r, idx.data_ptr(), vals.data_ptr(), xm.data_ptr(), x_rm,
+                      dym.data_ptr(), dy_rm, _ptr(dv), _ptr(dxt), work.data_ptr(), torch.get_num_threads())
+    return dv, dxt
+
+
 def compiled_for(*tensors: torch.Tensor) -> bool:
     """Whether the compiled C kernels (direct convolutions, channel-major batch norm) take these
     tensors: the C file compiled and allowed, CPU, float32."""
@@ -287,7 +357,8 @@ def conv_fwd(indptr, geo, values, x, bias, h_out: int, w_out: int, stride=(1, 1)
     _, h, w, n = x.shape
     y = torch.empty(rows, h_out, w_out, n, dtype=x.dtype)
     b = None if bias is None else bias.detach().contiguous()
-    ptrs = (indptr.data_ptr(), geo.data_ptr(), values.detach().contiguous().data_ptr(), x.data_ptr(), _ptr(b),
+    values = values.detach().contiguous()  # held: a temporary's memory would be freed before the call
+    ptrs = (indptr.data_ptr(), geo.data_ptr(), values.data_ptr(), x.data_ptr(), _ptr(b),
             y.data_ptr(), torch.get_num_threads())
     if tuple(stride) == (1, 1):
         _lib.sb_conv_fwd(rows, h_out, w_out * n, h, w * n, *ptrs)
@@ -302,7 +373,8 @@ def conv_dgrad(c_indptr, t_geo, t_src, t_vals, dy, shape, stride=(1, 1)) -> torc
     c, h, w, n = shape
     _, h_out, w_out, _ = dy.shape
     dx = torch.zeros(shape, dtype=dy.dtype)
-    ptrs = (c_indptr.data_ptr(), t_geo.data_ptr(), t_src.data_ptr(), t_vals.contiguous().data_ptr(), dy.data_ptr(),
+    t_vals = t_vals.contiguous()  # held: a temporary's memory would be freed before the call
+    ptrs = (c_indptr.data_ptr(), t_geo.data_ptr(), t_src.data_ptr(), t_vals.data_ptr(), dy.data_ptr(),
             dx.data_ptr(), torch.get_num_threads())
     if tuple(stride) == (1, 1):
         _lib.sb_conv_dgrad(c, h_out, w_out * n, h, w * n, h * w * n, *ptrs)
@@ -338,6 +410,6 @@ def batch_norm_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) 
     """x (C, L) * scale[:, None] + shift[:, None] (float32, contiguous)."""
     c, n = x.shape
     y = torch.empty_like(x)
-    _lib.sb_bn_apply(c, n, x.data_ptr(), scale.contiguous().data_ptr(), shift.contiguous().data_ptr(), y.data_ptr(),
-                     torch.get_num_threads())
+    scale, shift = scale.contiguous(), shift.contiguous()  # held: a temporary would be freed before the call
+    _lib.sb_bn_apply(c, n, x.data_ptr(), scale.data_ptr(), shift.data_ptr(), y.data_ptr(), torch.get_num_threads())
     return y

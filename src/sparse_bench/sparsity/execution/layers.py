@@ -11,7 +11,10 @@ C_in * kh * kw in ``flatten(1)`` order):
 No tensor of the weight's dense shape exists. The forward pass, the input gradient and the
 gradient of the active weights run the kernels of ``kernels.py`` on feature-major activations
 (a layer's output is returned as a transposed view, so a chain of sparse layers passes its
-activations on without copies). A Conv2d with dilation 1 runs the direct convolution kernels on
+activations on without copies). A Linear whose rows all have the same number of active inputs
+(or none: ``structure=fan_in``, SRigL) runs the condensed fan-in kernels instead: they read its
+input in either memory order (no transposed copy of a row-major batch), need no transposed
+structure and form both gradients in one pass. A Conv2d with dilation 1 runs the direct convolution kernels on
 (C, H, W, N) activations, any stride: no patches and no padded copy (the kernels skip the
 reads that fall in the padding); a 1x1 one with stride 1 is a plain sparse matmul. A dilated
 one unfolds its input into patches and multiplies each sample's (its input gradient folds back
@@ -149,6 +152,35 @@ class _SparseProduct(torch.autograd.Function):
         return dv, dx, db, None, None
 
 
+class _CondensedProduct(torch.autograd.Function):
+    """y = x W^T + bias for a constant fan-in W (every row k active inputs, or none) in condensed
+    form: the layer's column ids and values read as (rows that have them, k) arrays, the
+    transposed structure unused.
+    x (B, cols) in either memory order; y returned as the transposed view of a feature-major
+    (rows, B) output, as the CSR path returns it. The backward forms the values' and the input's
+    gradients in one pass (kernels.fanin_backward)."""
+
+    @staticmethod
+    def forward(ctx, values, x, bias, layer):
+        k, live = layer.condensed()
+        ctx.layer = layer
+        ctx.save_for_backward(values, x)
+        return kernels.fanin_forward(layer.indices.view(-1, k), values.detach().view(-1, k), x, bias, layer.rows,
+                                     live).t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        values, x = ctx.saved_tensors
+        layer = ctx.layer
+        k, live = layer.condensed()
+        dv, dxt = kernels.fanin_backward(layer.indices.view(-1, k), values.detach().view(-1, k), x, dy, live,
+                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        db = dy.sum(0) if ctx.needs_input_grad[2] else None
+        if layer.control.dense:
+            layer.control.add(layer, dy.t() @ x)
+        return (None if dv is None else dv.view(-1)), (None if dxt is None else dxt.t()), db, None
+
+
 def _as_chwn(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) input as the direct kernels read it, (C, H, W, N): a view where it already is
     in that memory order (the output of a sparse layer, batch norm, ReLU or pooling before), else
@@ -215,6 +247,7 @@ class SparseLayer(nn.Module):
             self.register_buffer(k, empty[k], persistent=False)
         self._idx64: tuple | None = None
         self._offsets: dict = {}  # SparseConv2d's direct-kernel offsets per input geometry
+        self._k: tuple | None = None  # the constant fan-in and its rows (condensed(); per structure)
         self.control = DenseGradControl()  # shared by the engine's layers: one dense-gradient switch
 
     @property
@@ -255,6 +288,21 @@ class SparseLayer(nn.Module):
             setattr(self, k, v)
         self._idx64 = None
         self._offsets = {}
+        self._k = None
+
+    def condensed(self) -> tuple[int, torch.Tensor | None] | None:
+        """(k, live) when every row of the weight has the same number k >= 1 of active inputs or
+        none (structure=fan_in; SRigL's ablated units have none): live lists the rows that have
+        them (int32), None when all do. Such a Linear runs the condensed fan-in kernels. Else
+        None. Found once per structure."""
+        if self._k is None:
+            counts = self.indptr[1:] - self.indptr[:-1]
+            k = int(counts.max()) if counts.numel() else 0
+            self._k = (0, None)
+            if k > 0 and bool(((counts == k) | (counts == 0)).all()):
+                full = counts == k
+                self._k = (k, None if bool(full.all()) else full.nonzero().squeeze(1).to(torch.int32))
+        return self._k if self._k[0] else None
 
     @torch.no_grad()
     def set_active(self, lin: torch.Tensor, values: torch.Tensor) -> None:
@@ -331,8 +379,12 @@ class SparseLinear(SparseLayer):
             # (batch, tokens, features) inputs, row-major: kernels that keep them so (the output
             # and the gradients too), instead of transposing whole activations at each layer
             return self._matmul(x2, ROW_MAJOR).view(*lead, self.out_features)
-        # 2-d inputs: feature-major, the output a transposed view a following sparse layer takes as it is
-        y = self._matmul(x2.t().unsqueeze(0))[0].t()
+        # 2-d inputs: feature-major, the output a transposed view a following sparse layer takes as it is;
+        # constant fan-in layers read the input in either order (no copy) and skip the transposed structure
+        if self.condensed() and kernels.compiled_for(self.values, x2):
+            y = _CondensedProduct.apply(self.values, x2, self.bias, self)
+        else:
+            y = self._matmul(x2.t().unsqueeze(0))[0].t()
         return y if len(lead) == 1 else y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

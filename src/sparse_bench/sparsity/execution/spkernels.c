@@ -54,18 +54,17 @@ static inline float hsum(vf v) {
     return s;
 }
 
-/* spmm over one tile of NV vectors for row i; sddmm likewise. The loops over `v` have a
+/* spmm over one tile of NV vectors for one row (its cnt nonzeros' column ids and values; xt the
+ * tile's first column, rows ld apart); sddmm over one tile for row i. The loops over `v` have a
  * constant trip count, so the compiler keeps acc[] / d[] in registers. */
 #define DEFINE_TILE(NV)                                                                          \
-    static inline void spmm_tile##NV(const int64_t *indptr, const int32_t *indices,              \
-                                     const float *values, const float *xt, int64_t B, int64_t i, \
-                                     int64_t b0, float init, float *out) {                       \
+    static inline void spmm_tile##NV(const int32_t *ind, const float *val, int64_t cnt,           \
+                                     const float *xt, int64_t ld, float init, float *out) {      \
         vf acc[NV];                                                                              \
         for (int v = 0; v < NV; v++) acc[v] = (vf){0} + init;                                    \
-        const int64_t end = indptr[i + 1];                                                       \
-        for (int64_t k = indptr[i]; k < end; k++) {                                              \
-            const vf w = (vf){0} + values[k];                                                    \
-            const float *x = xt + (int64_t)indices[k] * B + b0;                                  \
+        for (int64_t k = 0; k < cnt; k++) {                                                      \
+            const vf w = (vf){0} + val[k];                                                       \
+            const float *x = xt + (int64_t)ind[k] * ld;                                          \
             for (int v = 0; v < NV; v++) acc[v] += w * loadu(x + v * VL);                        \
         }                                                                                        \
         for (int v = 0; v < NV; v++) storeu(out + v * VL, acc[v]);                               \
@@ -137,10 +136,13 @@ void sb_spmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const i
             for (int64_t i = 0; i < rows; i++) {
                 const float init = bias ? bias[i] : 0.0f;
                 float *out = yn + i * B + b0;
-                if (w == 8 * VL) spmm_tile8(indptr, indices, values, xn, B, i, b0, init, out);
-                else if (w == 4 * VL) spmm_tile4(indptr, indices, values, xn, B, i, b0, init, out);
-                else if (w == 2 * VL) spmm_tile2(indptr, indices, values, xn, B, i, b0, init, out);
-                else if (w == VL) spmm_tile1(indptr, indices, values, xn, B, i, b0, init, out);
+                const int32_t *ind = indices + indptr[i];
+                const float *val = values + indptr[i];
+                const int64_t cnt = indptr[i + 1] - indptr[i];
+                if (w == 8 * VL) spmm_tile8(ind, val, cnt, xn + b0, B, init, out);
+                else if (w == 4 * VL) spmm_tile4(ind, val, cnt, xn + b0, B, init, out);
+                else if (w == 2 * VL) spmm_tile2(ind, val, cnt, xn + b0, B, init, out);
+                else if (w == VL) spmm_tile1(ind, val, cnt, xn + b0, B, init, out);
                 else spmm_scalar(indptr, indices, values, xn, B, i, b0, w, init, out);
             }
             b0 += w;
@@ -190,26 +192,56 @@ void sb_sddmm(int64_t nb, int64_t rows, int64_t B, const int64_t *indptr, const 
 #define RT (8 * VL)
 int64_t sb_row_tile(void) { return RT; } /* the callers size the work buffer (cols + rows) * RT */
 
+/* 8 x 8 transposes in registers, for the tiles below (8-float vectors whatever VL) */
+typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
+typedef int32_t i8 __attribute__((vector_size(8 * sizeof(int32_t))));
+#if defined(__clang__)
+#define SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF8(a, b, ...) __builtin_shuffle(a, b, (i8){__VA_ARGS__})
+#endif
+
+static inline void transpose8(v8 *r) {
+    v8 t[8], u[8];
+    for (int q = 0; q < 8; q += 2) { /* interleave pairs of rows */
+        t[q] = SHUF8(r[q], r[q + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[q + 1] = SHUF8(r[q], r[q + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int q = 0; q < 8; q += 4) { /* then pairs of pairs */
+        u[q] = SHUF8(t[q], t[q + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[q + 1] = SHUF8(t[q], t[q + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        u[q + 2] = SHUF8(t[q + 1], t[q + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[q + 3] = SHUF8(t[q + 1], t[q + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int q = 0; q < 4; q++) { /* then the halves */
+        r[q] = SHUF8(u[q], u[q + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        r[q + 4] = SHUF8(u[q], u[q + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+
+/* dst (c x n, leading dimension ld_d) = the transpose of src (n x c, leading dimension ld_s):
+ * 8 x 8 blocks in registers, the edges element by element */
+static void transpose_into(const float *src, int64_t ld_s, int64_t n, int64_t c, float *dst, int64_t ld_d) {
+    const int64_t n8 = n & ~(int64_t)7, c8 = c & ~(int64_t)7;
+    for (int64_t c0 = 0; c0 < c8; c0 += 8)
+        for (int64_t r0 = 0; r0 < n8; r0 += 8) {
+            v8 r[8];
+            for (int q = 0; q < 8; q++) memcpy(&r[q], src + (r0 + q) * ld_s + c0, sizeof(v8));
+            transpose8(r);
+            for (int q = 0; q < 8; q++) memcpy(dst + (c0 + q) * ld_d + r0, &r[q], sizeof(v8));
+        }
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t j = r < n8 ? c8 : 0; j < c; j++) dst[j * ld_d + r] = src[r * ld_s + j];
+}
+
 /* dst (cols x n, leading dimension RT) = the transpose of src's n rows (leading dimension ld). */
 static void pack_tile(const float *src, int64_t ld, int64_t n, int64_t cols, float *dst) {
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-        const int64_t c1 = c0 + 16 < cols ? c0 + 16 : cols;
-        for (int64_t r = 0; r < n; r++) {
-            const float *s = src + r * ld;
-            for (int64_t c = c0; c < c1; c++) dst[c * RT + r] = s[c];
-        }
-    }
+    transpose_into(src, ld, n, cols, dst, RT);
 }
 
 /* dst's n rows (leading dimension ld) = the transpose of src (cols x n, leading dimension RT). */
 static void unpack_tile(const float *src, int64_t n, int64_t cols, float *dst, int64_t ld) {
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-        const int64_t c1 = c0 + 16 < cols ? c0 + 16 : cols;
-        for (int64_t r = 0; r < n; r++) {
-            float *d = dst + r * ld;
-            for (int64_t c = c0; c < c1; c++) d[c] = src[c * RT + r];
-        }
-    }
+    transpose_into(src, RT, cols, n, dst, ld);
 }
 
 void sb_spmm_rows(int64_t M, int64_t rows, int64_t cols, const int64_t *indptr, const int32_t *indices,
@@ -240,6 +272,221 @@ void sb_sddmm_rows(int64_t M, int64_t rows, int64_t cols, const int64_t *indptr,
             sddmm_add(1, rows, RT, indptr, indices, dt, 0, xt, 0, out, nthreads);
         } else {
             for (int64_t i = 0; i < rows; i++) sddmm_scalar(indptr, indices, dt, xt, RT, i, 0, n, out);
+        }
+    }
+}
+
+/* --- condensed constant fan-in layers (structure=fan_in): every row of W has the same number k of
+ * nonzeros (or none: SRigL's ablated units), so W is idx (r x k, int32 column ids) and vals (r x k)
+ * for its r rows that have them: no row pointers, and no structure of W^T (the input gradient is
+ * scattered). A Linear's activations (B x cols) come as they are: row-major (`rm`), or
+ * feature-major (cols x B, the output of a sparse layer before); the output is feature-major, yt
+ * (rows x B). The batch is cut into tiles of RT: a row-major operand's tile is transposed into a
+ * buffer in cache (8 x 8 blocks in registers) rather than the whole matrix into memory; the
+ * backward forms the weight and the input gradient in one pass over each tile, each row of the
+ * output gradient read once for both. */
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_ID omp_get_thread_num()
+#else
+#define THREAD_ID 0
+#endif
+#define FANIN_CHUNK 64 /* rows of the output gradient transposed at a time */
+
+static inline int64_t fanin_per_thread(int64_t cols) { return (2 * cols + FANIN_CHUNK + 1) * RT; }
+
+/* floats of work the two kernels below need: each thread's tile buffers, then the weight
+ * gradient's sums of all threads but the first */
+int64_t sb_fanin_work(int64_t nnz, int64_t cols, int nthreads) {
+    return nthreads * fanin_per_thread(cols) + (int64_t)(nthreads - 1) * nnz;
+}
+
+/* The tile of batch columns [b0, b0 + n) of rows [c0, c1) of a matrix with C rows, stored
+ * row-major as (B x C) when rm, else (C x B): a pointer to row c0 of it as a (c1 - c0) x RT
+ * matrix with rows *ld apart. A full feature-major tile is the matrix itself; otherwise it is
+ * copied into buf (transposed when rm), zero beyond column n. */
+static const float *tile_of(const float *a, int rm, int64_t B, int64_t C, int64_t c0, int64_t c1, int64_t b0,
+                            int64_t n, float *buf, int64_t *ld) {
+    if (!rm && n == RT) {
+        *ld = B;
+        return a + c0 * B + b0;
+    }
+    *ld = RT;
+    if (rm) pack_tile(a + b0 * C + c0, C, n, c1 - c0, buf);
+    else
+        for (int64_t c = c0; c < c1; c++) memcpy(buf + (c - c0) * RT, a + c * B + b0, (size_t)n * sizeof(float));
+    if (n < RT)
+        for (int64_t c = 0; c < c1 - c0; c++) memset(buf + c * RT + n, 0, (size_t)(RT - n) * sizeof(float));
+    return buf;
+}
+
+/* Output rows with no nonzeros (SRigL's ablated units) have no condensed row: live lists the r
+ * rows that have k each, ascending; NULL when every row does (r = rows). */
+static inline int64_t live_row(const int32_t *live, int64_t j) { return live ? live[j] : j; }
+
+/* the first condensed row whose output row is o or later */
+static inline int64_t first_live(const int32_t *live, int64_t r, int64_t o) {
+    if (!live) return o < r ? o : r;
+    int64_t lo = 0, hi = r;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (live[mid] < o) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* Threads: with at least as many batch tiles as threads, each takes whole tiles (statically, so
+ * sums are reproducible for a thread count), with its own buffers and its own weight-gradient
+ * sums, added at the end; with fewer (small batches), the tiles go one at a time and the threads
+ * split the rows (statically in the backward), each scattering into its own input-gradient
+ * buffer, added up per tile. */
+static inline int by_tiles(int64_t B, int nthreads) { return nthreads == 1 || (B + RT - 1) / RT >= nthreads; }
+
+/* the output rows [i0, i1) of one tile, from condensed row j on (tmp: RT floats, for a short tile) */
+static void fanin_fwd_rows(int64_t i0, int64_t i1, int64_t j, const int32_t *live, int64_t r, int64_t k,
+                           const int32_t *idx, const float *vals, const float *xt, int64_t ld, const float *bias,
+                           float *yt, int64_t B, int64_t b0, int64_t n, float *tmp) {
+    for (int64_t i = i0; i < i1; i++) {
+        float *out = yt + i * B + b0;
+        const float init = bias ? bias[i] : 0.0f;
+        if (j < r && live_row(live, j) == i) {
+            spmm_tile8(idx + j * k, vals + j * k, k, xt, ld, init, n == RT ? out : tmp);
+            if (n < RT) memcpy(out, tmp, (size_t)n * sizeof(float));
+            j++;
+        } else {
+            for (int64_t q = 0; q < n; q++) out[q] = init;
+        }
+    }
+}
+
+/* yt (rows x B) = W x (+ bias) */
+void sb_fanin_fwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int32_t *live, int64_t r,
+                  const int32_t *idx, const float *vals, const float *x, int x_rm, const float *bias, float *yt,
+                  float *work, int nthreads) {
+    const int64_t tiles = (B + RT - 1) / RT, per = fanin_per_thread(cols);
+    if (by_tiles(B, nthreads)) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t t = 0; t < tiles; t++) {
+            float *buf = work + THREAD_ID * per;
+            const int64_t b0 = t * RT, n = B - b0 < RT ? B - b0 : RT;
+            int64_t ld;
+            const float *xt = tile_of(x, x_rm, B, cols, 0, cols, b0, n, buf, &ld);
+            fanin_fwd_rows(0, rows, 0, live, r, k, idx, vals, xt, ld, bias, yt, B, b0, n, buf + cols * RT);
+        }
+        return;
+    }
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t b0 = t * RT, n = B - b0 < RT ? B - b0 : RT;
+        int64_t ld;
+        const float *xt = tile_of(x, x_rm, B, cols, 0, cols, b0, n, work, &ld);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+        for (int64_t i0 = 0; i0 < rows; i0 += FANIN_CHUNK) {
+            const int64_t i1 = i0 + FANIN_CHUNK < rows ? i0 + FANIN_CHUNK : rows;
+            fanin_fwd_rows(i0, i1, first_live(live, r, i0), live, r, k, idx, vals, xt, ld, bias, yt, B, b0, n,
+                           work + THREAD_ID * per + cols * RT);
+        }
+    }
+}
+
+/* For the condensed rows from j on whose output rows lie in [o0, o1) of one tile: dv[e] +=
+ * dot(dy[i], x[idx[e]]) (dv not NULL) and dx[idx[e]] += vals[e] dy[i] (dx not NULL) for each of
+ * their nonzeros e; rows of the tile RT (dx), ldd (dy, from row o0), ldx (x) apart. */
+static inline void fanin_bwd_rows(int64_t o0, int64_t o1, int64_t j, const int32_t *live, int64_t r, int64_t k,
+                                  const int32_t *idx, const float *vals, const float *dy, int64_t ldd,
+                                  const float *xt, int64_t ldx, float *dv, float *dx) {
+    for (; j < r && live_row(live, j) < o1; j++) {
+        vf d[8];
+        for (int v = 0; v < 8; v++) d[v] = loadu(dy + (live_row(live, j) - o0) * ldd + v * VL);
+        for (int64_t e = j * k; e < (j + 1) * k; e++) {
+            if (dv) {
+                const float *xr = xt + (int64_t)idx[e] * ldx;
+                vf s0 = d[0] * loadu(xr), s1 = d[1] * loadu(xr + VL);
+                for (int v = 2; v < 8; v += 2) {
+                    s0 += d[v] * loadu(xr + v * VL);
+                    s1 += d[v + 1] * loadu(xr + (v + 1) * VL);
+                }
+                dv[e] += hsum(s0 + s1);
+            }
+            if (dx) {
+                float *dr = dx + (int64_t)idx[e] * RT;
+                const vf w = (vf){0} + vals[e];
+                for (int v = 0; v < 8; v++) storeu(dr + v * VL, loadu(dr + v * VL) + w * d[v]);
+            }
+        }
+    }
+}
+
+/* the output-gradient rows [o0, o1) of one tile (dy packed into dbuf where it must be) */
+static inline void fanin_bwd_chunk(int64_t o0, int64_t o1, const int32_t *live, int64_t r, int64_t k,
+                                   const int32_t *idx, const float *vals, const float *dy, int dy_rm, int64_t B,
+                                   int64_t rows, int64_t b0, int64_t n, float *dbuf, const float *xt, int64_t ldx,
+                                   float *dv, float *dx) {
+    int64_t ldd;
+    const float *dt = tile_of(dy, dy_rm, B, rows, o0, o1, b0, n, dbuf, &ldd);
+    const int64_t j = first_live(live, r, o0);
+    /* three copies of the loop, each with the branches resolved */
+    if (dv && dx) fanin_bwd_rows(o0, o1, j, live, r, k, idx, vals, dt, ldd, xt, ldx, dv, dx);
+    else if (dv) fanin_bwd_rows(o0, o1, j, live, r, k, idx, vals, dt, ldd, xt, ldx, dv, NULL);
+    else fanin_bwd_rows(o0, o1, j, live, r, k, idx, vals, dt, ldd, NULL, 0, NULL, dx);
+}
+
+/* dv (r x k) = the gradient of vals, and dxt (cols x B) = W^T dy, either may be NULL; dy is
+ * the output gradient (B x rows) row-major when dy_rm, else (rows x B). */
+void sb_fanin_bwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int32_t *live, int64_t r,
+                  const int32_t *idx, const float *vals, const float *x, int x_rm, const float *dy, int dy_rm,
+                  float *dv, float *dxt, float *work, int nthreads) {
+    const int64_t tiles = (B + RT - 1) / RT, per = fanin_per_thread(cols), nnz = r * k;
+    float *sums = work + (int64_t)nthreads * per;
+    if (dv) memset(dv, 0, (size_t)nnz * sizeof(float));
+    if (by_tiles(B, nthreads)) {
+        if (dv) memset(sums, 0, (size_t)(nthreads - 1) * nnz * sizeof(float));
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t t = 0; t < tiles; t++) {
+            const int tid = THREAD_ID;
+            float *xbuf = work + tid * per, *dx = xbuf + cols * RT, *dbuf = dx + cols * RT;
+            float *dvt = dv == NULL ? NULL : tid == 0 ? dv : sums + (tid - 1) * nnz;
+            const int64_t b0 = t * RT, n = B - b0 < RT ? B - b0 : RT;
+            int64_t ldx = 0;
+            const float *xt = dv ? tile_of(x, x_rm, B, cols, 0, cols, b0, n, xbuf, &ldx) : NULL;
+            if (dxt) memset(dx, 0, (size_t)(cols * RT) * sizeof(float));
+            for (int64_t o0 = 0; o0 < rows; o0 += FANIN_CHUNK)
+                fanin_bwd_chunk(o0, o0 + FANIN_CHUNK < rows ? o0 + FANIN_CHUNK : rows, live, r, k, idx, vals, dy,
+                                dy_rm, B, rows, b0, n, dbuf, xt, ldx, dvt, dxt ? dx : NULL);
+            if (dxt)
+                for (int64_t c = 0; c < cols; c++) memcpy(dxt + c * B + b0, dx + c * RT, (size_t)n * sizeof(float));
+        }
+        if (dv)
+            for (int u = 1; u < nthreads; u++)
+                for (int64_t j = 0; j < nnz; j++) dv[j] += sums[(u - 1) * nnz + j];
+        return;
+    }
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t b0 = t * RT, n = B - b0 < RT ? B - b0 : RT;
+        int64_t ldx = 0;
+        const float *xt = dv ? tile_of(x, x_rm, B, cols, 0, cols, b0, n, work, &ldx) : NULL;
+#pragma omp parallel num_threads(nthreads)
+        {
+            const int tid = THREAD_ID;
+            float *dx = work + tid * per + cols * RT, *dbuf = dx + cols * RT;
+            if (dxt) memset(dx, 0, (size_t)(cols * RT) * sizeof(float));
+            /* rows apart: dv written directly; statically, so each thread's input-gradient sums (and
+             * so their total) are the same from run to run */
+#pragma omp for schedule(static)
+            for (int64_t o0 = 0; o0 < rows; o0 += FANIN_CHUNK)
+                fanin_bwd_chunk(o0, o0 + FANIN_CHUNK < rows ? o0 + FANIN_CHUNK : rows, live, r, k, idx, vals, dy,
+                                dy_rm, B, rows, b0, n, dbuf, xt, ldx, dv, dxt ? dx : NULL);
+            if (dxt) {
+#pragma omp for schedule(static)
+                for (int64_t c = 0; c < cols; c++) {
+                    float *out = dxt + c * B + b0;
+                    memcpy(out, work + cols * RT + c * RT, (size_t)n * sizeof(float));
+                    for (int u = 1; u < nthreads; u++) {
+                        const float *src = work + u * per + cols * RT + c * RT;
+                        for (int64_t q = 0; q < n; q++) out[q] += src[q];
+                    }
+                }
+            }
         }
     }
 }
