@@ -5,6 +5,8 @@ compile on the GPU, DDP over NCCL where two GPUs exist."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -16,6 +18,8 @@ from sparse_bench.sparsity.ops import largest_inactive, smallest_active
 from sparse_bench.sparsity.structure import Structure
 from sparse_bench.train.precision import Amp
 from sparse_bench.train.trainer import hooked_step
+
+from conftest import compose, read_jsonl
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 CUDA = torch.device("cuda")
@@ -129,6 +133,24 @@ def test_two_four_linear_matches_the_masked_product(dtype):
     assert not bool(w.grad[~mask].any())  # inactive weights get no gradient
     torch.testing.assert_close(b.grad, b2.grad, rtol=2e-2, atol=5e-2)
 
+
+
+def test_two_four_layers_train_under_execution_sparse(tmp_path):
+    """execution=sparse under structure=nm (2:4) in bf16: the Linear layers the 2:4 tensors take
+    run masked with the semi-structured forward product (plan entry "2:4") and the model trains."""
+    from sparse_bench.run import run
+    from sparse_bench.sparsity.execution import engine, semistructured
+
+    if not semistructured.available(CUDA):
+        pytest.skip("no semi-structured sparse support on this GPU")
+    cfg = compose(["dataset=digits", "model=mlp", "model.hidden=[128]", "schedule=constant", "schedule.epochs=2",
+                   "method=rigl", "method.update_every=4", "structure=nm", "density=0.5", "precision=bf16",
+                   "execution=sparse", "device=cuda", "logger=none", "progress=false", f"paths.runs={tmp_path}"])
+    run(cfg)
+    plan = json.loads((tmp_path / cfg.run_name / "execution.json").read_text())["plan"]
+    assert plan["net.0.weight"] == engine.TWO_FOUR
+    records = [r for r in read_jsonl(tmp_path / cfg.run_name / "metrics.jsonl") if "train/loss" in r]
+    assert records[-1]["train/loss"] < records[0]["train/loss"]
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_and_compile_on_cuda(precision):

@@ -20,7 +20,7 @@ from sparse_bench.sparsity.methods import MethodContext, build_method
 from sparse_bench.sparsity.structure import Structure
 from sparse_bench.train.trainer import hooked_step
 
-from conftest import compose, read_jsonl
+from conftest import Crash, compose, killed_after, read_jsonl
 
 KEEPERS = sorted(n for n, impl in IMPLEMENTATIONS["method"].items() if getattr(impl, "keeps_structure", False))
 
@@ -385,3 +385,38 @@ def test_structured_gse_trains_the_same_sparse_as_masked(tmp_path, structure):
         for k in ("train/loss", "test/loss", "mask/grown"):
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+
+
+def test_execution_sparse_runs_two_four_layers_on_semi_structured_products(tmp_path, monkeypatch):
+    """execution=sparse under a 2:4 structure where the semi-structured product is available (a
+    CUDA GPU of sm >= 80; here on the CPU, with the compression replaced by the dense cast it
+    stands for): the Linear layers whose shape the 2:4 tensors take stay masked layers with that
+    forward product (plan entry "2:4"), the others become CSR layers; training matches
+    execution=masked, and a resumed run rebuilds the same layers and ends bit-identical."""
+    from sparse_bench.sparsity.execution import engine, semistructured
+
+    compressed = []
+    monkeypatch.setattr(semistructured, "available", lambda device=None: True)
+    monkeypatch.setattr(semistructured, "compress", lambda w, dtype: compressed.append(w.shape) or w.to(dtype))
+    over = [*BASE, "schedule.epochs=2", "method=rigl", "method.update_every=2", "structure=nm", "density=0.5",
+            "precision=bf16"]
+    runs = {}
+    for name, execution in (("masked", "masked"), ("sparse", "sparse"), ("resumed", "sparse")):
+        cfg = compose([*over, f"execution={execution}", f"paths.runs={tmp_path / name}"])
+        if name == "resumed":
+            with killed_after(monkeypatch, 1), pytest.raises(Crash):
+                run(cfg)
+            compressed.clear()
+        run(cfg)
+        runs[name] = tmp_path / name / cfg.run_name
+    assert compressed and set(compressed) == {(32, 64)}  # after the resume too; the 10 x 32 layer does not fit
+    plan = json.loads((runs["sparse"] / "execution.json").read_text())["plan"]
+    assert plan == {"net.0.weight": engine.TWO_FOUR, "net.2.weight": "sparse"}
+    metrics = {k: read_jsonl(d / "metrics.jsonl") for k, d in runs.items()}
+    assert any(r.get("mask/grown", 0) > 0 for r in metrics["sparse"])
+    for a, b in zip(metrics["masked"], metrics["sparse"], strict=True):
+        if "train/loss" in a:  # the same bf16 products, the bias added after the sparse one
+            assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-3)
+    timing = ("time", "throughput/", "sparse/rebuild")
+    assert [{k: v for k, v in r.items() if not k.startswith(timing)} for r in metrics["sparse"]] == \
+        [{k: v for k, v in r.items() if not k.startswith(timing)} for r in metrics["resumed"]]

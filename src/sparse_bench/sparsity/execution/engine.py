@@ -16,6 +16,10 @@ and, around each, the engine's ``before`` and ``after``. With them it
 * after every hook, closes any dense view a method's update left open (``MaskSet.dense_view``)
   and logs the cost of rebuilding the sparse structures as ``sparse/rebuild_s``.
 
+Under ``execution=sparse`` on a GPU with 2:4 sparse tensor cores and a structure of at most 2 in
+4, the Linear layers the 2:4 tensors take stay masked and run their forward product on them
+(``semistructured.TwoFourLinear``; plan entry ``TWO_FOUR``) instead of becoming CSR layers.
+
 ``execution=auto`` times, per layer, a forward and backward of the masked (dense) layer and of
 the sparse layer on the layer's own input shape and density, keeps the faster, and logs the
 choice; the plan is saved in the run folder (``execution.json``) so a resumed run rebuilds the
@@ -45,13 +49,15 @@ from torch import nn
 from ...errors import ConfigError, RunFailed
 from ...sidefiles import read_object
 from ...train.checkpoint import atomic_write_json
-from . import kernels
+from . import kernels, semistructured
 from .layers import DenseGradControl, SparseConv2d, SparseLayer, keep_channel_major, sparse_twin
 
 log = logging.getLogger("sparse_bench")
 
 EXECUTIONS = ("masked", "sparse", "auto")
 PLAN_FILE = "execution.json"
+#: the plan entry of a Linear run masked with its forward product on 2:4 semi-structured tensors
+TWO_FOUR = "2:4: masked, the forward product on semi-structured tensors"
 #: execution=sparse: a prunable Linear / Conv2d whose dense weight would hold more than this many
 #: weights (1 GiB in float32) is built without one (see build_model_for)
 DENSE_BUILD_LIMIT = 1 << 28
@@ -296,6 +302,7 @@ class Execution:
         cands = self.candidates()
         chosen: dict[int, type] = {}
         saved = self._load_plan() if resume else None
+        self._two_four(cands, saved)
         if saved is not None:
             chosen = {i: c for i, c in cands.items() if saved.get(masks.names[i]) == "sparse"}
             for i in cands:
@@ -319,6 +326,25 @@ class Execution:
                                   f"inactive weights, supported for optimizer=sgd/adam/adamw, not {kind}")
         self._save_plan()
         self._report()
+
+    def _two_four(self, cands: dict[int, type], saved: dict[str, str] | None) -> None:
+        """execution=sparse where 2:4 semi-structured products are available (CUDA, sm >= 80) under
+        a structure of at most 2 in 4: its Linear layers stay masked layers whose forward product
+        runs on the 2:4 tensors (semistructured.TwoFourLinear) instead of becoming CSR layers; a
+        resumed run does so for the layers its plan names. Taken out of `cands`."""
+        masks = self.method.masks
+        for i in list(cands):
+            name, owner = masks.names[i], masks.owners[i]
+            if owner is None or masks.layers[i] is not None:
+                continue
+            if saved is not None:
+                want = saved.get(name) == TWO_FOUR
+            else:
+                want = self.mode == "sparse" and semistructured.routes(owner[0], masks.structure)
+            if want:
+                owner[0].__class__ = semistructured.TwoFourLinear  # the class only: parameters and state stay
+                self.plan[name] = TWO_FOUR
+                del cands[i]
 
     @torch.no_grad()
     def _convert_one(self, i: int, cls, resume: bool) -> None:

@@ -1,27 +1,29 @@
 """2:4 linear layers on CUDA through torch's semi-structured sparse tensors (cuSPARSELt or CUTLASS).
 
 A layer whose mask keeps at most 2 of every 4 consecutive weights along the input dimension
-(``structure=nm`` with n=2, m=4) multiplies in the forward pass with its weight compressed to
-the 2:4 format (``torch.sparse.to_sparse_semi_structured``): half the multiply-adds, on the
+(``structure=nm`` with m=4 and n <= 2) multiplies in the forward pass with its weight compressed
+to the 2:4 format (``torch.sparse.to_sparse_semi_structured``): half the multiply-adds, on the
 sparse tensor cores of Ampere and Hopper GPUs. The weight changes every step, so it is
 compressed again in every forward (one small kernel, as torchao's 2:4 training does).
 
-The backward pass: the weight gradient is the dense product masked (the methods read it dense:
-RigL and sparse momentum grow from it), and the input gradient is ``grad_out @ W``, whose sparse
-operand would be W's transpose, which is not 2:4 along its rows; both run as dense GEMMs. So the
-forward is the only sparse product, and a 2:4 layer's training step does 1/2 + 1 + 1 of the
-dense step's work (5/6).
+The backward pass: the weight gradient is the dense product (masked, when a mask is given; the
+methods read it dense: RigL and sparse momentum grow from it), and the input gradient is
+``grad_out @ W``, whose sparse operand would be W's transpose, which is not 2:4 along its rows;
+both run as dense GEMMs. So the forward is the only sparse product, and a 2:4 layer's training
+step does 1/2 + 1 + 1 of the dense step's work (5/6).
 
 Semi-structured tensors need float16 or bfloat16 here (under ``precision=bf16|fp16``, the
 autocast dtype) and a GPU of compute capability 8.0 or newer; ``available()`` says whether this
-process has both. The execution engine does not route 2:4 layers here: on the H200 measured,
-the product was slower than the dense bf16 one (BENCHMARKS.md); the CUDA tests and the device
-check keep it measured.
+process has both. ``execution=sparse`` on such a GPU runs the Linear layers of a 2:4 (or 1:4)
+structure as ``TwoFourLinear``: masked layers (dense weight, the mask kept by the method as for
+``execution=masked``) whose forward product is this one; ``execution=auto`` does not consider it
+(on the H200 measured, the product was slower than the dense bf16 one: BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -68,7 +70,7 @@ class _TwoFourLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, mask, bias):
         dtype = x.dtype if x.dtype in DTYPES else torch.bfloat16
-        w = weight * mask
+        w = weight if mask is None else weight * mask
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         y = F.linear(x2, compress(w, dtype))
@@ -83,13 +85,39 @@ class _TwoFourLinear(torch.autograd.Function):
         x2, w, mask = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(w.dtype)
         grad_x = (g @ w).reshape(*grad_out.shape[:-1], w.shape[1]).to(ctx.in_dtype)
-        grad_w = ((g.t() @ x2).float() * mask).to(ctx.w_dtype)
+        grad_w = (g.t() @ x2).float()
+        grad_w = (grad_w if mask is None else grad_w * mask).to(ctx.w_dtype)
         grad_b = g.float().sum(0).to(ctx.w_dtype) if ctx.has_bias else None
         return grad_x, grad_w, None, grad_b
 
 
-def two_four_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
+def two_four_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight * mask, bias)`` with the forward product on 2:4 sparse tensor cores;
-    the result is in the half-precision dtype (x's, or bfloat16 for a float32 x)."""
+    the result is in the half-precision dtype (x's, or bfloat16 for a float32 x). mask None: the
+    weight is 2:4 already (zeros where inactive) and its gradient is dense, as nn.Linear's."""
     return _TwoFourLinear.apply(x, weight, mask, bias)
+
+
+def routes(mod: nn.Module, structure) -> bool:
+    """Whether execution=sparse runs `mod` as a TwoFourLinear: an nn.Linear whose mask keeps at
+    most 2 of every 4 consecutive inputs (`structure`, sparsity.structure.Structure), of a shape
+    the semi-structured tensors take, on a device where the product is available."""
+    return (type(mod) is nn.Linear and structure.kind == "nm" and structure.m == 4 and structure.n <= 2
+            and available(mod.weight.device) and any(fits(tuple(mod.weight.shape), d) for d in DTYPES))
+
+
+class TwoFourLinear(nn.Linear):
+    """nn.Linear (same parameters and state) whose forward product runs on 2:4 semi-structured
+    tensors under half-precision autocast (or half inputs) where the weight's shape fits them; its
+    weight is a masked layer's, zero where inactive, so it is 2:4 as it is. Otherwise, and in
+    float32, the plain nn.Linear product. Run eagerly under torch.compile."""
+
+    @torch.compiler.disable
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        if dtype in DTYPES and fits(tuple(self.weight.shape), dtype):
+            with torch.autocast(kind, enabled=False):
+                return two_four_linear(x.to(dtype), self.weight, None, self.bias)
+        return super().forward(x)
