@@ -194,7 +194,7 @@ MODELS = {
 }
 
 
-def build_variant(model_name: str, variant: str, density: float, method: str):
+def build_variant(model_name: str, variant: str, density: float, method: str, structure: str = "unstructured"):
     cfg, shape, batch = MODELS[model_name]
     torch.manual_seed(0)
     model = build_model(OmegaConf.create(cfg), shape, 10).to(DEVICE)
@@ -211,7 +211,8 @@ def build_variant(model_name: str, variant: str, density: float, method: str):
             mcfg[key] = value
     ctx = MethodContext(model=model, optimizer=opt, density=density, epochs=1, steps_per_epoch=10**6,
                         device=DEVICE, generator=torch.Generator().manual_seed(1),
-                        loss_fn=nn.CrossEntropyLoss(), batches=lambda n, key=0: [(x, y)])
+                        loss_fn=nn.CrossEntropyLoss(), batches=lambda n, key=0: [(x, y)],
+                        structure=Structure("unstructured" if variant == "dense" else structure))
     inner = build_method(mcfg, ctx)
     m = Execution(inner, "masked" if variant == "dense" else variant, opt, model, batches=lambda n, key=0: [(x, y)])
     call_hook(inner, [m], "setup")
@@ -241,14 +242,29 @@ def build_variant(model_name: str, variant: str, density: float, method: str):
 
 
 def table_models(a):
-    print(f"# training steps (forward, backward, SGD+Nesterov, mask upkeep; method={a.method}), {machine()}")
+    print(f"# training steps (forward, backward, SGD+Nesterov, mask upkeep; method={a.method}, "
+          f"structure={a.structure}), {machine()}")
     print("| model | density | dense ms | masked ms (min/med) | sparse ms (min/med) | auto ms | sparse vs masked "
           "| auto's choice | MiB resident dense/masked/sparse | MiB peak dense/masked/sparse |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    if a.structure == "fan_in":
+        print("# structure=fan_in: 'our CSR' is the sparse variant with its layers' condensed fan-in kernels off")
     for model_name in a.models:
         for d in a.densities:
-            built = {v: build_variant(model_name, v, d, a.method) for v in ("dense", "masked", "sparse", "auto")}
-            t = interleaved({v: b[0] for v, b in built.items()}, a.rounds, a.steps)
+            built = {v: build_variant(model_name, v, d, a.method, a.structure)
+                     for v in ("dense", "masked", "sparse", "auto")}
+            fns = {v: b[0] for v, b in built.items()}
+            if a.structure == "fan_in":
+                step, _, m = build_variant(model_name, "sparse", d, a.method, a.structure)
+                for layer in m.method.masks.layers:
+                    if layer is not None:
+                        layer._k = (0, None)  # the CSR kernels on the same masks
+                fns["our CSR"] = step
+            t = interleaved(fns, a.rounds, a.steps)
+            if "our CSR" in t:
+                c = t["our CSR"]
+                print(f"# {model_name} {d:.0%}: our CSR {ms(c[0])}/{ms(c[1])} ms, condensed "
+                      f"{ms(t['sparse'][0])}/{ms(t['sparse'][1])} ms: {c[0] / t['sparse'][0]:.2f}x", flush=True)
             plan = built["auto"][2].plan
             n_sparse = sum(v == "sparse" for v in plan.values())
             masked = [k.rsplit(".", 1)[0] for k, v in plan.items() if v != "sparse"]
@@ -397,6 +413,8 @@ def main():
     ap.add_argument("--models", nargs="+", default=["lenet300_100", "lenet5_caffe", "mlp4096"],
                     help=f"of {', '.join(MODELS)} (default: the three small ones)")
     ap.add_argument("--method", default="static")
+    ap.add_argument("--structure", choices=["unstructured", "fan_in"], default="unstructured",
+                    help="models table: the masks' structure (fan_in: condensed kernels, beside our CSR ones)")
     ap.add_argument("--widths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
     ap.add_argument("--active", type=int, default=65536)
     ap.add_argument("--batch", type=int, default=128)
