@@ -420,3 +420,41 @@ def test_execution_sparse_runs_two_four_layers_on_semi_structured_products(tmp_p
     timing = ("time", "throughput/", "sparse/rebuild")
     assert [{k: v for k, v in r.items() if not k.startswith(timing)} for r in metrics["sparse"]] == \
         [{k: v for k, v in r.items() if not k.startswith(timing)} for r in metrics["resumed"]]
+
+
+def test_two_four_layer_runs_the_dense_product_while_its_mask_is_not_two_four(monkeypatch):
+    """A TwoFourLinear multiplies on 2:4 tensors only while its mask is 2:4 (a pruning method's
+    masks start dense, AC/DC's dense phases are dense): checked again whenever the mask changes,
+    in place or replaced; in float32 always the plain product."""
+    from sparse_bench.sparsity.execution import semistructured
+
+    compressed = []
+    monkeypatch.setattr(semistructured, "compress", lambda w, dtype: compressed.append(1) or w.to(dtype))
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    layer.__class__ = semistructured.TwoFourLinear
+    two_four = Structure("nm", 2, 4).random_masks([(32, 64)], [0], torch.Generator().manual_seed(0))[0]
+    x = torch.randn(5, 64)
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x)
+
+    layer.mask = torch.ones(32, 64, dtype=torch.bool)  # dense
+    forward()
+    assert not compressed
+    layer.mask.copy_(two_four)  # pruned to 2:4 in place
+    with torch.no_grad():
+        layer.weight.mul_(two_four)
+    y = forward()
+    assert len(compressed) == 1 and y.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(y, nn.functional.linear(x, layer.weight, layer.bias), rtol=2e-2, atol=0.1)
+    layer(x)  # float32: the plain product
+    assert len(compressed) == 1
+    layer.mask = torch.ones(32, 64, dtype=torch.bool)  # replaced by a dense one (AC/DC's dense phase)
+    forward()
+    assert len(compressed) == 1
+    layer.mask = two_four.clone()
+    forward()
+    assert len(compressed) == 2

@@ -161,6 +161,7 @@ class Execution:
         self.timings: dict[str, tuple[float, float]] = {}
         self.whole_model_ms: dict[str, float] = {}  # auto: whole training steps per plan (see _whole_model)
         self.active = False  # any layer sparse
+        self.two_four: list[tuple[nn.Module, int]] = []  # TwoFourLinear layers and their mask entries
         masks = method.masks
         if mode != "masked" and masks is not None:
             support = getattr(method, "sparse_execution", True)
@@ -343,8 +344,15 @@ class Execution:
                 want = self.mode == "sparse" and semistructured.routes(owner[0], masks.structure)
             if want:
                 owner[0].__class__ = semistructured.TwoFourLinear  # the class only: parameters and state stay
+                self.two_four.append((owner[0], i))
                 self.plan[name] = TWO_FOUR
                 del cands[i]
+        self._point_two_four()
+
+    def _point_two_four(self) -> None:
+        """Give each TwoFourLinear its current mask (a method may have replaced the tensor)."""
+        for mod, i in self.two_four:
+            mod.mask = self.method.masks.masked_entry(i)[1]
 
     @torch.no_grad()
     def _convert_one(self, i: int, cls, resume: bool) -> None:
@@ -498,6 +506,8 @@ class Execution:
 
     # --- the hook: before and after each of the method's hooks (methods.base.call_hook) ----------
     def before(self, name: str, *args) -> None:
+        if name == "before_forward" and self.two_four:
+            self._point_two_four()
         if name == "before_forward" and self.active:  # this step's backward forms dense gradients?
             self.control.grads = {}
             self.control.dense = bool(self.method.wants_dense_grad(args[0]))

@@ -295,17 +295,10 @@ def _either_major(a: torch.Tensor) -> tuple[torch.Tensor, int]:
     return a.contiguous(), 1
 
 
-_scratch = threading.local()
-
-
-def _fanin_work(b: int, idx: torch.Tensor, cols: int) -> torch.Tensor:
-    """The fan-in kernels' work buffer: one per Python thread, kept and grown as needed (a fresh
-    one of a few MiB every call costs its page faults each time, serialised across threads)."""
-    n = _lib.sb_fanin_work(idx.numel(), cols, torch.get_num_threads())
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
-    return buf
+def _fanin_work(idx: torch.Tensor, cols: int) -> torch.Tensor:
+    """The fan-in kernels' buffers: each thread's tiles (about 2 x cols x 128 floats), and its
+    weight-gradient sums."""
+    return torch.empty(_lib.sb_fanin_work(idx.numel(), cols, torch.get_num_threads()), dtype=torch.float32)
 
 
 def fanin_forward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, rows: int,
@@ -320,7 +313,7 @@ def fanin_forward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, bias: 
     xm, rm = _either_major(x)
     yt = torch.empty(rows, b, dtype=x.dtype)
     bias = None if bias is None else bias.detach().contiguous()
-    vals, work = vals.detach().contiguous(), _fanin_work(b, idx, cols)  # held until the call returns
+    vals, work = vals.detach().contiguous(), _fanin_work(idx, cols)  # held until the call returns
     _lib.sb_fanin_fwd(b, rows, cols, k, _ptr(live), r, idx.data_ptr(), vals.data_ptr(), xm.data_ptr(), rm,
                       _ptr(bias), yt.data_ptr(), work.data_ptr(), torch.get_num_threads())
     return yt
@@ -337,7 +330,7 @@ def fanin_backward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, dy: t
     dym, dy_rm = _either_major(dy)
     dv = torch.empty(r, k, dtype=dy.dtype) if want_values else None
     dxt = torch.empty(cols, b, dtype=dy.dtype) if want_input else None
-    vals, work = vals.detach().contiguous(), _fanin_work(b, idx, cols)  # held until the call returns
+    vals, work = vals.detach().contiguous(), _fanin_work(idx, cols)  # held until the call returns
     _lib.sb_fanin_bwd(b, rows, cols, k, _ptr(live), r, idx.data_ptr(), vals.data_ptr(), xm.data_ptr(), x_rm,
                       dym.data_ptr(), dy_rm, _ptr(dv), _ptr(dxt), work.data_ptr(), torch.get_num_threads())
     return dv, dxt

@@ -16,7 +16,8 @@ Semi-structured tensors need float16 or bfloat16 here (under ``precision=bf16|fp
 autocast dtype) and a GPU of compute capability 8.0 or newer; ``available()`` says whether this
 process has both. ``execution=sparse`` on such a GPU runs the Linear layers of a 2:4 (or 1:4)
 structure as ``TwoFourLinear``: masked layers (dense weight, the mask kept by the method as for
-``execution=masked``) whose forward product is this one; ``execution=auto`` does not consider it
+``execution=masked``) whose forward product is this one while their mask is 2:4;
+``execution=auto`` does not consider it
 (on the H200 measured, the product was slower than the dense bf16 one: BENCHMARKS.md).
 """
 
@@ -26,7 +27,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..structure import Structure
+
 DTYPES = (torch.float16, torch.bfloat16)
+#: what the semi-structured tensors hold: at most 2 of every 4 consecutive weights along a row
+TWO_FOUR = Structure("nm", 2, 4)
 
 
 def available(device: torch.device | None = None) -> bool:
@@ -99,25 +104,40 @@ def two_four_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | 
     return _TwoFourLinear.apply(x, weight, mask, bias)
 
 
-def routes(mod: nn.Module, structure) -> bool:
+def routes(mod: nn.Module, structure: Structure) -> bool:
     """Whether execution=sparse runs `mod` as a TwoFourLinear: an nn.Linear whose mask keeps at
-    most 2 of every 4 consecutive inputs (`structure`, sparsity.structure.Structure), of a shape
-    the semi-structured tensors take, on a device where the product is available."""
+    most 2 of every 4 consecutive inputs (`structure`), of a shape the semi-structured tensors
+    take, on a device where the product is available."""
     return (type(mod) is nn.Linear and structure.kind == "nm" and structure.m == 4 and structure.n <= 2
             and available(mod.weight.device) and any(fits(tuple(mod.weight.shape), d) for d in DTYPES))
 
 
 class TwoFourLinear(nn.Linear):
-    """nn.Linear (same parameters and state) whose forward product runs on 2:4 semi-structured
-    tensors under half-precision autocast (or half inputs) where the weight's shape fits them; its
-    weight is a masked layer's, zero where inactive, so it is 2:4 as it is. Otherwise, and in
-    float32, the plain nn.Linear product. Run eagerly under torch.compile."""
+    """nn.Linear (same parameters and state) of a masked layer whose forward product runs on 2:4
+    semi-structured tensors under half-precision autocast (or half inputs), where the weight's
+    shape fits them and its mask (``mask``, set by the execution engine before each forward) keeps
+    at most 2 of every 4 inputs: the weight, zero where inactive, is then 2:4 as it is. Otherwise
+    (a method's dense phase, float32) the plain nn.Linear product. Whether the mask is 2:4 is
+    checked once per mask change (one host sync then, none per step). Run eagerly under
+    torch.compile."""
+
+    mask: torch.Tensor | None = None
+    _checked: tuple | None = None  # (the mask checked, its version, whether it is 2:4)
+
+    def _mask_is_two_four(self) -> bool:
+        m = self.mask
+        if m is None:
+            return False
+        c = self._checked
+        if c is None or c[0] is not m or c[1] != m._version:  # the mask object holds on to its id
+            self._checked = c = (m, m._version, TWO_FOUR.violations(m) == 0)
+        return c[2]
 
     @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = x.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-        if dtype in DTYPES and fits(tuple(self.weight.shape), dtype):
+        if dtype in DTYPES and fits(tuple(self.weight.shape), dtype) and self._mask_is_two_four():
             with torch.autocast(kind, enabled=False):
                 return two_four_linear(x.to(dtype), self.weight, None, self.bias)
         return super().forward(x)
