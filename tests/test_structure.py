@@ -114,6 +114,20 @@ def test_structure_holds_after_init_and_every_update(name, structure):
         assert len(updates) == 4 and sum(updates) > 0  # the masks did change, within the structure
 
 
+
+def test_block_drops_rank_blocks_by_the_scores_the_drop_used():
+    """Under blocks the drop's scores are made once per update: RigL's drop noise is drawn once,
+    and the blocks are ranked by the same noisy scores the drop chose from."""
+    torch.manual_seed(0)
+    model = Net()
+    method, opt, x, y = _method("rigl", BLOCKS[0], 0.2, model, drop_noise=1e-3)
+    method.setup()
+    made = []
+    real = type(method).drop_scores
+    method.drop_scores = lambda u: made.append(u.step) or real(method, u)
+    _train(method, opt, model, x, y, 5, lambda old, before: None)
+    assert made and len(made) == len(set(made))  # one set of scores per update
+
 @pytest.mark.parametrize("structure", [Structure("nm", 2, 4), Structure("fan_in"), BLOCKS[0]])
 def test_topkast_chooses_both_sets_within_the_structure(structure):
     """Top-KAST's forward set A (the masks) keeps the structure after every re-selection, its

@@ -107,6 +107,7 @@ class Update:
     after: list[torch.Tensor] = field(default_factory=list)  # old minus dropped
     grown: list[torch.Tensor] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # a method's own intermediate values (its record)
+    scores: list[torch.Tensor] | None = None  # the drop scores, made once (DropAndGrow.scores)
 
 
 class DropAndGrow(ScheduledUpdates, RandomInitMixin, Method):
@@ -140,8 +141,15 @@ class DropAndGrow(ScheduledUpdates, RandomInitMixin, Method):
             return min(int(math.floor(u.rate * sum(u.nnz))), sum(u.nnz))
         return [min(int(math.floor(u.rate * k)), k) for k in u.nnz]
 
+    def scores(self, u: Update) -> list[torch.Tensor]:
+        """This update's drop_scores, made once: the drop and, under ``structure=block``, the
+        ranking of whole blocks read the same (RigL's drop noise is drawn once)."""
+        if u.scores is None:
+            u.scores = self.drop_scores(u)
+        return u.scores
+
     def drop(self, u: Update) -> list[torch.Tensor]:
-        return smallest(self.drop_scores(u), u.old, self.drop_budget(u), self.masks.floor)
+        return smallest(self.scores(u), u.old, self.drop_budget(u), self.masks.floor)
 
     def grow_scores(self, u: Update) -> list[torch.Tensor]:  # pragma: no cover - every method says
         raise NotImplementedError
@@ -191,7 +199,7 @@ class DropAndGrow(ScheduledUpdates, RandomInitMixin, Method):
             u.dropped = self.drop(u)
             if self.structure.kind == "block":  # whole blocks, as many as the method's drop took
                 u.dropped = [self.structure.whole_drops(d, o, s)
-                             for d, o, s in zip(u.dropped, u.old, self.drop_scores(u))]
+                             for d, o, s in zip(u.dropped, u.old, self.scores(u))]
             u.after = [m & ~d for m, d in zip(u.old, u.dropped)]
             u.grown = self.grow(u)
             self.commit(u.old, u.dropped, u.grown)

@@ -142,7 +142,7 @@ class DSR(DropAndGrow):
 
     def drop(self, u: Update) -> list[torch.Tensor]:
         """1. every active weight under the global threshold goes (a layer's largest stays)."""
-        guarded = guard_layers(self.drop_scores(u), u.old, self.masks.floor)
+        guarded = guard_layers(self.scores(u), u.old, self.masks.floor)
         return [m & (w < u.rate) for w, m in zip(guarded, u.old)]
 
     def grow(self, u: Update) -> list[torch.Tensor]:
