@@ -349,9 +349,10 @@ def test_rigl_growth_from_statistics_batches_is_the_same_sparse_as_masked(tmp_pa
 
 
 
-def test_srigl_trains_the_same_on_condensed_fan_in_layers_as_masked(tmp_path, monkeypatch):
+def test_srigl_trains_the_same_on_condensed_fan_in_layers_as_masked(tmp_path, monkeypatch, caplog):
     """SRigL (structure=fan_in, units ablated and restored) on sparse layers, which run the
-    condensed kernels between its updates, trains the same model as on masked layers."""
+    condensed kernels between its updates (and the log says so), trains the same model as on
+    masked layers."""
     monkeypatch.setenv("SPARSE_BENCH_KERNELS", "auto")
     if kernels.backend() != "c":
         pytest.skip("no C compiler on this machine")
@@ -359,7 +360,10 @@ def test_srigl_trains_the_same_on_condensed_fan_in_layers_as_masked(tmp_path, mo
     forward = kernels.fanin_forward
     monkeypatch.setattr(kernels, "fanin_forward", lambda *a: calls.append(a[-1] is not None) or forward(*a))
     extra = ["structure=fan_in", "method.update_every=4", "method.min_salient_weights_per_neuron=0.9"]
-    a, b = _run(tmp_path, "srigl", "masked", extra), _run(tmp_path, "srigl", "sparse", extra)
+    a = _run(tmp_path, "srigl", "masked", extra)
+    with caplog.at_level(logging.INFO, logger="sparse_bench"):
+        b = _run(tmp_path, "srigl", "sparse", extra)
+    assert "3 of 3 prunable layers sparse (kernels: c); 3 Linear on the condensed fan-in kernels" in caplog.text
     ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
     assert any(r.get("srigl/ablated", 0) > 0 for r in ra), "units must be ablated for this test to mean anything"
     assert any(calls) and not all(calls)  # condensed layers with ablated units, and without

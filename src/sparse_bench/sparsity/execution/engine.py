@@ -50,7 +50,7 @@ from ...errors import ConfigError, RunFailed
 from ...sidefiles import read_object
 from ...train.checkpoint import atomic_write_json
 from . import kernels, semistructured
-from .layers import DenseGradControl, SparseConv2d, SparseLayer, keep_channel_major, sparse_twin
+from .layers import DenseGradControl, SparseConv2d, SparseLayer, SparseLinear, keep_channel_major, sparse_twin
 
 log = logging.getLogger("sparse_bench")
 
@@ -393,6 +393,11 @@ class Execution:
         line = f"execution={self.mode}: {len(sparse)} of {len(self.plan)} prunable layers sparse"
         if sparse:
             line += f" (kernels: {kernels.backend()})"
+        if masks.structure.kind == "fan_in":  # every row the same count: the condensed kernels where compiled
+            condensed = sum(isinstance(layer, SparseLinear) and kernels.compiled_for(layer.values)
+                            for layer in masks.layers)
+            if condensed:
+                line += f"; {condensed} Linear on the condensed fan-in kernels"
         log.info(line)
         for n, why in masked.items():
             if self.mode != "auto" or not why.startswith("masked: slower"):
