@@ -3,6 +3,7 @@ against masked dense layers, and whole runs that train the same model as executi
 
 import copy
 import logging
+import subprocess
 
 import pytest
 import torch
@@ -208,15 +209,9 @@ def _fan_in_pair(rows, cols, k, gen, ablated=()):
     return dense, sparse, mask
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("batch", [1, 7, 64, 100, 130, 300])
-def test_condensed_fan_in_kernels_match_dense_products(batch, threads, monkeypatch):
-    """y = W x^T + b, the values' and the input's gradients, for inputs and output gradients in
-    either memory order, tiles of 64 and a short last one, one or two threads, and rows with no
-    nonzeros (SRigL's ablated units)."""
-    if kernels.backend() != "c":
-        pytest.skip("no C compiler on this machine")
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+def _check_fan_in_kernels(batch):
+    """fanin_forward / fanin_backward against dense products, inputs and output gradients in either
+    memory order, with and without rows that have no nonzeros, each gradient alone too."""
     gen = torch.Generator().manual_seed(batch)
     rows, cols, k = 70, 53, 6
     for ablated in ((), (0, 3, 69)):
@@ -237,6 +232,40 @@ def test_condensed_fan_in_kernels_match_dense_products(batch, threads, monkeypat
             assert none is None and torch.equal(only_v, dv)
             none, only_x = kernels.fanin_backward(idx, vals, xin, dyin, live, False, True)
             assert none is None and torch.equal(only_x, dxt)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 7, 64, 100, 130, 300])
+def test_condensed_fan_in_kernels_match_dense_products(batch, threads, monkeypatch):
+    """The condensed fan-in kernels across tiles (64 or 128 wide) and a short last one, on one
+    or two threads (whole tiles each, or rows split within a tile)."""
+    if kernels.backend() != "c":
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    _check_fan_in_kernels(batch)
+
+
+def test_kernels_built_without_openmp_run_on_one_thread(monkeypatch, tmp_path):
+    """A compiler without OpenMP builds the kernels without it (the second try): asked for two
+    threads, they run on one and compute the same products."""
+    if kernels._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    real = subprocess.run
+
+    def no_openmp(args, **kw):
+        if "-fopenmp" in args:
+            return subprocess.CompletedProcess(args, 1, "", "cc: error: unsupported option '-fopenmp'")
+        return real(args, **kw)
+
+    monkeypatch.setattr(subprocess, "run", no_openmp)
+    monkeypatch.setenv("SPARSE_BENCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("SPARSE_BENCH_KERNELS", "c")
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    assert kernels._load() is not None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for batch in (7, 300):
+        _check_fan_in_kernels(batch)
 
 
 @pytest.mark.parametrize("ablated", [(), (1, 5)])

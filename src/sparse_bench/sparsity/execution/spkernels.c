@@ -288,8 +288,10 @@ void sb_sddmm_rows(int64_t M, int64_t rows, int64_t cols, const int64_t *indptr,
 #ifdef _OPENMP
 #include <omp.h>
 #define THREAD_ID omp_get_thread_num()
-#else
+#define TEAM(n) (n)
+#else /* built without OpenMP: one thread, whatever the caller asks */
 #define THREAD_ID 0
+#define TEAM(n) 1
 #endif
 #define FANIN_CHUNK 64 /* rows of the output gradient transposed at a time */
 
@@ -298,6 +300,7 @@ static inline int64_t fanin_per_thread(int64_t cols) { return (2 * cols + FANIN_
 /* floats of work the two kernels below need: each thread's tile buffers, then the weight
  * gradient's sums of all threads but the first */
 int64_t sb_fanin_work(int64_t nnz, int64_t cols, int nthreads) {
+    nthreads = TEAM(nthreads);
     return nthreads * fanin_per_thread(cols) + (int64_t)(nthreads - 1) * nnz;
 }
 
@@ -365,6 +368,7 @@ void sb_fanin_fwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int32_
                   const int32_t *idx, const float *vals, const float *x, int x_rm, const float *bias, float *yt,
                   float *work, int nthreads) {
     const int64_t tiles = (B + RT - 1) / RT, per = fanin_per_thread(cols);
+    nthreads = TEAM(nthreads);
     if (by_tiles(B, nthreads)) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
         for (int64_t t = 0; t < tiles; t++) {
@@ -437,6 +441,7 @@ void sb_fanin_bwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int32_
                   const int32_t *idx, const float *vals, const float *x, int x_rm, const float *dy, int dy_rm,
                   float *dv, float *dxt, float *work, int nthreads) {
     const int64_t tiles = (B + RT - 1) / RT, per = fanin_per_thread(cols), nnz = r * k;
+    nthreads = TEAM(nthreads);
     float *sums = work + (int64_t)nthreads * per;
     if (dv) memset(dv, 0, (size_t)nnz * sizeof(float));
     if (by_tiles(B, nthreads)) {
