@@ -112,15 +112,30 @@ def try_sparseprop(threads: int):
 
 
 # --- single layers -----------------------------------------------------------------------------
+class FeatureMajorCSR(nn.Module):
+    """A sparse Linear on the feature-major CSR kernels (sb_spmm / sb_sddmm, what convolutions'
+    patch matrices run): its input transposed into memory first, as every 2-d Linear ran before
+    the Linear kernels."""
+
+    def __init__(self, layer: SparseLinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer._matmul(x.t().unsqueeze(0))[0].t()
+
+
 def table_layers(a):
     sp_cls = try_sparseprop(a.threads)
     print(f"# single layers: forward + backward (input and weight gradients), {machine()}")
     if sp_cls is None:
         print("# SparseProp not installed (pip install sparseprop) or not on this device: its column is skipped")
-    print("| layer | batch | density | dense ms (min/med) | sparse ms (min/med) | our CSR kernels ms (min/med) "
-          "| torch CSR ms | SparseProp ms | sparse vs dense | sparse vs our CSR | sparse vs SparseProp "
-          "| dense MiB resident/peak | sparse MiB resident/peak |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("# feature-major CSR: the sparse layer on the kernels for patch matrices (its input transposed first);"
+          " row pointers: a fan_in mask read by its row pointers (the condensed path off)")
+    print("| layer | batch | density | dense ms (min/med) | sparse ms (min/med) | feature-major CSR ms (min/med) "
+          "| row pointers ms (min/med) | torch CSR ms | SparseProp ms | sparse vs dense | sparse vs feature-major CSR "
+          "| sparse vs row pointers | sparse vs SparseProp | dense MiB resident/peak | sparse MiB resident/peak |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for fan_in, fan_out, batch in (tuple(int(v) for v in spec.split("x")) for spec in a.layers):
         for d in a.densities:
             torch.manual_seed(0)
@@ -157,11 +172,14 @@ def table_layers(a):
             fns = {"dense": lambda dense=dense: step(dense), "sparse": lambda sparse=sparse: step(sparse)}
             if DEVICE.type == "cpu":  # on CUDA the sparse step is torch's CSR ops already
                 fns["csr"] = torch_csr
+            if DEVICE.type == "cpu":
+                fm_layer = FeatureMajorCSR(sparse)
+                fns["feature_major"] = lambda fm_layer=fm_layer: step(fm_layer)
             if a.mask == "fan_in" and DEVICE.type == "cpu":
-                # the same mask on our CSR kernels: the layer's condensed fan-in path switched off
-                on_csr = SparseLinear.from_dense(dense, mask)
-                on_csr.bias, on_csr._k = sparse.bias, (0, None)
-                fns["our_csr"] = lambda on_csr=on_csr: step(on_csr)
+                # the same mask read by its row pointers: the layer's condensed path switched off
+                by_rows = SparseLinear.from_dense(dense, mask)
+                by_rows.bias, by_rows._k = sparse.bias, (0, None)
+                fns["row_pointers"] = lambda by_rows=by_rows: step(by_rows)
             if sp_cls is not None:
                 spl = sp_cls.from_dense(dense)
                 fns["sparseprop"] = lambda spl=spl: step(spl)
@@ -172,12 +190,15 @@ def table_layers(a):
             spt = t.get("sparseprop")
             sp_txt = f"{ms(spt[0])}" if spt else "-"
             vs_sp = f"{spt[0] / t['sparse'][0]:.2f}x" if spt else "-"
-            ours = t.get("our_csr")
-            ours_txt = f"{ms(ours[0])}/{ms(ours[1])}" if ours else "-"
-            vs_ours = f"{ours[0] / t['sparse'][0]:.2f}x" if ours else "-"
+            others = {}
+            for key in ("feature_major", "row_pointers"):
+                o = t.get(key)
+                others[key] = (f"{ms(o[0])}/{ms(o[1])}", f"{o[0] / t['sparse'][0]:.2f}x") if o else ("-", "-")
+            fm, rp = others["feature_major"], others["row_pointers"]
             print(f"| {fan_in}->{fan_out} | {batch} | {d:.0%} | {ms(t['dense'][0])}/{ms(t['dense'][1])} "
-                  f"| {ms(t['sparse'][0])}/{ms(t['sparse'][1])} | {ours_txt} | {ms(t.get('csr', t['sparse'])[0])} "
-                  f"| {sp_txt} | {t['dense'][0] / t['sparse'][0]:.1f}x | {vs_ours} | {vs_sp} "
+                  f"| {ms(t['sparse'][0])}/{ms(t['sparse'][1])} | {fm[0]} | {rp[0]} "
+                  f"| {ms(t.get('csr', t['sparse'])[0])} "
+                  f"| {sp_txt} | {t['dense'][0] / t['sparse'][0]:.1f}x | {fm[1]} | {rp[1]} | {vs_sp} "
                   f"| {mib(res_d)}/{mib(pk_d)} | {mib(res_s)}/{mib(pk_s)} |", flush=True)
 
 
@@ -248,7 +269,7 @@ def table_models(a):
           "| auto's choice | MiB resident dense/masked/sparse | MiB peak dense/masked/sparse |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     if a.structure == "fan_in":
-        print("# structure=fan_in: 'our CSR' is the sparse variant with its layers' condensed fan-in kernels off")
+        print("# structure=fan_in: 'row pointers' is the sparse variant with its layers' condensed path off")
     for model_name in a.models:
         for d in a.densities:
             built = {v: build_variant(model_name, v, d, a.method, a.structure)
@@ -258,12 +279,12 @@ def table_models(a):
                 step, _, m = build_variant(model_name, "sparse", d, a.method, a.structure)
                 for layer in m.method.masks.layers:
                     if layer is not None:
-                        layer._k = (0, None)  # the CSR kernels on the same masks
-                fns["our CSR"] = step
+                        layer._k = (0, None)  # the same masks read by their row pointers
+                fns["row pointers"] = step
             t = interleaved(fns, a.rounds, a.steps)
-            if "our CSR" in t:
-                c = t["our CSR"]
-                print(f"# {model_name} {d:.0%}: our CSR {ms(c[0])}/{ms(c[1])} ms, condensed "
+            if "row pointers" in t:
+                c = t["row pointers"]
+                print(f"# {model_name} {d:.0%}: row pointers {ms(c[0])}/{ms(c[1])} ms, condensed "
                       f"{ms(t['sparse'][0])}/{ms(t['sparse'][1])} ms: {c[0] / t['sparse'][0]:.2f}x", flush=True)
             plan = built["auto"][2].plan
             n_sparse = sum(v == "sparse" for v in plan.values())
@@ -407,14 +428,14 @@ def main():
     ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     ap.add_argument("--mask", choices=["random", "fan_in"], default="random",
                     help="layers table: positions uniformly at random, or the same count in every row "
-                         "(structure=fan_in: the condensed kernels, beside our CSR kernels on the same mask)")
+                         "(structure=fan_in: condensed, beside the same mask read by its row pointers)")
     ap.add_argument("--layers", nargs="+", default=["768x3072x2048", "4096x4096x128"],
                     help="layers table: fan_in x fan_out x batch")
     ap.add_argument("--models", nargs="+", default=["lenet300_100", "lenet5_caffe", "mlp4096"],
                     help=f"of {', '.join(MODELS)} (default: the three small ones)")
     ap.add_argument("--method", default="static")
     ap.add_argument("--structure", choices=["unstructured", "fan_in"], default="unstructured",
-                    help="models table: the masks' structure (fan_in: condensed kernels, beside our CSR ones)")
+                    help="models table: the masks' structure (fan_in: condensed, beside row pointers)")
     ap.add_argument("--widths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
     ap.add_argument("--active", type=int, default=65536)
     ap.add_argument("--batch", type=int, default=128)

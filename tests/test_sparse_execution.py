@@ -112,7 +112,7 @@ def _layer_pair(kind, gen):
     if kind == "linear":
         dense = nn.Linear(40, 24)
         x = torch.randn(3, 5, 40, generator=gen)  # (batch, tokens, features): the row-major kernels
-    elif kind == "linear_2d":  # (batch, features): feature-major kernels, the output a transposed view
+    elif kind == "linear_2d":  # (batch, features): the Linear kernels (CSR rows), the output a transposed view
         dense = nn.Linear(40, 24)
         x = torch.randn(7, 40, generator=gen)
     elif kind == "conv1x1":  # a matmul on the input as it is, no unfold
@@ -209,40 +209,45 @@ def _fan_in_pair(rows, cols, k, gen, ablated=()):
     return dense, sparse, mask
 
 
-def _check_fan_in_kernels(batch):
-    """fanin_forward / fanin_backward against dense products, inputs and output gradients in either
-    memory order, with and without rows that have no nonzeros, each gradient alone too."""
+def _check_linear_kernels(batch):
+    """linear_forward / linear_backward against dense products: CSR rows of uneven lengths (one
+    empty), and a constant fan-in condensed, with and without rows that have none; inputs and
+    output gradients in either memory order; each gradient alone too."""
     gen = torch.Generator().manual_seed(batch)
     rows, cols, k = 70, 53, 6
+    cases = []
+    s, values, w, mask = _random_csr(rows, cols, 0.2, gen)
+    cases.append((s["indices"], values, None, s["indptr"], w, mask))
     for ablated in ((), (0, 3, 69)):
         _, sparse, mask = _fan_in_pair(rows, cols, k, gen, ablated)
-        w = sparse.dense_weight()
         kk, live = sparse.condensed()
         assert kk == k and (live is None) == (not ablated)
-        idx, vals = sparse.indices.view(-1, k), sparse.values.detach().view(-1, k)
+        cases.append((sparse.indices.view(-1, k), sparse.values.detach().view(-1, k), live, None,
+                      sparse.dense_weight(), mask))
+    for idx, vals, live, indptr, w, mask in cases:
         bias = torch.randn(rows, generator=gen)
         x, dy = torch.randn(batch, cols, generator=gen), torch.randn(batch, rows, generator=gen)
         for xin, dyin in ((x, dy), (x.t().contiguous().t(), dy.t().contiguous().t())):  # row-, feature-major
-            y = kernels.fanin_forward(idx, vals, xin, bias, rows, live)
+            y = kernels.linear_forward(idx, vals, xin, bias, rows, live, indptr)
             torch.testing.assert_close(y, w @ x.t() + bias[:, None], rtol=1e-5, atol=1e-5)
-            dv, dxt = kernels.fanin_backward(idx, vals, xin, dyin, live, True, True)
+            dv, dxt = kernels.linear_backward(idx, vals, xin, dyin, live, True, True, indptr)
             torch.testing.assert_close(dxt, w.t() @ dy.t(), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(dv.view(-1), (dy.t() @ x)[mask], rtol=1e-4, atol=1e-4)
-            only_v, none = kernels.fanin_backward(idx, vals, xin, dyin, live, True, False)
+            only_v, none = kernels.linear_backward(idx, vals, xin, dyin, live, True, False, indptr)
             assert none is None and torch.equal(only_v, dv)
-            none, only_x = kernels.fanin_backward(idx, vals, xin, dyin, live, False, True)
+            none, only_x = kernels.linear_backward(idx, vals, xin, dyin, live, False, True, indptr)
             assert none is None and torch.equal(only_x, dxt)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 7, 64, 100, 130, 300])
-def test_condensed_fan_in_kernels_match_dense_products(batch, threads, monkeypatch):
-    """The condensed fan-in kernels across tiles (64 or 128 wide) and a short last one, on one
-    or two threads (whole tiles each, or rows split within a tile)."""
+def test_linear_kernels_match_dense_products(batch, threads, monkeypatch):
+    """A Linear's kernels (CSR rows, condensed fan-in) across tiles (64 or 128 wide) and a short
+    last one, on one or two threads (whole tiles each, or rows split within a tile)."""
     if kernels.backend() != "c":
         pytest.skip("no C compiler on this machine")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    _check_fan_in_kernels(batch)
+    _check_linear_kernels(batch)
 
 
 def test_kernels_built_without_openmp_run_on_one_thread(monkeypatch, tmp_path):
@@ -265,18 +270,19 @@ def test_kernels_built_without_openmp_run_on_one_thread(monkeypatch, tmp_path):
     assert kernels._load() is not None
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     for batch in (7, 300):
-        _check_fan_in_kernels(batch)
+        _check_linear_kernels(batch)
 
 
 @pytest.mark.parametrize("ablated", [(), (1, 5)])
 def test_fan_in_layers_run_the_condensed_kernels_as_the_masked_layers(backend, ablated, monkeypatch):
     """A chain of two constant fan-in layers (the second reads the first's feature-major output,
     and its input gradient is the first's output gradient) equals the masked chain: outputs, all
-    gradients, the dense weight gradient; the condensed kernels run on the compiled backend (and
-    only for constant fan-in: an uneven layer runs the CSR kernels), torch's CSR ops on the other."""
+    gradients, the dense weight gradient; the Linear kernels read the structure condensed on the
+    compiled backend (and only for constant fan-in: an uneven layer by its row pointers), torch's
+    CSR ops run on the other."""
     calls = []
-    forward = kernels.fanin_forward
-    monkeypatch.setattr(kernels, "fanin_forward", lambda *a: calls.append(1) or forward(*a))
+    forward = kernels.linear_forward
+    monkeypatch.setattr(kernels, "linear_forward", lambda *a: calls.append(a[6] is None) or forward(*a))
     gen = torch.Generator().manual_seed(3)
     d1, s1, m1 = _fan_in_pair(24, 40, 5, gen, ablated)
     d2, s2, m2 = _fan_in_pair(10, 24, 4, gen)
@@ -285,7 +291,7 @@ def test_fan_in_layers_run_the_condensed_kernels_as_the_masked_layers(backend, a
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = d2(torch.relu(d1(x1))), s2(torch.relu(s1(x2)))
     torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-5)
-    assert len(calls) == (2 if backend == "c" else 0)
+    assert calls == ([True, True] if backend == "c" else [])  # condensed: no row pointers
     g = torch.randn(y1.shape, generator=gen)
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
@@ -294,13 +300,14 @@ def test_fan_in_layers_run_the_condensed_kernels_as_the_masked_layers(backend, a
         torch.testing.assert_close(sparse.values.grad, dense.weight.grad[mask], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s1.dense_grad, d1.weight.grad, rtol=1e-4, atol=1e-5)
-    # a new structure with uneven rows: the CSR kernels from then on
+    # a new structure with uneven rows: its row pointers from then on
     lin = s1.active_linear()
     s1.set_active(lin[1:], s1.values.detach()[1:])
     assert s1.condensed() is None
     calls.clear()
     s1(x)
-    assert not calls
+    assert calls == ([False] if backend == "c" else [])
+
 
 # --- whole runs: sparse trains the same model as masked -------------------------------------------
 BASE = ["dataset=digits", "model=mlp", "schedule=constant", "schedule.epochs=3", "density=0.2",
@@ -386,8 +393,10 @@ def test_srigl_trains_the_same_on_condensed_fan_in_layers_as_masked(tmp_path, mo
     if kernels.backend() != "c":
         pytest.skip("no C compiler on this machine")
     calls = []
-    forward = kernels.fanin_forward
-    monkeypatch.setattr(kernels, "fanin_forward", lambda *a: calls.append(a[-1] is not None) or forward(*a))
+    forward = kernels.linear_forward
+    # (ablated units, condensed) of every call
+    monkeypatch.setattr(kernels, "linear_forward", lambda *a: calls.append((a[5] is not None, a[6] is None))
+                        or forward(*a))
     extra = ["structure=fan_in", "method.update_every=4", "method.min_salient_weights_per_neuron=0.9"]
     a = _run(tmp_path, "srigl", "masked", extra)
     with caplog.at_level(logging.INFO, logger="sparse_bench"):
@@ -395,7 +404,8 @@ def test_srigl_trains_the_same_on_condensed_fan_in_layers_as_masked(tmp_path, mo
     assert "3 of 3 prunable layers sparse (kernels: c); 3 Linear on the condensed fan-in kernels" in caplog.text
     ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
     assert any(r.get("srigl/ablated", 0) > 0 for r in ra), "units must be ablated for this test to mean anything"
-    assert any(calls) and not all(calls)  # condensed layers with ablated units, and without
+    # all condensed, with ablated units and without
+    assert all(c for _, c in calls) and {a for a, _ in calls} == {True, False}
     for x, y in zip(ra, rb, strict=True):
         for k in METRICS:
             if k in x:

@@ -2,10 +2,11 @@
 
 ``spkernels.c`` (beside this file) holds two kernels on feature-major activations (see its
 header): ``spmm`` (forward pass, and the input gradient on the transposed structure) and
-``sddmm`` (the gradient of the active weights only); their row-major variants; the condensed
-constant fan-in kernels (``fanin_forward`` / ``fanin_backward``: the weight as (rows, k) column ids
-and values, either memory order in, both gradients in one pass); direct convolutions; and the
-channel-major batch norm's statistics. On first use it is compiled with the
+``sddmm`` (the gradient of the active weights only), for convolutions' patches; their row-major
+variants, for (batch, tokens, features) inputs; a Linear's kernels on 2-d inputs
+(``linear_forward`` / ``linear_backward``: W's CSR rows, or a constant fan-in condensed into
+(rows, k) column ids and values; the input in either memory order, both gradients in one pass);
+direct convolutions; and the channel-major batch norm's statistics. On first use it is compiled with the
 system's C compiler (``$CC``, else ``gcc``, else ``cc``; ``-O3 -march=native``, OpenMP when the
 compiler has it) into a per-user cache (``$SPARSE_BENCH_CACHE`` or ``~/.cache/sparse_bench``),
 keyed by a hash of the source, the flags, the compiler and the CPU, and loaded with ctypes: about a
@@ -162,13 +163,13 @@ def _load() -> ctypes.CDLL | None:
                 lib.sb_conv_dgrad_strided.restype = None
                 lib.sb_conv_wgrad_strided.argtypes = [I64] * 8 + [P] * 5 + [ctypes.c_int]
                 lib.sb_conv_wgrad_strided.restype = None
-                lib.sb_fanin_work.argtypes = [I64] * 2 + [ctypes.c_int]
-                lib.sb_fanin_work.restype = I64
-                lib.sb_fanin_fwd.argtypes = [I64] * 4 + [P, I64, P, P, P, ctypes.c_int, P, P, P, ctypes.c_int]
-                lib.sb_fanin_fwd.restype = None
-                lib.sb_fanin_bwd.argtypes = [I64] * 4 + [P, I64, P, P, P, ctypes.c_int, P, ctypes.c_int, P, P, P,
-                                                         ctypes.c_int]
-                lib.sb_fanin_bwd.restype = None
+                lib.sb_linear_work.argtypes = [I64] * 2 + [ctypes.c_int]
+                lib.sb_linear_work.restype = I64
+                lib.sb_linear_fwd.argtypes = [I64] * 4 + [P, P, I64, P, P, P, ctypes.c_int, P, P, P, ctypes.c_int]
+                lib.sb_linear_fwd.restype = None
+                lib.sb_linear_bwd.argtypes = [I64] * 4 + [P, P, I64, P, P, P, ctypes.c_int, P, ctypes.c_int, P, P,
+                                                         P, ctypes.c_int]
+                lib.sb_linear_bwd.restype = None
                 lib.sb_bn_stats.argtypes = [I64, I64, P, P, P, ctypes.c_int]
                 lib.sb_bn_stats.restype = None
                 lib.sb_bn_apply.argtypes = [I64, I64, P, P, P, P, ctypes.c_int]
@@ -285,7 +286,7 @@ def sddmm_rows(indptr: torch.Tensor, indices: torch.Tensor, dy: torch.Tensor, x:
 
 
 def _either_major(a: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A (B, C) matrix as the fan-in kernels read it: itself and 1 when row-major, its (C, B)
+    """A (B, C) matrix as the Linear kernels read it: itself and 1 when row-major, its (C, B)
     memory and 0 when it is the transposed view of a feature-major matrix (a sparse layer's
     output); anything else is copied row-major."""
     if a.is_contiguous():
@@ -295,44 +296,45 @@ def _either_major(a: torch.Tensor) -> tuple[torch.Tensor, int]:
     return a.contiguous(), 1
 
 
-def _fanin_work(idx: torch.Tensor, cols: int) -> torch.Tensor:
-    """The fan-in kernels' buffers: each thread's tiles (about 2 x cols x 128 floats), and its
+def _linear_work(idx: torch.Tensor, cols: int) -> torch.Tensor:
+    """The Linear kernels' buffers: each thread's tiles (about 2 x cols x 128 floats), and its
     weight-gradient sums."""
-    return torch.empty(_lib.sb_fanin_work(idx.numel(), cols, torch.get_num_threads()), dtype=torch.float32)
+    return torch.empty(_lib.sb_linear_work(idx.numel(), cols, torch.get_num_threads()), dtype=torch.float32)
 
 
-def fanin_forward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, rows: int,
-                  live: torch.Tensor | None = None) -> torch.Tensor:
-    """``W x^T (+ bias)`` for a constant fan-in W (rows, cols) in condensed form: idx (int32
-    column ids) and vals, both (r, k), for the r rows that have k nonzeros, listed in `live`
-    (int32, ascending; None when all rows do), the other rows none; x (B, cols) row-major or
-    feature-major (see _either_major). The output feature-major, (rows, B). The compiled kernels
-    only (compiled_for)."""
+def linear_forward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, rows: int,
+                  live: torch.Tensor | None = None, indptr: torch.Tensor | None = None) -> torch.Tensor:
+    """``W x^T (+ bias)`` for W (rows, cols): condensed, idx (int32 column ids) and vals both
+    (r, k) for the r rows that have k nonzeros, listed in `live` (int32, ascending; None when all
+    rows do), the other rows none; or, with `indptr`, W's CSR rows (idx, vals 1-d). x (B, cols)
+    row-major or feature-major (see _either_major). The output feature-major, (rows, B). The
+    compiled kernels only (compiled_for)."""
     b, cols = x.shape
-    r, k = idx.shape
+    r, k = (rows, 0) if indptr is not None else idx.shape
     xm, rm = _either_major(x)
     yt = torch.empty(rows, b, dtype=x.dtype)
     bias = None if bias is None else bias.detach().contiguous()
-    vals, work = vals.detach().contiguous(), _fanin_work(idx, cols)  # held until the call returns
-    _lib.sb_fanin_fwd(b, rows, cols, k, _ptr(live), r, idx.data_ptr(), vals.data_ptr(), xm.data_ptr(), rm,
-                      _ptr(bias), yt.data_ptr(), work.data_ptr(), torch.get_num_threads())
+    vals, work = vals.detach().contiguous(), _linear_work(idx, cols)  # held until the call returns
+    _lib.sb_linear_fwd(b, rows, cols, k, _ptr(indptr), _ptr(live), r, idx.data_ptr(), vals.data_ptr(), xm.data_ptr(),
+                      rm, _ptr(bias), yt.data_ptr(), work.data_ptr(), torch.get_num_threads())
     return yt
 
 
-def fanin_backward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, live: torch.Tensor | None,
-                   want_values: bool, want_input: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """fanin_forward's gradients from dy (B, rows), in one pass: the values' (r, k) and the
-    input's, feature-major (cols, B); each only when wanted (else None)."""
+def linear_backward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, live: torch.Tensor | None,
+                   want_values: bool, want_input: bool, indptr: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """linear_forward's gradients from dy (B, rows), in one pass: the values' (shaped as vals) and
+    the input's, feature-major (cols, B); each only when wanted (else None)."""
     b, cols = x.shape
     rows = dy.shape[1]
-    r, k = idx.shape
+    r, k = (rows, 0) if indptr is not None else idx.shape
     xm, x_rm = _either_major(x)
     dym, dy_rm = _either_major(dy)
-    dv = torch.empty(r, k, dtype=dy.dtype) if want_values else None
+    dv = torch.empty(vals.shape, dtype=dy.dtype) if want_values else None
     dxt = torch.empty(cols, b, dtype=dy.dtype) if want_input else None
-    vals, work = vals.detach().contiguous(), _fanin_work(idx, cols)  # held until the call returns
-    _lib.sb_fanin_bwd(b, rows, cols, k, _ptr(live), r, idx.data_ptr(), vals.data_ptr(), xm.data_ptr(), x_rm,
-                      dym.data_ptr(), dy_rm, _ptr(dv), _ptr(dxt), work.data_ptr(), torch.get_num_threads())
+    vals, work = vals.detach().contiguous(), _linear_work(idx, cols)  # held until the call returns
+    _lib.sb_linear_bwd(b, rows, cols, k, _ptr(indptr), _ptr(live), r, idx.data_ptr(), vals.data_ptr(), xm.data_ptr(),
+                      x_rm, dym.data_ptr(), dy_rm, _ptr(dv), _ptr(dxt), work.data_ptr(), torch.get_num_threads())
     return dv, dxt
 
 

@@ -11,11 +11,12 @@ C_in * kh * kw in ``flatten(1)`` order):
 No tensor of the weight's dense shape exists. The forward pass, the input gradient and the
 gradient of the active weights run the kernels of ``kernels.py`` on feature-major activations
 (a layer's output is returned as a transposed view, so a chain of sparse layers passes its
-activations on without copies). A Linear whose rows all have the same number of active inputs
-(or none: ``structure=fan_in``, SRigL) runs the condensed fan-in kernels instead: they read its
-input in either memory order (no transposed copy of a row-major batch), need no transposed
-structure and form both gradients in one pass. A Conv2d with dilation 1 runs the direct convolution kernels on
-(C, H, W, N) activations, any stride: no patches and no padded copy (the kernels skip the
+activations on without copies). A Linear on a 2-d input runs the compiled Linear kernels
+(``kernels.linear_forward``): they read the input in either memory order (no transposed copy of
+a row-major batch), use no transposed structure and form both gradients in one pass; where its
+rows all have the same number of active inputs (or none: ``structure=fan_in``, SRigL) they read
+the structure condensed, without row pointers. A Conv2d with dilation 1 runs the direct
+convolution kernels on (C, H, W, N) activations, any stride: no patches and no padded copy (the kernels skip the
 reads that fall in the padding); a 1x1 one with stride 1 is a plain sparse matmul. A dilated
 one unfolds its input into patches and multiplies each sample's (its input gradient folds back
 through autograd); with torch's CSR ops (no compiler) every conv unfolds.
@@ -152,29 +153,37 @@ class _SparseProduct(torch.autograd.Function):
         return dv, dx, db, None, None
 
 
-class _CondensedProduct(torch.autograd.Function):
-    """y = x W^T + bias for a constant fan-in W (every row k active inputs, or none) in condensed
-    form: the layer's column ids and values read as (rows that have them, k) arrays, the
-    transposed structure unused.
-    x (B, cols) in either memory order; y returned as the transposed view of a feature-major
-    (rows, B) output, as the CSR path returns it. The backward forms the values' and the input's
-    gradients in one pass (kernels.fanin_backward)."""
+class _LinearProduct(torch.autograd.Function):
+    """y = x W^T + bias for a Linear's 2-d input on the compiled kernels (kernels.linear_forward):
+    W's rows as they are stored (CSR), or, for a constant fan-in (every row k active inputs, or
+    none), condensed: the column ids and values read as (rows that have them, k) arrays. No
+    transposed structure either way. x (B, cols) in either memory order; y returned as the
+    transposed view of a feature-major (rows, B) output, as the other kernels return it. The
+    backward forms the values' and the input's gradients in one pass (kernels.linear_backward)."""
+
+    @staticmethod
+    def _operands(layer, values):
+        """(column ids, values, live rows, row pointers) as the kernels take them."""
+        condensed = layer.condensed()
+        if condensed is None:
+            return layer.indices, values.detach(), None, layer.indptr
+        k, live = condensed
+        return layer.indices.view(-1, k), values.detach().view(-1, k), live, None
 
     @staticmethod
     def forward(ctx, values, x, bias, layer):
-        k, live = layer.condensed()
+        idx, vals, live, indptr = _LinearProduct._operands(layer, values)
         ctx.layer = layer
         ctx.save_for_backward(values, x)
-        return kernels.fanin_forward(layer.indices.view(-1, k), values.detach().view(-1, k), x, bias, layer.rows,
-                                     live).t()
+        return kernels.linear_forward(idx, vals, x, bias, layer.rows, live, indptr).t()
 
     @staticmethod
     def backward(ctx, dy):
         values, x = ctx.saved_tensors
         layer = ctx.layer
-        k, live = layer.condensed()
-        dv, dxt = kernels.fanin_backward(layer.indices.view(-1, k), values.detach().view(-1, k), x, dy, live,
-                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        idx, vals, live, indptr = _LinearProduct._operands(layer, values)
+        dv, dxt = kernels.linear_backward(idx, vals, x, dy, live, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                         indptr)
         db = dy.sum(0) if ctx.needs_input_grad[2] else None
         if layer.control.dense:
             layer.control.add(layer, dy.t() @ x)
@@ -293,8 +302,8 @@ class SparseLayer(nn.Module):
     def condensed(self) -> tuple[int, torch.Tensor | None] | None:
         """(k, live) when every row of the weight has the same number k >= 1 of active inputs or
         none (structure=fan_in; SRigL's ablated units have none): live lists the rows that have
-        them (int32), None when all do. Such a Linear runs the condensed fan-in kernels. Else
-        None. Found once per structure."""
+        them (int32), None when all do. A Linear's kernels then read its structure condensed.
+        Else None. Found once per structure."""
         if self._k is None:
             counts = self.indptr[1:] - self.indptr[:-1]
             k = int(counts.max()) if counts.numel() else 0
@@ -379,10 +388,10 @@ class SparseLinear(SparseLayer):
             # (batch, tokens, features) inputs, row-major: kernels that keep them so (the output
             # and the gradients too), instead of transposing whole activations at each layer
             return self._matmul(x2, ROW_MAJOR).view(*lead, self.out_features)
-        # 2-d inputs: feature-major, the output a transposed view a following sparse layer takes as it is;
-        # constant fan-in layers read the input in either order (no copy) and skip the transposed structure
-        if self.condensed() and kernels.compiled_for(self.values, x2):
-            y = _CondensedProduct.apply(self.values, x2, self.bias, self)
+        # 2-d inputs, in either memory order: the output feature-major, a transposed view a following
+        # sparse layer takes as it is (torch's CSR ops: the input transposed first)
+        if kernels.compiled_for(self.values, x2):
+            y = _LinearProduct.apply(self.values, x2, self.bias, self)
         else:
             y = self._matmul(x2.t().unsqueeze(0))[0].t()
         return y if len(lead) == 1 else y.reshape(*lead, self.out_features)

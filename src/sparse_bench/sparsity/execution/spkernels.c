@@ -276,15 +276,16 @@ void sb_sddmm_rows(int64_t M, int64_t rows, int64_t cols, const int64_t *indptr,
     }
 }
 
-/* --- condensed constant fan-in layers (structure=fan_in): every row of W has the same number k of
- * nonzeros (or none: SRigL's ablated units), so W is idx (r x k, int32 column ids) and vals (r x k)
- * for its r rows that have them: no row pointers, and no structure of W^T (the input gradient is
- * scattered). A Linear's activations (B x cols) come as they are: row-major (`rm`), or
- * feature-major (cols x B, the output of a sparse layer before); the output is feature-major, yt
- * (rows x B). The batch is cut into tiles of RT: a row-major operand's tile is transposed into a
- * buffer in cache (8 x 8 blocks in registers) rather than the whole matrix into memory; the
- * backward forms the weight and the input gradient in one pass over each tile, each row of the
- * output gradient read once for both. */
+/* --- Linear layers on 2-d inputs: W's rows as CSR (indptr, idx, vals), or condensed where every
+ * row has the same number k of nonzeros (or none: SRigL's ablated units): idx (r x k, int32 column
+ * ids) and vals (r x k) for its r rows that have them, no row pointers. Neither needs a structure
+ * of W^T (the input gradient is scattered). The activations (B x cols) come as they are: row-major
+ * (`rm`), or feature-major (cols x B, the output of a sparse layer before); the output is
+ * feature-major, yt (rows x B). The batch is cut into tiles of RT: a row-major operand's tile is
+ * transposed into a buffer in cache (8 x 8 blocks in registers) rather than the whole matrix into
+ * memory; the backward forms the weight and the input gradient in one pass over each tile, each
+ * row of the output gradient read once for both. (The kernels above remain for convolutions'
+ * patch matrices, 1x1 convolutions and (batch, tokens, features) inputs.) */
 #ifdef _OPENMP
 #include <omp.h>
 #define THREAD_ID omp_get_thread_num()
@@ -293,15 +294,15 @@ void sb_sddmm_rows(int64_t M, int64_t rows, int64_t cols, const int64_t *indptr,
 #define THREAD_ID 0
 #define TEAM(n) 1
 #endif
-#define FANIN_CHUNK 64 /* rows of the output gradient transposed at a time */
+#define ROW_CHUNK 64 /* rows of the output gradient transposed at a time */
 
-static inline int64_t fanin_per_thread(int64_t cols) { return (2 * cols + FANIN_CHUNK + 1) * RT; }
+static inline int64_t linear_per_thread(int64_t cols) { return (2 * cols + ROW_CHUNK + 1) * RT; }
 
 /* floats of work the two kernels below need: each thread's tile buffers, then the weight
  * gradient's sums of all threads but the first */
-int64_t sb_fanin_work(int64_t nnz, int64_t cols, int nthreads) {
+int64_t sb_linear_work(int64_t nnz, int64_t cols, int nthreads) {
     nthreads = TEAM(nthreads);
-    return nthreads * fanin_per_thread(cols) + (int64_t)(nthreads - 1) * nnz;
+    return nthreads * linear_per_thread(cols) + (int64_t)(nthreads - 1) * nnz;
 }
 
 /* The tile of batch columns [b0, b0 + n) of rows [c0, c1) of a matrix with C rows, stored
@@ -323,9 +324,13 @@ static const float *tile_of(const float *a, int rm, int64_t B, int64_t C, int64_
     return buf;
 }
 
-/* Output rows with no nonzeros (SRigL's ablated units) have no condensed row: live lists the r
- * rows that have k each, ascending; NULL when every row does (r = rows). */
+/* Condensed: output rows with no nonzeros (SRigL's ablated units) have no condensed row: live
+ * lists the r rows that have k each, ascending; NULL when every row does (r = rows). CSR: live
+ * NULL, r = rows, k unused. */
 static inline int64_t live_row(const int32_t *live, int64_t j) { return live ? live[j] : j; }
+
+/* where row j's nonzeros start: j k (condensed), or indptr[j] (CSR, rows of any length) */
+static inline int64_t row_start(const int64_t *indptr, int64_t k, int64_t j) { return indptr ? indptr[j] : j * k; }
 
 /* the first condensed row whose output row is o or later */
 static inline int64_t first_live(const int32_t *live, int64_t r, int64_t o) {
@@ -347,14 +352,16 @@ static inline int64_t first_live(const int32_t *live, int64_t r, int64_t o) {
 static inline int by_tiles(int64_t B, int nthreads) { return nthreads == 1 || (B + RT - 1) / RT >= nthreads; }
 
 /* the output rows [i0, i1) of one tile, from condensed row j on (tmp: RT floats, for a short tile) */
-static void fanin_fwd_rows(int64_t i0, int64_t i1, int64_t j, const int32_t *live, int64_t r, int64_t k,
+static void linear_fwd_rows(int64_t i0, int64_t i1, int64_t j, const int64_t *indptr, const int32_t *live, int64_t r,
+                           int64_t k,
                            const int32_t *idx, const float *vals, const float *xt, int64_t ld, const float *bias,
                            float *yt, int64_t B, int64_t b0, int64_t n, float *tmp) {
     for (int64_t i = i0; i < i1; i++) {
         float *out = yt + i * B + b0;
         const float init = bias ? bias[i] : 0.0f;
         if (j < r && live_row(live, j) == i) {
-            spmm_tile8(idx + j * k, vals + j * k, k, xt, ld, init, n == RT ? out : tmp);
+            const int64_t e0 = row_start(indptr, k, j);
+            spmm_tile8(idx + e0, vals + e0, row_start(indptr, k, j + 1) - e0, xt, ld, init, n == RT ? out : tmp);
             if (n < RT) memcpy(out, tmp, (size_t)n * sizeof(float));
             j++;
         } else {
@@ -364,10 +371,10 @@ static void fanin_fwd_rows(int64_t i0, int64_t i1, int64_t j, const int32_t *liv
 }
 
 /* yt (rows x B) = W x (+ bias) */
-void sb_fanin_fwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int32_t *live, int64_t r,
+void sb_linear_fwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int64_t *indptr, const int32_t *live, int64_t r,
                   const int32_t *idx, const float *vals, const float *x, int x_rm, const float *bias, float *yt,
                   float *work, int nthreads) {
-    const int64_t tiles = (B + RT - 1) / RT, per = fanin_per_thread(cols);
+    const int64_t tiles = (B + RT - 1) / RT, per = linear_per_thread(cols);
     nthreads = TEAM(nthreads);
     if (by_tiles(B, nthreads)) {
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
@@ -376,7 +383,7 @@ void sb_fanin_fwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int32_
             const int64_t b0 = t * RT, n = B - b0 < RT ? B - b0 : RT;
             int64_t ld;
             const float *xt = tile_of(x, x_rm, B, cols, 0, cols, b0, n, buf, &ld);
-            fanin_fwd_rows(0, rows, 0, live, r, k, idx, vals, xt, ld, bias, yt, B, b0, n, buf + cols * RT);
+            linear_fwd_rows(0, rows, 0, indptr, live, r, k, idx, vals, xt, ld, bias, yt, B, b0, n, buf + cols * RT);
         }
         return;
     }
@@ -385,9 +392,9 @@ void sb_fanin_fwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int32_
         int64_t ld;
         const float *xt = tile_of(x, x_rm, B, cols, 0, cols, b0, n, work, &ld);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-        for (int64_t i0 = 0; i0 < rows; i0 += FANIN_CHUNK) {
-            const int64_t i1 = i0 + FANIN_CHUNK < rows ? i0 + FANIN_CHUNK : rows;
-            fanin_fwd_rows(i0, i1, first_live(live, r, i0), live, r, k, idx, vals, xt, ld, bias, yt, B, b0, n,
+        for (int64_t i0 = 0; i0 < rows; i0 += ROW_CHUNK) {
+            const int64_t i1 = i0 + ROW_CHUNK < rows ? i0 + ROW_CHUNK : rows;
+            linear_fwd_rows(i0, i1, first_live(live, r, i0), indptr, live, r, k, idx, vals, xt, ld, bias, yt, B, b0, n,
                            work + THREAD_ID * per + cols * RT);
         }
     }
@@ -396,13 +403,15 @@ void sb_fanin_fwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int32_
 /* For the condensed rows from j on whose output rows lie in [o0, o1) of one tile: dv[e] +=
  * dot(dy[i], x[idx[e]]) (dv not NULL) and dx[idx[e]] += vals[e] dy[i] (dx not NULL) for each of
  * their nonzeros e; rows of the tile RT (dx), ldd (dy, from row o0), ldx (x) apart. */
-static inline void fanin_bwd_rows(int64_t o0, int64_t o1, int64_t j, const int32_t *live, int64_t r, int64_t k,
+static inline void linear_bwd_rows(int64_t o0, int64_t o1, int64_t j, const int64_t *indptr, const int32_t *live,
+                                  int64_t r, int64_t k,
                                   const int32_t *idx, const float *vals, const float *dy, int64_t ldd,
                                   const float *xt, int64_t ldx, float *dv, float *dx) {
     for (; j < r && live_row(live, j) < o1; j++) {
         vf d[8];
         for (int v = 0; v < 8; v++) d[v] = loadu(dy + (live_row(live, j) - o0) * ldd + v * VL);
-        for (int64_t e = j * k; e < (j + 1) * k; e++) {
+        const int64_t e1 = row_start(indptr, k, j + 1);
+        for (int64_t e = row_start(indptr, k, j); e < e1; e++) {
             if (dv) {
                 const float *xr = xt + (int64_t)idx[e] * ldx;
                 vf s0 = d[0] * loadu(xr), s1 = d[1] * loadu(xr + VL);
@@ -422,7 +431,8 @@ static inline void fanin_bwd_rows(int64_t o0, int64_t o1, int64_t j, const int32
 }
 
 /* the output-gradient rows [o0, o1) of one tile (dy packed into dbuf where it must be) */
-static inline void fanin_bwd_chunk(int64_t o0, int64_t o1, const int32_t *live, int64_t r, int64_t k,
+static inline void linear_bwd_chunk(int64_t o0, int64_t o1, const int64_t *indptr, const int32_t *live, int64_t r,
+                                   int64_t k,
                                    const int32_t *idx, const float *vals, const float *dy, int dy_rm, int64_t B,
                                    int64_t rows, int64_t b0, int64_t n, float *dbuf, const float *xt, int64_t ldx,
                                    float *dv, float *dx) {
@@ -430,17 +440,17 @@ static inline void fanin_bwd_chunk(int64_t o0, int64_t o1, const int32_t *live, 
     const float *dt = tile_of(dy, dy_rm, B, rows, o0, o1, b0, n, dbuf, &ldd);
     const int64_t j = first_live(live, r, o0);
     /* three copies of the loop, each with the branches resolved */
-    if (dv && dx) fanin_bwd_rows(o0, o1, j, live, r, k, idx, vals, dt, ldd, xt, ldx, dv, dx);
-    else if (dv) fanin_bwd_rows(o0, o1, j, live, r, k, idx, vals, dt, ldd, xt, ldx, dv, NULL);
-    else fanin_bwd_rows(o0, o1, j, live, r, k, idx, vals, dt, ldd, NULL, 0, NULL, dx);
+    if (dv && dx) linear_bwd_rows(o0, o1, j, indptr, live, r, k, idx, vals, dt, ldd, xt, ldx, dv, dx);
+    else if (dv) linear_bwd_rows(o0, o1, j, indptr, live, r, k, idx, vals, dt, ldd, xt, ldx, dv, NULL);
+    else linear_bwd_rows(o0, o1, j, indptr, live, r, k, idx, vals, dt, ldd, NULL, 0, NULL, dx);
 }
 
 /* dv (r x k) = the gradient of vals, and dxt (cols x B) = W^T dy, either may be NULL; dy is
  * the output gradient (B x rows) row-major when dy_rm, else (rows x B). */
-void sb_fanin_bwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int32_t *live, int64_t r,
+void sb_linear_bwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int64_t *indptr, const int32_t *live, int64_t r,
                   const int32_t *idx, const float *vals, const float *x, int x_rm, const float *dy, int dy_rm,
                   float *dv, float *dxt, float *work, int nthreads) {
-    const int64_t tiles = (B + RT - 1) / RT, per = fanin_per_thread(cols), nnz = r * k;
+    const int64_t tiles = (B + RT - 1) / RT, per = linear_per_thread(cols), nnz = row_start(indptr, k, r);
     nthreads = TEAM(nthreads);
     float *sums = work + (int64_t)nthreads * per;
     if (dv) memset(dv, 0, (size_t)nnz * sizeof(float));
@@ -455,8 +465,8 @@ void sb_fanin_bwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int32_
             int64_t ldx = 0;
             const float *xt = dv ? tile_of(x, x_rm, B, cols, 0, cols, b0, n, xbuf, &ldx) : NULL;
             if (dxt) memset(dx, 0, (size_t)(cols * RT) * sizeof(float));
-            for (int64_t o0 = 0; o0 < rows; o0 += FANIN_CHUNK)
-                fanin_bwd_chunk(o0, o0 + FANIN_CHUNK < rows ? o0 + FANIN_CHUNK : rows, live, r, k, idx, vals, dy,
+            for (int64_t o0 = 0; o0 < rows; o0 += ROW_CHUNK)
+                linear_bwd_chunk(o0, o0 + ROW_CHUNK < rows ? o0 + ROW_CHUNK : rows, indptr, live, r, k, idx, vals, dy,
                                 dy_rm, B, rows, b0, n, dbuf, xt, ldx, dvt, dxt ? dx : NULL);
             if (dxt)
                 for (int64_t c = 0; c < cols; c++) memcpy(dxt + c * B + b0, dx + c * RT, (size_t)n * sizeof(float));
@@ -478,8 +488,8 @@ void sb_fanin_bwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int32_
             /* rows apart: dv written directly; statically, so each thread's input-gradient sums (and
              * so their total) are the same from run to run */
 #pragma omp for schedule(static)
-            for (int64_t o0 = 0; o0 < rows; o0 += FANIN_CHUNK)
-                fanin_bwd_chunk(o0, o0 + FANIN_CHUNK < rows ? o0 + FANIN_CHUNK : rows, live, r, k, idx, vals, dy,
+            for (int64_t o0 = 0; o0 < rows; o0 += ROW_CHUNK)
+                linear_bwd_chunk(o0, o0 + ROW_CHUNK < rows ? o0 + ROW_CHUNK : rows, indptr, live, r, k, idx, vals, dy,
                                 dy_rm, B, rows, b0, n, dbuf, xt, ldx, dv, dxt ? dx : NULL);
             if (dxt) {
 #pragma omp for schedule(static)
