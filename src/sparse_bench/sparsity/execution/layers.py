@@ -105,7 +105,7 @@ class Layout:
         self.back = back or (lambda layer, d, size: d)
 
 
-#: (nb, cols, B) feature-major activations: a Linear's transposed input, a conv's per-sample patches
+#: (nb, cols, B) feature-major activations: a conv's per-sample patches, a Linear's transposed input on torch's CSR ops
 FEATURE_MAJOR = Layout(kernels.spmm, kernels.sddmm, (0, 2),
                        lambda dyt, xt: torch.einsum("nib,njb->ij", dyt, xt) if xt.shape[0] > 1 else dyt[0] @ xt[0].t())
 #: (M, cols) row-major: a Linear on (batch, tokens, features), tiles transposed in cache (kernels.spmm_rows)
