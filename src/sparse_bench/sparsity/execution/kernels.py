@@ -303,7 +303,7 @@ def _linear_work(idx: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 def linear_forward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, rows: int,
-                  live: torch.Tensor | None = None, indptr: torch.Tensor | None = None) -> torch.Tensor:
+                   live: torch.Tensor | None = None, indptr: torch.Tensor | None = None) -> torch.Tensor:
     """``W x^T (+ bias)`` for W (rows, cols): condensed, idx (int32 column ids) and vals both
     (r, k) for the r rows that have k nonzeros, listed in `live` (int32, ascending; None when all
     rows do), the other rows none; or, with `indptr`, W's CSR rows (idx, vals 1-d). x (B, cols)
@@ -316,13 +316,13 @@ def linear_forward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, bias:
     bias = None if bias is None else bias.detach().contiguous()
     vals, work = vals.detach().contiguous(), _linear_work(idx, cols)  # held until the call returns
     _lib.sb_linear_fwd(b, rows, cols, k, _ptr(indptr), _ptr(live), r, idx.data_ptr(), vals.data_ptr(), xm.data_ptr(),
-                      rm, _ptr(bias), yt.data_ptr(), work.data_ptr(), torch.get_num_threads())
+                       rm, _ptr(bias), yt.data_ptr(), work.data_ptr(), torch.get_num_threads())
     return yt
 
 
 def linear_backward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, live: torch.Tensor | None,
-                   want_values: bool, want_input: bool, indptr: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                    want_values: bool, want_input: bool, indptr: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """linear_forward's gradients from dy (B, rows), in one pass: the values' (shaped as vals) and
     the input's, feature-major (cols, B); each only when wanted (else None)."""
     b, cols = x.shape
@@ -334,7 +334,7 @@ def linear_backward(idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, dy: 
     dxt = torch.empty(cols, b, dtype=dy.dtype) if want_input else None
     vals, work = vals.detach().contiguous(), _linear_work(idx, cols)  # held until the call returns
     _lib.sb_linear_bwd(b, rows, cols, k, _ptr(indptr), _ptr(live), r, idx.data_ptr(), vals.data_ptr(), xm.data_ptr(),
-                      x_rm, dym.data_ptr(), dy_rm, _ptr(dv), _ptr(dxt), work.data_ptr(), torch.get_num_threads())
+                       x_rm, dym.data_ptr(), dy_rm, _ptr(dv), _ptr(dxt), work.data_ptr(), torch.get_num_threads())
     return dv, dxt
 
 

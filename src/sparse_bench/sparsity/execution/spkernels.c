@@ -324,21 +324,29 @@ static const float *tile_of(const float *a, int rm, int64_t B, int64_t C, int64_
     return buf;
 }
 
-/* Condensed: output rows with no nonzeros (SRigL's ablated units) have no condensed row: live
- * lists the r rows that have k each, ascending; NULL when every row does (r = rows). CSR: live
- * NULL, r = rows, k unused. */
-static inline int64_t live_row(const int32_t *live, int64_t j) { return live ? live[j] : j; }
+/* W's rows as these kernels read them: CSR (indptr; r = rows, k unused), or condensed (indptr
+ * NULL): k nonzeros in each of the r rows listed in live, ascending (NULL: every row), the other
+ * rows none (SRigL's ablated units). Row j of the list is output row live_row(w, j); its nonzeros
+ * are idx / vals [row_start(w, j), row_start(w, j + 1)). */
+typedef struct {
+    const int64_t *indptr;
+    const int32_t *live;
+    int64_t r, k;
+    const int32_t *idx;
+    const float *vals;
+} wrows;
 
-/* where row j's nonzeros start: j k (condensed), or indptr[j] (CSR, rows of any length) */
-static inline int64_t row_start(const int64_t *indptr, int64_t k, int64_t j) { return indptr ? indptr[j] : j * k; }
+static inline int64_t live_row(const wrows *w, int64_t j) { return w->live ? w->live[j] : j; }
 
-/* the first condensed row whose output row is o or later */
-static inline int64_t first_live(const int32_t *live, int64_t r, int64_t o) {
-    if (!live) return o < r ? o : r;
-    int64_t lo = 0, hi = r;
+static inline int64_t row_start(const wrows *w, int64_t j) { return w->indptr ? w->indptr[j] : j * w->k; }
+
+/* the first listed row whose output row is o or later */
+static inline int64_t first_live(const wrows *w, int64_t o) {
+    if (!w->live) return o < w->r ? o : w->r;
+    int64_t lo = 0, hi = w->r;
     while (lo < hi) {
         const int64_t mid = (lo + hi) / 2;
-        if (live[mid] < o) lo = mid + 1;
+        if (w->live[mid] < o) lo = mid + 1;
         else hi = mid;
     }
     return lo;
@@ -351,17 +359,15 @@ static inline int64_t first_live(const int32_t *live, int64_t r, int64_t o) {
  * buffer, added up per tile. */
 static inline int by_tiles(int64_t B, int nthreads) { return nthreads == 1 || (B + RT - 1) / RT >= nthreads; }
 
-/* the output rows [i0, i1) of one tile, from condensed row j on (tmp: RT floats, for a short tile) */
-static void linear_fwd_rows(int64_t i0, int64_t i1, int64_t j, const int64_t *indptr, const int32_t *live, int64_t r,
-                           int64_t k,
-                           const int32_t *idx, const float *vals, const float *xt, int64_t ld, const float *bias,
-                           float *yt, int64_t B, int64_t b0, int64_t n, float *tmp) {
+/* the output rows [i0, i1) of one tile, from listed row j on (tmp: RT floats, for a short tile) */
+static void linear_fwd_rows(const wrows *w, int64_t i0, int64_t i1, int64_t j, const float *xt, int64_t ld,
+                            const float *bias, float *yt, int64_t B, int64_t b0, int64_t n, float *tmp) {
     for (int64_t i = i0; i < i1; i++) {
         float *out = yt + i * B + b0;
         const float init = bias ? bias[i] : 0.0f;
-        if (j < r && live_row(live, j) == i) {
-            const int64_t e0 = row_start(indptr, k, j);
-            spmm_tile8(idx + e0, vals + e0, row_start(indptr, k, j + 1) - e0, xt, ld, init, n == RT ? out : tmp);
+        if (j < w->r && live_row(w, j) == i) {
+            const int64_t e0 = row_start(w, j);
+            spmm_tile8(w->idx + e0, w->vals + e0, row_start(w, j + 1) - e0, xt, ld, init, n == RT ? out : tmp);
             if (n < RT) memcpy(out, tmp, (size_t)n * sizeof(float));
             j++;
         } else {
@@ -371,9 +377,10 @@ static void linear_fwd_rows(int64_t i0, int64_t i1, int64_t j, const int64_t *in
 }
 
 /* yt (rows x B) = W x (+ bias) */
-void sb_linear_fwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int64_t *indptr, const int32_t *live, int64_t r,
-                  const int32_t *idx, const float *vals, const float *x, int x_rm, const float *bias, float *yt,
-                  float *work, int nthreads) {
+void sb_linear_fwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int64_t *indptr, const int32_t *live,
+                   int64_t r, const int32_t *idx, const float *vals, const float *x, int x_rm, const float *bias,
+                   float *yt, float *work, int nthreads) {
+    const wrows w = {indptr, live, r, k, idx, vals};
     const int64_t tiles = (B + RT - 1) / RT, per = linear_per_thread(cols);
     nthreads = TEAM(nthreads);
     if (by_tiles(B, nthreads)) {
@@ -383,7 +390,7 @@ void sb_linear_fwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int64
             const int64_t b0 = t * RT, n = B - b0 < RT ? B - b0 : RT;
             int64_t ld;
             const float *xt = tile_of(x, x_rm, B, cols, 0, cols, b0, n, buf, &ld);
-            linear_fwd_rows(0, rows, 0, indptr, live, r, k, idx, vals, xt, ld, bias, yt, B, b0, n, buf + cols * RT);
+            linear_fwd_rows(&w, 0, rows, 0, xt, ld, bias, yt, B, b0, n, buf + cols * RT);
         }
         return;
     }
@@ -394,26 +401,24 @@ void sb_linear_fwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int64
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
         for (int64_t i0 = 0; i0 < rows; i0 += ROW_CHUNK) {
             const int64_t i1 = i0 + ROW_CHUNK < rows ? i0 + ROW_CHUNK : rows;
-            linear_fwd_rows(i0, i1, first_live(live, r, i0), indptr, live, r, k, idx, vals, xt, ld, bias, yt, B, b0, n,
-                           work + THREAD_ID * per + cols * RT);
+            linear_fwd_rows(&w, i0, i1, first_live(&w, i0), xt, ld, bias, yt, B, b0, n,
+                            work + THREAD_ID * per + cols * RT);
         }
     }
 }
 
-/* For the condensed rows from j on whose output rows lie in [o0, o1) of one tile: dv[e] +=
+/* For the listed rows from j on whose output rows lie in [o0, o1) of one tile: dv[e] +=
  * dot(dy[i], x[idx[e]]) (dv not NULL) and dx[idx[e]] += vals[e] dy[i] (dx not NULL) for each of
  * their nonzeros e; rows of the tile RT (dx), ldd (dy, from row o0), ldx (x) apart. */
-static inline void linear_bwd_rows(int64_t o0, int64_t o1, int64_t j, const int64_t *indptr, const int32_t *live,
-                                  int64_t r, int64_t k,
-                                  const int32_t *idx, const float *vals, const float *dy, int64_t ldd,
-                                  const float *xt, int64_t ldx, float *dv, float *dx) {
-    for (; j < r && live_row(live, j) < o1; j++) {
+static inline void linear_bwd_rows(const wrows *w, int64_t o0, int64_t o1, int64_t j, const float *dy, int64_t ldd,
+                                   const float *xt, int64_t ldx, float *dv, float *dx) {
+    for (; j < w->r && live_row(w, j) < o1; j++) {
         vf d[8];
-        for (int v = 0; v < 8; v++) d[v] = loadu(dy + (live_row(live, j) - o0) * ldd + v * VL);
-        const int64_t e1 = row_start(indptr, k, j + 1);
-        for (int64_t e = row_start(indptr, k, j); e < e1; e++) {
+        for (int v = 0; v < 8; v++) d[v] = loadu(dy + (live_row(w, j) - o0) * ldd + v * VL);
+        const int64_t e1 = row_start(w, j + 1);
+        for (int64_t e = row_start(w, j); e < e1; e++) {
             if (dv) {
-                const float *xr = xt + (int64_t)idx[e] * ldx;
+                const float *xr = xt + (int64_t)w->idx[e] * ldx;
                 vf s0 = d[0] * loadu(xr), s1 = d[1] * loadu(xr + VL);
                 for (int v = 2; v < 8; v += 2) {
                     s0 += d[v] * loadu(xr + v * VL);
@@ -422,35 +427,34 @@ static inline void linear_bwd_rows(int64_t o0, int64_t o1, int64_t j, const int6
                 dv[e] += hsum(s0 + s1);
             }
             if (dx) {
-                float *dr = dx + (int64_t)idx[e] * RT;
-                const vf w = (vf){0} + vals[e];
-                for (int v = 0; v < 8; v++) storeu(dr + v * VL, loadu(dr + v * VL) + w * d[v]);
+                float *dr = dx + (int64_t)w->idx[e] * RT;
+                const vf s = (vf){0} + w->vals[e];
+                for (int v = 0; v < 8; v++) storeu(dr + v * VL, loadu(dr + v * VL) + s * d[v]);
             }
         }
     }
 }
 
 /* the output-gradient rows [o0, o1) of one tile (dy packed into dbuf where it must be) */
-static inline void linear_bwd_chunk(int64_t o0, int64_t o1, const int64_t *indptr, const int32_t *live, int64_t r,
-                                   int64_t k,
-                                   const int32_t *idx, const float *vals, const float *dy, int dy_rm, int64_t B,
-                                   int64_t rows, int64_t b0, int64_t n, float *dbuf, const float *xt, int64_t ldx,
-                                   float *dv, float *dx) {
+static inline void linear_bwd_chunk(const wrows *w, int64_t o0, int64_t o1, const float *dy, int dy_rm, int64_t B,
+                                    int64_t rows, int64_t b0, int64_t n, float *dbuf, const float *xt, int64_t ldx,
+                                    float *dv, float *dx) {
     int64_t ldd;
     const float *dt = tile_of(dy, dy_rm, B, rows, o0, o1, b0, n, dbuf, &ldd);
-    const int64_t j = first_live(live, r, o0);
+    const int64_t j = first_live(w, o0);
     /* three copies of the loop, each with the branches resolved */
-    if (dv && dx) linear_bwd_rows(o0, o1, j, indptr, live, r, k, idx, vals, dt, ldd, xt, ldx, dv, dx);
-    else if (dv) linear_bwd_rows(o0, o1, j, indptr, live, r, k, idx, vals, dt, ldd, xt, ldx, dv, NULL);
-    else linear_bwd_rows(o0, o1, j, indptr, live, r, k, idx, vals, dt, ldd, NULL, 0, NULL, dx);
+    if (dv && dx) linear_bwd_rows(w, o0, o1, j, dt, ldd, xt, ldx, dv, dx);
+    else if (dv) linear_bwd_rows(w, o0, o1, j, dt, ldd, xt, ldx, dv, NULL);
+    else linear_bwd_rows(w, o0, o1, j, dt, ldd, NULL, 0, NULL, dx);
 }
 
 /* dv (r x k) = the gradient of vals, and dxt (cols x B) = W^T dy, either may be NULL; dy is
  * the output gradient (B x rows) row-major when dy_rm, else (rows x B). */
-void sb_linear_bwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int64_t *indptr, const int32_t *live, int64_t r,
-                  const int32_t *idx, const float *vals, const float *x, int x_rm, const float *dy, int dy_rm,
-                  float *dv, float *dxt, float *work, int nthreads) {
-    const int64_t tiles = (B + RT - 1) / RT, per = linear_per_thread(cols), nnz = row_start(indptr, k, r);
+void sb_linear_bwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int64_t *indptr, const int32_t *live,
+                   int64_t r, const int32_t *idx, const float *vals, const float *x, int x_rm, const float *dy,
+                   int dy_rm, float *dv, float *dxt, float *work, int nthreads) {
+    const wrows w = {indptr, live, r, k, idx, vals};
+    const int64_t tiles = (B + RT - 1) / RT, per = linear_per_thread(cols), nnz = row_start(&w, r);
     nthreads = TEAM(nthreads);
     float *sums = work + (int64_t)nthreads * per;
     if (dv) memset(dv, 0, (size_t)nnz * sizeof(float));
@@ -466,8 +470,8 @@ void sb_linear_bwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int64
             const float *xt = dv ? tile_of(x, x_rm, B, cols, 0, cols, b0, n, xbuf, &ldx) : NULL;
             if (dxt) memset(dx, 0, (size_t)(cols * RT) * sizeof(float));
             for (int64_t o0 = 0; o0 < rows; o0 += ROW_CHUNK)
-                linear_bwd_chunk(o0, o0 + ROW_CHUNK < rows ? o0 + ROW_CHUNK : rows, indptr, live, r, k, idx, vals, dy,
-                                dy_rm, B, rows, b0, n, dbuf, xt, ldx, dvt, dxt ? dx : NULL);
+                linear_bwd_chunk(&w, o0, o0 + ROW_CHUNK < rows ? o0 + ROW_CHUNK : rows, dy, dy_rm, B, rows, b0, n,
+                                 dbuf, xt, ldx, dvt, dxt ? dx : NULL);
             if (dxt)
                 for (int64_t c = 0; c < cols; c++) memcpy(dxt + c * B + b0, dx + c * RT, (size_t)n * sizeof(float));
         }
@@ -489,8 +493,8 @@ void sb_linear_bwd(int64_t B, int64_t rows, int64_t cols, int64_t k, const int64
              * so their total) are the same from run to run */
 #pragma omp for schedule(static)
             for (int64_t o0 = 0; o0 < rows; o0 += ROW_CHUNK)
-                linear_bwd_chunk(o0, o0 + ROW_CHUNK < rows ? o0 + ROW_CHUNK : rows, indptr, live, r, k, idx, vals, dy,
-                                dy_rm, B, rows, b0, n, dbuf, xt, ldx, dv, dxt ? dx : NULL);
+                linear_bwd_chunk(&w, o0, o0 + ROW_CHUNK < rows ? o0 + ROW_CHUNK : rows, dy, dy_rm, B, rows, b0, n,
+                                 dbuf, xt, ldx, dv, dxt ? dx : NULL);
             if (dxt) {
 #pragma omp for schedule(static)
                 for (int64_t c = 0; c < cols; c++) {
